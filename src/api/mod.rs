@@ -1,0 +1,1 @@
+//! The stripekeys.io/v1alpha1 API.

@@ -1,0 +1,13 @@
+//! stripe-key-operator: mints least-privilege Stripe restricted keys and webhook signing secrets,
+//! stores them in Vault, injects them into workloads and rotates them.
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod error;
+pub mod secret;
+pub mod sim;
+pub mod stripe;
+pub mod vault;
+pub mod webhook;
+
+pub use error::{Error, Result};
