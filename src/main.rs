@@ -22,7 +22,8 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Crdgen => {
-            anyhow::bail!("crdgen is not written yet")
+            print!("{}", stripe_key_operator::api::crds_yaml()?);
+            Ok(())
         }
         Command::StripeSim(args) => stripe_key_operator::sim::run_cli(args).await,
     }

@@ -1,0 +1,176 @@
+//! `StripeAccount`: how the operator reaches one Stripe account.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+/// Test or live mode of a Stripe account.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Test mode (sandbox): keys start `rk_test_`.
+    Test,
+    /// Live mode: keys start `rk_live_` and move real money.
+    Live,
+}
+
+impl Mode {
+    /// Default client-side request rate: under Stripe's limits of 25/s (test) and 100/s (live).
+    pub fn default_requests_per_second(self) -> u32 {
+        match self {
+            Mode::Test => 20,
+            Mode::Live => 80,
+        }
+    }
+}
+
+/// The default preview API version of the API-keys API.
+pub const DEFAULT_STRIPE_API_VERSION: &str = "2026-10-14.preview";
+/// The default base URL of the Stripe API.
+pub const DEFAULT_API_BASE: &str = "https://api.stripe.com";
+
+/// A StripeAccount tells the operator how to reach one Stripe account through an installed
+/// Stripe App that holds the `api_key_write` permission, and which namespaces may use it.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[kube(
+    group = "stripekeys.io",
+    version = "v1alpha1",
+    kind = "StripeAccount",
+    plural = "stripeaccounts",
+    shortname = "sacct",
+    category = "stripe",
+    status = "StripeAccountStatus",
+    doc = "A Stripe account the operator mints keys in, through a Stripe App's secret key.",
+    printcolumn(name = "Mode", type_ = "string", json_path = ".spec.mode"),
+    printcolumn(name = "Context", type_ = "string", json_path = ".spec.context"),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct StripeAccountSpec {
+    /// `test` or `live`. Live mode returns secrets only encrypted (JWE) and only once.
+    pub mode: Mode,
+    /// The connected account, sent as the `Stripe-Context` header (`acct_...`).
+    #[schemars(regex(pattern = r"^acct_[A-Za-z0-9]{1,64}$"))]
+    pub context: String,
+    /// Base URL of the Stripe API. https, or http to a loopback address (the local simulator).
+    #[serde(default = "default_api_base")]
+    #[schemars(length(max = 2048))]
+    #[x_kube(validation = Rule::new("self.startsWith('https://') || self.matches('^http://(127\\\\.0\\\\.0\\\\.1|localhost|\\\\[::1\\\\])(:[0-9]+)?(/.*)?$')").message("apiBase must be an https URL (http only to a loopback address)"))]
+    pub api_base: String,
+    /// The `Stripe-Version` sent to the API-keys API (a preview version).
+    #[serde(default = "default_api_version")]
+    #[schemars(regex(pattern = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}(\.[a-z]+)?$"))]
+    pub api_version: String,
+    /// Where the Stripe App's secret key is kept. Never in a tenant namespace.
+    pub credentials: AccountCredentials,
+    /// Where the RSA private key that decrypts live-mode secrets is kept. When absent the operator
+    /// generates a 3072-bit key pair and keeps the private key in its secret store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption_key: Option<EncryptionKeySource>,
+    /// Namespaces whose StripeKeyPolicies and StripeWebhookEndpoints may use this account.
+    /// Required: `{}` selects every namespace.
+    pub namespace_selector: LabelSelector,
+    /// Client-side request rate limit. Default 20 in test mode and 80 in live mode (Stripe allows
+    /// 25/s and 100/s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100))]
+    pub requests_per_second: Option<u32>,
+}
+
+fn default_api_base() -> String {
+    DEFAULT_API_BASE.to_string()
+}
+
+fn default_api_version() -> String {
+    DEFAULT_STRIPE_API_VERSION.to_string()
+}
+
+impl StripeAccountSpec {
+    /// The effective request rate.
+    pub fn effective_requests_per_second(&self) -> u32 {
+        self.requests_per_second
+            .unwrap_or_else(|| self.mode.default_requests_per_second())
+    }
+}
+
+/// Where the Stripe App's secret key is kept. Exactly one of `vault` and `secretRef`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.vault) != has(self.secretRef)").message("exactly one of vault or secretRef must be set"))]
+pub struct AccountCredentials {
+    /// A key in the operator's Vault KV v2 mount.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vault: Option<VaultKeyRef>,
+    /// A key of a Secret in the operator's own namespace (no namespace field: tenant namespaces
+    /// can never hold the app key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_ref: Option<SecretKeyRef>,
+}
+
+/// A key of a KV v2 secret, relative to the operator's mount.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VaultKeyRef {
+    /// Path of the KV v2 secret relative to the mount, such as `stripe/apps/payments`.
+    #[schemars(
+        regex(pattern = r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_.-]+)*$"),
+        length(max = 512)
+    )]
+    #[x_kube(validation = Rule::new("!self.contains('..')").message("path must not contain '..'"))]
+    pub path: String,
+    /// Key inside the KV secret. Default `secret_key`.
+    #[serde(default = "default_vault_key")]
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
+}
+
+fn default_vault_key() -> String {
+    "secret_key".to_string()
+}
+
+/// A key of a Secret in the operator's own namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeyRef {
+    /// Name of the Secret.
+    #[schemars(
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"),
+        length(max = 253)
+    )]
+    pub name: String,
+    /// Key inside the Secret's data.
+    #[schemars(regex(pattern = r"^[-._a-zA-Z0-9]+$"), length(max = 253))]
+    pub key: String,
+}
+
+/// Where the live-mode decryption key is kept.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EncryptionKeySource {
+    /// A KV v2 key holding a PKCS#8 PEM RSA private key (3072 bits or more).
+    pub vault: VaultKeyRef,
+}
+
+/// Observed state of a StripeAccount.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StripeAccountStatus {
+    /// The generation the operator last acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready`, `Degraded`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// Fingerprint of the public key that live-mode secrets are encrypted to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption_key_fingerprint: Option<String>,
+}

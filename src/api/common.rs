@@ -1,0 +1,150 @@
+//! Types shared by several kinds.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, Time};
+use kube::KubeSchema;
+use serde::{Deserialize, Serialize};
+
+/// A reference to a cluster-scoped `StripeAccount`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AccountRef {
+    /// Name of the `StripeAccount` whose Stripe App mints this credential.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+}
+
+/// The kind of a workload that is rolled when its secret changes.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, schemars::JsonSchema)]
+pub enum WorkloadKind {
+    Deployment,
+    StatefulSet,
+    DaemonSet,
+}
+
+impl WorkloadKind {
+    /// The lower-case plural the Kubernetes API uses.
+    pub fn plural(self) -> &'static str {
+        match self {
+            WorkloadKind::Deployment => "deployments",
+            WorkloadKind::StatefulSet => "statefulsets",
+            WorkloadKind::DaemonSet => "daemonsets",
+        }
+    }
+}
+
+/// A workload in the same namespace that consumes the secret: it is rolled (its pod template gets
+/// the annotation `stripekeys.io/key-fingerprint`) whenever the secret changes, and a routine
+/// rotation keeps the old credential valid until it has finished rolling.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.name) != has(self.selector)").message("exactly one of name or selector must be set"))]
+pub struct RolloutTarget {
+    /// Deployment, StatefulSet or DaemonSet.
+    pub kind: WorkloadKind,
+    /// Name of one workload. Exactly one of `name` and `selector`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub name: Option<String>,
+    /// Label selector for several workloads of `kind`. Exactly one of `name` and `selector`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<LabelSelector>,
+}
+
+/// Where, inside the operator's Vault subtree for this resource, the credential is also written.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VaultDelivery {
+    /// Extra path segments below `<prefix>/<namespace>/<kind>/<name>`. Lower-case letters, digits,
+    /// `-`, `_` and `/` between segments; never `..` and never absolute. Empty means the
+    /// resource's own path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        regex(pattern = r"^[a-z0-9]([a-z0-9_-]*[a-z0-9])?(/[a-z0-9]([a-z0-9_-]*[a-z0-9])?)*$"),
+        length(max = 200)
+    )]
+    pub sub_path: Option<String>,
+}
+
+/// How often a credential is replaced: the schedule part of a rotation spec.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RotationSchedule {
+    /// A fixed period after the last rotation (Go duration).
+    Every(String),
+    /// A five-field cron schedule in a time zone (IANA name; UTC when absent).
+    Cron {
+        schedule: String,
+        time_zone: Option<String>,
+    },
+}
+
+/// Declares the schedule fields (`every`, `schedule`, `timeZone`) of a rotation spec. The CEL
+/// rules "exactly one of every or schedule" and "timeZone only with schedule" sit on the struct.
+macro_rules! rotation_schedule_accessor {
+    ($ty:ty) => {
+        impl $ty {
+            /// The declared schedule, if any.
+            pub fn schedule(&self) -> Option<$crate::api::RotationSchedule> {
+                match (&self.every, &self.schedule) {
+                    (Some(every), None) => {
+                        Some($crate::api::RotationSchedule::Every(every.clone()))
+                    }
+                    (None, Some(cron)) => Some($crate::api::RotationSchedule::Cron {
+                        schedule: cron.clone(),
+                        time_zone: self.time_zone.clone(),
+                    }),
+                    _ => None,
+                }
+            }
+        }
+    };
+}
+pub(crate) use rotation_schedule_accessor;
+
+/// The condition types every kind reports.
+pub mod condition_types {
+    /// The credential is minted, stored, published and rolled out as declared.
+    pub const READY: &str = "Ready";
+    /// A rotation is in progress.
+    pub const ROTATING: &str = "Rotating";
+    /// Something needs attention although the current credential still works.
+    pub const DEGRADED: &str = "Degraded";
+}
+
+/// A credential as status shows it: never the secret, only its id and fingerprint.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KeyStatus {
+    /// Stripe's id of the key (or of the webhook endpoint).
+    pub id: String,
+    /// First 12 hex characters of the SHA-256 of the secret.
+    pub fingerprint: String,
+    /// When it was created.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created: Option<Time>,
+    /// When it stops working (set once an expiry is scheduled).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<Time>,
+}
+
+/// What started a rotation.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, schemars::JsonSchema)]
+pub enum RotationTrigger {
+    /// The first credential of a new resource.
+    Initial,
+    /// The schedule (`every` or `schedule`) came due.
+    Schedule,
+    /// A new value of the `stripekeys.io/rotate` annotation.
+    Annotation,
+    /// The annotation with `stripekeys.io/rotate-reason: incident`: the old credential is revoked
+    /// at once.
+    Incident,
+    /// The declared permissions (or endpoint settings Stripe cannot update) changed.
+    SpecChange,
+    /// The credential was found missing at Stripe (deleted outside the operator).
+    Recreate,
+}
+
+/// Conditions and generation, common to every kind's status.
+pub trait HasConditions {
+    fn conditions(&self) -> &[Condition];
+}

@@ -1,0 +1,264 @@
+//! `StripeKeyPolicy`: a least-privilege restricted key, its delivery and its rotation.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+use super::common::{
+    AccountRef, KeyStatus, RolloutTarget, RotationTrigger, VaultDelivery,
+    rotation_schedule_accessor,
+};
+
+/// Default Secret key of the current API key.
+pub const DEFAULT_API_KEY_KEY: &str = "STRIPE_API_KEY";
+/// Default Secret key of the previous API key while it is still valid.
+pub const DEFAULT_PREVIOUS_API_KEY_KEY: &str = "STRIPE_API_KEY_PREVIOUS";
+
+/// A StripeKeyPolicy declares a Stripe restricted key with exactly the listed permissions. The
+/// operator mints it, keeps it in the secret store, publishes it in a Secret, rolls the workloads
+/// that use it, and rotates it on schedule, on a scope change and on request.
+///
+/// Rotate now: `kubectl annotate stripekeypolicy NAME stripekeys.io/rotate="$(date +%s)"`.
+/// Compromised key: add `stripekeys.io/rotate-reason=incident` and the old key is revoked at once.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[kube(
+    group = "stripekeys.io",
+    version = "v1alpha1",
+    kind = "StripeKeyPolicy",
+    plural = "stripekeypolicies",
+    shortname = "skp",
+    category = "stripe",
+    namespaced,
+    status = "StripeKeyPolicyStatus",
+    doc = "A least-privilege Stripe restricted key, delivered to workloads and rotated.",
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(name = "Key", type_ = "string", json_path = ".status.currentKey.id"),
+    printcolumn(
+        name = "Last Rotated",
+        type_ = "date",
+        json_path = ".status.lastRotationAt"
+    ),
+    printcolumn(
+        name = "Next Rotation",
+        type_ = "date",
+        json_path = ".status.nextRotationAt"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct StripeKeyPolicySpec {
+    /// The StripeAccount that mints the key. Immutable: create a new policy to move accounts.
+    #[x_kube(validation = Rule::new("self == oldSelf").message("accountRef is immutable"))]
+    pub account_ref: AccountRef,
+    /// Stripe permissions of the key, `<resource>_read` or `<resource>_write` (`write` implies
+    /// `read`), such as `charge_read` or `refund_write`. Names outside the operator's catalogue
+    /// are refused unless `allowUnlistedPermissions` is true.
+    #[schemars(
+        length(min = 1, max = 200),
+        inner(regex(pattern = r"^[a-z][a-z0-9_]*_(read|write)$"), length(max = 100))
+    )]
+    #[schemars(extend("x-kubernetes-list-type" = "set"))]
+    pub permissions: Vec<String>,
+    /// Permissions on connected accounts (Stripe Connect), same format as `permissions`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(
+        length(max = 200),
+        inner(regex(pattern = r"^[a-z][a-z0-9_]*_(read|write)$"), length(max = 100))
+    )]
+    #[schemars(extend("x-kubernetes-list-type" = "set"))]
+    pub connect_permissions: Vec<String>,
+    /// Accept permission names that are not in the operator's catalogue (new Stripe resources).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_unlisted_permissions: bool,
+    /// IPv4 addresses or CIDR ranges the key may be used from. Empty: anywhere.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(
+        length(max = 100),
+        inner(regex(
+            pattern = r"^((25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])\.){3}(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])(/([0-9]|[12][0-9]|3[0-2]))?$"
+        ))
+    )]
+    #[schemars(extend("x-kubernetes-list-type" = "set"))]
+    pub ip_allowlist: Vec<String>,
+    /// Where the key is delivered.
+    pub delivery: KeyDelivery,
+    /// When the key is replaced. Absent: only on request and on permission changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotation: Option<KeyRotation>,
+}
+
+/// Where a key is delivered.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KeyDelivery {
+    /// Also write the key below this resource's path in Vault (workloads that read Vault
+    /// directly). The bundle is always kept in the store; this only adds a sub-path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vault: Option<VaultDelivery>,
+    /// The Secret in the policy's namespace that the operator keeps in sync (owned by the
+    /// policy, so it goes when the policy goes).
+    pub secret: KeySecretDelivery,
+    /// Workloads rolled when the key changes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 50))]
+    pub rollout_targets: Vec<RolloutTarget>,
+}
+
+/// The synced Secret and its key names.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.key) || !has(self.previousKey) || self.key != self.previousKey").message("key and previousKey must differ"))]
+pub struct KeySecretDelivery {
+    /// Name of the Secret. It must not exist already unless the operator created it.
+    #[schemars(
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"),
+        length(max = 253)
+    )]
+    pub name: String,
+    /// Key of the current API key. Default `STRIPE_API_KEY`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[-._a-zA-Z0-9]+$"), length(max = 253))]
+    pub key: Option<String>,
+    /// Key of the previous API key, present only while it is still valid during a rotation.
+    /// Default `STRIPE_API_KEY_PREVIOUS`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[-._a-zA-Z0-9]+$"), length(max = 253))]
+    pub previous_key: Option<String>,
+}
+
+impl KeySecretDelivery {
+    /// The effective key name of the current API key.
+    pub fn key_name(&self) -> &str {
+        self.key.as_deref().unwrap_or(DEFAULT_API_KEY_KEY)
+    }
+
+    /// The effective key name of the previous API key.
+    pub fn previous_key_name(&self) -> &str {
+        self.previous_key
+            .as_deref()
+            .unwrap_or(DEFAULT_PREVIOUS_API_KEY_KEY)
+    }
+}
+
+/// Rotation of a restricted key: exactly one of `every` and `schedule`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.every) != has(self.schedule)").message("exactly one of every or schedule must be set"))]
+#[x_kube(validation = Rule::new("!has(self.timeZone) || has(self.schedule)").message("timeZone applies only to schedule"))]
+pub struct KeyRotation {
+    /// Rotate a fixed period after the last rotation, as a Go duration (`720h` = 30 days). At
+    /// least `1h`. A small jitter (1% of the period, at most 10 minutes) spreads rotations.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"))]
+    #[x_kube(validation = Rule::new("duration(self) >= duration('1h')").message("every must be at least 1h"))]
+    pub every: Option<String>,
+    /// Rotate on a five-field cron schedule (`0 3 * * 1` = Mondays at 03:00) in `timeZone`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^(\S+\s+){4}\S+$"), length(max = 100))]
+    pub schedule: Option<String>,
+    /// IANA time zone of `schedule`, such as `Europe/Berlin`. Default UTC.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[A-Za-z_]+(/[A-Za-z0-9_+-]+)*$"), length(max = 64))]
+    pub time_zone: Option<String>,
+    /// How long the old key stays valid after every rollout target has rolled onto the new one,
+    /// as a Go duration. Default `1h`; at least `5m` (an expired key keeps working for minutes at
+    /// Stripe, so less buys nothing); at most `168h` (Stripe's limit of 7 days).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"))]
+    #[x_kube(validation = Rule::new("duration(self) >= duration('5m') && duration(self) <= duration('168h')").message("overlap must be between 5m and 168h"))]
+    pub overlap: Option<String>,
+    /// Expire the policy's keys at Stripe when the policy is deleted. Default true.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoke_on_delete: Option<bool>,
+}
+
+rotation_schedule_accessor!(KeyRotation);
+
+/// The default overlap of a key rotation.
+pub const DEFAULT_KEY_OVERLAP: &str = "1h";
+
+/// Where a rotation stands. Recorded before each external side effect so that a restart
+/// resumes the step it was in and never mints twice.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, schemars::JsonSchema)]
+pub enum RotationPhase {
+    /// Nothing in progress.
+    Idle,
+    /// Creating the new key at Stripe (idempotency key recorded).
+    Minting,
+    /// Writing the bundle (new and old key) to the secret store.
+    Storing,
+    /// Writing the Kubernetes Secret.
+    Syncing,
+    /// Waiting for the rollout targets to roll onto the new key.
+    RollingOut,
+    /// Waiting for the overlap to pass before the old key is expired.
+    Overlapping,
+    /// Expiring the old key at Stripe and dropping it from the store and the Secret.
+    Expiring,
+}
+
+/// An in-progress rotation.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RotationState {
+    /// The step in progress.
+    pub phase: RotationPhase,
+    /// Rotation number: 1 for the first key, +1 for each rotation.
+    pub number: i64,
+    /// What started it.
+    pub trigger: RotationTrigger,
+    /// When it started.
+    pub started_at: Time,
+    /// The `Idempotency-Key` of the mint, derived from the policy UID and `number`.
+    pub idempotency_key: String,
+    /// The new key once minted (id and fingerprint only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub new_key: Option<KeyStatus>,
+    /// When the rollout targets had all rolled onto the new key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rolled_out_at: Option<Time>,
+}
+
+/// Observed state of a StripeKeyPolicy.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StripeKeyPolicyStatus {
+    /// The generation the operator last acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready`, `Rotating`, `Degraded`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// The key workloads use now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_key: Option<KeyStatus>,
+    /// The key being retired, valid until `expiresAt`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_key: Option<KeyStatus>,
+    /// Permissions of the current key, sorted (to detect scope changes).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub current_permissions: Vec<String>,
+    /// When the current key was minted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_rotation_at: Option<Time>,
+    /// When the schedule next rotates the key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_rotation_at: Option<Time>,
+    /// Number of the current key (1 for the first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotation_number: Option<i64>,
+    /// The rotation in progress, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotation: Option<RotationState>,
+    /// The last `stripekeys.io/rotate` value acted on: the same value never rotates twice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_handled_rotate_request: Option<String>,
+}
