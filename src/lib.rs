@@ -3,10 +3,15 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod controller;
 pub mod error;
+pub mod http;
+pub mod leader;
+pub mod metrics;
 pub mod secret;
 pub mod sim;
 pub mod stripe;
+pub mod telemetry;
 pub mod vault;
 pub mod webhook;
 

@@ -11,6 +11,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Run the operator (in a cluster, or against KUBECONFIG).
+    Run(Box<stripe_key_operator::controller::RunConfig>),
     /// Print every CustomResourceDefinition as multi-document YAML.
     Crdgen,
     /// Run the local Stripe API simulator.
@@ -18,9 +20,20 @@ enum Command {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    match dispatch(cli).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Run(config) => Ok(stripe_key_operator::controller::run(*config).await?),
         Command::Crdgen => {
             print!("{}", stripe_key_operator::api::crds_yaml()?);
             Ok(())

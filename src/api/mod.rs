@@ -7,6 +7,9 @@
 //!
 //! Doc comments on these types become the descriptions `kubectl explain` shows.
 
+// Several `printcolumn(..., type_ = "date", ...)` entries look like duplicated attributes.
+#![allow(clippy::duplicated_attributes)]
+
 mod account;
 mod common;
 pub mod conditions;

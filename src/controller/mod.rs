@@ -1,0 +1,301 @@
+//! The operator process: configuration, startup checks, leader election, endpoints and the
+//! controllers.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use kube::api::{Api, ListParams};
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{StripeAccount, StripeGuardrail, StripeKeyPolicy, StripeWebhookEndpoint};
+use crate::http::Health;
+use crate::leader::{LeaderConfig, LeaderElector};
+use crate::metrics::Metrics;
+use crate::telemetry::LogFormat;
+
+/// Where credential bundles are kept.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoreKind {
+    /// HashiCorp Vault (or OpenBao) KV v2: the production choice.
+    Vault,
+    /// Kubernetes Secrets in the operator's own namespace: for clusters without Vault.
+    Kubernetes,
+    /// In the operator's memory: only for the local sandbox and tests (lost on restart).
+    Memory,
+}
+
+/// How the operator logs in to Vault.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VaultAuthMethod {
+    /// The pod's service-account token, exchanged at Vault's Kubernetes auth method.
+    Kubernetes,
+    /// AppRole role id and secret id.
+    Approle,
+    /// A fixed token (development only).
+    Token,
+}
+
+/// Flags and environment of `stripe-key-operator run`.
+#[derive(clap::Args, Clone, Debug)]
+pub struct RunConfig {
+    /// The operator's own namespace: Lease, app-key Secrets, embedded store.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "stripe-key-operator")]
+    pub namespace: String,
+    /// Namespaces to watch, comma-separated. Empty: every namespace (cluster-wide RBAC).
+    #[arg(
+        long,
+        env = "WATCH_NAMESPACES",
+        value_delimiter = ',',
+        default_value = ""
+    )]
+    pub watch_namespaces: Vec<String>,
+    /// Address of `/metrics`, `/healthz` and `/readyz`.
+    #[arg(long, env = "HTTP_ADDR", default_value = "0.0.0.0:8080")]
+    pub http_addr: SocketAddr,
+    /// Log format.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Auto)]
+    pub log_format: LogFormat,
+    /// Elect a leader among replicas through a Lease (disable only for a single replica).
+    #[arg(long, env = "LEADER_ELECT", default_value_t = true, action = clap::ArgAction::Set)]
+    pub leader_elect: bool,
+    /// Name of the leader Lease.
+    #[arg(long, env = "LEASE_NAME", default_value = "stripe-key-operator-leader")]
+    pub lease_name: String,
+    /// This replica's identity in the Lease (the pod name).
+    #[arg(long, env = "POD_NAME")]
+    pub pod_name: Option<String>,
+    /// Where credential bundles are kept.
+    #[arg(long, env = "STORE", value_enum, default_value_t = StoreKind::Vault)]
+    pub store: StoreKind,
+    /// Vault address.
+    #[arg(
+        long,
+        env = "VAULT_ADDR",
+        default_value = "https://vault.vault.svc:8200"
+    )]
+    pub vault_addr: String,
+    /// PEM file of the CA that signs Vault's certificate.
+    #[arg(long, env = "VAULT_CACERT")]
+    pub vault_ca_cert: Option<std::path::PathBuf>,
+    /// How the operator logs in to Vault.
+    #[arg(long, env = "VAULT_AUTH", value_enum, default_value_t = VaultAuthMethod::Kubernetes)]
+    pub vault_auth: VaultAuthMethod,
+    /// Mount path of the auth method (`kubernetes`, `approle`).
+    #[arg(long, env = "VAULT_AUTH_MOUNT")]
+    pub vault_auth_mount: Option<String>,
+    /// Vault role (Kubernetes auth) or AppRole role id.
+    #[arg(long, env = "VAULT_ROLE", default_value = "stripe-key-operator")]
+    pub vault_role: String,
+    /// File of the AppRole secret id.
+    #[arg(long, env = "VAULT_SECRET_ID_FILE")]
+    pub vault_secret_id_file: Option<std::path::PathBuf>,
+    /// Service-account token file for Kubernetes auth.
+    #[arg(
+        long,
+        env = "VAULT_K8S_TOKEN_FILE",
+        default_value = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+    )]
+    pub vault_k8s_token_file: std::path::PathBuf,
+    /// KV v2 mount.
+    #[arg(long, env = "VAULT_MOUNT", default_value = "secret")]
+    pub vault_mount: String,
+    /// Path prefix inside the mount: bundles live at `<prefix>/<namespace>/<kind>/<name>`.
+    #[arg(long, env = "VAULT_PREFIX", default_value = "stripe-key-operator")]
+    pub vault_prefix: String,
+}
+
+/// Startup and runtime errors of the process.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(
+        "could not reach the Kubernetes API ({0}); set KUBECONFIG or run inside a cluster with a service account"
+    )]
+    Config(String),
+    #[error(
+        "the CustomResourceDefinition of {kind} is not installed: apply crds/stripekeys.io.yaml (or install the Helm chart) first"
+    )]
+    CrdMissing { kind: &'static str },
+    #[error("checking that {kind} is served failed: {source}")]
+    CrdCheck {
+        kind: &'static str,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("binding the HTTP endpoints on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Leader(#[from] crate::leader::LeaderError),
+}
+
+/// Lists one object through each `Api` to prove the CRD of `kind` is served. 404: not installed.
+async fn check_served<K>(apis: Vec<Api<K>>, kind: &'static str) -> Result<(), RunError>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    for api in apis {
+        match api.list_metadata(&ListParams::default().limit(1)).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 => return Err(RunError::CrdMissing { kind }),
+            Err(source) => return Err(RunError::CrdCheck { kind, source }),
+        }
+    }
+    Ok(())
+}
+
+/// The `Api`s of a namespaced kind: one per watched namespace, or one for all.
+pub fn namespaced_apis<K>(client: &kube::Client, namespaces: &[String]) -> Vec<Api<K>>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+{
+    if namespaces.is_empty() {
+        vec![Api::all(client.clone())]
+    } else {
+        namespaces
+            .iter()
+            .map(|ns| Api::namespaced(client.clone(), ns))
+            .collect()
+    }
+}
+
+/// Fails fast, with a clear message, when a CRD is missing.
+pub async fn check_crds(client: &kube::Client, namespaces: &[String]) -> Result<(), RunError> {
+    check_served(
+        vec![Api::<StripeAccount>::all(client.clone())],
+        "StripeAccount",
+    )
+    .await?;
+    check_served(
+        vec![Api::<StripeGuardrail>::all(client.clone())],
+        "StripeGuardrail",
+    )
+    .await?;
+    check_served(
+        namespaced_apis::<StripeKeyPolicy>(client, namespaces),
+        "StripeKeyPolicy",
+    )
+    .await?;
+    check_served(
+        namespaced_apis::<StripeWebhookEndpoint>(client, namespaces),
+        "StripeWebhookEndpoint",
+    )
+    .await?;
+    Ok(())
+}
+
+/// Installs the process-wide rustls crypto provider (aws-lc-rs) once; kube and Vault share it.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}
+
+/// Resolves when the process receives SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+/// Runs the operator with a client until `shutdown` fires: checks the CRDs, serves the
+/// endpoints, waits for leadership, then runs the controllers until shutdown or lost leadership.
+pub async fn run_with_client(
+    config: RunConfig,
+    client: kube::Client,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
+    let namespaces: Vec<String> = config
+        .watch_namespaces
+        .iter()
+        .filter(|n| !n.is_empty())
+        .cloned()
+        .collect();
+    check_crds(&client, &namespaces).await?;
+    let metrics = Metrics::new();
+    let health = Health::default();
+    let (addr, http_task) = crate::http::serve(
+        config.http_addr,
+        metrics.clone(),
+        health.clone(),
+        shutdown.clone(),
+    )
+    .await
+    .map_err(|source| RunError::Bind {
+        addr: config.http_addr,
+        source,
+    })?;
+    tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
+
+    let leadership = if config.leader_elect {
+        let identity = config.pod_name.clone().unwrap_or_else(default_identity);
+        let elector = LeaderElector::new(
+            client.clone(),
+            LeaderConfig::new(&config.namespace, &config.lease_name, identity),
+        );
+        tracing::info!(lease = %config.lease_name, namespace = %config.namespace, "waiting for the leader lease");
+        match elector.acquire(shutdown.clone()).await {
+            Ok(l) => Some(l),
+            Err(crate::leader::LeaderError::Shutdown) => {
+                let _ = http_task.await;
+                return Ok(());
+            }
+            Err(e) => return Err(e.into()),
+        }
+    } else {
+        None
+    };
+    metrics.leader.set(1);
+    health.set_ready(true);
+    let lost = leadership.as_ref().map(|l| l.lost()).unwrap_or_default();
+    tokio::select! {
+        _ = shutdown.cancelled() => tracing::info!("shutting down"),
+        _ = lost.cancelled() => tracing::error!("lost leadership; stopping so that a restart rejoins the election"),
+    }
+    health.set_ready(false);
+    metrics.leader.set(0);
+    if let Some(l) = leadership {
+        l.release().await;
+    }
+    shutdown.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(5), http_task).await;
+    Ok(())
+}
+
+fn default_identity() -> String {
+    std::env::var("HOSTNAME")
+        .unwrap_or_else(|_| format!("stripe-key-operator-{}", std::process::id()))
+}
+
+/// `stripe-key-operator run`.
+pub async fn run(config: RunConfig) -> Result<(), RunError> {
+    install_crypto_provider();
+    crate::telemetry::init(config.log_format, "info,kube=warn,hyper=warn,tower=warn");
+    let client = kube::Client::try_default()
+        .await
+        .map_err(|e| RunError::Config(e.to_string()))?;
+    let shutdown = CancellationToken::new();
+    let signal_token = shutdown.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        signal_token.cancel();
+    });
+    run_with_client(config, client, shutdown).await
+}
