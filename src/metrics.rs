@@ -179,6 +179,13 @@ impl Metrics {
         out
     }
 
+    /// The Prometheus text format (0.0.4) of every metric, for scrapers and tools that do not
+    /// ask for OpenMetrics (`promtool check metrics` among them). Counters' HELP and TYPE lines
+    /// carry the `_total` sample name, `# UNIT` and `# EOF` are dropped.
+    pub fn encode_prometheus_text(&self) -> String {
+        openmetrics_to_prometheus_text(&self.encode())
+    }
+
     /// Forgets the per-object gauges of a deleted object.
     pub fn forget_object(&self, labels: &ObjectLabels) {
         self.key_age_seconds.remove(labels);
@@ -186,9 +193,54 @@ impl Metrics {
     }
 }
 
+/// Converts an OpenMetrics exposition (as prometheus-client writes it) to the Prometheus text
+/// format 0.0.4.
+pub fn openmetrics_to_prometheus_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|rest| rest.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let rewritten = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(name)
+                .then(|| format!("{prefix}{name}_total {tail}"))
+        });
+        out.push_str(rewritten.as_deref().unwrap_or(line));
+        out.push('\n');
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prometheus_text_names_counters_with_total_and_has_no_eof() {
+        let m = Metrics::new();
+        m.reconciliations
+            .get_or_create(&ControllerLabels {
+                controller: "x".into(),
+            })
+            .inc();
+        let text = m.encode_prometheus_text();
+        assert!(text.contains("# TYPE stripe_key_operator_reconciliations_total counter"));
+        assert!(
+            text.contains(
+                "# HELP stripe_key_operator_reconciliations_total Reconciliations started"
+            )
+        );
+        assert!(text.contains("stripe_key_operator_reconciliations_total{controller=\"x\"} 1"));
+        assert!(!text.contains("# EOF"));
+    }
 
     #[test]
     fn encoding_has_the_prefix_and_every_family() {
