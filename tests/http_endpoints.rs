@@ -87,20 +87,33 @@ async fn endpoints_answer_and_readiness_follows_health() {
     let readyz = client.get(format!("{base}/readyz")).send().await.unwrap();
     assert_eq!(readyz.status(), 200);
 
-    let metrics = client.get(format!("{base}/metrics")).send().await.unwrap();
+    let metrics = client
+        .get(format!("{base}/metrics"))
+        .header("accept", "application/openmetrics-text; version=1.0.0")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(metrics.status(), 200);
+    let content_type = metrics.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .to_string();
     assert!(
-        metrics.headers()["content-type"]
-            .to_str()
-            .unwrap()
-            .starts_with("application/openmetrics-text")
+        content_type.starts_with("application/openmetrics-text"),
+        "{content_type}"
+    );
+    assert!(metrics.text().await.unwrap().ends_with("# EOF\n"));
+
+    let metrics = client.get(format!("{base}/metrics")).send().await.unwrap();
+    let content_type = metrics.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        content_type.starts_with("text/plain; version=0.0.4"),
+        "{content_type}"
     );
     let body = metrics.text().await.unwrap();
-    assert!(
-        body.contains(
-            "stripe_key_operator_reconciliations_total{controller=\"stripekeypolicy\"} 1"
-        )
-    );
     assert!(body.contains("stripe_key_operator_stripe_requests_total"));
 
     shutdown.cancel();
