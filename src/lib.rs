@@ -8,6 +8,7 @@ pub mod error;
 pub mod http;
 pub mod leader;
 pub mod metrics;
+pub mod rotation;
 pub mod secret;
 pub mod sim;
 pub mod stripe;

@@ -1,0 +1,3 @@
+//! Rotation: when a credential is due (pure schedule maths).
+
+pub mod schedule;
