@@ -9,6 +9,7 @@ pub mod http;
 pub mod leader;
 pub mod metrics;
 pub mod rotation;
+pub mod rules;
 pub mod secret;
 pub mod sim;
 pub mod stripe;
