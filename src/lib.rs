@@ -6,6 +6,7 @@ pub mod api;
 pub mod controller;
 pub mod error;
 pub mod http;
+pub mod inject;
 pub mod leader;
 pub mod metrics;
 pub mod rotation;
