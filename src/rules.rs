@@ -246,7 +246,7 @@ mod tests {
             webhook_host: Some("evil.attacker.net"),
             ..Default::default()
         };
-        let fields: Vec<_> = evaluate(&[g.clone()], &req)
+        let fields: Vec<_> = evaluate(std::slice::from_ref(&g), &req)
             .iter()
             .map(|v| v.field)
             .collect();
@@ -267,7 +267,7 @@ mod tests {
             webhook_host: Some("hooks.example.com"),
             ..Default::default()
         };
-        assert!(evaluate(&[g.clone()], &ok).is_empty());
+        assert!(evaluate(std::slice::from_ref(&g), &ok).is_empty());
         let no_rotation = Request {
             rotates: false,
             ..Default::default()
