@@ -814,35 +814,48 @@ impl SecretStore for VaultStore {
     }
 
     async fn health(&self) -> Result<StoreHealth, StoreError> {
+        // sys/health is read raw: its body differs between Vault and OpenBao versions, and the
+        // status code alone says sealed (503), uninitialised (501) or usable.
         let anonymous = self.build_client("")?;
-        let version = match vaultrs::sys::health(&anonymous).await {
-            Ok(h) if h.sealed => {
-                return Err(StoreError::Sealed {
-                    address: self.config.address.clone(),
+        let url = format!(
+            "{}/v1/sys/health?standbyok=true&perfstandbyok=true",
+            anonymous.http.base.trim_end_matches('/')
+        );
+        let address = self.config.address.clone();
+        let response = anonymous
+            .http
+            .http
+            .get(&url)
+            .send()
+            .await
+            .map_err(|e| StoreError::Unreachable {
+                address: address.clone(),
+                detail: short(&error_chain(&e)),
+            })?;
+        let status = response.status().as_u16();
+        let body: serde_json::Value = response.json().await.unwrap_or_default();
+        let version = body["version"].as_str().unwrap_or("unknown").to_owned();
+        match status {
+            200 | 429 | 472 | 473 if body["sealed"] != serde_json::Value::Bool(true) => {}
+            503 => return Err(StoreError::Sealed { address }),
+            _ if body["sealed"] == serde_json::Value::Bool(true) => {
+                return Err(StoreError::Sealed { address });
+            }
+            501 => {
+                return Err(StoreError::Unavailable {
+                    address,
+                    status,
+                    detail: "Vault is not initialized; run `bao operator init`".into(),
                 });
             }
-            Ok(h) => h.version,
-            Err(err) => match self.classify(err, OP_READ, "sys/health") {
-                // sys/health encodes the server state in the status code.
-                StoreError::Unavailable { status: 503, .. } => {
-                    return Err(StoreError::Sealed {
-                        address: self.config.address.clone(),
-                    });
-                }
-                StoreError::Unavailable {
-                    status: 429 | 473, ..
-                } => "standby".to_owned(),
-                StoreError::Rejected { status: 501, .. }
-                | StoreError::Unavailable { status: 501, .. } => {
-                    return Err(StoreError::Unavailable {
-                        address: self.config.address.clone(),
-                        status: 501,
-                        detail: "Vault is not initialized; run `bao operator init`".into(),
-                    });
-                }
-                other => return Err(other),
-            },
-        };
+            _ => {
+                return Err(StoreError::Unavailable {
+                    address,
+                    status,
+                    detail: "sys/health reports the server unusable".into(),
+                });
+            }
+        }
         // Health also means the operator can authenticate (and renew its token).
         self.session_client().await?;
         Ok(StoreHealth {
