@@ -57,7 +57,13 @@ fn seq_material(tag: &str, n: u64) -> KeyMaterial {
 }
 
 fn path(prefix: &str, name: &str) -> StorePath {
-    StorePath::credential(&StorePrefix::new(prefix).unwrap(), "shop", "stripekey", name).unwrap()
+    StorePath::credential(
+        &StorePrefix::new(prefix).unwrap(),
+        "shop",
+        "stripekey",
+        name,
+    )
+    .unwrap()
 }
 
 fn config(bao: &OpenBao, mount: &str, auth: VaultAuth) -> VaultConfig {
@@ -179,7 +185,11 @@ async fn versions_are_kept_and_pruned_to_max_versions() {
         .collect();
     assert_eq!(versions, vec![3, 4, 5]);
     assert!(
-        store.read_bundle_version(&p, Some(1)).await.unwrap().is_none(),
+        store
+            .read_bundle_version(&p, Some(1))
+            .await
+            .unwrap()
+            .is_none(),
         "version 1 must be pruned"
     );
     let v4 = store
@@ -327,7 +337,10 @@ path "{mount}/metadata/allowed/*" {{ capabilities = ["create", "read", "update",
         .write_bundle(&denied, &first_bundle("pol", "checkout"), Cas::Absent)
         .await
         .unwrap_err();
-    assert!(matches!(err, StoreError::PermissionDenied { .. }), "{err:?}");
+    assert!(
+        matches!(err, StoreError::PermissionDenied { .. }),
+        "{err:?}"
+    );
     assert_eq!(err.reason(), "VaultPermissionDenied");
     assert!(!err.is_transient());
     let msg = err.to_string();
@@ -357,8 +370,12 @@ path "{mount}/metadata/*" {{ capabilities = ["create", "read", "update", "delete
         ),
     )
     .await;
-    bao.api("POST", "sys/auth/kubernetes", Some(json!({"type": "kubernetes"})))
-        .await;
+    bao.api(
+        "POST",
+        "sys/auth/kubernetes",
+        Some(json!({"type": "kubernetes"})),
+    )
+    .await;
     bao.api(
         "POST",
         "auth/kubernetes/config",
@@ -396,7 +413,14 @@ path "{mount}/metadata/*" {{ capabilities = ["create", "read", "update", "delete
         .await
         .unwrap();
     assert_eq!(
-        store.read_bundle(&p).await.unwrap().unwrap().value.owner.name,
+        store
+            .read_bundle(&p)
+            .await
+            .unwrap()
+            .unwrap()
+            .value
+            .owner
+            .name,
         "k8s"
     );
     assert!(
@@ -442,8 +466,9 @@ path "{mount}/metadata/*" {{ capabilities = ["create", "read", "update", "delete
         Some(json!({"token_policies": ["operator"], "token_ttl": "1h"})),
     )
     .await;
-    let role_id = bao.api("GET", "auth/approle/role/operator/role-id", None).await["data"]
-        ["role_id"]
+    let role_id = bao
+        .api("GET", "auth/approle/role/operator/role-id", None)
+        .await["data"]["role_id"]
         .as_str()
         .unwrap()
         .to_owned();
@@ -468,13 +493,15 @@ path "{mount}/metadata/*" {{ capabilities = ["create", "read", "update", "delete
         .await
         .unwrap();
 
+    assert_eq!(approle_tokens(&bao).await, 1, "one login so far");
     // Revoke every token AppRole issued: the store's next call gets 403, logs in, retries.
-    bao.api(
-        "PUT",
-        "sys/leases/revoke-prefix/auth/approle/login",
-        None,
-    )
-    .await;
+    bao.api("PUT", "sys/leases/revoke-prefix/auth/approle/login", None)
+        .await;
+    assert_eq!(
+        approle_tokens(&bao).await,
+        0,
+        "the store's token is revoked"
+    );
     let current = store.read_bundle(&p).await.unwrap().unwrap();
     assert_eq!(current.version, v1);
     let next = current
@@ -487,6 +514,26 @@ path "{mount}/metadata/*" {{ capabilities = ["create", "read", "update", "delete
             .unwrap(),
         v1 + 1
     );
+    assert_eq!(approle_tokens(&bao).await, 1, "the store logged in again");
+}
+
+/// How many live tokens AppRole logins have issued (looked up by accessor, as root).
+async fn approle_tokens(bao: &OpenBao) -> usize {
+    let list = bao.api("LIST", "auth/token/accessors", None).await;
+    let mut count = 0;
+    for accessor in list["data"]["keys"].as_array().unwrap() {
+        let info = bao
+            .api(
+                "POST",
+                "auth/token/lookup-accessor",
+                Some(json!({"accessor": accessor})),
+            )
+            .await;
+        if info["data"]["path"] == json!("auth/approle/login") {
+            count += 1;
+        }
+    }
+    count
 }
 
 #[tokio::test]
@@ -640,7 +687,11 @@ async fn account_rsa_key_round_trips_through_its_own_path() {
     assert_eq!(custom["account"], json!("acme-live"));
     assert_eq!(custom["fingerprint"], json!(account_key.fingerprint()));
     let pem_line = pem.lines().nth(1).unwrap();
-    assert!(custom.values().all(|v| !v.as_str().unwrap().contains(pem_line)));
+    assert!(
+        custom
+            .values()
+            .all(|v| !v.as_str().unwrap().contains(pem_line))
+    );
     // A bundle cannot be written to an account-key path, nor a key to a credential path.
     assert_eq!(
         store
@@ -685,8 +736,14 @@ async fn custom_metadata_carries_owner_and_ids_but_never_a_secret() {
         let v = v.as_str().unwrap();
         for s in &secrets {
             // Not the secret, nor its distinctive random tail.
-            assert!(!v.contains(s.as_str()), "custom_metadata[{k}] holds a secret");
-            assert!(!v.contains(&s[s.len() - 16..]), "custom_metadata[{k}] holds part of a secret");
+            assert!(
+                !v.contains(s.as_str()),
+                "custom_metadata[{k}] holds a secret"
+            );
+            assert!(
+                !v.contains(&s[s.len() - 16..]),
+                "custom_metadata[{k}] holds part of a secret"
+            );
         }
     }
     // And the secret is in the data, written as one version holding both secrets.
@@ -726,5 +783,8 @@ async fn nothing_listening_is_vault_unreachable() {
     assert_eq!(err.reason(), "VaultUnreachable", "{err}");
     assert!(err.is_transient());
     assert!(!err.to_string().contains("dev-token-not-used"));
-    assert_eq!(store.health().await.unwrap_err().reason(), "VaultUnreachable");
+    assert_eq!(
+        store.health().await.unwrap_err().reason(),
+        "VaultUnreachable"
+    );
 }

@@ -822,16 +822,17 @@ impl SecretStore for VaultStore {
             anonymous.http.base.trim_end_matches('/')
         );
         let address = self.config.address.clone();
-        let response = anonymous
-            .http
-            .http
-            .get(&url)
-            .send()
-            .await
-            .map_err(|e| StoreError::Unreachable {
-                address: address.clone(),
-                detail: short(&error_chain(&e)),
-            })?;
+        let response =
+            anonymous
+                .http
+                .http
+                .get(&url)
+                .send()
+                .await
+                .map_err(|e| StoreError::Unreachable {
+                    address: address.clone(),
+                    detail: short(&error_chain(&e)),
+                })?;
         let status = response.status().as_u16();
         let body: serde_json::Value = response.json().await.unwrap_or_default();
         let version = body["version"].as_str().unwrap_or("unknown").to_owned();

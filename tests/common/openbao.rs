@@ -134,7 +134,12 @@ cluster_addr = "http://127.0.0.1:{cluster_port}"
         bao.spawn();
         bao.wait_until_answering().await;
         let init = bao
-            .raw("PUT", "sys/init", Some(json!({"secret_shares": 1, "secret_threshold": 1})), false)
+            .raw(
+                "PUT",
+                "sys/init",
+                Some(json!({"secret_shares": 1, "secret_threshold": 1})),
+                false,
+            )
             .await
             .expect("sys/init");
         bao.root_token = init["root_token"].as_str().expect("root_token").to_owned();
@@ -179,8 +184,10 @@ cluster_addr = "http://127.0.0.1:{cluster_port}"
                 ]);
             }
             Mode::Persistent { .. } => {
-                cmd.arg("server")
-                    .arg(format!("-config={}", self.dir.path().join("config.hcl").display()));
+                cmd.arg("server").arg(format!(
+                    "-config={}",
+                    self.dir.path().join("config.hcl").display()
+                ));
             }
         }
         // Keep the developer's own Vault settings out of the child.
@@ -250,7 +257,11 @@ cluster_addr = "http://127.0.0.1:{cluster_port}"
             .raw("PUT", "sys/unseal", Some(json!({"key": unseal_key})), false)
             .await
             .expect("sys/unseal");
-        assert_eq!(out["sealed"], json!(false), "server still sealed after unseal");
+        assert_eq!(
+            out["sealed"],
+            json!(false),
+            "server still sealed after unseal"
+        );
         // Raft elects itself leader shortly after unsealing; wait until the node is active.
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
