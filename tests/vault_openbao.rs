@@ -788,3 +788,36 @@ async fn nothing_listening_is_vault_unreachable() {
         "VaultUnreachable"
     );
 }
+
+#[tokio::test]
+async fn revoked_dev_token_is_vault_auth_failed_not_a_policy_problem() {
+    let bao = OpenBao::start_dev().await;
+    let mount = new_mount(&bao).await;
+    bao.put_policy(
+        "operator",
+        &format!(r#"path "{mount}/*" {{ capabilities = ["create", "read", "update"] }}"#),
+    )
+    .await;
+    let token = bao.create_token(&["operator"], "1h").await;
+    let store = VaultStore::new(config(
+        &bao,
+        &mount,
+        VaultAuth::Token(SecretString::new(token.clone())),
+    ))
+    .unwrap();
+    let p = path("sko", "revoked");
+    store
+        .write_bundle(&p, &first_bundle("rev", "revoked"), Cas::Absent)
+        .await
+        .unwrap();
+    bao.api(
+        "POST",
+        "auth/token/revoke",
+        Some(json!({"token": token.clone()})),
+    )
+    .await;
+    let err = store.read_bundle(&p).await.unwrap_err();
+    assert_eq!(err.reason(), "VaultAuthFailed", "{err}");
+    assert!(err.to_string().contains("expired or revoked"), "{err}");
+    assert!(!err.to_string().contains(&token));
+}

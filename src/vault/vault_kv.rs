@@ -1,4 +1,21 @@
 //! The HashiCorp Vault / OpenBao backend (KV version 2), built on `vaultrs`.
+//!
+//! The operator's Vault policy needs, for a KV v2 mount `secret` and prefix
+//! `stripe-key-operator`:
+//!
+//! ```hcl
+//! path "secret/data/stripe-key-operator/*" {
+//!   capabilities = ["create", "read", "update"]
+//! }
+//! path "secret/metadata/stripe-key-operator/*" {
+//!   capabilities = ["create", "read", "update", "delete"]
+//! }
+//! ```
+//!
+//! `metadata` carries `custom_metadata`, `max_versions` and `cas_required`, lists versions,
+//! and `delete` on it removes a resource's path with all versions at cleanup. Token renewal
+//! (`auth/token/renew-self`) and lookup (`auth/token/lookup-self`) are in Vault's `default`
+//! policy.
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -269,14 +286,22 @@ impl VaultStore {
 
     async fn time_until_renewal(&self) -> Duration {
         let session = self.session.lock().await;
+        if !session.renewable && !self.config.auth.can_login() {
+            // Nothing to do for a fixed, non-renewable token: it lives until its TTL ends.
+            return Duration::from_secs(300);
+        }
         match session.expires_at {
-            // Wake up when a third of the lease is left (plus a little, to be inside the window).
+            // An expired fixed token cannot come back; calls will report it.
+            Some(at) if at <= Instant::now() && !self.config.auth.can_login() => {
+                Duration::from_secs(300)
+            }
+            // Wake up when a third of the lease is left (at most twice a second).
             Some(at) => {
                 let wake = at
                     .checked_sub(session.lease / 3)
                     .unwrap_or(at)
                     .saturating_duration_since(Instant::now());
-                wake + Duration::from_millis(50)
+                wake.max(Duration::from_millis(500))
             }
             // Tokens without TTL need no renewal; look again later in case of a re-login.
             None => Duration::from_secs(300),
@@ -495,8 +520,19 @@ impl VaultStore {
         T: Send,
     {
         let (client, generation) = self.session_client().await?;
-        match call(client).await {
-            Err(StoreError::PermissionDenied { .. }) if self.config.auth.can_login() => {
+        match call(client.clone()).await {
+            Err(denied @ StoreError::PermissionDenied { .. }) if !self.config.auth.can_login() => {
+                // A fixed token cannot be replaced; tell "token dead" apart from "policy".
+                match client.lookup().await {
+                    Err(ClientError::APIError { code: 403, .. }) => Err(StoreError::AuthFailed {
+                        method: "token",
+                        mount: "token".into(),
+                        detail: "the token is expired or revoked; issue a new token and restart the operator (or use kubernetes or approle auth, which log in again by themselves)".into(),
+                    }),
+                    _ => Err(denied),
+                }
+            }
+            Err(StoreError::PermissionDenied { .. }) => {
                 {
                     let mut session = self.session.lock().await;
                     if session.generation == generation {
