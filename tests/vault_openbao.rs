@@ -548,13 +548,13 @@ path "{mount}/metadata/*" {{ capabilities = ["create", "read", "update", "delete
         ),
     )
     .await;
-    let ttl = Duration::from_secs(6);
+    let ttl = Duration::from_secs(9);
     // Control: a token nobody renews really expires on this server.
-    let control = bao.create_token(&["operator"], "6s").await;
-    // Renewed on use (no background task); used every 1.5 s.
-    let on_use = bao.create_token(&["operator"], "6s").await;
+    let control = bao.create_token(&["operator"], "9s").await;
+    // Renewed on use (no background task) when under a third (3 s) is left; used every 1.5 s.
+    let on_use = bao.create_token(&["operator"], "9s").await;
     // Renewed by the background task while the store sits idle.
-    let idle = bao.create_token(&["operator"], "6s").await;
+    let idle = bao.create_token(&["operator"], "9s").await;
 
     let on_use_store = VaultStore::new(config(
         &bao,
@@ -578,8 +578,8 @@ path "{mount}/metadata/*" {{ capabilities = ["create", "read", "update", "delete
         .write_bundle(&p, &first_bundle("renew", "renew"), Cas::Absent)
         .await
         .unwrap();
-    // Bounded: 7 rounds of 1.5 s = 10.5 s, well past the 6 s TTL.
-    for _ in 0..7 {
+    // Bounded: 8 rounds of 1.5 s = 12 s, well past the 9 s TTL.
+    for _ in 0..8 {
         tokio::time::sleep(Duration::from_millis(1500)).await;
         on_use_store.read_bundle(&p).await.unwrap().unwrap();
     }

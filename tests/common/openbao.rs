@@ -99,7 +99,12 @@ impl OpenBao {
     /// [`OpenBao::restart`] (after which it is sealed until [`OpenBao::unseal`]).
     pub async fn start_persistent() -> Self {
         let port = free_port();
-        let cluster_port = free_port();
+        let cluster_port = loop {
+            let candidate = free_port();
+            if candidate != port {
+                break candidate;
+            }
+        };
         let dir = tempfile::tempdir().expect("tempdir");
         let data = dir.path().join("data");
         std::fs::create_dir_all(&data).expect("create data dir");
