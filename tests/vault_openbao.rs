@@ -821,3 +821,21 @@ async fn revoked_dev_token_is_vault_auth_failed_not_a_policy_problem() {
     assert!(err.to_string().contains("expired or revoked"), "{err}");
     assert!(!err.to_string().contains(&token));
 }
+
+#[tokio::test]
+async fn the_harness_kills_the_server_when_a_test_panics() {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let failing_test = tokio::spawn(async move {
+        let bao = OpenBao::start_dev().await;
+        tx.send(bao.pid().unwrap()).unwrap();
+        panic!("simulated test failure while the server runs");
+    });
+    let pid = rx.await.unwrap();
+    let outcome = failing_test.await.unwrap_err();
+    assert!(outcome.is_panic());
+    // Dropped during unwinding: killed and reaped, so the pid is gone.
+    assert!(
+        !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "bao server {pid} outlived the panicking test"
+    );
+}

@@ -161,6 +161,11 @@ cluster_addr = "http://127.0.0.1:{cluster_port}"
         &self.addr
     }
 
+    /// The server's process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// The root token (test-only, random per server).
     pub fn root_token(&self) -> &str {
         &self.root_token
