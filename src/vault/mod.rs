@@ -35,7 +35,7 @@ pub use path::{
     MAX_LABEL_LEN, MAX_NAME_LEN, MAX_PREFIX_SEGMENTS, MAX_SUB_PATH_SEGMENTS, PathKind, StorePath,
     StorePrefix,
 };
-pub use vault_kv::{VaultAuth, VaultConfig, VaultStore};
+pub use vault_kv::{DEFAULT_SERVICE_ACCOUNT_TOKEN_FILE, VaultAuth, VaultConfig, VaultStore};
 
 use async_trait::async_trait;
 
