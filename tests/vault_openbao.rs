@@ -1,5 +1,5 @@
 //! The Vault backend against a real OpenBao server (`bao`, installed by
-//! `.ci/install-openbao.sh`). Each test starts its own server on a free 127.0.0.1 port and
+//! `.ci/install-tools.sh`). Each test starts its own server on a free 127.0.0.1 port and
 //! isolates its data by KV mount; the server is killed when the test ends or panics.
 
 mod common;

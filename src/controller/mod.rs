@@ -287,7 +287,7 @@ fn default_identity() -> String {
 /// `stripe-key-operator run`.
 pub async fn run(config: RunConfig) -> Result<(), RunError> {
     install_crypto_provider();
-    crate::telemetry::init(config.log_format, "info,kube=warn,hyper=warn,tower=warn");
+    crate::telemetry::init(config.log_format, "info,kube=warn,hyper=warn,tower=warn,vaultrs=off,rustify=off");
     let client = kube::Client::try_default()
         .await
         .map_err(|e| RunError::Config(e.to_string()))?;

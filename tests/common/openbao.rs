@@ -2,7 +2,7 @@
 //!
 //! The server is a child process bound to 127.0.0.1 on a free port; it is killed when the
 //! [`OpenBao`] value is dropped, which also happens when a test panics. A missing `bao`
-//! binary fails the test with instructions (install with `bash .ci/install-openbao.sh`).
+//! binary fails the test with instructions (install with `make tools` (.ci/install-tools.sh)).
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -20,7 +20,7 @@ pub fn bao_binary() -> PathBuf {
         let bin = PathBuf::from(bin);
         assert!(
             bin.is_file(),
-            "BAO_BIN={} does not exist; install OpenBao with `bash .ci/install-openbao.sh`",
+            "BAO_BIN={} does not exist; install OpenBao with `make tools` (.ci/install-tools.sh)",
             bin.display()
         );
         return bin;
@@ -34,7 +34,7 @@ pub fn bao_binary() -> PathBuf {
     }
     panic!(
         "the OpenBao binary `bao` was not found on PATH and BAO_BIN is not set; \
-         install it with `bash .ci/install-openbao.sh` (it prints the path; export BAO_BIN=<that path>)"
+         install it with `make tools` (it links bao into .ci/cache/bin; `make test` puts that on PATH) or set BAO_BIN"
     );
 }
 
@@ -210,7 +210,7 @@ cluster_addr = "http://127.0.0.1:{cluster_port}"
             .stderr(log);
         let child = cmd.spawn().unwrap_or_else(|e| {
             panic!(
-                "cannot start {} ({e}); install OpenBao with `bash .ci/install-openbao.sh`",
+                "cannot start {} ({e}); install OpenBao with `make tools` (.ci/install-tools.sh)",
                 bin.display()
             )
         });
