@@ -225,13 +225,50 @@ pub fn validate(
     apply_defaults(&mut out, schema);
     let mut errors = Vec::new();
     validate_node(&out, schema, "", true, &mut errors);
-    if errors.is_empty() {
-        cel_node(&out, old, schema, "", &mut errors);
+    if has_rules(schema) {
+        // Like the apiserver: errors that make the object's shape unreliable block CEL, and a
+        // fieldless notice says so; other schema errors are reported together with CEL's.
+        let blocking = errors.iter().any(|e| {
+            matches!(
+                e.error_type,
+                FieldErrorType::NotSupported
+                    | FieldErrorType::Required
+                    | FieldErrorType::TooLong
+                    | FieldErrorType::TooMany
+                    | FieldErrorType::TypeInvalid
+            )
+        });
+        if blocking {
+            errors.push(FieldError::invalid(
+                "<nil>",
+                Value::String("null".into()),
+                RULES_NOT_CHECKED,
+            ));
+        } else {
+            cel_node(&out, old, schema, "", &mut errors);
+        }
     }
     if errors.is_empty() {
         Ok(out)
     } else {
         Err(errors)
+    }
+}
+
+/// The detail of the fieldless error the apiserver adds when schema errors kept CEL rules from
+/// running (`<nil>: Invalid value: "null": some validation rules were not checked …`).
+pub const RULES_NOT_CHECKED: &str = "some validation rules were not checked because the object was invalid; correct the existing errors to complete validation";
+
+fn has_rules(schema: &Value) -> bool {
+    match schema {
+        Value::Object(m) => {
+            m.get("x-kubernetes-validations")
+                .and_then(Value::as_array)
+                .is_some_and(|a| !a.is_empty())
+                || m.values().any(has_rules)
+        }
+        Value::Array(a) => a.iter().any(has_rules),
+        _ => false,
     }
 }
 
