@@ -278,19 +278,15 @@ pub fn check_rules_compile(crd: &Value) -> Vec<FieldError> {
     if let Some(vs) = crd.pointer("/spec/versions").and_then(Value::as_array) {
         for (i, v) in vs.iter().enumerate() {
             if let Some(s) = v.pointer("/schema/openAPIV3Schema") {
-                compile_walk(
-                    s,
-                    &format!("spec.validation.openAPIV3Schema"),
-                    i,
-                    &mut errors,
-                );
+                let path = format!("spec.versions[{i}].schema.openAPIV3Schema");
+                compile_walk(s, &path, &mut errors);
             }
         }
     }
     errors
 }
 
-fn compile_walk(schema: &Value, path: &str, version_index: usize, errors: &mut Vec<FieldError>) {
+fn compile_walk(schema: &Value, path: &str, errors: &mut Vec<FieldError>) {
     if let Some(rules) = schema
         .get("x-kubernetes-validations")
         .and_then(Value::as_array)
@@ -300,7 +296,7 @@ fn compile_walk(schema: &Value, path: &str, version_index: usize, errors: &mut V
                 && let Err(e) = cel_env().compile(rule)
             {
                 errors.push(FieldError::invalid(
-                    &format!("spec.versions[{version_index}].schema.openAPIV3Schema{}.x-kubernetes-validations[{i}].rule", path.trim_start_matches("spec.validation.openAPIV3Schema")),
+                    &format!("{path}.x-kubernetes-validations[{i}].rule"),
                     Value::String(rule.to_string()),
                     format!("compilation failed: {e}"),
                 ));
@@ -309,19 +305,14 @@ fn compile_walk(schema: &Value, path: &str, version_index: usize, errors: &mut V
     }
     if let Some(props) = schema.get("properties").and_then(Value::as_object) {
         for (k, s) in props {
-            compile_walk(s, &format!("{path}.properties[{k}]"), version_index, errors);
+            compile_walk(s, &format!("{path}.properties[{k}]"), errors);
         }
     }
     if let Some(items) = schema.get("items") {
-        compile_walk(items, &format!("{path}.items"), version_index, errors);
+        compile_walk(items, &format!("{path}.items"), errors);
     }
     if let Some(ap) = schema.get("additionalProperties").filter(|v| v.is_object()) {
-        compile_walk(
-            ap,
-            &format!("{path}.additionalProperties"),
-            version_index,
-            errors,
-        );
+        compile_walk(ap, &format!("{path}.additionalProperties"), errors);
     }
 }
 
@@ -1014,7 +1005,7 @@ mod tests {
         let e1 = FieldError::required("spec.a", "");
         let e2 = FieldError::required("spec.b", "");
         assert_eq!(
-            format_invalid("K", "g.io", "x", &[e1.clone()]),
+            format_invalid("K", "g.io", "x", std::slice::from_ref(&e1)),
             r#"K.g.io "x" is invalid: spec.a: Required value"#
         );
         assert_eq!(

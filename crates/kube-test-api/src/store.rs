@@ -278,6 +278,7 @@ fn finalizers(obj: &Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
+#[allow(clippy::too_many_arguments)]
 fn builtin(
     group: &str,
     version: &str,
@@ -678,10 +679,12 @@ impl State {
         if self.get(key, ns, &name).is_some() {
             return Err(ApiError::already_exists(&rt, &name));
         }
-        if rt.status && opts.subresource.is_none() && !matches!(managed, Managed::System) {
-            if let Some(m) = obj.as_object_mut() {
-                m.remove("status");
-            }
+        if rt.status
+            && opts.subresource.is_none()
+            && !matches!(managed, Managed::System)
+            && let Some(m) = obj.as_object_mut()
+        {
+            m.remove("status");
         }
         obj["apiVersion"] = rt.api_version(&opts.version).into();
         obj["kind"] = rt.kind.clone().into();
@@ -1607,6 +1610,9 @@ pub(crate) fn crd_resource_type(crd: &Value) -> Option<ResourceType> {
     })
 }
 
+/// Fields another manager owns that an apply would change: (manager, path).
+pub(crate) type Conflicts = Vec<(String, FieldPath)>;
+
 /// Computes the managedFields entries and the merged object of a server-side apply.
 ///
 /// `current` is the stored object (None for create). Returns the object to write and the new
@@ -1619,7 +1625,7 @@ pub(crate) fn apply_merge(
     api_version: &str,
     force: bool,
     status_subresource: bool,
-) -> Result<(Value, Vec<ManagedEntry>), Vec<(String, FieldPath)>> {
+) -> Result<(Value, Vec<ManagedEntry>), Conflicts> {
     let mut applied_paths = util::leaf_paths(applied);
     if status_subresource {
         let is_status = |p: &FieldPath| p.first().map(String::as_str) == Some("status");
