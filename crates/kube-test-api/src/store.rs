@@ -402,6 +402,66 @@ pub(crate) fn builtin_types() -> Vec<ResourceType> {
     ]
 }
 
+/// Base64 (standard alphabet, padded), for `Secret.stringData`.
+fn base64(bytes: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        out.push(A[(n >> 18) as usize & 63] as char);
+        out.push(A[(n >> 12) as usize & 63] as char);
+        out.push(if chunk.len() > 1 {
+            A[(n >> 6) as usize & 63] as char
+        } else {
+            '='
+        });
+        out.push(if chunk.len() > 2 {
+            A[n as usize & 63] as char
+        } else {
+            '='
+        });
+    }
+    out
+}
+
+/// The apiserver's own defaulting and conversions for built-in kinds.
+fn builtin_defaults(rt: &ResourceType, obj: &mut Value) {
+    match (rt.group.as_str(), rt.plural.as_str()) {
+        ("", "secrets") => {
+            if let Some(Value::Object(sd)) =
+                obj.as_object_mut().and_then(|m| m.remove("stringData"))
+            {
+                if !obj.get("data").is_some_and(Value::is_object) {
+                    obj["data"] = json!({});
+                }
+                for (k, v) in sd {
+                    let text = v
+                        .as_str()
+                        .map(str::to_string)
+                        .unwrap_or_else(|| v.to_string());
+                    obj["data"][k] = Value::String(base64(text.as_bytes()));
+                }
+            }
+            if obj.get("type").is_none_or(Value::is_null) {
+                obj["type"] = "Opaque".into();
+            }
+        }
+        ("apps", "deployments") | ("apps", "statefulsets") => {
+            if let Some(spec) = obj.get_mut("spec").and_then(Value::as_object_mut)
+                && !spec.contains_key("replicas")
+            {
+                spec.insert("replicas".into(), 1.into());
+            }
+        }
+        _ => {}
+    }
+}
+
 /// Content that counts for `metadata.generation`: everything but metadata (and status where a
 /// status subresource exists).
 fn generation_content(rt: &ResourceType, obj: &Value) -> Value {
@@ -688,6 +748,7 @@ impl State {
         }
         obj["apiVersion"] = rt.api_version(&opts.version).into();
         obj["kind"] = rt.kind.clone().into();
+        builtin_defaults(&rt, &mut obj);
         let mut obj = self
             .validate(&rt, obj, None, &opts.version)
             .map_err(|e| ApiError::invalid(&rt, &name, &e))?;
@@ -849,6 +910,7 @@ impl State {
         }
         fin["apiVersion"] = rt.api_version(&opts.version).into();
         fin["kind"] = rt.kind.clone().into();
+        builtin_defaults(&rt, &mut fin);
         let mut fin = self
             .validate(&rt, fin, Some(&old), &opts.version)
             .map_err(|e| ApiError::invalid(&rt, name, &e))?;
@@ -1694,4 +1756,18 @@ pub(crate) fn apply_merge(
         });
     }
     Ok((merged, entries))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_matches_the_standard_alphabet_with_padding() {
+        assert_eq!(base64(b""), "");
+        assert_eq!(base64(b"f"), "Zg==");
+        assert_eq!(base64(b"fo"), "Zm8=");
+        assert_eq!(base64(b"foo"), "Zm9v");
+        assert_eq!(base64(b"value"), "dmFsdWU=");
+    }
 }

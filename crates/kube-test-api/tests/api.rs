@@ -705,6 +705,12 @@ async fn handle_puts_and_gets_objects_directly() {
                     "stringData": {"a": "b"}}))
         .unwrap();
     assert!(stored["metadata"]["uid"].is_string());
+    assert_eq!(
+        stored["data"]["a"], "Yg==",
+        "stringData is folded into data like the apiserver does"
+    );
+    assert!(stored.get("stringData").is_none());
+    assert_eq!(stored["type"], "Opaque");
     let api: Api<Secret> = Api::namespaced(client, "default");
     assert!(api.get("direct").await.is_ok());
     assert!(

@@ -375,3 +375,82 @@ async fn controller_with_owns_reconciles_recreates_children_and_settles_to_zero_
     .await;
     task.abort();
 }
+
+#[tokio::test]
+async fn metadata_watcher_and_get_metadata_receive_partial_objects() {
+    let (_server, client) = setup().await;
+    let api: Api<Secret> = Api::namespaced(client.clone(), "default");
+    let s: Secret = serde_json::from_value(
+        json!({"metadata": {"name": "meta", "labels": {"l": "1"}}, "stringData": {"k": "v"}}),
+    )
+    .unwrap();
+    api.create(&PostParams::default(), &s).await.unwrap();
+    let meta = api.get_metadata("meta").await.unwrap();
+    assert_eq!(meta.metadata.labels.unwrap()["l"], "1");
+    let mut events = watcher(
+        Api::<kube::core::PartialObjectMeta<Secret>>::namespaced(client, "default"),
+        watcher::Config::default(),
+    )
+    .boxed();
+    let mut seen = Vec::new();
+    while let Some(ev) = tokio::time::timeout(Duration::from_secs(5), events.next())
+        .await
+        .unwrap()
+    {
+        match ev.unwrap() {
+            watcher::Event::InitApply(o) => seen.push(o.name_any()),
+            watcher::Event::InitDone => break,
+            _ => {}
+        }
+    }
+    assert_eq!(seen, ["meta"]);
+    api.delete("meta", &DeleteParams::default()).await.unwrap();
+    let deleted = loop {
+        match tokio::time::timeout(Duration::from_secs(5), events.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()
+        {
+            watcher::Event::Delete(o) => break o,
+            _ => continue,
+        }
+    };
+    assert_eq!(deleted.name_any(), "meta");
+}
+
+#[tokio::test]
+async fn event_recorder_publishes_and_updates_a_series() {
+    use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+    let (server, client) = setup().await;
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    let owner = cms
+        .create(&PostParams::default(), &cm("evented"))
+        .await
+        .unwrap();
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "tiny".into(),
+            instance: None,
+        },
+    );
+    let ev = Event {
+        type_: EventType::Normal,
+        reason: "Rotated".into(),
+        note: Some("key rotated".into()),
+        action: "Rotate".into(),
+        secondary: None,
+    };
+    let reference = owner.object_ref(&());
+    recorder.publish(&ev, &reference).await.unwrap();
+    recorder.publish(&ev, &reference).await.unwrap();
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client, "default");
+    let list = events.list(&Default::default()).await.unwrap();
+    assert_eq!(list.items.len(), 1, "the second publish updates the series");
+    let e = &list.items[0];
+    assert_eq!(e.reason.as_deref(), Some("Rotated"));
+    assert_eq!(e.series.as_ref().map(|s| s.count), Some(2));
+    assert_eq!(server.request_count("create", "events"), 1);
+    assert_eq!(server.request_count("patch", "events"), 1);
+}
