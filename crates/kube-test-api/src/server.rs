@@ -547,6 +547,7 @@ fn patch(
                 &rt.api_version(&opts.version),
                 force,
                 rt.status,
+                &rt.list_rules(&opts.version),
             )
             .map_err(|conflicts| {
                 let n = conflicts.len();

@@ -57,6 +57,18 @@ impl ResourceType {
         ResKey::new(&self.group, &self.plural)
     }
 
+    /// How server-side apply merges this kind's lists.
+    pub(crate) fn list_rules(&self, version: &str) -> util::ListRules {
+        util::ListRules {
+            schema: self
+                .crd
+                .as_ref()
+                .and_then(|c| schema::version_schema(c, version))
+                .cloned(),
+            builtin: self.crd.is_none(),
+        }
+    }
+
     pub(crate) fn api_version(&self, version: &str) -> String {
         if self.group.is_empty() {
             version.to_string()
@@ -771,7 +783,7 @@ impl State {
         let subresource = opts.subresource.clone().unwrap_or_default();
         match managed {
             Managed::Update(mgr) => {
-                let fields = util::leaf_paths(&obj);
+                let fields = util::leaf_paths(&obj, &rt.list_rules(&opts.version));
                 let entry = ManagedEntry {
                     manager: mgr,
                     operation: "Update".into(),
@@ -928,7 +940,7 @@ impl State {
         let subresource = opts.subresource.clone().unwrap_or_default();
         match managed {
             Managed::Update(mgr) => {
-                let changed = util::changed_paths(&old, &fin);
+                let changed = util::changed_paths(&old, &fin, &rt.list_rules(&opts.version));
                 if !changed.is_empty() {
                     let mut entries = util::read_managed(&old);
                     for e in entries.iter_mut() {
@@ -1679,6 +1691,7 @@ pub(crate) type Conflicts = Vec<(String, FieldPath)>;
 ///
 /// `current` is the stored object (None for create). Returns the object to write and the new
 /// managedFields entries, or the conflicting (manager, path) pairs.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn apply_merge(
     current: Option<&Value>,
     applied: &Value,
@@ -1687,8 +1700,9 @@ pub(crate) fn apply_merge(
     api_version: &str,
     force: bool,
     status_subresource: bool,
+    rules: &util::ListRules,
 ) -> Result<(Value, Vec<ManagedEntry>), Conflicts> {
-    let mut applied_paths = util::leaf_paths(applied);
+    let mut applied_paths = util::leaf_paths(applied, rules);
     if status_subresource {
         let is_status = |p: &FieldPath| p.first().map(String::as_str) == Some("status");
         if subresource == "status" {
@@ -1699,12 +1713,12 @@ pub(crate) fn apply_merge(
     }
     let mut entries = current.map(util::read_managed).unwrap_or_default();
     let base = current.cloned().unwrap_or_else(|| json!({}));
+    let mine = |e: &ManagedEntry| {
+        e.manager == manager && e.operation == "Apply" && e.subresource == subresource
+    };
     // Conflicts: fields another manager owns whose value this apply changes.
     let mut conflicts = Vec::new();
-    for e in &entries {
-        if e.manager == manager && e.operation == "Apply" {
-            continue;
-        }
+    for e in entries.iter().filter(|e| !mine(e)) {
         for p in e.fields.intersection(&applied_paths) {
             if util::get_path(&base, p) != util::get_path(applied, p) {
                 conflicts.push((e.manager.clone(), p.clone()));
@@ -1715,45 +1729,52 @@ pub(crate) fn apply_merge(
         return Err(conflicts);
     }
     let conflicted: BTreeSet<FieldPath> = conflicts.into_iter().map(|(_, p)| p).collect();
-    for e in entries.iter_mut() {
-        if !(e.manager == manager && e.operation == "Apply") {
-            e.fields.retain(|p| !conflicted.contains(p));
-        }
+    for e in entries.iter_mut().filter(|e| !mine(e)) {
+        e.fields.retain(|p| !conflicted.contains(p));
     }
     let mut merged = base.clone();
-    util::merge_patch(&mut merged, applied);
-    // Fields this manager applied before but not now, and nobody else owns, are removed.
-    let pos = entries.iter().position(|e| {
-        e.manager == manager && e.operation == "Apply" && e.subresource == subresource
-    });
-    if let Some(i) = pos {
-        let previously = entries[i].fields.clone();
-        for p in previously.difference(&applied_paths) {
-            let owned_elsewhere = entries.iter().enumerate().any(|(j, e)| {
-                j != i
-                    && e.fields
-                        .iter()
-                        .any(|q| q.starts_with(p) || p.starts_with(q))
-            });
-            let still_applied = applied_paths
+    util::apply_merge_value(&mut merged, applied, &Vec::new(), rules);
+    // Fields (and list elements) this manager applied before but not now, and nobody else
+    // owns, are removed.
+    match entries.iter().position(mine) {
+        Some(i) => {
+            let previously = entries[i].fields.clone();
+            let others: Vec<FieldPath> = entries
                 .iter()
-                .any(|q| q.starts_with(p) || p.starts_with(q));
-            if !owned_elsewhere && !still_applied {
-                util::remove_path(&mut merged, p);
+                .enumerate()
+                .filter(|(j, _)| *j != i)
+                .flat_map(|(_, e)| e.fields.iter().cloned())
+                .collect();
+            let touched = |c: &[String]| {
+                applied_paths
+                    .iter()
+                    .chain(others.iter())
+                    .any(|q| q.starts_with(c) || c.starts_with(q))
+            };
+            for p in previously.difference(&applied_paths) {
+                let mut candidates: Vec<&[String]> = (0..p.len())
+                    .filter(|&k| util::is_elem(&p[k]))
+                    .map(|k| &p[..=k])
+                    .collect();
+                if !util::is_key_field(p) {
+                    candidates.push(&p[..]);
+                }
+                if let Some(c) = candidates.into_iter().find(|c| !touched(c)) {
+                    util::remove_path(&mut merged, c);
+                }
             }
+            entries[i].fields = applied_paths;
+            entries[i].time = now_rfc3339();
+            entries[i].api_version = api_version.to_string();
         }
-        entries[i].fields = applied_paths;
-        entries[i].time = now_rfc3339();
-        entries[i].api_version = api_version.to_string();
-    } else {
-        entries.push(ManagedEntry {
+        None => entries.push(ManagedEntry {
             manager: manager.to_string(),
             operation: "Apply".into(),
             api_version: api_version.to_string(),
             time: now_rfc3339(),
             subresource: subresource.to_string(),
             fields: applied_paths,
-        });
+        }),
     }
     Ok((merged, entries))
 }

@@ -318,11 +318,143 @@ pub(crate) fn json_patch(doc: &mut Value, ops: &Value) -> Result<(), String> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Managed fields (field sets as leaf paths; lists are atomic)
-// ---------------------------------------------------------------------------------------------
+// Managed fields: field sets as leaf paths. Lists are atomic (one leaf), except associative
+// lists: `x-kubernetes-list-type: map|set` in a CRD schema, and for built-in kinds the lists the
+// apiserver merges by key (containers and env by name, conditions by type, finalizers as a set,
+// ownerReferences by uid, ...). Their elements get `k:{"name":"app"}` / `v:"x"` path segments,
+// the same notation as `fieldsV1`.
 
-/// A field path: keys from the root. Lists are leaves.
+/// A field path from the root. Plain segments are field names; `k:{..}` and `v:..` segments
+/// select an element of an associative list.
 pub(crate) type FieldPath = Vec<String>;
+
+/// How a list is merged by server-side apply.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum ListKind {
+    Atomic,
+    Set,
+    Map(Vec<String>),
+}
+
+/// Decides how each list of one kind is merged.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct ListRules {
+    /// The CRD version's openAPIV3Schema, for custom resources.
+    pub schema: Option<Value>,
+    /// Whether built-in merge keys apply (built-in kinds).
+    pub builtin: bool,
+}
+
+pub(crate) fn is_elem(seg: &str) -> bool {
+    seg.starts_with("k:{") || seg.starts_with("v:")
+}
+
+impl ListRules {
+    pub(crate) fn kind(&self, path: &[String]) -> ListKind {
+        let fields: Vec<&str> = path
+            .iter()
+            .filter(|s| !is_elem(s))
+            .map(String::as_str)
+            .collect();
+        match fields.as_slice() {
+            ["metadata", "finalizers"] => return ListKind::Set,
+            ["metadata", "ownerReferences"] => return ListKind::Map(vec!["uid".into()]),
+            _ => {}
+        }
+        if let Some(schema) = &self.schema {
+            let mut cur = schema;
+            for seg in path {
+                let next = if is_elem(seg) {
+                    cur.get("items")
+                } else {
+                    cur.get("properties")
+                        .and_then(|p| p.get(seg))
+                        .or_else(|| cur.get("additionalProperties").filter(|a| a.is_object()))
+                };
+                match next {
+                    Some(n) => cur = n,
+                    None => return ListKind::Atomic,
+                }
+            }
+            return match cur.get("x-kubernetes-list-type").and_then(Value::as_str) {
+                Some("set") => ListKind::Set,
+                Some("map") => ListKind::Map(
+                    cur.get("x-kubernetes-list-map-keys")
+                        .and_then(Value::as_array)
+                        .map(|ks| {
+                            ks.iter()
+                                .filter_map(Value::as_str)
+                                .map(str::to_string)
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                ),
+                _ => ListKind::Atomic,
+            };
+        }
+        if !self.builtin {
+            return ListKind::Atomic;
+        }
+        let key = |k: &str| ListKind::Map(vec![k.to_string()]);
+        match fields.last().copied().unwrap_or_default() {
+            "containers"
+            | "initContainers"
+            | "ephemeralContainers"
+            | "env"
+            | "volumes"
+            | "imagePullSecrets" => key("name"),
+            "volumeMounts" | "volumeDevices" => key("mountPath"),
+            "ports" if fields.iter().any(|f| f.ends_with("ontainers")) => key("containerPort"),
+            "conditions" => key("type"),
+            "tolerations" | "envFrom" | "args" | "command" => ListKind::Atomic,
+            _ => ListKind::Atomic,
+        }
+    }
+}
+
+/// Whether `p` ends at a key field of an associative-list element (`..[k:{"name":..}].name`).
+pub(crate) fn is_key_field(p: &[String]) -> bool {
+    match p {
+        [.., elem, last] => elem
+            .strip_prefix("k:")
+            .and_then(|k| serde_json::from_str::<Value>(k).ok())
+            .is_some_and(|keys| keys.get(last).is_some()),
+        _ => false,
+    }
+}
+
+fn elem_segment(kind: &ListKind, item: &Value) -> Option<String> {
+    match kind {
+        ListKind::Atomic => None,
+        ListKind::Set => Some(format!(
+            "v:{}",
+            serde_json::to_string(item).unwrap_or_default()
+        )),
+        ListKind::Map(keys) => {
+            let mut m = Map::new();
+            for k in keys {
+                m.insert(k.clone(), item.get(k)?.clone());
+            }
+            Some(format!(
+                "k:{}",
+                serde_json::to_string(&Value::Object(m)).unwrap_or_default()
+            ))
+        }
+    }
+}
+
+fn elem_matches(seg: &str, item: &Value) -> bool {
+    if let Some(v) = seg.strip_prefix("v:") {
+        return serde_json::from_str::<Value>(v).is_ok_and(|x| &x == item);
+    }
+    if let Some(k) = seg.strip_prefix("k:") {
+        return serde_json::from_str::<Value>(k)
+            .ok()
+            .and_then(|x| x.as_object().cloned())
+            .is_some_and(|keys| keys.iter().all(|(kk, kv)| item.get(kk) == Some(kv)));
+    }
+    false
+}
 
 const IGNORED_META: &[&str] = &[
     "name",
@@ -338,7 +470,7 @@ const IGNORED_META: &[&str] = &[
 ];
 
 /// Leaf paths set by `obj` (excluding apiVersion, kind and system metadata).
-pub(crate) fn leaf_paths(obj: &Value) -> BTreeSet<FieldPath> {
+pub(crate) fn leaf_paths(obj: &Value, rules: &ListRules) -> BTreeSet<FieldPath> {
     let mut out = BTreeSet::new();
     if let Some(m) = obj.as_object() {
         for (k, v) in m {
@@ -351,24 +483,45 @@ pub(crate) fn leaf_paths(obj: &Value) -> BTreeSet<FieldPath> {
                         if IGNORED_META.contains(&mk.as_str()) {
                             continue;
                         }
-                        walk_leaves(mv, vec!["metadata".into(), mk.clone()], &mut out);
+                        walk_leaves(mv, vec!["metadata".into(), mk.clone()], rules, &mut out);
                     }
                 }
                 continue;
             }
-            walk_leaves(v, vec![k.clone()], &mut out);
+            walk_leaves(v, vec![k.clone()], rules, &mut out);
         }
     }
     out
 }
 
-fn walk_leaves(v: &Value, path: FieldPath, out: &mut BTreeSet<FieldPath>) {
+fn walk_leaves(v: &Value, path: FieldPath, rules: &ListRules, out: &mut BTreeSet<FieldPath>) {
     match v {
         Value::Object(m) if !m.is_empty() => {
             for (k, c) in m {
                 let mut p = path.clone();
                 p.push(k.clone());
-                walk_leaves(c, p, out);
+                walk_leaves(c, p, rules, out);
+            }
+        }
+        Value::Array(items) if !items.is_empty() => {
+            let kind = rules.kind(&path);
+            let segs: Option<Vec<String>> =
+                items.iter().map(|it| elem_segment(&kind, it)).collect();
+            match segs {
+                Some(segs) if kind != ListKind::Atomic => {
+                    for (seg, it) in segs.into_iter().zip(items) {
+                        let mut p = path.clone();
+                        p.push(seg);
+                        if kind == ListKind::Set {
+                            out.insert(p);
+                        } else {
+                            walk_leaves(it, p, rules, out);
+                        }
+                    }
+                }
+                _ => {
+                    out.insert(path);
+                }
             }
         }
         _ => {
@@ -380,29 +533,104 @@ fn walk_leaves(v: &Value, path: FieldPath, out: &mut BTreeSet<FieldPath>) {
 pub(crate) fn get_path<'a>(v: &'a Value, path: &[String]) -> Option<&'a Value> {
     let mut cur = v;
     for p in path {
-        cur = cur.get(p)?;
+        cur = if is_elem(p) {
+            cur.as_array()?.iter().find(|it| elem_matches(p, it))?
+        } else {
+            cur.get(p)?
+        };
     }
     Some(cur)
 }
 
-/// Removes the leaf at `path` and any object left empty above it (except the root).
+fn is_empty_container(v: &Value) -> bool {
+    v.as_object().is_some_and(Map::is_empty)
+}
+
+/// Removes the leaf at `path`, and objects or list elements left empty above it (except the root).
 pub(crate) fn remove_path(v: &mut Value, path: &[String]) {
-    if path.is_empty() {
+    let Some((first, rest)) = path.split_first() else {
         return;
-    }
-    if path.len() == 1 {
-        if let Some(m) = v.as_object_mut() {
-            m.remove(&path[0]);
+    };
+    if is_elem(first) {
+        let Some(items) = v.as_array_mut() else {
+            return;
+        };
+        let Some(i) = items.iter().position(|it| elem_matches(first, it)) else {
+            return;
+        };
+        if rest.is_empty() {
+            items.remove(i);
+        } else {
+            remove_path(&mut items[i], rest);
+            if is_empty_container(&items[i]) {
+                items.remove(i);
+            }
         }
         return;
     }
-    if let Some(child) = v.get_mut(&path[0]) {
-        remove_path(child, &path[1..]);
-        if child.as_object().is_some_and(Map::is_empty)
-            && let Some(m) = v.as_object_mut()
-        {
-            m.remove(&path[0]);
+    let Some(m) = v.as_object_mut() else { return };
+    if rest.is_empty() {
+        m.remove(first);
+        return;
+    }
+    if let Some(child) = m.get_mut(first) {
+        remove_path(child, rest);
+        if is_empty_container(child) || child.as_array().is_some_and(Vec::is_empty) {
+            m.remove(first);
         }
+    }
+}
+
+/// Server-side apply merge of `applied` into `target`: maps merge recursively, associative
+/// lists merge by key (sets by value), other lists and scalars are replaced, `null` removes.
+pub(crate) fn apply_merge_value(
+    target: &mut Value,
+    applied: &Value,
+    path: &FieldPath,
+    rules: &ListRules,
+) {
+    match applied {
+        Value::Object(am) => {
+            if !target.is_object() {
+                *target = Value::Object(Map::new());
+            }
+            let tm = target.as_object_mut().expect("object");
+            for (k, v) in am {
+                if v.is_null() {
+                    tm.remove(k);
+                    continue;
+                }
+                let mut p = path.clone();
+                p.push(k.clone());
+                apply_merge_value(tm.entry(k.clone()).or_insert(Value::Null), v, &p, rules);
+            }
+        }
+        Value::Array(items) => {
+            let kind = rules.kind(path);
+            let keyed: Option<Vec<String>> =
+                items.iter().map(|it| elem_segment(&kind, it)).collect();
+            match (kind.clone(), keyed, target.as_array_mut()) {
+                (ListKind::Atomic, _, _) | (_, None, _) | (_, _, None) => *target = applied.clone(),
+                (ListKind::Set, Some(_), Some(existing)) => {
+                    for it in items {
+                        if !existing.contains(it) {
+                            existing.push(it.clone());
+                        }
+                    }
+                }
+                (ListKind::Map(_), Some(segs), Some(existing)) => {
+                    for (seg, it) in segs.into_iter().zip(items) {
+                        let mut p = path.clone();
+                        p.push(seg.clone());
+                        match existing.iter_mut().find(|e| elem_matches(&seg, e)) {
+                            Some(e) => apply_merge_value(e, it, &p, rules),
+                            None => existing.push(it.clone()),
+                        }
+                    }
+                }
+            }
+        }
+        other => *target = other.clone(),
     }
 }
 
@@ -412,8 +640,13 @@ pub(crate) fn to_fields_v1(paths: &BTreeSet<FieldPath>) -> Value {
     for p in paths {
         let mut cur = &mut root;
         for seg in p {
+            let key = if is_elem(seg) {
+                seg.clone()
+            } else {
+                format!("f:{seg}")
+            };
             cur = cur
-                .entry(format!("f:{seg}"))
+                .entry(key)
                 .or_insert_with(|| Value::Object(Map::new()))
                 .as_object_mut()
                 .expect("object");
@@ -428,7 +661,11 @@ pub(crate) fn from_fields_v1(v: &Value) -> BTreeSet<FieldPath> {
     fn walk(v: &Value, path: FieldPath, out: &mut BTreeSet<FieldPath>) {
         let children: Vec<(&String, &Value)> = v
             .as_object()
-            .map(|m| m.iter().filter(|(k, _)| k.starts_with("f:")).collect())
+            .map(|m| {
+                m.iter()
+                    .filter(|(k, _)| k.starts_with("f:") || is_elem(k))
+                    .collect()
+            })
             .unwrap_or_default();
         if children.is_empty() {
             if !path.is_empty() {
@@ -438,7 +675,7 @@ pub(crate) fn from_fields_v1(v: &Value) -> BTreeSet<FieldPath> {
         }
         for (k, c) in children {
             let mut p = path.clone();
-            p.push(k[2..].to_string());
+            p.push(k.strip_prefix("f:").unwrap_or(k).to_string());
             walk(c, p, out);
         }
     }
@@ -523,9 +760,9 @@ pub(crate) fn write_managed(obj: &mut Value, entries: &[ManagedEntry]) {
 }
 
 /// Leaf paths whose value differs between `old` and `new` (either side missing counts).
-pub(crate) fn changed_paths(old: &Value, new: &Value) -> BTreeSet<FieldPath> {
-    let a = leaf_paths(old);
-    let b = leaf_paths(new);
+pub(crate) fn changed_paths(old: &Value, new: &Value, rules: &ListRules) -> BTreeSet<FieldPath> {
+    let a = leaf_paths(old, rules);
+    let b = leaf_paths(new, rules);
     a.union(&b)
         .filter(|p| get_path(old, p) != get_path(new, p))
         .cloned()
@@ -534,7 +771,22 @@ pub(crate) fn changed_paths(old: &Value, new: &Value) -> BTreeSet<FieldPath> {
 
 /// Groups paths by manager for conflict messages.
 pub(crate) fn format_path(p: &FieldPath) -> String {
-    p.iter().map(|s| format!(".{s}")).collect()
+    p.iter()
+        .map(|s| {
+            if let Some(k) = s.strip_prefix("k:") {
+                let keys = serde_json::from_str::<Value>(k)
+                    .ok()
+                    .and_then(|v| v.as_object().cloned())
+                    .unwrap_or_default();
+                let inner: Vec<String> = keys.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                format!("[{}]", inner.join(","))
+            } else if let Some(v) = s.strip_prefix("v:") {
+                format!("[={v}]")
+            } else {
+                format!(".{s}")
+            }
+        })
+        .collect()
 }
 
 pub(crate) fn hex(s: &str) -> String {
@@ -594,14 +846,74 @@ mod tests {
     }
 
     #[test]
+    fn apply_merges_associative_lists_by_key() {
+        let rules = ListRules {
+            schema: None,
+            builtin: true,
+        };
+        let mut target = json!({"spec": {"containers": [{"name": "a", "image": "i"}, {"name": "b"}]},
+                                "metadata": {"finalizers": ["x"]}});
+        let applied = json!({"spec": {"containers": [{"name": "a", "env": [{"name": "E", "value": "1"}]}]},
+                             "metadata": {"finalizers": ["y"]}});
+        apply_merge_value(&mut target, &applied, &Vec::new(), &rules);
+        assert_eq!(
+            target["spec"]["containers"][0],
+            json!({"name": "a", "image": "i", "env": [{"name": "E", "value": "1"}]})
+        );
+        assert_eq!(target["spec"]["containers"][1], json!({"name": "b"}));
+        assert_eq!(target["metadata"]["finalizers"], json!(["x", "y"]));
+        let paths = leaf_paths(&applied, &rules);
+        let env_value: FieldPath = [
+            "spec",
+            "containers",
+            "k:{\"name\":\"a\"}",
+            "env",
+            "k:{\"name\":\"E\"}",
+            "value",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        assert!(paths.contains(&env_value), "{paths:?}");
+        assert_eq!(get_path(&target, &env_value), Some(&json!("1")));
+        remove_path(&mut target, &env_value[..5]);
+        assert_eq!(
+            target["spec"]["containers"][0],
+            json!({"name": "a", "image": "i"})
+        );
+    }
+
+    #[test]
+    fn crd_list_types_come_from_the_schema() {
+        let rules = ListRules {
+            schema: Some(
+                json!({"type": "object", "properties": {"spec": {"type": "object", "properties": {
+                "m": {"type": "array", "x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["id"], "items": {"type": "object"}},
+                "s": {"type": "array", "x-kubernetes-list-type": "set", "items": {"type": "string"}},
+                "a": {"type": "array", "items": {"type": "object"}}}}}}),
+            ),
+            builtin: false,
+        };
+        let p = |s: &str| vec!["spec".to_string(), s.to_string()];
+        assert_eq!(rules.kind(&p("m")), ListKind::Map(vec!["id".into()]));
+        assert_eq!(rules.kind(&p("s")), ListKind::Set);
+        assert_eq!(rules.kind(&p("a")), ListKind::Atomic);
+        assert_eq!(
+            rules.kind(&["spec".into(), "conditions".into()]),
+            ListKind::Atomic
+        );
+    }
+
+    #[test]
     fn fields_v1_round_trips() {
-        let o =
-            json!({"metadata": {"name": "x", "labels": {"a": "1"}}, "spec": {"r": 1, "l": [1]}});
-        let p = leaf_paths(&o);
+        let o = json!({"metadata": {"name": "x", "labels": {"a": "1"}, "finalizers": ["f"]},
+                       "spec": {"r": 1, "l": [1]}});
+        let p = leaf_paths(&o, &ListRules::default());
         assert_eq!(from_fields_v1(&to_fields_v1(&p)), p);
         assert_eq!(
             to_fields_v1(&p),
-            json!({"f:metadata": {"f:labels": {"f:a": {}}}, "f:spec": {"f:l": {}, "f:r": {}}})
+            json!({"f:metadata": {"f:labels": {"f:a": {}}, "f:finalizers": {"v:\"f\"": {}}},
+                   "f:spec": {"f:l": {}, "f:r": {}}})
         );
     }
 }

@@ -742,3 +742,96 @@ async fn kubeconfig_yaml_connects_a_client() {
     let nss: Api<Namespace> = Api::all(client);
     assert!(nss.get("default").await.is_ok());
 }
+
+#[tokio::test]
+async fn server_side_apply_merges_containers_by_name_and_finalizers_as_a_set() {
+    let (server, client) = setup().await;
+    server.set_workload_stuck("default", "mix", true);
+    let api: Api<Deployment> = Api::namespaced(client, "default");
+    let full = serde_json::to_value(deployment("mix", 1)).unwrap();
+    let mut full = full;
+    full["metadata"]["finalizers"] = json!(["a.example.com/guard"]);
+    api.patch("mix", &PatchParams::apply("owner"), &Patch::Apply(&full))
+        .await
+        .unwrap();
+
+    // A second manager injects an env var into the existing container only.
+    let inject = json!({"apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "mix", "finalizers": ["b.example.com/guard"]},
+        "spec": {"template": {"spec": {"containers": [{"name": "app", "env": [{"name": "KEY", "value": "v1"}]}]}}}});
+    let d = api
+        .patch(
+            "mix",
+            &PatchParams::apply("injector"),
+            &Patch::Apply(&inject),
+        )
+        .await
+        .unwrap();
+    let c = &d
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap()
+        .containers[0];
+    assert_eq!(
+        c.image.as_deref(),
+        Some("nginx:1"),
+        "the owner's image survives"
+    );
+    assert_eq!(c.env.as_ref().unwrap()[0].name, "KEY");
+    assert_eq!(
+        d.metadata.finalizers.as_deref(),
+        Some(
+            &[
+                "a.example.com/guard".to_string(),
+                "b.example.com/guard".to_string()
+            ][..]
+        )
+    );
+    let injector = d
+        .metadata
+        .managed_fields
+        .unwrap()
+        .into_iter()
+        .find(|m| m.manager.as_deref() == Some("injector"))
+        .unwrap();
+    let fields = serde_json::to_value(injector.fields_v1.unwrap()).unwrap();
+    assert!(
+        fields.pointer("/f:spec/f:template/f:spec/f:containers/k:{\"name\":\"app\"}/f:env/k:{\"name\":\"KEY\"}/f:value").is_some(),
+        "{fields}"
+    );
+
+    // The injector stops applying its env var: it is removed, the container is not.
+    let without = json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "mix"},
+        "spec": {"template": {"spec": {"containers": [{"name": "app"}]}}}});
+    let d = api
+        .patch(
+            "mix",
+            &PatchParams::apply("injector"),
+            &Patch::Apply(&without),
+        )
+        .await
+        .unwrap();
+    let c = &d
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap()
+        .containers[0];
+    assert!(
+        c.env.as_deref().unwrap_or_default().is_empty(),
+        "{:?}",
+        c.env
+    );
+    assert_eq!(c.image.as_deref(), Some("nginx:1"));
+    assert_eq!(
+        d.metadata.finalizers.as_deref(),
+        Some(&["a.example.com/guard".to_string()][..])
+    );
+}
