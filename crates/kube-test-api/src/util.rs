@@ -293,7 +293,9 @@ pub(crate) fn json_patch(doc: &mut Value, ops: &Value) -> Result<(), String> {
             }
             "test" => {
                 let want = op.get("value").cloned().unwrap_or(Value::Null);
-                if doc.pointer(path) != Some(&want) {
+                // Like the apiserver's json-patch: testing for null matches a missing value.
+                let actual = doc.pointer(path).unwrap_or(&Value::Null);
+                if *actual != want {
                     return Err(format!("testing value {path} failed"));
                 }
             }

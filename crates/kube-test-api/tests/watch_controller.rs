@@ -454,3 +454,54 @@ async fn event_recorder_publishes_and_updates_a_series() {
     assert_eq!(server.request_count("create", "events"), 1);
     assert_eq!(server.request_count("patch", "events"), 1);
 }
+
+#[tokio::test]
+async fn kube_runtime_finalizer_helper_adds_runs_cleanup_and_releases() {
+    use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
+    const NAME: &str = "example.com/cleanup";
+    let (_server, client) = setup().await;
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    let cleanups = Arc::new(AtomicUsize::new(0));
+    let ctx = (cms.clone(), cleanups.clone());
+    let controller = Controller::new(cms.clone(), watcher::Config::default().labels("app=x"))
+        .run(
+            |cm: Arc<ConfigMap>, ctx: Arc<(Api<ConfigMap>, Arc<AtomicUsize>)>| async move {
+                let counter = ctx.1.clone();
+                finalizer(&ctx.0, NAME, cm, |ev| async move {
+                    match ev {
+                        FinalizerEvent::Apply(_) => Ok::<_, kube::Error>(Action::await_change()),
+                        FinalizerEvent::Cleanup(_) => {
+                            counter.fetch_add(1, Ordering::SeqCst);
+                            Ok(Action::await_change())
+                        }
+                    }
+                })
+                .await
+            },
+            |_, _, _| Action::requeue(Duration::from_millis(100)),
+            Arc::new(ctx),
+        )
+        .for_each(|_| async {});
+    let task = tokio::spawn(controller);
+    cms.create(&PostParams::default(), &cm("guarded"))
+        .await
+        .unwrap();
+    eventually(10, "the finalizer is added", || async {
+        let c = cms.get("guarded").await.unwrap();
+        c.finalizers().iter().any(|f| f == NAME).then_some(())
+    })
+    .await;
+    cms.delete("guarded", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually(10, "cleanup ran and the object is gone", || async {
+        cms.get_opt("guarded")
+            .await
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    assert_eq!(cleanups.load(Ordering::SeqCst), 1);
+    task.abort();
+}
