@@ -740,6 +740,99 @@ fn cel_env() -> Arc<cel::Env> {
     .clone()
 }
 
+/// A CEL context with the subset of the Kubernetes URL library the `cel` crate lacks:
+/// `isURL(string)`, `url(string)` and `getScheme()`, `getHost()`, `getHostname()`, `getPort()`,
+/// `getEscapedPath()`, `getQuery()` on its result.
+fn k8s_context(env: Arc<cel::Env>) -> cel::Context<'static, 'static> {
+    use cel::extractors::This;
+    let mut ctx = cel::Context::with_env(env);
+    let _ = ctx.add_function("isURL", |s: Arc<String>| parse_url(&s).is_some());
+    let _ = ctx.add_function(
+        "url",
+        |s: Arc<String>| -> Result<cel::Value, cel::ExecutionError> {
+            let parts = parse_url(&s).ok_or_else(|| {
+                cel::ExecutionError::function_error(
+                    "url",
+                    format!("URL parse error during conversion from string: {s}"),
+                )
+            })?;
+            Ok(json_to_cel(&parts))
+        },
+    );
+    for (name, field) in [
+        ("getScheme", "scheme"),
+        ("getHost", "host"),
+        ("getHostname", "hostname"),
+        ("getPort", "port"),
+        ("getEscapedPath", "path"),
+        ("getQuery", "query"),
+    ] {
+        let _ = ctx.add_function(
+            name,
+            move |This(v): This<cel::Value>| -> Result<cel::Value, cel::ExecutionError> {
+                match &v {
+                    cel::Value::Map(m) => m
+                        .get(&cel::objects::Key::String(Arc::new(format!(
+                            "__url_{field}"
+                        ))))
+                        .cloned()
+                        .ok_or_else(|| cel::ExecutionError::function_error(name, "not a URL")),
+                    _ => Err(cel::ExecutionError::function_error(name, "not a URL")),
+                }
+            },
+        );
+    }
+    ctx
+}
+
+/// Parses an absolute URL or absolute path like Go's `url.ParseRequestURI`.
+fn parse_url(s: &str) -> Option<Value> {
+    static RE: OnceLock<regex::Regex> = OnceLock::new();
+    let re = RE.get_or_init(|| {
+        regex::Regex::new(
+            r"^(?:([A-Za-z][A-Za-z0-9+.\-]*):)?(?://([^/?#\s]*))?([^?#\s]*)(?:\?([^#\s]*))?$",
+        )
+        .expect("valid regex")
+    });
+    let c = re.captures(s)?;
+    let scheme = c.get(1).map(|m| m.as_str()).unwrap_or_default();
+    let host = c.get(2).map(|m| m.as_str()).unwrap_or_default();
+    let path = c.get(3).map(|m| m.as_str()).unwrap_or_default();
+    if scheme.is_empty() && !path.starts_with('/') {
+        return None;
+    }
+    if !scheme.is_empty() && host.is_empty() && !path.starts_with('/') && path.is_empty() {
+        return None;
+    }
+    let (hostname, port) = match host.rsplit_once(':') {
+        Some((h, p)) if !h.ends_with(']') || host.starts_with('[') && h.ends_with(']') => {
+            if p.chars().all(|c| c.is_ascii_digit()) {
+                (h, p)
+            } else {
+                (host, "")
+            }
+        }
+        _ => (host, ""),
+    };
+    let hostname = hostname.trim_start_matches('[').trim_end_matches(']');
+    let mut query = serde_json::Map::new();
+    if let Some(q) = c.get(4) {
+        for pair in q.as_str().split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            let entry = query
+                .entry(k.to_string())
+                .or_insert_with(|| Value::Array(Vec::new()));
+            if let Value::Array(a) = entry {
+                a.push(Value::String(v.to_string()));
+            }
+        }
+    }
+    Some(serde_json::json!({
+        "__url_scheme": scheme, "__url_host": host, "__url_hostname": hostname,
+        "__url_port": port, "__url_path": path, "__url_query": query,
+    }))
+}
+
 /// Converts JSON to a CEL value: integers stay integers, other numbers become doubles.
 pub fn json_to_cel(v: &Value) -> cel::Value {
     match v {
@@ -791,7 +884,7 @@ fn run_rule(rule: &str, selfv: &Value, old: Option<&Value>) -> RuleOutcome {
         Ok(p) => p,
         Err(e) => return RuleOutcome::Error(format!("compilation failed: {e}")),
     };
-    let mut ctx = cel::Context::with_env(env);
+    let mut ctx = k8s_context(env);
     ctx.add_variable_from_value("self", json_to_cel(selfv));
     if let Some(o) = old {
         ctx.add_variable_from_value("oldSelf", json_to_cel(o));
@@ -809,7 +902,7 @@ fn run_rule(rule: &str, selfv: &Value, old: Option<&Value>) -> RuleOutcome {
 fn eval_string(expr: &str, selfv: &Value, old: Option<&Value>) -> Option<String> {
     let env = cel_env();
     let program = env.compile(expr).ok()?;
-    let mut ctx = cel::Context::with_env(env);
+    let mut ctx = k8s_context(env);
     ctx.add_variable_from_value("self", json_to_cel(selfv));
     if let Some(o) = old {
         ctx.add_variable_from_value("oldSelf", json_to_cel(o));
@@ -998,6 +1091,44 @@ mod tests {
             "{}",
             errs[0]
         );
+    }
+
+    #[test]
+    fn kubernetes_url_library_subset_is_available() {
+        let c = crd(
+            json!({"type": "object", "properties": {"spec": {"type": "object", "properties": {
+            "u": {"type": "string", "x-kubernetes-validations": [
+                {"rule": "isURL(self) && url(self).getScheme() == 'https'", "message": "must be an https URL"},
+                {"rule": "!isURL(self) || url(self).getHostname() != 'localhost'", "message": "no localhost"}]}}}}}),
+        );
+        let ok = validate(
+            &c,
+            "v1",
+            &json!({"spec": {"u": "https://hooks.example.com:8443/x?a=1"}}),
+            None,
+        );
+        assert!(ok.is_ok(), "{ok:?}");
+        let errs = validate(
+            &c,
+            "v1",
+            &json!({"spec": {"u": "http://hooks.example.com/x"}}),
+            None,
+        )
+        .unwrap_err();
+        assert_eq!(
+            errs[0].to_string(),
+            r#"spec.u: Invalid value: "string": must be an https URL"#
+        );
+        let errs = validate(&c, "v1", &json!({"spec": {"u": "not a url"}}), None).unwrap_err();
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        let errs = validate(
+            &c,
+            "v1",
+            &json!({"spec": {"u": "https://localhost/"}}),
+            None,
+        )
+        .unwrap_err();
+        assert_eq!(errs[0].detail, "no localhost");
     }
 
     #[test]
