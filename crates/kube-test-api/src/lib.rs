@@ -9,7 +9,7 @@
 //!
 //! Connect a kube client with:
 //!
-//! ```ignore
+//! ```text
 //! let server = kube_test_api::TestApiServer::start().await?;
 //! let config = kube::Config::new(server.url().parse()?); // default namespace "default", no auth
 //! let client = kube::Client::try_from(config)?;

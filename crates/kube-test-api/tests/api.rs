@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use common::{eventually, setup, setup_with, status};
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret};
@@ -613,22 +614,38 @@ async fn deployment_rolls_out_after_delay_or_stays_stuck() {
     })
     .await;
     let api: Api<Deployment> = Api::namespaced(client, "default");
+    // Record every status the Deployment goes through.
+    let mut stream = api
+        .watch(
+            &kube::api::WatchParams::default()
+                .fields("metadata.name=web")
+                .timeout(20),
+            "0",
+        )
+        .await
+        .unwrap()
+        .boxed();
     api.create(&PostParams::default(), &deployment("web", 3))
         .await
         .unwrap();
-    // First the controller observes the generation with nothing ready yet...
-    let progressing = eventually(5, "observedGeneration 1", || async {
-        let d = api.get("web").await.unwrap();
-        d.status.filter(|s| s.observed_generation == Some(1))
-    })
-    .await;
-    assert_eq!(progressing.available_replicas.unwrap_or(0), 0);
-    // ...then all replicas become ready.
-    let ready = eventually(5, "3 ready replicas", || async {
-        let d = api.get("web").await.unwrap();
-        d.status.filter(|s| s.ready_replicas == Some(3))
-    })
-    .await;
+    let mut seen = Vec::new();
+    let ready = loop {
+        let ev = tokio::time::timeout(Duration::from_secs(10), stream.try_next())
+            .await
+            .expect("status changes arrive")
+            .unwrap()
+            .unwrap();
+        if let kube::api::WatchEvent::Modified(d) = ev {
+            let st = d.status.unwrap_or_default();
+            seen.push((st.observed_generation, st.ready_replicas.unwrap_or(0)));
+            if st.ready_replicas == Some(3) {
+                break st;
+            }
+        }
+    };
+    // First the generation is observed with nothing ready, then all replicas become ready.
+    assert_eq!(seen.first(), Some(&(Some(1), 0)), "{seen:?}");
+    assert_eq!(seen.last(), Some(&(Some(1), 3)), "{seen:?}");
     assert_eq!(
         (
             ready.replicas,
