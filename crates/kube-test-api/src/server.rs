@@ -248,6 +248,29 @@ fn user_agent_manager(headers: &HeaderMap) -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
+/// Accepts JSON (and YAML) bodies; anything else, notably protobuf, is `415`, so clients such as
+/// kubectl fall back to JSON.
+fn body_as_json(content_type: &str, body: Bytes) -> Result<Bytes, ApiError> {
+    let mime = content_type.split(';').next().unwrap_or_default().trim();
+    match mime {
+        "" | "application/json" | "*/*" => Ok(body),
+        "application/yaml" => {
+            let v: Value = serde_yaml::from_slice(&body).map_err(|e| {
+                ApiError::bad_request(format!("the request body is not valid YAML: {e}"))
+            })?;
+            Ok(Bytes::from(serde_json::to_vec(&v).unwrap_or_default()))
+        }
+        other => Err(ApiError::new(
+            415,
+            "UnsupportedMediaType",
+            format!(
+                "the body of the request was in an unknown format - accepted media types include: application/json, application/yaml (got {other})"
+            ),
+            None,
+        )),
+    }
+}
+
 fn parse_body(body: &Bytes) -> Result<Value, ApiError> {
     if body.is_empty() {
         return Ok(Value::Null);
@@ -343,6 +366,16 @@ async fn resource(
     let key = rt.key();
     let ns = t.namespace.clone().unwrap_or_default();
     let meta_only = accept_meta(&headers);
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let body = if matches!(method, Method::POST | Method::PUT | Method::DELETE) && !body.is_empty()
+    {
+        body_as_json(content_type, body)?
+    } else {
+        body
+    };
     let counted = match &t.subresource {
         Some(s) => format!("{}/{s}", rt.plural),
         None => rt.plural.clone(),
