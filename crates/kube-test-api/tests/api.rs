@@ -852,3 +852,29 @@ async fn server_side_apply_merges_containers_by_name_and_finalizers_as_a_set() {
         Some(&["a.example.com/guard".to_string()][..])
     );
 }
+
+#[tokio::test]
+async fn delete_collection_deletes_the_selected_objects() {
+    let (_server, client) = setup().await;
+    let api: Api<Secret> = Api::namespaced(client, "default");
+    for (name, app) in [("a", "x"), ("b", "x"), ("c", "y")] {
+        api.create(&PostParams::default(), &secret(name, &[("app", app)]))
+            .await
+            .unwrap();
+    }
+    api.delete_collection(
+        &DeleteParams::default(),
+        &ListParams::default().labels("app=x"),
+    )
+    .await
+    .unwrap();
+    let left: Vec<String> = api
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .map(|s| s.metadata.name.unwrap())
+        .collect();
+    assert_eq!(left, ["c"]);
+}

@@ -505,3 +505,72 @@ async fn kube_runtime_finalizer_helper_adds_runs_cleanup_and_releases() {
     assert_eq!(cleanups.load(Ordering::SeqCst), 1);
     task.abort();
 }
+
+#[tokio::test]
+async fn watch_history_window_is_configurable_and_timeout_ends_watches() {
+    let (_server, client) = setup_with(ServerConfig {
+        watch_history: 2,
+        ..Default::default()
+    })
+    .await;
+    let api: Api<ConfigMap> = Api::namespaced(client, "default");
+    let first = api.create(&PostParams::default(), &cm("w0")).await.unwrap();
+    for i in 1..5 {
+        api.create(&PostParams::default(), &cm(&format!("w{i}")))
+            .await
+            .unwrap();
+    }
+    let mut old = api
+        .watch(
+            &WatchParams::default().timeout(5),
+            &first.resource_version().unwrap(),
+        )
+        .await
+        .unwrap()
+        .boxed();
+    match old.try_next().await.unwrap().unwrap() {
+        WatchEvent::Error(e) => assert_eq!(e.code, 410),
+        other => panic!("expected 410 outside a 2-change window, got {other:?}"),
+    }
+    // Within the window the watch replays; timeoutSeconds then ends the stream.
+    let latest = api.get("w3").await.unwrap().resource_version().unwrap();
+    let mut recent = api
+        .watch(
+            &WatchParams::default().timeout(1).disable_bookmarks(),
+            &latest,
+        )
+        .await
+        .unwrap()
+        .boxed();
+    match recent.try_next().await.unwrap().unwrap() {
+        WatchEvent::Added(o) => assert_eq!(o.name_any(), "w4"),
+        other => panic!("expected the replayed ADDED w4, got {other:?}"),
+    }
+    let end = tokio::time::timeout(Duration::from_secs(10), recent.try_next())
+        .await
+        .expect("the watch ends");
+    assert!(end.unwrap().is_none(), "no more events after the timeout");
+}
+
+#[tokio::test]
+async fn shutdown_ends_open_watches_and_stops_serving() {
+    let (server, client) = setup().await;
+    let api: Api<ConfigMap> = Api::namespaced(client, "default");
+    let mut stream = api
+        .watch(&WatchParams::default().disable_bookmarks(), "0")
+        .await
+        .unwrap()
+        .boxed();
+    server.shutdown().await;
+    let end = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match stream.next().await {
+                None | Some(Err(_)) => return,
+                Some(Ok(_)) => continue,
+            }
+        }
+    })
+    .await;
+    assert!(end.is_ok(), "the watch ended when the server shut down");
+    assert!(api.get_opt("anything").await.is_err(), "no longer serving");
+}
