@@ -22,6 +22,7 @@ pub mod schema;
 mod server;
 mod store;
 mod util;
+mod validation;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

@@ -659,12 +659,16 @@ impl State {
                 "metadata.name",
                 "name or generateName is required",
             ));
-        } else if rt.plural != "events" && !valid_name(&name) {
+        } else if rt.plural != "events" && !crate::validation::is_dns1123_subdomain(&name) {
             errors.push(FieldError::invalid(
                 "metadata.name",
                 Value::String(name.clone()),
-                "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character (e.g. 'example.com', regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*')",
+                crate::validation::dns1123_subdomain_message(),
             ));
+        }
+        crate::validation::validate_metadata(&obj, &mut errors);
+        if rt.crd.is_none() {
+            crate::validation::validate_builtin(&rt.group, &rt.plural, &obj, old, &mut errors);
         }
         if let Some(old) = old {
             let old_f: BTreeSet<String> = finalizers(old).into_iter().collect();
@@ -1490,18 +1494,6 @@ fn workload_status(plural: &str, obj: &Value, generation: i64, ready: bool) -> V
             "numberUnavailable": replicas - ready_n
         }),
     }
-}
-
-fn valid_name(name: &str) -> bool {
-    name.len() <= 253
-        && name.split('.').all(|part| {
-            !part.is_empty()
-                && part
-                    .chars()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-                && !part.starts_with('-')
-                && !part.ends_with('-')
-        })
 }
 
 fn validate_crd(crd: &Value) -> Vec<FieldError> {

@@ -878,3 +878,63 @@ async fn delete_collection_deletes_the_selected_objects() {
         .collect();
     assert_eq!(left, ["c"]);
 }
+
+#[tokio::test]
+async fn builtin_validation_rejects_bad_labels_keys_and_immutable_changes() {
+    let (server, client) = setup().await;
+    server.set_workload_stuck("default", "sel", true);
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), "default");
+    let s = status(
+        secrets
+            .create(
+                &PostParams::default(),
+                &secret("lbl", &[("app", "not valid!")]),
+            )
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(s.code, 422);
+    assert!(
+        s.message.starts_with(r#"Secret "lbl" is invalid: metadata.labels: Invalid value: "not valid!": a valid label must be an empty string or consist of alphanumeric characters"#),
+        "{}",
+        s.message
+    );
+    let bad_key: Secret =
+        serde_json::from_value(json!({"metadata": {"name": "k"}, "stringData": {"a/b": "x"}}))
+            .unwrap();
+    let s = status(
+        secrets
+            .create(&PostParams::default(), &bad_key)
+            .await
+            .unwrap_err(),
+    );
+    assert!(
+        s.message.starts_with(
+            r#"Secret "k" is invalid: data[a/b]: Invalid value: "a/b": a valid config key"#
+        ),
+        "{}",
+        s.message
+    );
+
+    let deploys: Api<Deployment> = Api::namespaced(client, "default");
+    deploys
+        .create(&PostParams::default(), &deployment("sel", 1))
+        .await
+        .unwrap();
+    let s = status(
+        deploys
+            .patch(
+                "sel",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": {"selector": {"matchLabels": {"app": "other"}}}})),
+            )
+            .await
+            .unwrap_err(),
+    );
+    assert!(
+        s.message.contains("spec.selector: Invalid value:"),
+        "{}",
+        s.message
+    );
+    assert!(s.message.contains("field is immutable"), "{}", s.message);
+}
