@@ -984,7 +984,15 @@ fn cel_node(
                 RuleOutcome::Error(e) => errors.push(FieldError::invalid(
                     &fpath,
                     Value::String(schema_type_name(schema, v)),
-                    format!("rule evaluation error: {}: {e}", rule.trim()),
+                    // The apiserver's text: "<error> evaluating rule: <message or rule>".
+                    format!(
+                        "{e} evaluating rule: {}",
+                        r.get("message")
+                            .and_then(Value::as_str)
+                            .map(str::trim)
+                            .filter(|m| !m.is_empty())
+                            .unwrap_or(rule.trim())
+                    ),
                 )),
             }
         }
@@ -1087,7 +1095,9 @@ mod tests {
         );
         let errs = validate(&c, "v1", &json!({"spec": {}}), None).unwrap_err();
         assert!(
-            errs[0].to_string().contains("rule evaluation error"),
+            errs[0]
+                .to_string()
+                .contains("evaluating rule: noSuchFunction(self)"),
             "{}",
             errs[0]
         );

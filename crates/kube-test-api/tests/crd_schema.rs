@@ -65,6 +65,27 @@ async fn created_crd_is_established_discovered_and_served() {
         .expect("custom kind discovered");
     assert_eq!(ar.plural, "stripekeypolicies");
     assert_eq!(caps.scope, kube::discovery::Scope::Namespaced);
+    let resources = client
+        .list_api_group_resources("stripekeys.io/v1alpha1")
+        .await
+        .unwrap();
+    let main = resources
+        .resources
+        .iter()
+        .find(|r| r.name == "stripekeypolicies")
+        .unwrap();
+    assert_eq!(main.short_names.as_deref(), Some(&["skp".to_string()][..]));
+    assert_eq!(
+        main.categories.as_deref(),
+        Some(&["stripe".to_string()][..])
+    );
+    assert!(main.namespaced);
+    assert!(
+        resources
+            .resources
+            .iter()
+            .any(|r| r.name == "stripekeypolicies/status")
+    );
     let created = api
         .create(&PostParams::default(), &policy("p1", valid_spec()))
         .await
