@@ -111,12 +111,15 @@ impl TestApiServer {
             addr,
             shutdown: shutdown_rx.clone(),
         });
-        let app = axum::Router::new().fallback({
-            let shared = shared.clone();
-            move |method, uri, headers, body| {
-                server::handle(shared.clone(), method, uri, headers, body)
-            }
-        });
+        let app = axum::Router::new()
+            .fallback({
+                let shared = shared.clone();
+                move |method, uri, headers, body| {
+                    server::handle(shared.clone(), method, uri, headers, body)
+                }
+            })
+            // The apiserver accepts request bodies up to 3 MiB.
+            .layer(axum::extract::DefaultBodyLimit::max(3 * 1024 * 1024));
         let mut rx = shutdown_rx.clone();
         let serve_task = tokio::spawn(async move {
             let _ = axum::serve(listener, app)
