@@ -938,3 +938,60 @@ async fn builtin_validation_rejects_bad_labels_keys_and_immutable_changes() {
     );
     assert!(s.message.contains("field is immutable"), "{}", s.message);
 }
+
+#[tokio::test]
+async fn statefulsets_and_daemonsets_roll_out_too() {
+    use k8s_openapi::api::apps::v1::{DaemonSet, StatefulSet};
+    let (server, client) = setup_with(ServerConfig {
+        rollout_delay: Duration::from_millis(50),
+        ..Default::default()
+    })
+    .await;
+    let template = json!({"metadata": {"labels": {"app": "w"}}, "spec": {"containers": [{"name": "c", "image": "i"}]}});
+    let sts: Api<StatefulSet> = Api::namespaced(client.clone(), "default");
+    let s: StatefulSet = serde_json::from_value(json!({"metadata": {"name": "db"},
+        "spec": {"replicas": 2, "serviceName": "db", "selector": {"matchLabels": {"app": "w"}}, "template": template}})).unwrap();
+    server.set_workload_stuck("default", "db", true);
+    sts.create(&PostParams::default(), &s).await.unwrap();
+    let stuck = eventually(5, "statefulset generation observed", || async {
+        sts.get("db")
+            .await
+            .unwrap()
+            .status
+            .filter(|st| st.observed_generation == Some(1))
+    })
+    .await;
+    assert_eq!(stuck.ready_replicas.unwrap_or(0), 0);
+    assert_ne!(
+        stuck.current_revision, stuck.update_revision,
+        "a stuck rollout has not reached the new revision"
+    );
+    server.set_workload_stuck("default", "db", false);
+    let done = eventually(5, "statefulset ready", || async {
+        sts.get("db")
+            .await
+            .unwrap()
+            .status
+            .filter(|st| st.ready_replicas == Some(2))
+    })
+    .await;
+    assert_eq!(done.current_revision, done.update_revision);
+
+    let ds: Api<DaemonSet> = Api::namespaced(client, "default");
+    let d: DaemonSet = serde_json::from_value(json!({"metadata": {"name": "agent"},
+        "spec": {"selector": {"matchLabels": {"app": "w"}}, "template": template}}))
+    .unwrap();
+    ds.create(&PostParams::default(), &d).await.unwrap();
+    let st = eventually(5, "daemonset ready", || async {
+        ds.get("agent")
+            .await
+            .unwrap()
+            .status
+            .filter(|st| st.number_ready == 1)
+    })
+    .await;
+    assert_eq!(
+        (st.desired_number_scheduled, st.observed_generation),
+        (1, Some(1))
+    );
+}

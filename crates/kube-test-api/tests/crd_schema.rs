@@ -437,3 +437,28 @@ fn pure_validate_runs_transition_rules_only_with_an_old_object() {
     // A version without a schema accepts anything.
     assert!(schema::validate(&crd, "v1beta1", &json!({"spec": {"whatever": 1}}), None).is_ok());
 }
+
+#[tokio::test]
+async fn custom_resources_can_be_watched_dynamically() {
+    use futures::StreamExt;
+    use kube::runtime::{WatchStreamExt, watcher};
+    let (_server, client) = setup().await;
+    let api = install(&client).await;
+    let mut names = watcher(api.clone(), watcher::Config::default())
+        .applied_objects()
+        .boxed();
+    api.create(&PostParams::default(), &policy("watched", valid_spec()))
+        .await
+        .unwrap();
+    let first = tokio::time::timeout(std::time::Duration::from_secs(5), names.next())
+        .await
+        .expect("an event arrives")
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.metadata.name.as_deref(), Some("watched"));
+    assert_eq!(
+        first.data["spec"]["replicas"],
+        json!(1),
+        "watch events carry the defaulted object"
+    );
+}
