@@ -217,6 +217,82 @@ fn api_groups(state: &State) -> Vec<Value> {
         .collect()
 }
 
+const AGGREGATED_MIME: &str =
+    "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList";
+
+fn accept_aggregated(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("as=APIGroupDiscoveryList") && a.contains("v=v2"))
+}
+
+fn aggregated_response(body: &Value) -> Response {
+    let mut r = json_response(200, body);
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(AGGREGATED_MIME),
+    );
+    r
+}
+
+/// Aggregated discovery (`apidiscovery.k8s.io/v2`) for the core group (`/api`) or the named
+/// groups (`/apis`).
+fn aggregated_discovery(state: &State, core: bool) -> Value {
+    let mut groups: Vec<(String, Vec<String>)> = Vec::new();
+    for t in state.types.values().filter(|t| t.group.is_empty() == core) {
+        match groups.iter_mut().find(|(g, _)| *g == t.group) {
+            Some((_, vs)) => {
+                for v in &t.versions {
+                    if !vs.contains(v) {
+                        vs.push(v.clone());
+                    }
+                }
+            }
+            None => groups.push((t.group.clone(), t.versions.clone())),
+        }
+    }
+    let items: Vec<Value> = groups
+        .into_iter()
+        .map(|(g, versions)| {
+            let versions: Vec<Value> = versions
+                .iter()
+                .map(|v| {
+                    let resources: Vec<Value> = state
+                        .types
+                        .values()
+                        .filter(|t| t.group == g && t.versions.contains(v))
+                        .map(|t| {
+                            let kind = json!({"group": t.group, "version": v, "kind": t.kind});
+                            let mut r = json!({
+                                "resource": t.plural,
+                                "responseKind": kind,
+                                "scope": if t.namespaced { "Namespaced" } else { "Cluster" },
+                                "singularResource": t.singular,
+                                "verbs": ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"],
+                            });
+                            if !t.short_names.is_empty() {
+                                r["shortNames"] = json!(t.short_names);
+                            }
+                            if !t.categories.is_empty() {
+                                r["categories"] = json!(t.categories);
+                            }
+                            if t.status {
+                                r["subresources"] = json!([{"subresource": "status", "responseKind": kind,
+                                    "verbs": ["get", "patch", "update"]}]);
+                            }
+                            r
+                        })
+                        .collect();
+                    json!({"version": v, "resources": resources, "freshness": "Current"})
+                })
+                .collect();
+            json!({"metadata": {"name": g}, "versions": versions})
+        })
+        .collect();
+    json!({"kind": "APIGroupDiscoveryList", "apiVersion": "apidiscovery.k8s.io/v2", "metadata": {}, "items": items})
+}
+
 fn accept_meta(headers: &HeaderMap) -> bool {
     headers
         .get(header::ACCEPT)
@@ -300,6 +376,14 @@ pub(crate) async fn handle(
             &json!({"major": "1", "minor": "33", "gitVersion": "v1.33.0-kube-test-api", "gitCommit": "", "gitTreeState": "clean",
                     "buildDate": "2025-01-01T00:00:00Z", "goVersion": "go1.24", "compiler": "gc", "platform": "linux/amd64"}),
         ),
+        Route::Api if accept_aggregated(&headers) => {
+            let st = shared.lock();
+            aggregated_response(&aggregated_discovery(&st, true))
+        }
+        Route::Apis if accept_aggregated(&headers) => {
+            let st = shared.lock();
+            aggregated_response(&aggregated_discovery(&st, false))
+        }
         Route::Api => json_response(
             200,
             &json!({"kind": "APIVersions", "versions": ["v1"],

@@ -71,6 +71,20 @@ async fn kube_discovery_finds_builtin_resources() {
             "{kind} in {group:?}"
         );
     }
+    let aggregated = Discovery::new(client.clone())
+        .run_aggregated()
+        .await
+        .expect("aggregated discovery runs");
+    let apps = aggregated
+        .get("apps")
+        .expect("apps group in aggregated discovery");
+    assert!(apps.recommended_kind("Deployment").is_some());
+    assert!(
+        aggregated
+            .get("")
+            .and_then(|g| g.recommended_kind("Secret"))
+            .is_some()
+    );
     let version = client.apiserver_version().await.unwrap();
     assert_eq!(version.major, "1");
 }
