@@ -94,7 +94,9 @@ fn rfc3339(t: DateTime<Utc>) -> String {
 }
 
 fn redacted(token: &str) -> String {
-    let prefix_len = token.find('_').and_then(|i| token[i + 1..].find('_').map(|j| i + j + 2));
+    let prefix_len = token
+        .find('_')
+        .and_then(|i| token[i + 1..].find('_').map(|j| i + j + 2));
     let prefix = prefix_len.map(|n| &token[..n]).unwrap_or("");
     let tail = &token[token.len().saturating_sub(4)..];
     format!("{prefix}...{tail}")
@@ -193,8 +195,23 @@ struct Handler<'a, 'c> {
 }
 
 impl Handler<'_, '_> {
-    fn err(&self, status: u16, t: &str, code: Option<&str>, msg: impl Into<String>, param: Option<&str>) -> Reply {
-        error_reply(status, t, code, msg, param, self.ctx.request_id, Some(self.acct.mode))
+    fn err(
+        &self,
+        status: u16,
+        t: &str,
+        code: Option<&str>,
+        msg: impl Into<String>,
+        param: Option<&str>,
+    ) -> Reply {
+        error_reply(
+            status,
+            t,
+            code,
+            msg,
+            param,
+            self.ctx.request_id,
+            Some(self.acct.mode),
+        )
     }
 
     fn invalid(&self, code: &str, msg: impl Into<String>, param: &str) -> Reply {
@@ -219,7 +236,11 @@ impl Handler<'_, '_> {
     }
 
     fn new_token(&self, key_type: &str) -> String {
-        let prefix = if key_type == "publishable_key" { "pk" } else { "rk" };
+        let prefix = if key_type == "publishable_key" {
+            "pk"
+        } else {
+            "rk"
+        };
         format!("{prefix}_{}_{}", self.mode_tag(), random_alnum(99))
     }
 
@@ -256,18 +277,30 @@ impl Handler<'_, '_> {
         match m.get(name) {
             None | Some(Value::Null) => Ok(None),
             Some(Value::String(s)) => Ok(Some(s.clone())),
-            Some(_) => Err(self.invalid("parameter_invalid", format!("{name} must be a string"), name)),
+            Some(_) => Err(self.invalid(
+                "parameter_invalid",
+                format!("{name} must be a string"),
+                name,
+            )),
         }
     }
 
-    fn permissions(&self, m: &Map<String, Value>, name: &str) -> Result<Option<Vec<String>>, Reply> {
+    fn permissions(
+        &self,
+        m: &Map<String, Value>,
+        name: &str,
+    ) -> Result<Option<Vec<String>>, Reply> {
         match m.get(name) {
             None | Some(Value::Null) => Ok(None),
             Some(Value::Array(items)) => {
                 let mut out = Vec::new();
                 for item in items {
                     let Some(p) = item.as_str() else {
-                        return Err(self.invalid("parameter_invalid", format!("{name} must be a list of strings"), name));
+                        return Err(self.invalid(
+                            "parameter_invalid",
+                            format!("{name} must be a list of strings"),
+                            name,
+                        ));
                     };
                     if !valid_permission(p) {
                         return Err(self.invalid(
@@ -282,7 +315,9 @@ impl Handler<'_, '_> {
                 }
                 Ok(Some(out))
             }
-            Some(_) => Err(self.invalid("parameter_invalid", format!("{name} must be a list"), name)),
+            Some(_) => {
+                Err(self.invalid("parameter_invalid", format!("{name} must be a list"), name))
+            }
         }
     }
 
@@ -335,12 +370,23 @@ impl Handler<'_, '_> {
     ) -> Result<SecretView, Reply> {
         match (self.acct.mode, pk) {
             (Mode::Live, Some((key, kid))) => {
-                match encrypt_compact(key, KeyWrapAlgorithm::RsaOaep256, token.as_bytes(), kid.as_deref()) {
+                match encrypt_compact(
+                    key,
+                    KeyWrapAlgorithm::RsaOaep256,
+                    token.as_bytes(),
+                    kid.as_deref(),
+                ) {
                     Ok(jwe) => Ok(SecretView::Encrypted {
                         jwe,
                         recipient_key_id: kid.clone(),
                     }),
-                    Err(_) => Err(self.err(500, "api_error", None, "Could not encrypt the secret.", None)),
+                    Err(_) => Err(self.err(
+                        500,
+                        "api_error",
+                        None,
+                        "Could not encrypt the secret.",
+                        None,
+                    )),
                 }
             }
             _ => Ok(SecretView::Stored),
@@ -370,14 +416,30 @@ impl Handler<'_, '_> {
         };
         if let Err(r) = self.only_params(
             &m,
-            &["type", "name", "note", "permissions", "connect_permissions", "expires_at", "public_key"],
+            &[
+                "type",
+                "name",
+                "note",
+                "permissions",
+                "connect_permissions",
+                "expires_at",
+                "public_key",
+            ],
         ) {
             return r;
         }
         let key_type = match m.get("type").and_then(Value::as_str) {
             Some(t @ ("secret_key" | "publishable_key")) => t.to_owned(),
-            Some(_) => return self.invalid("parameter_invalid", "type must be secret_key or publishable_key", "type"),
-            None => return self.invalid("parameter_missing", "Missing required param: type.", "type"),
+            Some(_) => {
+                return self.invalid(
+                    "parameter_invalid",
+                    "type must be secret_key or publishable_key",
+                    "type",
+                );
+            }
+            None => {
+                return self.invalid("parameter_missing", "Missing required param: type.", "type");
+            }
         };
         let (name, note) = match (self.opt_string(&m, "name"), self.opt_string(&m, "note")) {
             (Ok(n), Ok(o)) => (n, o),
@@ -396,8 +458,20 @@ impl Handler<'_, '_> {
             Ok(None) => None,
             Ok(Some(s)) => match DateTime::parse_from_rfc3339(&s) {
                 Ok(t) if t.with_timezone(&Utc) > self.ctx.now => Some(t.with_timezone(&Utc)),
-                Ok(_) => return self.invalid("parameter_invalid", "expires_at must be in the future", "expires_at"),
-                Err(_) => return self.invalid("parameter_invalid", "expires_at must be an RFC 3339 timestamp", "expires_at"),
+                Ok(_) => {
+                    return self.invalid(
+                        "parameter_invalid",
+                        "expires_at must be in the future",
+                        "expires_at",
+                    );
+                }
+                Err(_) => {
+                    return self.invalid(
+                        "parameter_invalid",
+                        "expires_at must be an RFC 3339 timestamp",
+                        "expires_at",
+                    );
+                }
             },
         };
         let pk = match self.public_key(&m, key_type == "secret_key") {
@@ -436,15 +510,31 @@ impl Handler<'_, '_> {
                 "include_expired" => match v.as_ref() {
                     "true" => include_expired = true,
                     "false" => include_expired = false,
-                    _ => return self.invalid("parameter_invalid", "include_expired must be true or false", "include_expired"),
+                    _ => {
+                        return self.invalid(
+                            "parameter_invalid",
+                            "include_expired must be true or false",
+                            "include_expired",
+                        );
+                    }
                 },
                 "limit" => match v.parse::<usize>() {
                     Ok(n) if (1..=100).contains(&n) => limit = n,
-                    _ => return self.invalid("parameter_invalid", "limit must be an integer between 1 and 100", "limit"),
+                    _ => {
+                        return self.invalid(
+                            "parameter_invalid",
+                            "limit must be an integer between 1 and 100",
+                            "limit",
+                        );
+                    }
                 },
                 "page" => after = Some(v.into_owned()),
                 other => {
-                    return self.invalid("parameter_unknown", format!("Received unknown parameter: {other}"), other);
+                    return self.invalid(
+                        "parameter_unknown",
+                        format!("Received unknown parameter: {other}"),
+                        other,
+                    );
                 }
             }
         }
@@ -454,12 +544,12 @@ impl Handler<'_, '_> {
         let all: Vec<&KeyRecord> = self.acct.keys.iter().rev().collect();
         let start = match &after {
             None => 0,
-            Some(token) => match decode_page_token(token)
-                .and_then(|id| all.iter().position(|k| k.id == id))
-            {
-                Some(i) => i + 1,
-                None => return self.invalid("parameter_invalid", "Invalid page token", "page"),
-            },
+            Some(token) => {
+                match decode_page_token(token).and_then(|id| all.iter().position(|k| k.id == id)) {
+                    Some(i) => i + 1,
+                    None => return self.invalid("parameter_invalid", "Invalid page token", "page"),
+                }
+            }
         };
         let visible: Vec<&KeyRecord> = all[start..]
             .iter()
@@ -500,7 +590,9 @@ impl Handler<'_, '_> {
             Ok(m) => m,
             Err(r) => return r,
         };
-        if let Err(r) = self.only_params(&m, &["name", "note", "permissions", "connect_permissions"]) {
+        if let Err(r) =
+            self.only_params(&m, &["name", "note", "permissions", "connect_permissions"])
+        {
             return r;
         }
         let name = match self.opt_string(&m, "name") {
@@ -570,7 +662,11 @@ impl Handler<'_, '_> {
         }
         let now = self.ctx.now;
         if self.acct.keys[i].is_expired(now) {
-            return self.invalid("api_key_expired", "An expired API key cannot be rotated.", "id");
+            return self.invalid(
+                "api_key_expired",
+                "An expired API key cannot be rotated.",
+                "id",
+            );
         }
         let minutes = match m.get("expire_current_key_in_minutes") {
             None | Some(Value::Null) => None,
@@ -634,7 +730,12 @@ impl Handler<'_, '_> {
             Ok(f) => f,
             Err(e) => return self.invalid("parameter_invalid", e, "body"),
         };
-        if let Err(r) = form.only(self, &["url", "api_version", "connect", "description"], &["enabled_events"], &["metadata"]) {
+        if let Err(r) = form.only(
+            self,
+            &["url", "api_version", "connect", "description"],
+            &["enabled_events"],
+            &["metadata"],
+        ) {
             return r;
         }
         let Some(url) = form.scalars.get("url") else {
@@ -643,9 +744,17 @@ impl Handler<'_, '_> {
         if let Err(r) = self.check_url(url) {
             return r;
         }
-        let events = form.arrays.get("enabled_events").cloned().unwrap_or_default();
+        let events = form
+            .arrays
+            .get("enabled_events")
+            .cloned()
+            .unwrap_or_default();
         if events.is_empty() {
-            return self.invalid("parameter_missing", "Missing required param: enabled_events.", "enabled_events");
+            return self.invalid(
+                "parameter_missing",
+                "Missing required param: enabled_events.",
+                "enabled_events",
+            );
         }
         if let Err(r) = self.check_events(&events) {
             return r;
@@ -663,7 +772,13 @@ impl Handler<'_, '_> {
             None => false,
             Some("true") => true,
             Some("false") => false,
-            Some(_) => return self.invalid("parameter_invalid", "connect must be true or false", "connect"),
+            Some(_) => {
+                return self.invalid(
+                    "parameter_invalid",
+                    "connect must be true or false",
+                    "connect",
+                );
+            }
         };
         let _ = connect;
         let secret = format!("whsec_{}", random_alnum(32));
@@ -672,11 +787,20 @@ impl Handler<'_, '_> {
             url: url.clone(),
             enabled_events: events,
             api_version: form.scalars.get("api_version").cloned(),
-            description: form.scalars.get("description").cloned().filter(|d| !d.is_empty()),
+            description: form
+                .scalars
+                .get("description")
+                .cloned()
+                .filter(|d| !d.is_empty()),
             metadata: form
                 .maps
                 .get("metadata")
-                .map(|m| m.iter().filter(|(_, v)| !v.is_empty()).map(|(k, v)| (k.clone(), v.clone())).collect())
+                .map(|m| {
+                    m.iter()
+                        .filter(|(_, v)| !v.is_empty())
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect()
+                })
                 .unwrap_or_default(),
             disabled: false,
             created: self.ctx.now.timestamp(),
@@ -693,7 +817,11 @@ impl Handler<'_, '_> {
     fn check_url(&self, url: &str) -> Result<(), Reply> {
         match url::Url::parse(url) {
             Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => Ok(()),
-            _ => Err(self.invalid("url_invalid", "Invalid URL: must be an absolute http(s) URL.", "url")),
+            _ => Err(self.invalid(
+                "url_invalid",
+                "Invalid URL: must be an absolute http(s) URL.",
+                "url",
+            )),
         }
     }
 
@@ -701,9 +829,15 @@ impl Handler<'_, '_> {
         for e in events {
             let ok = e == "*"
                 || (!e.is_empty()
-                    && e.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'_'));
+                    && e.bytes().all(|b| {
+                        b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'_'
+                    }));
             if !ok {
-                return Err(self.invalid("parameter_invalid", format!("Invalid event type {e:?}"), "enabled_events"));
+                return Err(self.invalid(
+                    "parameter_invalid",
+                    format!("Invalid event type {e:?}"),
+                    "enabled_events",
+                ));
             }
         }
         Ok(())
@@ -717,29 +851,56 @@ impl Handler<'_, '_> {
             match k.as_ref() {
                 "limit" => match v.parse::<usize>() {
                     Ok(n) if (1..=100).contains(&n) => limit = n,
-                    _ => return self.invalid("parameter_invalid", "limit must be an integer between 1 and 100", "limit"),
+                    _ => {
+                        return self.invalid(
+                            "parameter_invalid",
+                            "limit must be an integer between 1 and 100",
+                            "limit",
+                        );
+                    }
                 },
                 "starting_after" => starting_after = Some(v.into_owned()),
                 "ending_before" => ending_before = Some(v.into_owned()),
-                other => return self.invalid("parameter_unknown", format!("Received unknown parameter: {other}"), other),
+                other => {
+                    return self.invalid(
+                        "parameter_unknown",
+                        format!("Received unknown parameter: {other}"),
+                        other,
+                    );
+                }
             }
         }
         let all: Vec<&EndpointRecord> = self.acct.endpoints.iter().rev().collect();
         let position = |id: &str| all.iter().position(|e| e.id == id);
         let (page, has_more): (Vec<&EndpointRecord>, bool) = match (starting_after, ending_before) {
             (Some(_), Some(_)) => {
-                return self.invalid("parameter_invalid", "Use either starting_after or ending_before, not both.", "starting_after");
+                return self.invalid(
+                    "parameter_invalid",
+                    "Use either starting_after or ending_before, not both.",
+                    "starting_after",
+                );
             }
             (Some(after), None) => {
                 let Some(i) = position(&after) else {
-                    return self.invalid("resource_missing", format!("No such webhook endpoint: '{after}'"), "starting_after");
+                    return self.invalid(
+                        "resource_missing",
+                        format!("No such webhook endpoint: '{after}'"),
+                        "starting_after",
+                    );
                 };
                 let rest = &all[i + 1..];
-                (rest.iter().take(limit).copied().collect(), rest.len() > limit)
+                (
+                    rest.iter().take(limit).copied().collect(),
+                    rest.len() > limit,
+                )
             }
             (None, Some(before)) => {
                 let Some(i) = position(&before) else {
-                    return self.invalid("resource_missing", format!("No such webhook endpoint: '{before}'"), "ending_before");
+                    return self.invalid(
+                        "resource_missing",
+                        format!("No such webhook endpoint: '{before}'"),
+                        "ending_before",
+                    );
                 };
                 let head = &all[..i];
                 let from = head.len().saturating_sub(limit);
@@ -751,7 +912,9 @@ impl Handler<'_, '_> {
             .iter()
             .map(|e| render_endpoint(e, self.acct.mode, self.ctx.app_id, None))
             .collect();
-        Reply::ok(json!({ "object": "list", "data": data, "has_more": has_more, "url": "/v1/webhook_endpoints" }))
+        Reply::ok(
+            json!({ "object": "list", "data": data, "has_more": has_more, "url": "/v1/webhook_endpoints" }),
+        )
     }
 
     fn retrieve_endpoint(&self, id: &str) -> Reply {
@@ -769,7 +932,12 @@ impl Handler<'_, '_> {
             Ok(f) => f,
             Err(e) => return self.invalid("parameter_invalid", e, "body"),
         };
-        if let Err(r) = form.only(self, &["url", "description", "disabled"], &["enabled_events"], &["metadata"]) {
+        if let Err(r) = form.only(
+            self,
+            &["url", "description", "disabled"],
+            &["enabled_events"],
+            &["metadata"],
+        ) {
             return r;
         }
         if let Some(url) = form.scalars.get("url")
@@ -786,7 +954,13 @@ impl Handler<'_, '_> {
             None => None,
             Some("true") => Some(true),
             Some("false") => Some(false),
-            Some(_) => return self.invalid("parameter_invalid", "disabled must be true or false", "disabled"),
+            Some(_) => {
+                return self.invalid(
+                    "parameter_invalid",
+                    "disabled must be true or false",
+                    "disabled",
+                );
+            }
         };
         let e = &mut self.acct.endpoints[i];
         if let Some(url) = form.scalars.get("url") {
@@ -859,7 +1033,13 @@ impl Form {
         Ok(f)
     }
 
-    fn only(&self, h: &Handler<'_, '_>, scalars: &[&str], arrays: &[&str], maps: &[&str]) -> Result<(), Reply> {
+    fn only(
+        &self,
+        h: &Handler<'_, '_>,
+        scalars: &[&str],
+        arrays: &[&str],
+        maps: &[&str],
+    ) -> Result<(), Reply> {
         let unknown = self
             .scalars
             .keys()
@@ -867,7 +1047,11 @@ impl Form {
             .or_else(|| self.arrays.keys().find(|k| !arrays.contains(&k.as_str())))
             .or_else(|| self.maps.keys().find(|k| !maps.contains(&k.as_str())));
         match unknown {
-            Some(k) => Err(h.invalid("parameter_unknown", format!("Received unknown parameter: {k}"), k)),
+            Some(k) => Err(h.invalid(
+                "parameter_unknown",
+                format!("Received unknown parameter: {k}"),
+                k,
+            )),
             None => Ok(()),
         }
     }
@@ -891,9 +1075,7 @@ fn decode_page_token(token: &str) -> Option<String> {
 
 /// `<resource>_read` / `<resource>_write`, lower case.
 pub(crate) fn valid_permission(p: &str) -> bool {
-    let base = p
-        .strip_suffix("_read")
-        .or_else(|| p.strip_suffix("_write"));
+    let base = p.strip_suffix("_read").or_else(|| p.strip_suffix("_write"));
     matches!(base, Some(b) if !b.is_empty()
         && b.as_bytes()[0].is_ascii_lowercase()
         && b.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' as u8))
@@ -905,13 +1087,20 @@ pub(crate) fn grants(held: &[String], needed: &str) -> bool {
         return true;
     }
     match needed.strip_suffix("_read") {
-        Some(resource) => held.iter().any(|p| p.strip_suffix("_write") == Some(resource)),
+        Some(resource) => held
+            .iter()
+            .any(|p| p.strip_suffix("_write") == Some(resource)),
         None => false,
     }
 }
 
 /// Dispatches an authenticated app call for account `acct_index`.
-pub(crate) fn handle_app_call(state: &mut State, acct_index: usize, req: &ApiRequest<'_>, ctx: &Ctx<'_>) -> Reply {
+pub(crate) fn handle_app_call(
+    state: &mut State,
+    acct_index: usize,
+    req: &ApiRequest<'_>,
+    ctx: &Ctx<'_>,
+) -> Reply {
     let State {
         accounts, tokens, ..
     } = state;
@@ -992,7 +1181,18 @@ pub(crate) fn handle_scoped_call(
     let acct = &mut state.accounts[ai];
     let mode = acct.mode;
     let Some(key) = acct.keys.iter_mut().find(|k| k.id == key_id) else {
-        return (Some(ai), error_reply(401, "invalid_request_error", None, "Invalid API Key provided", None, ctx.request_id, Some(mode)));
+        return (
+            Some(ai),
+            error_reply(
+                401,
+                "invalid_request_error",
+                None,
+                "Invalid API Key provided",
+                None,
+                ctx.request_id,
+                Some(mode),
+            ),
+        );
     };
     if key.is_expired(now) {
         return (
@@ -1044,7 +1244,9 @@ pub(crate) fn handle_scoped_call(
     let livemode = mode == Mode::Live;
     let path = req.path.trim_end_matches('/');
     let body = match needed {
-        "balance_read" => json!({ "object": "balance", "available": [], "pending": [], "livemode": livemode }),
+        "balance_read" => {
+            json!({ "object": "balance", "available": [], "pending": [], "livemode": livemode })
+        }
         "refund_write" => json!({
             "id": format!("re_{}", random_alnum(24)),
             "object": "refund",
@@ -1075,7 +1277,14 @@ mod tests {
     fn permission_names_are_resource_read_or_write() {
         assert!(valid_permission("charge_read"));
         assert!(valid_permission("payment_intent_write"));
-        for bad in ["", "_read", "charge", "Charge_read", "charge_admin", "charge read"] {
+        for bad in [
+            "",
+            "_read",
+            "charge",
+            "Charge_read",
+            "charge_admin",
+            "charge read",
+        ] {
             assert!(!valid_permission(bad), "{bad}");
         }
     }
@@ -1087,13 +1296,19 @@ mod tests {
 
     #[test]
     fn page_tokens_round_trip() {
-        assert_eq!(decode_page_token(&encode_page_token("apikey_1")).as_deref(), Some("apikey_1"));
+        assert_eq!(
+            decode_page_token(&encode_page_token("apikey_1")).as_deref(),
+            Some("apikey_1")
+        );
         assert_eq!(decode_page_token("!!"), None);
     }
 
     #[test]
     fn form_parses_bracket_arrays_and_maps() {
-        let f = Form::parse(b"url=https%3A%2F%2Fx&enabled_events[]=a.b&enabled_events[1]=c&metadata[k]=v").unwrap();
+        let f = Form::parse(
+            b"url=https%3A%2F%2Fx&enabled_events[]=a.b&enabled_events[1]=c&metadata[k]=v",
+        )
+        .unwrap();
         assert_eq!(f.scalars["url"], "https://x");
         assert_eq!(f.arrays["enabled_events"], vec!["a.b", "c"]);
         assert_eq!(f.maps["metadata"]["k"], "v");

@@ -310,8 +310,10 @@ impl SimHandle {
             .iter()
             .find(|a| a.id == account)
             .ok_or_else(|| SimError::NotFound(format!("account {account}")))?;
-        Ok(StripeConfig::new(self.app_key().clone(), acct.id.clone(), acct.mode)
-            .with_api_base(self.base_url()))
+        Ok(
+            StripeConfig::new(self.app_key().clone(), acct.id.clone(), acct.mode)
+                .with_api_base(self.base_url()),
+        )
     }
 
     /// The simulator's clock.
@@ -437,7 +439,10 @@ pub async fn run_cli(args: SimArgs) -> anyhow::Result<()> {
     }
     let handle = Simulator::start(config).await?;
     println!("Stripe API simulator listening on {}", handle.base_url());
-    println!("  control API: {}/_sim/ (no auth, loopback only)", handle.base_url());
+    println!(
+        "  control API: {}/_sim/ (no auth, loopback only)",
+        handle.base_url()
+    );
     for key in handle.app_keys() {
         if generated_key {
             println!(

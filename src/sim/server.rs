@@ -19,9 +19,14 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tower::ServiceExt as _;
 
-use super::api::{ApiRequest, Ctx, Reply, error_reply, handle_app_call, handle_scoped_call, scope_route, unrecognized};
-use super::state::{FaultKind, FaultRule, FaultSpec, RequestLogEntry, SavedResponse, SimState, State, random_alnum};
 use super::SimError;
+use super::api::{
+    ApiRequest, Ctx, Reply, error_reply, handle_app_call, handle_scoped_call, scope_route,
+    unrecognized,
+};
+use super::state::{
+    FaultKind, FaultRule, FaultSpec, RequestLogEntry, SavedResponse, SimState, State, random_alnum,
+};
 use crate::secret::SecretString;
 use crate::stripe::config::Mode;
 
@@ -103,7 +108,15 @@ impl Answer {
 
 fn fingerprint(method: &str, path: &str, query: &str, body: &[u8]) -> [u8; 32] {
     let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
-    for part in [method.as_bytes(), b"\0", path.as_bytes(), b"\0", query.as_bytes(), b"\0", body] {
+    for part in [
+        method.as_bytes(),
+        b"\0",
+        path.as_bytes(),
+        b"\0",
+        query.as_bytes(),
+        b"\0",
+        body,
+    ] {
         ctx.update(part);
     }
     let mut out = [0u8; 32];
@@ -184,19 +197,31 @@ async fn api(
     let mut drop_after_commit = false;
     match fault {
         Some(FaultKind::RateLimited { retry_after_secs }) => {
-            let answer = Answer::from_reply(rate_limited(&request_id, None, retry_after_secs), &request_id);
+            let answer = Answer::from_reply(
+                rate_limited(&request_id, None, retry_after_secs),
+                &request_id,
+            );
             entry.status = Some(answer.status);
             finish(entry);
             return answer.into_response();
         }
-        Some(FaultKind::ServerError { saved: false, should_retry }) => {
-            let answer = Answer::from_reply(server_error(&request_id, None, should_retry), &request_id);
+        Some(FaultKind::ServerError {
+            saved: false,
+            should_retry,
+        }) => {
+            let answer =
+                Answer::from_reply(server_error(&request_id, None, should_retry), &request_id);
             entry.status = Some(answer.status);
             finish(entry);
             return answer.into_response();
         }
-        Some(FaultKind::ServerError { saved: true, should_retry }) => saved_500 = Some(should_retry),
-        Some(FaultKind::Latency { millis }) => tokio::time::sleep(Duration::from_millis(millis)).await,
+        Some(FaultKind::ServerError {
+            saved: true,
+            should_retry,
+        }) => saved_500 = Some(should_retry),
+        Some(FaultKind::Latency { millis }) => {
+            tokio::time::sleep(Duration::from_millis(millis)).await
+        }
         Some(FaultKind::Hang) => {
             finish(entry);
             tokio::time::sleep(shared.hang).await;
@@ -222,12 +247,18 @@ async fn api(
             now,
         };
         if let Some(needed) = scope_route(&m, &path) {
-            let ai = bearer.as_deref().and_then(|t| st.tokens.get(t)).map(|(ai, _)| *ai);
+            let ai = bearer
+                .as_deref()
+                .and_then(|t| st.tokens.get(t))
+                .map(|(ai, _)| *ai);
             if let Some(ai) = ai
                 && st.accounts[ai].bucket.try_acquire(Instant::now()).is_err()
             {
                 entry.account = Some(st.accounts[ai].id.clone());
-                Answer::from_reply(rate_limited(&request_id, Some(st.accounts[ai].mode), Some(1)), &request_id)
+                Answer::from_reply(
+                    rate_limited(&request_id, Some(st.accounts[ai].mode), Some(1)),
+                    &request_id,
+                )
             } else {
                 let (ai, reply) = handle_scoped_call(st, bearer.as_deref(), needed, &req, &ctx);
                 entry.account = ai.map(|ai| st.accounts[ai].id.clone());
@@ -238,33 +269,59 @@ async fn api(
             let ai = context.as_deref().and_then(|c| st.account_index(c));
             match (bearer.as_deref(), authed, ai) {
                 (None, _, _) => Answer::from_reply(
-                    error_reply(401, "invalid_request_error", None,
+                    error_reply(
+                        401,
+                        "invalid_request_error",
+                        None,
                         "You did not provide an API key. Provide your API key in the Authorization header, using the Bearer auth scheme.",
-                        None, &request_id, None),
+                        None,
+                        &request_id,
+                        None,
+                    ),
                     &request_id,
                 ),
                 (Some(_), false, _) => Answer::from_reply(
-                    error_reply(401, "invalid_request_error", None,
+                    error_reply(
+                        401,
+                        "invalid_request_error",
+                        None,
                         "Invalid API Key provided: the key is not one of this simulator's app keys.",
-                        None, &request_id, None),
+                        None,
+                        &request_id,
+                        None,
+                    ),
                     &request_id,
                 ),
                 (Some(_), true, None) => Answer::from_reply(
-                    error_reply(401, "invalid_request_error", None,
-                        format!("The app is not installed on the account named by Stripe-Context ({}).",
-                            context.as_deref().unwrap_or("missing")),
-                        None, &request_id, None),
+                    error_reply(
+                        401,
+                        "invalid_request_error",
+                        None,
+                        format!(
+                            "The app is not installed on the account named by Stripe-Context ({}).",
+                            context.as_deref().unwrap_or("missing")
+                        ),
+                        None,
+                        &request_id,
+                        None,
+                    ),
                     &request_id,
                 ),
                 (Some(_), true, Some(ai)) => {
                     entry.account = Some(st.accounts[ai].id.clone());
                     let mode = st.accounts[ai].mode;
                     if st.accounts[ai].bucket.try_acquire(Instant::now()).is_err() {
-                        Answer::from_reply(rate_limited(&request_id, Some(mode), Some(1)), &request_id)
+                        Answer::from_reply(
+                            rate_limited(&request_id, Some(mode), Some(1)),
+                            &request_id,
+                        )
                     } else {
                         let idem_key = if m == "POST" { idem.clone() } else { None };
                         let fp = fingerprint(&m, &path, &query, &body);
-                        let saved = idem_key.as_ref().and_then(|k| st.accounts[ai].idempotency.get(k)).cloned();
+                        let saved = idem_key
+                            .as_ref()
+                            .and_then(|k| st.accounts[ai].idempotency.get(k))
+                            .cloned();
                         match saved {
                             Some(saved) if saved.fingerprint == fp => Answer {
                                 status: saved.status,
@@ -274,26 +331,40 @@ async fn api(
                                 replayed: true,
                             },
                             Some(_) => Answer::from_reply(
-                                error_reply(400, "idempotency_error", None,
-                                    format!("Keys for idempotent requests can only be used with the same parameters they were first used with. Try using a key other than '{}' if you meant to execute a different request.",
-                                        idem_key.as_deref().unwrap_or_default()),
-                                    None, &request_id, Some(mode)),
+                                error_reply(
+                                    400,
+                                    "idempotency_error",
+                                    None,
+                                    format!(
+                                        "Keys for idempotent requests can only be used with the same parameters they were first used with. Try using a key other than '{}' if you meant to execute a different request.",
+                                        idem_key.as_deref().unwrap_or_default()
+                                    ),
+                                    None,
+                                    &request_id,
+                                    Some(mode),
+                                ),
                                 &request_id,
                             ),
                             None => {
                                 let reply = match saved_500 {
-                                    Some(should_retry) => server_error(&request_id, Some(mode), should_retry),
+                                    Some(should_retry) => {
+                                        server_error(&request_id, Some(mode), should_retry)
+                                    }
                                     None => handle_app_call(st, ai, &req, &ctx),
                                 };
                                 let answer = Answer::from_reply(reply, &request_id);
-                                let executed = (200..300).contains(&answer.status) || answer.status >= 500;
+                                let executed =
+                                    (200..300).contains(&answer.status) || answer.status >= 500;
                                 if let (Some(k), true) = (idem_key, executed) {
-                                    st.accounts[ai].idempotency.insert(k, SavedResponse {
-                                        fingerprint: fp,
-                                        status: answer.status,
-                                        body: answer.body.clone(),
-                                        request_id: request_id.clone(),
-                                    });
+                                    st.accounts[ai].idempotency.insert(
+                                        k,
+                                        SavedResponse {
+                                            fingerprint: fp,
+                                            status: answer.status,
+                                            body: answer.body.clone(),
+                                            request_id: request_id.clone(),
+                                        },
+                                    );
                                 }
                                 answer
                             }
@@ -365,7 +436,11 @@ fn sim_error(e: SimError) -> Response {
         SimError::NotFound(_) => StatusCode::NOT_FOUND,
         _ => StatusCode::BAD_REQUEST,
     };
-    (status, Json(json!({ "error": { "message": e.to_string() } }))).into_response()
+    (
+        status,
+        Json(json!({ "error": { "message": e.to_string() } })),
+    )
+        .into_response()
 }
 
 pub(crate) async fn deliver(
@@ -379,11 +454,19 @@ pub(crate) async fn deliver(
         let (acct, ep) = st
             .accounts
             .iter()
-            .find_map(|a| a.endpoints.iter().find(|e| e.id == endpoint_id).map(|e| (a, e)))
+            .find_map(|a| {
+                a.endpoints
+                    .iter()
+                    .find(|e| e.id == endpoint_id)
+                    .map(|e| (a, e))
+            })
             .ok_or_else(|| SimError::NotFound(format!("webhook endpoint {endpoint_id}")))?;
         (
             ep.url.clone(),
-            ep.valid_secrets(now).into_iter().map(SecretString::new).collect::<Vec<_>>(),
+            ep.valid_secrets(now)
+                .into_iter()
+                .map(SecretString::new)
+                .collect::<Vec<_>>(),
             acct.mode == Mode::Live,
             ep.api_version.clone(),
             ep.enabled_events.clone(),
@@ -405,9 +488,13 @@ pub(crate) async fn deliver(
         return Ok(not_sent("the endpoint is disabled"));
     }
     if !enabled.iter().any(|e| e == "*" || *e == req.event_type) {
-        return Ok(not_sent("the endpoint does not subscribe to this event type"));
+        return Ok(not_sent(
+            "the endpoint does not subscribe to this event type",
+        ));
     }
-    let timestamp = req.timestamp.unwrap_or_else(|| chrono::Utc::now().timestamp());
+    let timestamp = req
+        .timestamp
+        .unwrap_or_else(|| chrono::Utc::now().timestamp());
     let event = json!({
         "id": event_id,
         "object": "event",
@@ -426,7 +513,10 @@ pub(crate) async fn deliver(
         .post(&url)
         .header("content-type", "application/json; charset=utf-8")
         .header("stripe-signature", signature)
-        .header("user-agent", "Stripe/1.0 (+https://stripe.com/docs/webhooks)")
+        .header(
+            "user-agent",
+            "Stripe/1.0 (+https://stripe.com/docs/webhooks)",
+        )
         .body(payload)
         .send()
         .await;
@@ -445,7 +535,11 @@ pub(crate) async fn deliver(
     })
 }
 
-pub(crate) fn roll_secret(shared: &Shared, endpoint_id: &str, overlap: Duration) -> Result<SecretString, SimError> {
+pub(crate) fn roll_secret(
+    shared: &Shared,
+    endpoint_id: &str,
+    overlap: Duration,
+) -> Result<SecretString, SimError> {
     let mut st = shared.lock();
     let now = st.clock.now();
     let ep = st
@@ -551,7 +645,11 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
 
 /// Accepts connections until `shutdown` flips; closes connections whose response carries
 /// [`DropConnection`].
-pub(crate) async fn serve(listener: TcpListener, router: Router, mut shutdown: watch::Receiver<bool>) {
+pub(crate) async fn serve(
+    listener: TcpListener,
+    router: Router,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let mut conns = JoinSet::new();
     loop {
         tokio::select! {

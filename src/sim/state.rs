@@ -458,7 +458,12 @@ impl State {
                             key_type: k.key_type.clone(),
                             name: k.name.clone(),
                             note: k.note.clone(),
-                            status: if k.is_expired(now) { "expired" } else { "active" }.into(),
+                            status: if k.is_expired(now) {
+                                "expired"
+                            } else {
+                                "active"
+                            }
+                            .into(),
                             permissions: k.permissions.clone(),
                             connect_permissions: k.connect_permissions.clone(),
                             created: k.created,
