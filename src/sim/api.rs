@@ -1078,7 +1078,7 @@ pub(crate) fn valid_permission(p: &str) -> bool {
     let base = p.strip_suffix("_read").or_else(|| p.strip_suffix("_write"));
     matches!(base, Some(b) if !b.is_empty()
         && b.as_bytes()[0].is_ascii_lowercase()
-        && b.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' as u8))
+        && b.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'_'))
 }
 
 /// Whether `held` grants `needed` (`x_write` implies `x_read`).

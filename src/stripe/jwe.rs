@@ -455,7 +455,8 @@ mod tests {
     fn malformed_inputs_are_rejected_with_clear_errors() {
         let p = pair();
         let good = valid_jwe();
-        let cases: Vec<(String, fn(&JweError) -> bool)> = vec![
+        type Check = fn(&JweError) -> bool;
+        let cases: Vec<(String, Check)> = vec![
             (String::new(), |e| matches!(e, JweError::Malformed(_))),
             ("a.b.c.d".into(), |e| matches!(e, JweError::Malformed(_))),
             ("a.b.c.d.e.f".into(), |e| {
