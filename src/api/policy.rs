@@ -225,6 +225,12 @@ pub struct RotationState {
     /// When the rollout targets had all rolled onto the new key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rolled_out_at: Option<Time>,
+    /// The permissions being minted, sorted (a replay of the mint sends exactly these).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub permissions: Vec<String>,
+    /// The Connect permissions being minted, sorted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub connect_permissions: Vec<String>,
 }
 
 /// Observed state of a StripeKeyPolicy.

@@ -1,11 +1,27 @@
 //! The operator process: configuration, startup checks, leader election, endpoints and the
 //! controllers.
 
+pub mod accounts;
+pub mod clock;
+pub mod error;
+pub mod keypolicy;
+
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{ObjectReference, Secret};
+use kube::ResourceExt;
 use kube::api::{Api, ListParams};
+use kube::runtime::controller::Controller;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
 use tokio_util::sync::CancellationToken;
+
+use crate::stripe::CallObserver;
+use crate::vault::{MemoryStore, SecretStore, StorePrefix};
 
 use crate::api::{StripeAccount, StripeGuardrail, StripeKeyPolicy, StripeWebhookEndpoint};
 use crate::http::Health;
@@ -104,6 +120,184 @@ pub struct RunConfig {
     pub vault_prefix: String,
 }
 
+/// Tunables of the controllers.
+#[derive(Clone, Debug)]
+pub struct ControllerConfig {
+    /// The operator's own namespace.
+    pub operator_namespace: String,
+    /// The store prefix: bundles live at `<prefix>/<namespace>/<kind>/<name>`.
+    pub store_prefix: StorePrefix,
+    /// Timeout of one Stripe HTTP attempt (`None`: the client's default).
+    pub stripe_timeout: Option<Duration>,
+    /// Requeue delay after a failed reconcile.
+    pub error_backoff: Duration,
+    /// How long a rollout target may hold the old key before the rotation goes on without it.
+    pub rollout_ceiling: Duration,
+    /// How often a rollout in progress is checked.
+    pub rollout_poll: Duration,
+    /// Requeue of a settled object (drift checks).
+    pub resync: Duration,
+}
+
+impl ControllerConfig {
+    /// Production defaults.
+    pub fn new(operator_namespace: impl Into<String>, store_prefix: StorePrefix) -> Self {
+        Self {
+            operator_namespace: operator_namespace.into(),
+            store_prefix,
+            stripe_timeout: None,
+            error_backoff: Duration::from_secs(15),
+            rollout_ceiling: Duration::from_secs(3600),
+            rollout_poll: Duration::from_secs(5),
+            resync: Duration::from_secs(600),
+        }
+    }
+}
+
+/// What every reconcile shares.
+pub struct Context {
+    pub client: kube::Client,
+    pub store: Arc<dyn SecretStore>,
+    pub accounts: accounts::Accounts,
+    pub metrics: Metrics,
+    pub clock: Arc<dyn clock::Clock>,
+    pub config: ControllerConfig,
+    /// Sees every Stripe HTTP attempt (metrics and the audit log).
+    pub stripe_observer: Option<Arc<dyn CallObserver>>,
+    recorder: Recorder,
+}
+
+impl Context {
+    pub fn new(
+        client: kube::Client,
+        store: Arc<dyn SecretStore>,
+        metrics: Metrics,
+        clock: Arc<dyn clock::Clock>,
+        config: ControllerConfig,
+        stripe_observer: Option<Arc<dyn CallObserver>>,
+    ) -> Self {
+        let reporter = Reporter {
+            controller: crate::api::MANAGED_BY.into(),
+            instance: std::env::var("POD_NAME").ok(),
+        };
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            store,
+            accounts: accounts::Accounts::default(),
+            metrics,
+            clock,
+            config,
+            stripe_observer,
+        }
+    }
+
+    /// Every StripeGuardrail in the cluster.
+    pub async fn guardrails(&self) -> Result<Vec<crate::api::StripeGuardrail>, kube::Error> {
+        let api: Api<crate::api::StripeGuardrail> = Api::all(self.client.clone());
+        Ok(api.list(&ListParams::default()).await?.items)
+    }
+
+    /// Records an Event for people (`kubectl describe`). A failure is logged, never fatal.
+    /// `note` must hold ids and fingerprints only, never a secret.
+    pub async fn publish_event(
+        &self,
+        reference: &ObjectReference,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: String,
+    ) {
+        let event = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: action.into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&event, reference).await {
+            tracing::warn!(error = %e, reason, "could not record an Event");
+        }
+    }
+}
+
+/// Runs every controller until `shutdown` fires.
+pub async fn run_controllers(
+    ctx: Arc<Context>,
+    namespaces: &[String],
+    shutdown: CancellationToken,
+) {
+    let scopes: Vec<Option<String>> = if namespaces.is_empty() {
+        vec![None]
+    } else {
+        namespaces.iter().cloned().map(Some).collect()
+    };
+    let mut tasks = Vec::new();
+    for ns in scopes {
+        let ctx = ctx.clone();
+        let shutdown = shutdown.clone();
+        tasks.push(tokio::spawn(async move {
+            run_key_policy_controller(ctx, ns, shutdown).await
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+}
+
+/// The StripeKeyPolicy controller for one namespace (or all).
+pub async fn run_key_policy_controller(
+    ctx: Arc<Context>,
+    namespace: Option<String>,
+    shutdown: CancellationToken,
+) {
+    let client = ctx.client.clone();
+    let (policies, secrets): (Api<crate::api::StripeKeyPolicy>, Api<Secret>) = match &namespace {
+        Some(ns) => (
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+        ),
+        None => (Api::all(client.clone()), Api::all(client.clone())),
+    };
+    let owned = watcher::Config::default().labels(&format!(
+        "{}={},{}=StripeKeyPolicy",
+        crate::api::MANAGED_BY_LABEL,
+        crate::api::MANAGED_BY,
+        crate::inject::OWNER_KIND_LABEL
+    ));
+    let controller = Controller::new(policies, watcher::Config::default()).owns(secrets, owned);
+    let store = controller.store();
+    let by_account = store.clone();
+    let all = store.clone();
+    controller
+        .watches(
+            Api::<crate::api::StripeAccount>::all(client.clone()),
+            watcher::Config::default(),
+            move |account| {
+                by_account
+                    .state()
+                    .into_iter()
+                    .filter(|p| p.spec.account_ref.name == account.name_any())
+                    .map(|p| ObjectRef::from_obj(&*p))
+                    .collect::<Vec<_>>()
+            },
+        )
+        .watches(
+            Api::<crate::api::StripeGuardrail>::all(client),
+            watcher::Config::default(),
+            move |_| {
+                all.state()
+                    .into_iter()
+                    .map(|p| ObjectRef::from_obj(&*p))
+                    .collect::<Vec<_>>()
+            },
+        )
+        .graceful_shutdown_on(async move { shutdown.cancelled().await })
+        .run(keypolicy::reconcile, keypolicy::error_policy, ctx)
+        .for_each(|_| futures::future::ready(()))
+        .await;
+}
+
 /// Startup and runtime errors of the process.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -129,6 +323,8 @@ pub enum RunError {
     },
     #[error(transparent)]
     Leader(#[from] crate::leader::LeaderError),
+    #[error("secret store: {0}")]
+    Store(#[from] crate::vault::StoreError),
 }
 
 /// Lists one object through each `Api` to prove the CRD of `kind` is served. 404: not installed.
@@ -263,12 +459,36 @@ pub async fn run_with_client(
         None
     };
     metrics.leader.set(1);
+    let store = match build_store(&config, &client).await {
+        Ok(s) => s,
+        Err(e) => {
+            if let Some(l) = leadership {
+                l.release().await;
+            }
+            shutdown.cancel();
+            return Err(e);
+        }
+    };
+    let prefix = StorePrefix::new(&config.vault_prefix)?;
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        store,
+        metrics.clone(),
+        Arc::new(clock::SystemClock),
+        ControllerConfig::new(&config.namespace, prefix),
+        None,
+    ));
     health.set_ready(true);
     let lost = leadership.as_ref().map(|l| l.lost()).unwrap_or_default();
+    let controllers_stop = CancellationToken::new();
+    let stop = controllers_stop.clone();
+    let controllers = tokio::spawn(async move { run_controllers(ctx, &namespaces, stop).await });
     tokio::select! {
         _ = shutdown.cancelled() => tracing::info!("shutting down"),
         _ = lost.cancelled() => tracing::error!("lost leadership; stopping so that a restart rejoins the election"),
     }
+    controllers_stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(20), controllers).await;
     health.set_ready(false);
     metrics.leader.set(0);
     if let Some(l) = leadership {
@@ -279,6 +499,60 @@ pub async fn run_with_client(
     Ok(())
 }
 
+/// Builds the secret store the flags choose.
+pub async fn build_store(
+    config: &RunConfig,
+    client: &kube::Client,
+) -> Result<Arc<dyn SecretStore>, RunError> {
+    use crate::vault::{KubeSecretStore, VaultAuth, VaultConfig, VaultStore};
+    Ok(match config.store {
+        StoreKind::Memory => {
+            tracing::warn!(
+                "the in-memory store loses every key on restart: use it only for the sandbox and tests"
+            );
+            Arc::new(MemoryStore::default())
+        }
+        StoreKind::Kubernetes => {
+            Arc::new(KubeSecretStore::new(client.clone(), &config.namespace, 10))
+        }
+        StoreKind::Vault => {
+            let auth = match config.vault_auth {
+                VaultAuthMethod::Kubernetes => VaultAuth::Kubernetes {
+                    mount: config
+                        .vault_auth_mount
+                        .clone()
+                        .unwrap_or_else(|| "kubernetes".into()),
+                    role: config.vault_role.clone(),
+                    token_file: config.vault_k8s_token_file.clone(),
+                },
+                VaultAuthMethod::Approle => VaultAuth::AppRole {
+                    mount: config
+                        .vault_auth_mount
+                        .clone()
+                        .unwrap_or_else(|| "approle".into()),
+                    role_id: config.vault_role.clone(),
+                    secret_id_file: config.vault_secret_id_file.clone().unwrap_or_default(),
+                },
+                VaultAuthMethod::Token => {
+                    let token = std::env::var("VAULT_TOKEN").map_err(|_| {
+                        RunError::Store(crate::vault::StoreError::Config(
+                            "--vault-auth=token needs the VAULT_TOKEN environment variable".into(),
+                        ))
+                    })?;
+                    VaultAuth::Token(crate::secret::SecretString::new(token))
+                }
+            };
+            let mut vc = VaultConfig::new(config.vault_addr.clone(), auth);
+            vc.kv_mount = config.vault_mount.clone();
+            vc.ca_cert_file = config.vault_ca_cert.clone();
+            let store = Arc::new(VaultStore::new(vc)?);
+            store.login().await?;
+            let _renewer = store.spawn_token_renewer();
+            store
+        }
+    })
+}
+
 fn default_identity() -> String {
     std::env::var("HOSTNAME")
         .unwrap_or_else(|_| format!("stripe-key-operator-{}", std::process::id()))
@@ -287,7 +561,10 @@ fn default_identity() -> String {
 /// `stripe-key-operator run`.
 pub async fn run(config: RunConfig) -> Result<(), RunError> {
     install_crypto_provider();
-    crate::telemetry::init(config.log_format, "info,kube=warn,hyper=warn,tower=warn,vaultrs=off,rustify=off");
+    crate::telemetry::init(
+        config.log_format,
+        "info,kube=warn,hyper=warn,tower=warn,vaultrs=off,rustify=off",
+    );
     let client = kube::Client::try_default()
         .await
         .map_err(|e| RunError::Config(e.to_string()))?;

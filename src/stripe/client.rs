@@ -274,14 +274,17 @@ impl StripeClient {
             ));
         }
         let mut path = "/v2/iam/api_keys".to_owned();
-        let mut q = url::form_urlencoded::Serializer::new(String::new());
-        if let Some(i) = params.include_expired {
-            q.append_pair("include_expired", if i { "true" } else { "false" });
-        }
-        if let Some(l) = params.limit {
-            q.append_pair("limit", &l.to_string());
-        }
-        let q = q.finish();
+        // Built in a block: the serializer is not Send and must not live across the await.
+        let q = {
+            let mut q = url::form_urlencoded::Serializer::new(String::new());
+            if let Some(i) = params.include_expired {
+                q.append_pair("include_expired", if i { "true" } else { "false" });
+            }
+            if let Some(l) = params.limit {
+                q.append_pair("limit", &l.to_string());
+            }
+            q.finish()
+        };
         if !q.is_empty() {
             path.push('?');
             path.push_str(&q);
@@ -425,17 +428,20 @@ impl StripeClient {
                 "limit must be between 1 and 100".into(),
             ));
         }
-        let mut q = url::form_urlencoded::Serializer::new(String::new());
-        if let Some(l) = params.limit {
-            q.append_pair("limit", &l.to_string());
-        }
-        if let Some(s) = &params.starting_after {
-            q.append_pair("starting_after", s);
-        }
-        if let Some(e) = &params.ending_before {
-            q.append_pair("ending_before", e);
-        }
-        let q = q.finish();
+        // Built in a block: the serializer is not Send and must not live across the await.
+        let q = {
+            let mut q = url::form_urlencoded::Serializer::new(String::new());
+            if let Some(l) = params.limit {
+                q.append_pair("limit", &l.to_string());
+            }
+            if let Some(s) = &params.starting_after {
+                q.append_pair("starting_after", s);
+            }
+            if let Some(e) = &params.ending_before {
+                q.append_pair("ending_before", e);
+            }
+            q.finish()
+        };
         let path = if q.is_empty() {
             "/v1/webhook_endpoints".to_owned()
         } else {

@@ -18,6 +18,7 @@ pub mod jwe;
 pub mod ratelimit;
 pub mod retry;
 pub mod types;
+pub mod verify;
 
 pub use client::{ApiResponse, CallObserver, CallRecord, Paged, StripeClient, idempotency_key};
 pub use config::{Mode, StripeConfig};

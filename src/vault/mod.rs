@@ -75,6 +75,21 @@ pub trait SecretStore: Send + Sync + std::fmt::Debug {
     /// Checks that the store is reachable, unsealed and that the operator can authenticate.
     async fn health(&self) -> Result<StoreHealth, StoreError>;
 
+    /// Reads one field of a KV secret that an administrator put at `path` (relative to the
+    /// mount) — a Stripe App key or an encryption key named by a cluster-scoped StripeAccount.
+    /// Only the Vault backend supports it; `Ok(None)` when the path or the field is absent.
+    async fn read_external_field(
+        &self,
+        path: &str,
+        _field: &str,
+    ) -> Result<Option<crate::secret::SecretString>, StoreError> {
+        Err(StoreError::Config(format!(
+            "the {} secret store cannot read the Vault path {path:?}; run with --store=vault or \
+             name the Stripe App key with credentials.secretRef",
+            self.backend()
+        )))
+    }
+
     /// Writes a credential bundle in one write, with check-and-set; returns the new version.
     async fn write_bundle(
         &self,

@@ -757,6 +757,41 @@ impl SecretStore for VaultStore {
         .await
     }
 
+    async fn read_external_field(
+        &self,
+        path: &str,
+        field: &str,
+    ) -> Result<Option<crate::secret::SecretString>, StoreError> {
+        if path.is_empty()
+            || path.starts_with('/')
+            || path.split('/').any(|s| s.is_empty() || s == "..")
+        {
+            return Err(StoreError::Config(format!(
+                "{path:?} is not a relative KV path"
+            )));
+        }
+        let mount = self.config.kv_mount.as_str();
+        self.run(|client| async move {
+            let endpoint = ReadSecretRequest::builder()
+                .mount(mount)
+                .path(path)
+                .build()
+                .map_err(|e| StoreError::Config(format!("building a read request: {e}")))?;
+            let response = match vaultrs::api::exec_with_result(client.as_ref(), endpoint).await {
+                Ok(r) => r,
+                Err(err) if Self::is_not_found(&err) => return Ok(None),
+                Err(ClientError::ResponseDataEmptyError) => return Ok(None),
+                Err(err) => return Err(self.classify(err, OP_READ, path)),
+            };
+            Ok(response
+                .data
+                .get(field)
+                .and_then(|v| v.as_str())
+                .map(|v| crate::secret::SecretString::new(v.trim())))
+        })
+        .await
+    }
+
     async fn read_record(
         &self,
         path: &StorePath,

@@ -1,0 +1,209 @@
+//! From a `StripeAccount` to a ready Stripe client: the app key, the rate limiter shared by every
+//! reconcile of the account, and (live mode) the RSA key pair that decrypts new secrets.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::ResourceExt;
+use kube::api::Api;
+use tokio::sync::Mutex;
+
+use super::Context;
+use super::error::ReconcileError;
+use crate::api::{Mode, StripeAccount};
+use crate::secret::SecretString;
+use crate::stripe::{JweKeyPair, StripeClient, StripeConfig};
+use crate::vault::{AccountKey, Cas, StorePath};
+
+/// A resolved account.
+#[derive(Clone)]
+pub struct AccountHandle {
+    /// The client (clones share the account's rate limiter).
+    pub client: StripeClient,
+    /// Test or live.
+    pub mode: Mode,
+    /// The key pair live-mode secrets are encrypted to (live mode only).
+    pub keys: Option<Arc<JweKeyPair>>,
+}
+
+#[derive(Clone, PartialEq, Eq)]
+struct CacheKey {
+    uid: String,
+    generation: Option<i64>,
+    app_key_fingerprint: String,
+}
+
+/// Resolved accounts, cached until the account or its app key changes.
+#[derive(Default)]
+pub struct Accounts {
+    cache: Mutex<HashMap<String, (CacheKey, AccountHandle)>>,
+}
+
+impl std::fmt::Debug for Accounts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Accounts")
+    }
+}
+
+fn missing(message: String) -> ReconcileError {
+    ReconcileError::Account {
+        reason: "AccountCredentialsMissing",
+        message,
+    }
+}
+
+impl Accounts {
+    /// The client for `account`, building it when the account or its app key changed.
+    pub async fn resolve(
+        &self,
+        ctx: &Context,
+        account: &StripeAccount,
+    ) -> Result<AccountHandle, ReconcileError> {
+        let name = account.name_any();
+        let app_key = load_app_key(ctx, account).await?;
+        let key = CacheKey {
+            uid: account.uid().unwrap_or_default(),
+            generation: account.metadata.generation,
+            app_key_fingerprint: app_key.fingerprint(),
+        };
+        let mut cache = self.cache.lock().await;
+        if let Some((cached_key, handle)) = cache.get(&name)
+            && *cached_key == key
+        {
+            return Ok(handle.clone());
+        }
+        let spec = &account.spec;
+        let mode = match spec.mode {
+            Mode::Test => crate::stripe::Mode::Test,
+            Mode::Live => crate::stripe::Mode::Live,
+        };
+        let mut config = StripeConfig::new(app_key, spec.context.clone(), mode)
+            .with_api_base(spec.api_base.clone());
+        config.api_version = spec.api_version.clone();
+        config.requests_per_second = f64::from(spec.effective_requests_per_second());
+        if let Some(timeout) = ctx.config.stripe_timeout {
+            config.timeout = timeout;
+        }
+        let mut client = StripeClient::new(config)?;
+        if let Some(observer) = ctx.stripe_observer.clone() {
+            client = client.with_observer(observer);
+        }
+        let keys = match spec.mode {
+            Mode::Live => Some(Arc::new(load_or_create_key_pair(ctx, account).await?)),
+            Mode::Test => None,
+        };
+        let handle = AccountHandle {
+            client,
+            mode: spec.mode,
+            keys,
+        };
+        cache.insert(name, (key, handle.clone()));
+        Ok(handle)
+    }
+}
+
+async fn load_app_key(
+    ctx: &Context,
+    account: &StripeAccount,
+) -> Result<SecretString, ReconcileError> {
+    let creds = &account.spec.credentials;
+    if let Some(r) = &creds.secret_ref {
+        let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.config.operator_namespace);
+        let secret = api.get_opt(&r.name).await?.ok_or_else(|| {
+            missing(format!(
+                "StripeAccount {}: Secret {}/{} with the Stripe App's secret key does not exist",
+                account.name_any(),
+                ctx.config.operator_namespace,
+                r.name
+            ))
+        })?;
+        let value = secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get(&r.key))
+            .and_then(|b| String::from_utf8(b.0.clone()).ok())
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| {
+                missing(format!(
+                    "StripeAccount {}: Secret {}/{} has no key {:?}",
+                    account.name_any(),
+                    ctx.config.operator_namespace,
+                    r.name,
+                    r.key
+                ))
+            })?;
+        return Ok(SecretString::new(value));
+    }
+    if let Some(v) = &creds.vault {
+        return ctx
+            .store
+            .read_external_field(&v.path, &v.key)
+            .await?
+            .ok_or_else(|| {
+                missing(format!(
+                    "StripeAccount {}: no key {:?} at Vault path {:?}",
+                    account.name_any(),
+                    v.key,
+                    v.path
+                ))
+            });
+    }
+    Err(missing(format!(
+        "StripeAccount {} names no credentials",
+        account.name_any()
+    )))
+}
+
+/// Reads the account's RSA key pair, generating and storing one (create-only) when absent.
+async fn load_or_create_key_pair(
+    ctx: &Context,
+    account: &StripeAccount,
+) -> Result<JweKeyPair, ReconcileError> {
+    let bad = |e: crate::stripe::JweError| ReconcileError::Account {
+        reason: "EncryptionKeyInvalid",
+        message: format!(
+            "StripeAccount {}: the live-mode decryption key is unusable: {e}",
+            account.name_any()
+        ),
+    };
+    if let Some(src) = &account.spec.encryption_key {
+        let pem = ctx
+            .store
+            .read_external_field(&src.vault.path, &src.vault.key)
+            .await?
+            .ok_or_else(|| {
+                missing(format!(
+                    "StripeAccount {}: no encryption key at Vault path {:?}",
+                    account.name_any(),
+                    src.vault.path
+                ))
+            })?;
+        return JweKeyPair::from_pkcs8_pem(&pem).map_err(bad);
+    }
+    let path = StorePath::account_key(&ctx.config.store_prefix, &account.name_any())?;
+    for _ in 0..3 {
+        if let Some(found) = ctx.store.read_account_key(&path).await? {
+            return JweKeyPair::from_pkcs8_pem(&found.value.private_key_pem).map_err(bad);
+        }
+        let pair = JweKeyPair::generate().map_err(bad)?;
+        let key = AccountKey {
+            account: account.name_any(),
+            private_key_pem: pair.to_pkcs8_pem().map_err(bad)?,
+        };
+        match ctx.store.write_account_key(&path, &key, Cas::Absent).await {
+            Ok(_) => return Ok(pair),
+            // Another writer stored one first: use theirs.
+            Err(e) if e.is_conflict() => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(ReconcileError::Account {
+        reason: "EncryptionKeyConflict",
+        message: format!(
+            "StripeAccount {}: could not settle the decryption key",
+            account.name_any()
+        ),
+    })
+}
