@@ -11,6 +11,7 @@ pub mod leader;
 pub mod metrics;
 pub mod rotation;
 pub mod rules;
+pub mod sandbox;
 pub mod secret;
 pub mod sim;
 pub mod stripe;

@@ -31,6 +31,8 @@ pub enum ReconcileError {
     Finalizer(String),
     #[error("serialization: {0}")]
     Serde(#[from] serde_json::Error),
+    #[error("simulated crash after {0} (test hook)")]
+    Crash(String),
 }
 
 impl ReconcileError {
@@ -56,6 +58,7 @@ impl ReconcileError {
             ReconcileError::SecretNotOwned { .. } => "SecretNotOwned".into(),
             ReconcileError::Finalizer(_) => "FinalizerFailed".into(),
             ReconcileError::Serde(_) => "SerializationFailed".into(),
+            ReconcileError::Crash(_) => "SimulatedCrash".into(),
         }
     }
 }

@@ -739,7 +739,10 @@ async fn store(run: &mut Run<'_>, handle: &AccountHandle) -> Result<StepOutcome,
         };
         let cas = Cas::after_read(existing.as_ref().map(|b| b.version));
         match run.ctx.store.write_bundle(&path, &bundle, cas).await {
-            Ok(_) => break,
+            Ok(_) => {
+                run.ctx.crash_point("stored")?;
+                break;
+            }
             Err(e) if e.is_conflict() && attempt < 2 => continue,
             Err(e) => return Err(e.into()),
         }
@@ -835,6 +838,7 @@ async fn sync_secret(run: &Run<'_>) -> Result<bool, ReconcileError> {
 
 async fn sync_secret_step(run: &mut Run<'_>) -> Result<StepOutcome, ReconcileError> {
     sync_secret(run).await?;
+    run.ctx.crash_point("synced")?;
     let mut status = run.status();
     let mut rotation = rotation_of(&status);
     rotation.phase = RotationPhase::RollingOut;
@@ -1054,6 +1058,7 @@ async fn expire_previous(
     let mut rotation = rotation_of(&status);
     if let Some(previous) = status.previous_key.clone() {
         expire_key(run, handle, &previous.id, rotation.number).await?;
+        run.ctx.crash_point("expired")?;
         run.event(
             if rotation.trigger == RotationTrigger::Incident {
                 EventType::Warning

@@ -137,6 +137,39 @@ pub struct ControllerConfig {
     pub rollout_poll: Duration,
     /// Requeue of a settled object (drift checks).
     pub resync: Duration,
+    /// Test hook: makes the controller stop right after a named side effect, as a crash would.
+    pub crash_hook: Option<Arc<CrashHook>>,
+}
+
+/// A test hook that simulates a crash right after a side effect and before its status write.
+/// Points: `minted`, `stored`, `synced`, `rolled`, `expired`.
+#[derive(Debug, Default)]
+pub struct CrashHook {
+    at: std::sync::Mutex<Option<String>>,
+    hits: std::sync::atomic::AtomicU32,
+}
+
+impl CrashHook {
+    /// Arms the hook for one `point`.
+    pub fn arm(&self, point: &str) {
+        *self.at.lock().unwrap_or_else(|e| e.into_inner()) = Some(point.to_string());
+    }
+
+    /// How many times the hook fired.
+    pub fn hits(&self) -> u32 {
+        self.hits.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Fails (once) when armed for `point`.
+    pub fn check(&self, point: &str) -> Result<(), error::ReconcileError> {
+        let mut at = self.at.lock().unwrap_or_else(|e| e.into_inner());
+        if at.as_deref() == Some(point) {
+            *at = None;
+            self.hits.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            return Err(error::ReconcileError::Crash(point.to_string()));
+        }
+        Ok(())
+    }
 }
 
 impl ControllerConfig {
@@ -150,6 +183,7 @@ impl ControllerConfig {
             rollout_ceiling: Duration::from_secs(3600),
             rollout_poll: Duration::from_secs(5),
             resync: Duration::from_secs(600),
+            crash_hook: None,
         }
     }
 }
@@ -189,6 +223,14 @@ impl Context {
             clock,
             config,
             stripe_observer,
+        }
+    }
+
+    /// Runs the crash hook, if any, at `point`.
+    pub fn crash_point(&self, point: &str) -> Result<(), error::ReconcileError> {
+        match &self.config.crash_hook {
+            Some(hook) => hook.check(point),
+            None => Ok(()),
         }
     }
 

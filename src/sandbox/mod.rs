@@ -1,0 +1,3 @@
+//! `stripe-key-operator sandbox`: the operator's whole job on one machine, no cluster needed.
+
+pub mod env;
