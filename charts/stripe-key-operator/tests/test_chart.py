@@ -121,9 +121,12 @@ def test_the_required_value_sets_exist():
     assert REQUIRED_VALUE_SETS <= set(VALUE_SETS), sorted(VALUE_SETS)
 
 
+@pytest.mark.parametrize("version", K8S_VERSIONS)
 @pytest.mark.parametrize("name", sorted(VALUE_SETS))
-def test_strict_helm_lint_reports_no_warning(name):
-    report = helm.lint(str(CHART), load_values(name), strict=True, namespace=NAMESPACE)
+def test_strict_helm_lint_reports_no_warning(name, version):
+    report = helm.lint(
+        str(CHART), load_values(name), strict=True, namespace=NAMESPACE, kube_version=f"v{version}"
+    )
     problems = [m for m in report["messages"] if m["severity"] >= 2]
     assert report["total_charts_linted"] == 1
     assert not report["errors"] and not problems, report
