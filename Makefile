@@ -10,7 +10,7 @@ export PATH := $(TOOLS_BIN):$(PATH)
 
 test: tools
 	cargo test --workspace
-	.ci/cache/venv/bin/python -m pytest charts/stripe-key-operator/tests -q
+	PYTHONDONTWRITEBYTECODE=1 .ci/cache/venv/bin/python -m pytest -p no:cacheprovider charts/stripe-key-operator/tests -q
 
 tools:
 	@bash .ci/install-tools.sh
