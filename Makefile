@@ -21,6 +21,7 @@ lint:
 
 crds:
 	cargo run --quiet -- crdgen > crds/stripekeys.io.yaml
+	cp crds/stripekeys.io.yaml charts/stripe-key-operator/crds/stripekeys.io.yaml
 
 sandbox:
 	cargo run --quiet -- sandbox
