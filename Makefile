@@ -10,6 +10,7 @@ export PATH := $(TOOLS_BIN):$(PATH)
 
 test: tools
 	cargo test --workspace
+	PYTHONDONTWRITEBYTECODE=1 .ci/cache/venv/bin/python -m pytest -p no:cacheprovider charts/stripe-key-operator/tests -q
 
 tools:
 	@bash .ci/install-tools.sh
@@ -20,6 +21,7 @@ lint:
 
 crds:
 	cargo run --quiet -- crdgen > crds/stripekeys.io.yaml
+	cp crds/stripekeys.io.yaml charts/stripe-key-operator/crds/stripekeys.io.yaml
 
 sandbox:
 	cargo run --quiet -- sandbox

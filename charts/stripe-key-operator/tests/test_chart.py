@@ -1,0 +1,668 @@
+"""Tests of the stripe-key-operator Helm chart, run by `make test` after `cargo test`.
+
+They lint the chart with Helm's own linter (helm-python-sdk, Helm v4 SDK), render it with the
+defaults and every values file in tests/values/, validate each rendered object with
+kubernetes-validate --strict for Kubernetes 1.29 and the newest version it knows, read the
+RBAC objects to prove least privilege, and prove that values.schema.json refuses bad values
+(check-jsonschema and Helm's own schema validation).
+
+Every tool is imported or looked up at module level: a missing tool fails the run, it never
+skips a test.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import helm_python as helm  # a missing package fails collection, loudly
+import kubernetes_validate
+import pytest
+import yaml
+
+CHART = Path(__file__).resolve().parent.parent
+REPO = CHART.parent.parent
+VALUES_DIR = CHART / "tests" / "values"
+BAD_VALUES_DIR = CHART / "tests" / "bad-values"
+RELEASE = "sko"
+NAMESPACE = "stripe-key-operator"
+FULLNAME = f"{RELEASE}-stripe-key-operator"
+
+# check-jsonschema and kubernetes-validate are console scripts next to this interpreter (the
+# venv of .ci/install-tools.sh); fall back to PATH, and fail when neither has them.
+BIN = Path(sys.executable).parent
+
+
+def tool(name: str) -> str:
+    local = BIN / name
+    if local.exists():
+        return str(local)
+    found = shutil.which(name)
+    if not found:
+        pytest.fail(f"{name} is not installed: run `bash .ci/install-tools.sh` (or `make tools`)")
+    return found
+
+
+OLDEST_K8S = "1.29.0"
+NEWEST_K8S = kubernetes_validate.utils.latest_version()
+K8S_VERSIONS = [OLDEST_K8S, NEWEST_K8S]
+
+# Kinds without an upstream schema in kubernetes-validate: skipped explicitly, by name.
+NO_UPSTREAM_SCHEMA = {("monitoring.coreos.com/v1", "ServiceMonitor")}
+
+VALUE_SETS: dict[str, Path | None] = {"defaults": None}
+VALUE_SETS.update({p.stem: p for p in sorted(VALUES_DIR.glob("*.yaml"))})
+BAD_VALUES = sorted(BAD_VALUES_DIR.glob("*.yaml"))
+
+REQUIRED_VALUE_SETS = {
+    "namespaced",
+    "vault-kubernetes-auth",
+    "kubernetes-store",
+    "servicemonitor",
+}
+
+
+def load_values(name: str) -> dict | None:
+    path = VALUE_SETS[name]
+    return yaml.safe_load(path.read_text()) if path else None
+
+
+def render(values: dict | None) -> dict[str, str]:
+    with helm.Chart.load(str(CHART)) as chart:
+        return chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+
+
+def objects_of(manifests: dict[str, str]) -> list[dict]:
+    out = []
+    for path, text in manifests.items():
+        if path.endswith("NOTES.txt"):
+            continue
+        out.extend(doc for doc in yaml.safe_load_all(text) if doc)
+    return out
+
+
+_RENDERED: dict[str, list[dict]] = {}
+
+
+def rendered(name: str) -> list[dict]:
+    if name not in _RENDERED:
+        _RENDERED[name] = objects_of(render(load_values(name)))
+    return _RENDERED[name]
+
+
+def notes(name: str) -> str:
+    return render(load_values(name))[f"{CHART.name}/templates/NOTES.txt"]
+
+
+def one(objs: list[dict], kind: str, name: str | None = None) -> dict:
+    found = [o for o in objs if o["kind"] == kind and (name is None or o["metadata"]["name"] == name)]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
+    return found[0]
+
+
+def container(objs: list[dict]) -> dict:
+    return one(objs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+
+
+def env_of(objs: list[dict]) -> dict[str, dict]:
+    return {e["name"]: e for e in container(objs).get("env", [])}
+
+
+# ---------------------------------------------------------------------------------------------
+# Lint, render, Kubernetes schemas
+# ---------------------------------------------------------------------------------------------
+
+
+def test_the_required_value_sets_exist():
+    assert REQUIRED_VALUE_SETS <= set(VALUE_SETS), sorted(VALUE_SETS)
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+@pytest.mark.parametrize("name", sorted(VALUE_SETS))
+def test_strict_helm_lint_reports_no_warning(name, version):
+    report = helm.lint(
+        str(CHART), load_values(name), strict=True, namespace=NAMESPACE, kube_version=f"v{version}"
+    )
+    problems = [m for m in report["messages"] if m["severity"] >= 2]
+    assert report["total_charts_linted"] == 1
+    assert not report["errors"] and not problems, report
+
+
+@pytest.mark.parametrize("name", sorted(VALUE_SETS))
+def test_rendered_objects_pass_kubernetes_validate_strict(name, tmp_path):
+    objs = rendered(name)
+    assert objs, "the chart rendered nothing"
+    known = [o for o in objs if (o["apiVersion"], o["kind"]) not in NO_UPSTREAM_SCHEMA]
+    skipped = [o for o in objs if (o["apiVersion"], o["kind"]) in NO_UPSTREAM_SCHEMA]
+    if skipped:
+        print(f"skipped (no upstream schema): {[o['kind'] for o in skipped]}")
+    manifest = tmp_path / f"{name}.yaml"
+    manifest.write_text(yaml.safe_dump_all(known))
+    args = [tool("kubernetes-validate"), "--strict"]
+    for v in K8S_VERSIONS:
+        args += ["-k", v]
+    proc = subprocess.run([*args, str(manifest)], capture_output=True, text=True)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    # kubernetes-validate only warns (exit 0) when it has no schema for a kind: any WARN means
+    # an object was not validated, which this test does not accept for upstream kinds.
+    assert "WARN" not in out and "ERROR" not in out, out
+    passed = [line for line in out.splitlines() if line.startswith("INFO") and " passed " in line]
+    assert len(passed) == len(known) * len(K8S_VERSIONS), out
+
+
+def test_kubernetes_validate_rejects_an_unknown_field():
+    """The validator used above is strict: it refuses a field Kubernetes does not know."""
+    deployment = json.loads(json.dumps(one(rendered("defaults"), "Deployment")))
+    deployment["spec"]["template"]["spec"]["containers"][0]["securityContxt"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, OLDEST_K8S, strict=True)
+
+
+def test_chart_crds_are_byte_identical_to_the_generated_crds():
+    assert (CHART / "crds" / "stripekeys.io.yaml").read_bytes() == (
+        REPO / "crds" / "stripekeys.io.yaml"
+    ).read_bytes(), "copy crds/stripekeys.io.yaml into charts/stripe-key-operator/crds/"
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_chart_crds_pass_kubernetes_validate_strict(version):
+    crds = [d for d in yaml.safe_load_all((CHART / "crds" / "stripekeys.io.yaml").read_text()) if d]
+    assert {c["spec"]["names"]["kind"] for c in crds} == {
+        "StripeAccount",
+        "StripeGuardrail",
+        "StripeKeyPolicy",
+        "StripeWebhookEndpoint",
+    }
+    for crd in crds:
+        kubernetes_validate.validate(crd, version, strict=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The Deployment
+# ---------------------------------------------------------------------------------------------
+
+
+def test_deployment_runs_two_hardened_replicas_with_probes():
+    objs = rendered("defaults")
+    dep = one(objs, "Deployment")
+    pod = dep["spec"]["template"]["spec"]
+    c = container(objs)
+    assert dep["spec"]["replicas"] == 2
+    assert pod["automountServiceAccountToken"] is True
+    assert pod["serviceAccountName"] == one(objs, "ServiceAccount")["metadata"]["name"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == 65532
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    sc = c["securityContext"]
+    assert sc["runAsNonRoot"] is True and sc["runAsUser"] == 65532
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"] == {"drop": ["ALL"]}
+    assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http-metrics"}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http-metrics"}
+    assert c["resources"]["requests"] and c["resources"]["limits"]["memory"]
+    assert c["args"] == ["run"]
+    env = env_of(objs)
+    assert env["POD_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert env["POD_NAMESPACE"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    assert env["LEADER_ELECT"]["value"] == "true"
+    assert env["WATCH_NAMESPACES"]["value"] == ""
+
+
+def test_image_tag_defaults_to_app_version_and_a_digest_wins():
+    app_version = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
+    assert container(rendered("defaults"))["image"].endswith(f":{app_version}")
+    pinned = container(rendered("webhook-and-scheduling"))["image"]
+    assert re.fullmatch(r"registry\.example\.com/sko@sha256:[0-9a-f]{64}", pinned), pinned
+
+
+def run_config_env_vars() -> set[str]:
+    """Every `env = "..."` of `RunConfig` in src/controller/mod.rs: the flags of `run`."""
+    src = (REPO / "src" / "controller" / "mod.rs").read_text()
+    body = src[src.index("pub struct RunConfig") :]
+    body = body[: body.index("\n}\n")]
+    names = set(re.findall(r'env\s*=\s*"([A-Z0-9_]+)"', body))
+    assert len(names) >= 15, f"could not parse RunConfig: {names}"
+    return names
+
+
+def test_every_run_flag_is_reachable_from_values():
+    seen: set[str] = set()
+    for name in VALUE_SETS:
+        seen |= set(env_of(rendered(name)))
+    missing = run_config_env_vars() - seen
+    assert not missing, f"flags of `run` that no values set reaches: {sorted(missing)}"
+
+
+def test_vault_values_reach_the_operator():
+    objs = rendered("vault-kubernetes-auth")
+    env = {k: v.get("value") for k, v in env_of(objs).items()}
+    assert env["VAULT_ADDR"] == "https://vault.example.internal:8200"
+    assert env["VAULT_AUTH"] == "kubernetes"
+    assert env["VAULT_AUTH_MOUNT"] == "k8s-prod"
+    assert env["VAULT_ROLE"] == "stripe-key-operator-prod"
+    assert env["VAULT_MOUNT"] == "kv" and env["VAULT_PREFIX"] == "payments/stripe"
+    assert env["LOG_FORMAT"] == "text" and env["RUST_LOG"] == "debug,kube=info"
+    assert env["HTTP_ADDR"] == "0.0.0.0:9090"
+    assert env["LEASE_NAME"] == "sko-leader"
+    pod = one(objs, "Deployment")["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+    assert volumes["vault-ca"]["configMap"] == {"name": "vault-ca", "items": [{"key": "ca.pem", "path": "ca.crt"}]}
+    assert env["VAULT_CACERT"] == f"{mounts['vault-ca']}/ca.crt"
+    token = volumes["vault-token"]["projected"]["sources"][0]["serviceAccountToken"]
+    assert token == {"audience": "vault", "expirationSeconds": 1800, "path": "token"}
+    assert env["VAULT_K8S_TOKEN_FILE"] == f"{mounts['vault-token']}/token"
+
+
+def test_approle_secret_id_is_a_file_and_the_token_never_a_literal():
+    approle = rendered("vault-approle")
+    env = env_of(approle)
+    pod = one(approle, "Deployment")["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+    assert volumes["vault-approle"]["secret"]["secretName"] == "vault-approle"
+    assert env["VAULT_SECRET_ID_FILE"]["value"] == f"{mounts['vault-approle']}/secret-id"
+    assert volumes["vault-ca"]["secret"]["secretName"] == "vault-tls"
+    token = env_of(rendered("vault-token"))["VAULT_TOKEN"]
+    assert "value" not in token
+    assert token["valueFrom"] == {"secretKeyRef": {"name": "vault-dev-token", "key": "token"}}
+
+
+def test_embedded_stores_drop_every_vault_setting():
+    for name in ("kubernetes-store", "memory-sandbox"):
+        env = env_of(rendered(name))
+        assert env["STORE"]["value"] == name.split("-")[0]
+        assert not [k for k in env if k.startswith("VAULT_")], name
+        policy = one(rendered(name), "NetworkPolicy")
+        ports = {p["port"] for rule in policy["spec"]["egress"] for p in rule.get("ports", [])}
+        assert 8200 not in ports, "no Vault egress without Vault"
+
+
+def test_memory_store_is_refused_without_sandbox_and_warned_with_it():
+    with pytest.raises(helm.HelmError, match="sandbox"):
+        render({"store": "memory"})
+    assert "WARNING: store: memory" in notes("memory-sandbox")
+    assert "WARNING" not in notes("defaults")
+
+
+def test_template_checks_refuse_unsafe_combinations():
+    with pytest.raises(helm.HelmError, match="leader election"):
+        render({"leaderElection": {"enabled": False}})
+    with pytest.raises(helm.HelmError, match="secretIdSecret"):
+        render({"vault": {"auth": {"method": "approle"}}})
+    with pytest.raises(helm.HelmError, match="not both"):
+        render({"vault": {"caCert": {"configMap": {"name": "a"}, "secret": {"name": "b"}}}})
+
+
+def test_labels_and_annotations_reach_every_object_and_the_pods():
+    objs = rendered("servicemonitor")
+    for o in objs:
+        meta = o["metadata"]
+        assert meta["labels"]["team"] == "payments", o["kind"]
+        assert meta.get("annotations", {}).get("owner") == "payments-platform", o["kind"]
+    template = one(objs, "Deployment")["spec"]["template"]["metadata"]
+    assert template["labels"]["sidecar.istio.io/inject"] == "false"
+    assert template["annotations"]["example.com/scrape"] == "true"
+    assert template["annotations"]["owner"] == "payments-platform"
+
+
+def test_scheduling_values_reach_the_pod():
+    pod = one(rendered("webhook-and-scheduling"), "Deployment")["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"kubernetes.io/os": "linux"}
+    assert pod["tolerations"][0]["key"] == "dedicated"
+    assert "nodeAffinity" in pod["affinity"] and "podAntiAffinity" not in pod["affinity"]
+    spread = pod["topologySpreadConstraints"][0]
+    assert spread["labelSelector"]["matchLabels"]["app.kubernetes.io/instance"] == RELEASE
+    assert pod["priorityClassName"] == "system-cluster-critical"
+    assert pod["imagePullSecrets"] == [{"name": "regcred"}]
+    default_pod = one(rendered("defaults"), "Deployment")["spec"]["template"]["spec"]
+    assert "podAntiAffinity" in default_pod["affinity"], "replicas spread over nodes by default"
+
+
+def test_servicemonitor_scrapes_the_metrics_service_port():
+    objs = rendered("servicemonitor")
+    sm = one(objs, "ServiceMonitor")
+    svc = one(objs, "Service", f"{FULLNAME}-metrics")
+    assert sm["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    endpoint = sm["spec"]["endpoints"][0]
+    assert endpoint["interval"] == "15s" and endpoint["scrapeTimeout"] == "5s"
+    assert endpoint["port"] in {p["name"] for p in svc["spec"]["ports"]}
+    assert all(svc["metadata"]["labels"].get(k) == v for k, v in sm["spec"]["selector"]["matchLabels"].items())
+    assert not [o for o in rendered("defaults") if o["kind"] == "ServiceMonitor"]
+
+
+def test_pod_disruption_budget_never_blocks_on_an_unhealthy_replica():
+    pdb = one(rendered("defaults"), "PodDisruptionBudget")
+    assert pdb["spec"]["maxUnavailable"] == 1
+    assert pdb["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+    labels = one(rendered("defaults"), "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert all(labels[k] == v for k, v in pdb["spec"]["selector"]["matchLabels"].items())
+
+
+# ---------------------------------------------------------------------------------------------
+# NetworkPolicy
+# ---------------------------------------------------------------------------------------------
+
+
+def test_network_policy_admits_only_the_metrics_and_webhook_ports():
+    default = one(rendered("defaults"), "NetworkPolicy")["spec"]
+    assert default["policyTypes"] == ["Ingress", "Egress"]
+    ingress_ports = [p["port"] for rule in default["ingress"] for p in rule["ports"]]
+    assert ingress_ports == ["http-metrics"]
+    webhook = one(rendered("webhook-and-scheduling"), "NetworkPolicy")["spec"]
+    ingress_ports = sorted(p["port"] for rule in webhook["ingress"] for p in rule["ports"])
+    assert ingress_ports == ["http-metrics", "https-webhook"]
+    metrics_rule = webhook["ingress"][0]
+    assert metrics_rule["from"][0]["namespaceSelector"]["matchLabels"] == {
+        "kubernetes.io/metadata.name": "monitoring"
+    }
+    container_ports = {p["name"] for p in container(rendered("webhook-and-scheduling"))["ports"]}
+    assert set(ingress_ports) <= container_ports
+
+
+def test_network_policy_egress_is_dns_api_vault_and_stripe_only():
+    egress = one(rendered("defaults"), "NetworkPolicy")["spec"]["egress"]
+    ports = sorted({(p["port"], p["protocol"]) for rule in egress for p in rule["ports"]})
+    assert ports == [(53, "TCP"), (53, "UDP"), (443, "TCP"), (6443, "TCP"), (8200, "TCP")]
+    vault = [r for r in egress if any(p["port"] == 8200 for p in r["ports"])][0]
+    assert vault["to"][0]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "vault"}
+    custom = one(rendered("webhook-and-scheduling"), "NetworkPolicy")["spec"]["egress"]
+    cidrs = [peer["ipBlock"]["cidr"] for r in custom for peer in r.get("to", []) if "ipBlock" in peer]
+    assert "10.0.0.1/32" in cidrs and "10.1.2.3/32" in cidrs
+
+
+# ---------------------------------------------------------------------------------------------
+# RBAC
+# ---------------------------------------------------------------------------------------------
+
+RBAC_KINDS = {"ClusterRole", "Role"}
+SECRET_WRITE = {"create", "patch", "update", "delete"}
+
+
+def roles(objs: list[dict]) -> list[dict]:
+    return [o for o in objs if o["kind"] in RBAC_KINDS]
+
+
+def bound_roles(objs: list[dict]) -> list[dict]:
+    """Roles bound to the operator's ServiceAccount (binding and role checked together)."""
+    sa = one(objs, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"]
+    out = []
+    for b in (o for o in objs if o["kind"] in {"ClusterRoleBinding", "RoleBinding"}):
+        assert b["subjects"] == [{"kind": "ServiceAccount", "name": sa, "namespace": NAMESPACE}]
+        ref = b["roleRef"]
+        role = one(
+            [r for r in roles(objs) if r["metadata"].get("namespace") == b["metadata"].get("namespace")],
+            ref["kind"],
+            ref["name"],
+        )
+        out.append(role)
+    assert len(out) == len(roles(objs)), "every role is bound, once"
+    return out
+
+
+def allows(role: dict, group: str, resource: str, verb: str, name: str | None = None) -> bool:
+    for rule in role["rules"]:
+        if group in rule["apiGroups"] and resource in rule["resources"] and verb in rule["verbs"]:
+            names = rule.get("resourceNames")
+            if not names or (name is not None and name in names):
+                return True
+    return False
+
+
+def granted(objs: list[dict], group: str, resource: str, verb: str, namespace: str | None, name: str | None = None) -> bool:
+    """Whether the operator may `verb` `resource` in `namespace` (None: cluster-wide)."""
+    for role in bound_roles(objs):
+        if role["kind"] == "ClusterRole" or role["metadata"]["namespace"] == namespace:
+            if allows(role, group, resource, verb, name):
+                return True
+    return False
+
+
+# What the operator does, per scope (from the controllers, the store, the leader elector).
+NAMESPACED_KIND_RULES = [
+    ("stripekeys.io", "stripekeypolicies", ["get", "list", "watch", "patch", "update"]),
+    ("stripekeys.io", "stripewebhookendpoints", ["get", "list", "watch", "patch", "update"]),
+    ("stripekeys.io", "stripekeypolicies/status", ["get", "patch", "update"]),
+    ("stripekeys.io", "stripewebhookendpoints/status", ["get", "patch", "update"]),
+    ("stripekeys.io", "stripekeypolicies/finalizers", ["update"]),
+    ("stripekeys.io", "stripewebhookendpoints/finalizers", ["update"]),
+    ("", "secrets", ["get", "list", "watch", "create", "patch", "update", "delete"]),
+    ("apps", "deployments", ["get", "list", "watch", "patch"]),
+    ("apps", "statefulsets", ["get", "list", "watch", "patch"]),
+    ("apps", "daemonsets", ["get", "list", "watch", "patch"]),
+    ("", "events", ["create", "patch"]),
+    ("events.k8s.io", "events", ["create", "patch"]),
+]
+CLUSTER_RULES = [
+    ("stripekeys.io", "stripeaccounts", ["get", "list", "watch"]),
+    ("stripekeys.io", "stripeguardrails", ["get", "list", "watch"]),
+    ("stripekeys.io", "stripeaccounts/status", ["get", "patch", "update"]),
+    ("stripekeys.io", "stripeguardrails/status", ["get", "patch", "update"]),
+    ("", "namespaces", ["get", "list", "watch"]),
+]
+SELF_RULES = [
+    ("", "secrets", ["get", "list", "watch", "create", "patch", "update", "delete"]),
+    ("", "events", ["create", "patch"]),
+]
+
+
+@pytest.mark.parametrize("name", sorted(VALUE_SETS))
+def test_no_rbac_rule_uses_a_wildcard(name):
+    for role in roles(rendered(name)):
+        for rule in role["rules"]:
+            for field in ("apiGroups", "resources", "verbs", "resourceNames", "nonResourceURLs"):
+                values = rule.get(field, [])
+                assert not [v for v in values if "*" in v], f"{role['metadata']['name']}: {field} {values}"
+
+
+@pytest.mark.parametrize("name", sorted(VALUE_SETS))
+def test_leases_are_granted_only_in_a_role_in_the_release_namespace(name):
+    objs = rendered(name)
+    lease_roles = [r for r in roles(objs) if any("leases" in rule["resources"] for rule in r["rules"])]
+    assert len(lease_roles) == 1
+    role = lease_roles[0]
+    assert role["kind"] == "Role" and role["metadata"]["namespace"] == NAMESPACE
+    lease = env_of(objs)["LEASE_NAME"]["value"]
+    for rule in (r for r in role["rules"] if "leases" in r["resources"]):
+        assert rule["apiGroups"] == ["coordination.k8s.io"]
+        if set(rule["verbs"]) - {"create"}:
+            assert rule["resourceNames"] == [lease], "get/update only on the operator's own Lease"
+    for verb in ("get", "create", "update"):
+        assert granted(objs, "coordination.k8s.io", "leases", verb, NAMESPACE, lease)
+    assert not granted(objs, "coordination.k8s.io", "leases", "update", NAMESPACE, "someone-elses-lease")
+    assert not granted(objs, "coordination.k8s.io", "leases", "get", "payments", lease)
+
+
+def test_cluster_mode_grants_what_the_operator_needs_everywhere():
+    objs = rendered("defaults")
+    assert env_of(objs)["WATCH_NAMESPACES"]["value"] == ""
+    for group, resource, verbs in NAMESPACED_KIND_RULES + CLUSTER_RULES:
+        for verb in verbs:
+            assert granted(objs, group, resource, verb, None), (group, resource, verb)
+    assert not granted(objs, "", "configmaps", "get", None)
+    assert not granted(objs, "", "pods", "list", None)
+    assert not granted(objs, "stripekeys.io", "stripeaccounts", "delete", None)
+    assert not granted(objs, "apps", "deployments", "delete", None)
+
+
+def test_namespaced_mode_confines_the_operator_to_its_namespaces():
+    objs = rendered("namespaced")
+    watched = load_values("namespaced")["watchNamespaces"]
+    assert env_of(objs)["WATCH_NAMESPACES"]["value"] == ",".join(watched)
+    for ns in watched:
+        for group, resource, verbs in NAMESPACED_KIND_RULES:
+            for verb in verbs:
+                assert granted(objs, group, resource, verb, ns), (ns, group, resource, verb)
+    for group, resource, verbs in SELF_RULES:
+        for verb in verbs:
+            assert granted(objs, group, resource, verb, NAMESPACE), (group, resource, verb)
+    for group, resource, verbs in CLUSTER_RULES:
+        for verb in verbs:
+            assert granted(objs, group, resource, verb, "anywhere"), (group, resource, verb)
+    # Outside the listed namespaces: nothing namespaced, above all no Secret.
+    for verb in ("get", "list", "create", "update", "delete"):
+        assert not granted(objs, "", "secrets", verb, "kube-system"), verb
+    assert not granted(objs, "stripekeys.io", "stripekeypolicies", "list", "kube-system")
+    assert not granted(objs, "apps", "deployments", "patch", "kube-system")
+    role_namespaces = {r["metadata"]["namespace"] for r in roles(objs) if r["kind"] == "Role"}
+    assert role_namespaces == {*watched, NAMESPACE}
+
+
+@pytest.mark.parametrize("name", ["namespaced"])
+def test_namespaced_mode_renders_no_cluster_role_beyond_the_cluster_scoped_kinds(name):
+    cluster_roles = [r for r in roles(rendered(name)) if r["kind"] == "ClusterRole"]
+    assert [r["metadata"]["name"] for r in cluster_roles] == [f"{FULLNAME}-cluster-scoped"]
+    resources = {res for rule in cluster_roles[0]["rules"] for res in rule["resources"]}
+    assert resources == {
+        "stripeaccounts",
+        "stripeguardrails",
+        "stripeaccounts/status",
+        "stripeguardrails/status",
+        "namespaces",
+    }
+    for rule in cluster_roles[0]["rules"]:
+        if rule["resources"] == ["namespaces"]:
+            assert rule["verbs"] == ["get", "list", "watch"]
+
+
+@pytest.mark.parametrize("name", sorted(VALUE_SETS))
+def test_secret_writes_only_where_the_operator_keeps_secrets(name):
+    objs = rendered(name)
+    values = load_values(name) or {}
+    namespaced = values.get("rbac", {}).get("namespaced", False)
+    for role in roles(objs):
+        writes = {v for rule in role["rules"] if "secrets" in rule["resources"] for v in rule["verbs"]} & SECRET_WRITE
+        if not writes:
+            continue
+        if namespaced:
+            assert role["kind"] == "Role", "namespaced mode: no cluster-wide Secret access"
+            assert role["metadata"]["namespace"] in {*values["watchNamespaces"], NAMESPACE}
+        else:
+            # Cluster mode: synced Secrets live in any tenant namespace; only the main role.
+            assert role["kind"] == "ClusterRole" and role["metadata"]["name"] == FULLNAME
+
+
+def test_webhook_configuration_is_patchable_only_by_its_own_name():
+    objs = rendered("webhook-and-scheduling")
+    vwc = one(objs, "ValidatingWebhookConfiguration")
+    name = vwc["metadata"]["name"]
+    for verb in ("get", "patch", "update"):
+        assert granted(objs, "admissionregistration.k8s.io", "validatingwebhookconfigurations", verb, None, name)
+    assert not granted(objs, "admissionregistration.k8s.io", "validatingwebhookconfigurations", "patch", None, "other")
+    assert not granted(objs, "admissionregistration.k8s.io", "validatingwebhookconfigurations", "list", None)
+    svc = vwc["webhooks"][0]["clientConfig"]["service"]
+    assert one(objs, "Service", svc["name"])["spec"]["ports"][0]["port"] == svc["port"]
+    for name in ("defaults", "namespaced"):
+        assert not any(
+            "validatingwebhookconfigurations" in rule["resources"] for r in roles(rendered(name)) for rule in r["rules"]
+        ), "no webhook permission when the webhook is off"
+
+
+# ---------------------------------------------------------------------------------------------
+# values.schema.json
+# ---------------------------------------------------------------------------------------------
+
+SCHEMA = CHART / "values.schema.json"
+
+
+def check_jsonschema(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([tool("check-jsonschema"), *args], capture_output=True, text=True)
+
+
+def test_schema_is_valid_and_accepts_the_defaults_and_every_values_file():
+    proc = check_jsonschema("--check-metaschema", str(SCHEMA))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    files = [str(CHART / "values.yaml"), *(str(p) for p in VALUE_SETS.values() if p)]
+    proc = check_jsonschema("--schemafile", str(SCHEMA), *files)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_there_are_bad_values_files():
+    assert len(BAD_VALUES) >= 5
+
+
+@pytest.mark.parametrize("path", BAD_VALUES, ids=lambda p: p.stem)
+def test_check_jsonschema_refuses_bad_values(path):
+    proc = check_jsonschema("--schemafile", str(SCHEMA), str(path))
+    assert proc.returncode == 1, f"{path.name} was accepted:\n{proc.stdout}{proc.stderr}"
+    assert "Schema validation errors were encountered" in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("path", BAD_VALUES, ids=lambda p: p.stem)
+def test_helm_schema_validation_refuses_bad_values_on_render(path):
+    with pytest.raises(helm.HelmValuesError, match="schema"):
+        render(yaml.safe_load(path.read_text()))
+
+
+def schema_leaves(schema: dict, root: dict, prefix: str = "", nodes: set | None = None) -> dict[str, dict]:
+    """Leaf schemas by dotted path; closed objects with properties are walked (and their paths
+    added to `nodes`), after checking that they refuse unknown keys."""
+    if "$ref" in schema:
+        schema = resolve(root, schema["$ref"])
+    out = {}
+    if schema.get("type") == "object" and "properties" in schema:
+        assert schema.get("additionalProperties") is False, f"{prefix or '<root>'} allows unknown keys"
+        if nodes is not None and prefix:
+            nodes.add(prefix)
+        for key, sub in schema["properties"].items():
+            out.update(schema_leaves(sub, root, f"{prefix}.{key}" if prefix else key, nodes))
+    else:
+        out[prefix] = schema
+    return out
+
+
+def resolve(root: dict, ref: str) -> dict:
+    node = root
+    for part in ref.removeprefix("#/").split("/"):
+        node = node[part]
+    return node
+
+
+def value_leaves(values: dict, prefix: str = "") -> dict[str, object]:
+    out = {}
+    for key, value in values.items():
+        path = f"{prefix}.{key}" if prefix else key
+        if isinstance(value, dict) and value:
+            out.update(value_leaves(value, path))
+        else:
+            out[path] = value
+    return out
+
+
+def test_schema_types_every_value_and_closes_every_object():
+    schema = json.loads(SCHEMA.read_text())
+    nodes: set[str] = set()
+    leaves = schema_leaves(schema, schema, nodes=nodes)
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())
+    values = value_leaves(defaults)
+    for path in values:
+        # free-form maps (labels, resources) are schema leaves one level up; an empty object
+        # (affinity: {}) is a closed schema node
+        owner = next((p for p in (path, path.rsplit(".", 1)[0]) if p in leaves or p in nodes), None)
+        assert owner is not None, f"values.yaml has {path}, which the schema does not describe"
+        if owner in leaves:
+            assert "type" in leaves[owner] or "$ref" in leaves[owner], f"{owner} has no type"
+    for path in leaves:
+        described = any(v == path or v.startswith(path + ".") or path.startswith(v + ".") for v in values)
+        assert described, f"the schema describes {path}, which values.yaml lacks"
+
+
+def test_readme_table_documents_every_value():
+    readme = (CHART / "README.md").read_text()
+    rows = set(re.findall(r"^\| `([A-Za-z0-9_.]+)` \|", readme, flags=re.M))
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())
+    schema = json.loads(SCHEMA.read_text())
+    nodes: set[str] = set()
+    leaves = schema_leaves(schema, schema, nodes=nodes)
+    for path in value_leaves(defaults):
+        owner = path if (path in leaves or path in nodes) else path.rsplit(".", 1)[0]
+        assert owner in rows, f"README.md has no row for {owner}"
+    unknown = rows - set(leaves) - nodes
+    assert not unknown, f"README rows for values that do not exist: {unknown}"
