@@ -481,6 +481,9 @@ pub async fn run_with_client(
         source,
     })?;
     tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
+    // Ready means "started and able to serve": a standby replica is ready too, so rolling
+    // updates and node drains never wait on the leader. Leadership is the `leader` metric.
+    health.set_ready(true);
 
     let leadership = if config.leader_elect {
         let identity = config.pod_name.clone().unwrap_or_else(default_identity);
@@ -520,7 +523,6 @@ pub async fn run_with_client(
         ControllerConfig::new(&config.namespace, prefix),
         None,
     ));
-    health.set_ready(true);
     let lost = leadership.as_ref().map(|l| l.lost()).unwrap_or_default();
     let controllers_stop = CancellationToken::new();
     let stop = controllers_stop.clone();

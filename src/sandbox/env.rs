@@ -80,13 +80,18 @@ impl LocalEnv {
     /// store. The operator itself starts with [`LocalEnv::start_operator`].
     pub async fn start(options: EnvOptions) -> anyhow::Result<Self> {
         crate::controller::install_crypto_provider();
-        let api = TestApiServer::start_with(ServerConfig { rollout_delay: options.rollout_delay, ..Default::default() })
-            .await
-            .context("starting the Kubernetes API for tests")?;
+        let api = TestApiServer::start_with(ServerConfig {
+            rollout_delay: options.rollout_delay,
+            ..Default::default()
+        })
+        .await
+        .context("starting the Kubernetes API for tests")?;
         let client = kube::Client::try_from(kube::Config::new(api.url().parse()?))?;
         let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
         for crd in crate::api::crds() {
-            crds.create(&PostParams::default(), &crd).await.context("creating a CRD")?;
+            crds.create(&PostParams::default(), &crd)
+                .await
+                .context("creating a CRD")?;
         }
         let sim = Simulator::start(SimConfig {
             rate_limit_test: options.sim_rate_limit_test,
@@ -135,7 +140,10 @@ impl LocalEnv {
 
     /// Starts the controllers with a fresh context (a restart after a crash starts cold too).
     pub fn start_operator(&mut self) {
-        let mut config = ControllerConfig::new(OPERATOR_NAMESPACE, StorePrefix::new("stripe-key-operator").expect("valid prefix"));
+        let mut config = ControllerConfig::new(
+            OPERATOR_NAMESPACE,
+            StorePrefix::new("stripe-key-operator").expect("valid prefix"),
+        );
         config.rollout_ceiling = self.options.rollout_ceiling;
         config.rollout_poll = self.options.rollout_poll;
         config.error_backoff = self.options.error_backoff;
@@ -199,7 +207,10 @@ impl LocalEnv {
             Scope::Cluster => Api::all_with(self.client.clone(), &ar),
         };
         let pp = PatchParams::apply(FIELD_MANAGER).force();
-        Ok(api.patch(name, &pp, &Patch::Apply(obj)).await.with_context(|| format!("applying {kind} {name}"))?)
+        Ok(api
+            .patch(name, &pp, &Patch::Apply(obj))
+            .await
+            .with_context(|| format!("applying {kind} {name}"))?)
     }
 
     /// Server-side applies every document of a YAML stream.
@@ -236,5 +247,7 @@ impl DeserializeYaml for Value {
 fn rand_suffix() -> String {
     use rand::Rng;
     let mut rng = rand::rng();
-    (0..10).map(|_| char::from(b'A' + rng.random_range(0..26u8))).collect()
+    (0..10)
+        .map(|_| char::from(b'A' + rng.random_range(0..26u8)))
+        .collect()
 }
