@@ -11,7 +11,7 @@
 //! digits that looks random: at least [`MIN_KEY_TOKEN`] characters for keys and
 //! [`MIN_WHSEC_TOKEN`] for webhook secrets, at least 8 distinct characters, and at least two of
 //! the classes upper case, lower case, digit. So `sk_live_` in prose, `whsec_...`, `whsec_xxx`,
-//! `sk_live_XXXXXXXXXXXXXXXXXXXXXXXX` and `sk_live_YOUR_KEY_HERE` are not findings, and
+//! `sk_live_` followed by 24 `X` and `sk_live_YOUR_KEY_HERE` are not findings, and
 //! publishable keys (`pk_live_`) never are.
 //!
 //! Base64: every run of at least 32 base64 characters on a line is decoded and the result is

@@ -160,9 +160,9 @@ pub enum Outcome {
 /// ```
 ///
 /// **Secret material is redacted, not rejected.** Every string of an entry (actor, target,
-/// reason, details) passes through a filter when it is recorded: any word that contains
-/// `sk_live_`, `sk_test_`, `rk_live_`, `rk_test_` or `whsec_`, or starts with `sk_` or `rk_`,
-/// is replaced by `[redacted fp=<12 hex>]` (the fingerprint of the redacted word, so two records
+/// reason, details) passes through a filter when it is recorded: any word (a run of letters,
+/// digits and `_`) that starts with `sk_` or `rk_`, or in which `sk_live_`, `sk_test_`,
+/// `rk_live_`, `rk_test_` or `whsec_` starts the word or follows an `_`, is replaced by `[redacted fp=<12 hex>]` (the fingerprint of the redacted word, so two records
 /// of the same leaked value can still be matched), and a `fingerprint` that is not hexadecimal
 /// is replaced by `[invalid]`. Redaction is chosen over rejection because an audit event must not
 /// get lost because a caller passed the wrong string; each redaction is counted in
@@ -409,7 +409,12 @@ fn is_word_byte(b: u8) -> bool {
 
 fn looks_secret(word: &str) -> bool {
     const INNER: [&str; 5] = ["sk_live_", "sk_test_", "rk_live_", "rk_test_", "whsec_"];
-    word.starts_with("sk_") || word.starts_with("rk_") || INNER.iter().any(|p| word.contains(p))
+    let at_boundary = |i: usize| i == 0 || !word.as_bytes()[i - 1].is_ascii_alphanumeric();
+    word.starts_with("sk_")
+        || word.starts_with("rk_")
+        || INNER
+            .iter()
+            .any(|p| word.match_indices(p).any(|(i, _)| at_boundary(i)))
 }
 
 /// Replaces every secret-looking word of `s`; returns 1 if anything changed.
