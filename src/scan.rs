@@ -77,7 +77,10 @@ impl SecretKind {
     }
 
     fn is_test(self) -> bool {
-        matches!(self, SecretKind::TestSecretKey | SecretKind::TestRestrictedKey)
+        matches!(
+            self,
+            SecretKind::TestSecretKey | SecretKind::TestRestrictedKey
+        )
     }
 }
 
@@ -105,7 +108,11 @@ pub struct Finding {
 impl fmt::Display for Finding {
     /// `line:col: kind masked`, with ` (base64)` for encoded findings.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}: {} {}", self.line, self.column, self.kind, self.masked)?;
+        write!(
+            f,
+            "{}:{}: {} {}",
+            self.line, self.column, self.kind, self.masked
+        )?;
         if self.base64 {
             f.write_str(" (base64)")?;
         }
@@ -117,9 +124,8 @@ static SECRET: LazyLock<Regex> = LazyLock::new(|| {
     Regex::new(r"(?:sk_live_|rk_live_|sk_test_|rk_test_|whsec_)[A-Za-z0-9]*")
         .expect("static regex is valid")
 });
-static BASE64_RUN: LazyLock<Regex> = LazyLock::new(|| {
-    Regex::new(r"[A-Za-z0-9+/]{32,}={0,2}").expect("static regex is valid")
-});
+static BASE64_RUN: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"[A-Za-z0-9+/]{32,}={0,2}").expect("static regex is valid"));
 
 fn looks_random(token: &str, min_len: usize) -> bool {
     if token.len() < min_len {
@@ -299,10 +305,10 @@ fn scan_path(
         }
         children.sort();
         for child in children {
-            if child.file_name().is_some_and(skip_dir) {
-                if std::fs::symlink_metadata(&child).is_ok_and(|m| m.is_dir()) {
-                    continue;
-                }
+            if child.file_name().is_some_and(skip_dir)
+                && std::fs::symlink_metadata(&child).is_ok_and(|m| m.is_dir())
+            {
+                continue;
             }
             scan_path(&child, false, include_test, out, report);
         }
@@ -318,7 +324,13 @@ fn scan_path(
     if bytes[..bytes.len().min(8192)].contains(&0) {
         return; // binary
     }
-    scan_bytes(&path.display().to_string(), &bytes, include_test, out, report);
+    scan_bytes(
+        &path.display().to_string(),
+        &bytes,
+        include_test,
+        out,
+        report,
+    );
 }
 
 /// Scans `args.paths` (files, directories, `-` for standard input), printing

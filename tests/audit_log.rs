@@ -48,7 +48,9 @@ async fn lines_are_json_records_chained_from_the_genesis_value() {
         AuditEntry::secret_sync(actor().triggered_by("schedule"), "shop", "checkout-stripe")
             .fingerprint("3f2a9c0d1e4b"),
     );
-    log.record(AuditEntry::rollout_patch(actor(), "Deployment", "shop", "web").failure("forbidden"));
+    log.record(
+        AuditEntry::rollout_patch(actor(), "Deployment", "shop", "web").failure("forbidden"),
+    );
     log.record(AuditEntry::rotation_transition(actor(), "Minted", "Stored"));
     log.flush().await;
 
@@ -73,7 +75,10 @@ async fn lines_are_json_records_chained_from_the_genesis_value() {
     assert_eq!(v[0]["actor"]["trigger"], "reconcile");
     assert_eq!(v[0]["target"]["key_id"], "apikey_1");
     assert_eq!(v[0]["target"]["fingerprint"], "3f2a9c0d1e4b");
-    assert_eq!(v[0]["target"]["store_path"], "secret/data/stripe/shop/checkout");
+    assert_eq!(
+        v[0]["target"]["store_path"],
+        "secret/data/stripe/shop/checkout"
+    );
     assert_eq!(v[0]["outcome"], "success");
     assert!(v[0].get("reason").is_none());
     assert_eq!(v[0]["details"]["version"], 7);
@@ -126,11 +131,18 @@ async fn concurrent_records_get_strictly_increasing_seq_and_one_valid_chain() {
     let mut last_i = vec![None::<u64>; TASKS];
     let mut seen = HashSet::new();
     for (n, rec) in v.iter().enumerate() {
-        assert_eq!(rec["seq"], (n + 1) as u64, "seq strictly increasing without gaps");
+        assert_eq!(
+            rec["seq"],
+            (n + 1) as u64,
+            "seq strictly increasing without gaps"
+        );
         let t = rec["details"]["task"].as_u64().unwrap() as usize;
         let i = rec["details"]["i"].as_u64().unwrap();
         assert!(seen.insert((t, i)), "entry ({t},{i}) written once");
-        assert!(last_i[t].is_none_or(|p| p < i), "a task's entries keep their order");
+        assert!(
+            last_i[t].is_none_or(|p| p < i),
+            "a task's entries keep their order"
+        );
         last_i[t] = Some(i);
     }
     let summary = verify_chain(sink.contents().as_bytes(), &Default::default()).unwrap();
@@ -153,7 +165,11 @@ fn a_restarted_file_log_continues_the_same_chain() {
     drop(first);
 
     let second = AuditLog::file(&path).unwrap();
-    assert_eq!(second.head(), Some(head_before.clone()), "resumes from the last line");
+    assert_eq!(
+        second.head(),
+        Some(head_before.clone()),
+        "resumes from the last line"
+    );
     for i in 0..3 {
         second.record(AuditEntry::store_write(actor(), "kv/b").detail("i", i));
     }
@@ -181,7 +197,9 @@ fn a_second_writer_on_an_open_file_is_refused() {
         other => panic!("expected Locked, got {other:?}"),
     }
     first.close();
-    AuditLog::file(&path).expect("the lock is released by close").close();
+    AuditLog::file(&path)
+        .expect("the lock is released by close")
+        .close();
 }
 
 #[cfg(unix)]
@@ -227,7 +245,10 @@ fn a_restart_after_an_interrupted_write_cuts_the_partial_line_and_records_it() {
     assert_eq!(v[3]["action"], "audit.recovery");
     assert_eq!(v[3]["seq"], 4);
     assert_eq!(v[3]["details"]["discarded_bytes"], partial.len() as u64);
-    assert_eq!(v[3]["details"]["discarded_sha256"], line_hash(partial).as_str());
+    assert_eq!(
+        v[3]["details"]["discarded_sha256"],
+        line_hash(partial).as_str()
+    );
     assert_eq!(v[4]["target"]["store_path"], "kv/after");
 }
 
@@ -276,12 +297,18 @@ async fn secret_material_in_any_field_is_redacted_before_it_is_written() {
     log.flush().await;
     let contents = sink.contents();
     for s in &secrets {
-        assert!(!contents.contains(s.as_str()), "a secret reached the audit log");
+        assert!(
+            !contents.contains(s.as_str()),
+            "a secret reached the audit log"
+        );
         let fp = stripe_key_operator::secret::fingerprint(s.as_bytes());
         assert!(contents.contains(&format!("[redacted fp={fp}]")));
     }
     let v = parse(&sink.lines());
-    assert_eq!(v[0]["target"]["fingerprint"], "[invalid]", "a fingerprint must be hex");
+    assert_eq!(
+        v[0]["target"]["fingerprint"], "[invalid]",
+        "a fingerprint must be hex"
+    );
     assert_eq!(v[5]["target"]["key_id"], "apikey_61TzA9");
     assert_eq!(v[5]["details"]["permissions"], "risk_read task_test_case");
     assert!(log.stats().redacted >= 5 * 7);
@@ -352,7 +379,10 @@ fn record_never_waits_for_a_stuck_sink_and_counts_what_it_drops() {
         log.record(AuditEntry::store_write(actor(), "kv").detail("i", i));
     }
     let dropped = log.stats().dropped;
-    assert!(dropped >= 50 - 4 - 1, "only the queue and the write in flight fit: {dropped}");
+    assert!(
+        dropped >= 50 - 4 - 1,
+        "only the queue and the write in flight fit: {dropped}"
+    );
     sink.open();
     log.flush_blocking();
     let stats = log.stats();
@@ -380,7 +410,13 @@ fn entries_after_close_are_dropped_and_counted() {
     log.record(AuditEntry::store_write(actor(), "kv"));
     assert_eq!(sink.lines().len(), 1);
     assert_eq!(log.stats().dropped, 1);
-    assert_eq!(log.head(), Some(ChainHead { seq: 1, hash: line_hash(sink.lines()[0].as_bytes()) }));
+    assert_eq!(
+        log.head(),
+        Some(ChainHead {
+            seq: 1,
+            hash: line_hash(sink.lines()[0].as_bytes())
+        })
+    );
 }
 
 #[tokio::test]
@@ -434,7 +470,10 @@ async fn the_stripe_observer_records_each_call_for_the_reconciling_resource() {
     assert_eq!(v[0]["outcome"], "success");
     assert_eq!(v[0]["target"]["key_id"], "apikey_123");
     assert_eq!(v[0]["details"]["method"], "POST");
-    assert_eq!(v[0]["details"]["path"], "/v2/iam/api_keys/apikey_123/rotate");
+    assert_eq!(
+        v[0]["details"]["path"],
+        "/v2/iam/api_keys/apikey_123/rotate"
+    );
     assert_eq!(v[0]["details"]["status"], 200);
     assert_eq!(v[0]["details"]["request_id"], "req_abc");
     assert_eq!(v[0]["details"]["idempotency_key"], "uid-7-rotate-3");

@@ -43,7 +43,10 @@ fn an_intact_log_verifies_with_its_count_last_seq_and_head() {
     assert_eq!(summary.head.hash, line_hash(lines[5].as_bytes()));
     assert_eq!(
         summary.to_string(),
-        format!("OK: 6 lines, chain intact, last seq 6, head {}", summary.head.hash)
+        format!(
+            "OK: 6 lines, chain intact, last seq 6, head {}",
+            summary.head.hash
+        )
     );
 }
 
@@ -126,7 +129,11 @@ fn a_duplicated_line_is_reported_as_reordered() {
     lines.insert(2, dup);
     assert!(matches!(
         verify(&lines),
-        Err(ChainProblem::Reordered { line: 3, seq: 2, .. })
+        Err(ChainProblem::Reordered {
+            line: 3,
+            seq: 2,
+            ..
+        })
     ));
 }
 
@@ -201,7 +208,13 @@ fn an_anchor_taken_earlier_still_verifies_after_the_log_grew() {
         head: Some(line_hash(lines[4].as_bytes())),
         seq: Some(5),
     };
-    assert_eq!(verify_chain(join(&lines).as_bytes(), &anchor).unwrap().head.seq, 8);
+    assert_eq!(
+        verify_chain(join(&lines).as_bytes(), &anchor)
+            .unwrap()
+            .head
+            .seq,
+        8
+    );
 }
 
 #[test]
@@ -215,7 +228,11 @@ fn an_edit_of_the_last_line_is_caught_only_by_an_anchor_on_it() {
     assert!(verify(&lines).is_ok());
     assert!(matches!(
         verify_chain(join(&lines).as_bytes(), &anchor),
-        Err(ChainProblem::AnchorMismatch { seq: Some(4), found: Some(_), .. })
+        Err(ChainProblem::AnchorMismatch {
+            seq: Some(4),
+            found: Some(_),
+            ..
+        })
     ));
 }
 
@@ -230,11 +247,18 @@ fn write_temp(lines: &[String]) -> (tempfile::TempDir, std::path::PathBuf) {
 fn cli_prints_ok_and_exits_0_for_an_intact_log() {
     let lines = log_lines(3);
     let (_dir, path) = write_temp(&lines);
-    let out = Command::new(BIN).args(["audit", "verify"]).arg(&path).output().unwrap();
+    let out = Command::new(BIN)
+        .args(["audit", "verify"])
+        .arg(&path)
+        .output()
+        .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{stdout}");
     let head = line_hash(lines[2].as_bytes());
-    assert_eq!(stdout.trim(), format!("OK: 3 lines, chain intact, last seq 3, head {head}"));
+    assert_eq!(
+        stdout.trim(),
+        format!("OK: 3 lines, chain intact, last seq 3, head {head}")
+    );
 }
 
 #[test]
@@ -242,7 +266,11 @@ fn cli_names_the_edited_line_and_exits_1() {
     let mut lines = log_lines(5);
     lines[1] = lines[1].replace("apikey_1", "apikey_X");
     let (_dir, path) = write_temp(&lines);
-    let out = Command::new(BIN).args(["audit", "verify"]).arg(&path).output().unwrap();
+    let out = Command::new(BIN)
+        .args(["audit", "verify"])
+        .arg(&path)
+        .output()
+        .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1));
     assert!(stdout.contains("line 2 was modified"), "{stdout}");
@@ -254,16 +282,30 @@ fn cli_detects_removed_last_lines_against_the_exported_anchor() {
     let head = line_hash(lines[4].as_bytes());
     lines.pop();
     let (_dir, path) = write_temp(&lines);
-    let plain = Command::new(BIN).args(["audit", "verify"]).arg(&path).output().unwrap();
+    let plain = Command::new(BIN)
+        .args(["audit", "verify"])
+        .arg(&path)
+        .output()
+        .unwrap();
     assert_eq!(plain.status.code(), Some(0));
     let anchored = Command::new(BIN)
-        .args(["audit", "verify", "--expect-seq", "5", "--expect-head", &head])
+        .args([
+            "audit",
+            "verify",
+            "--expect-seq",
+            "5",
+            "--expect-head",
+            &head,
+        ])
         .arg(&path)
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&anchored.stdout);
     assert_eq!(anchored.status.code(), Some(1));
-    assert!(stdout.contains("1 line(s) at the end are missing"), "{stdout}");
+    assert!(
+        stdout.contains("1 line(s) at the end are missing"),
+        "{stdout}"
+    );
 }
 
 #[test]

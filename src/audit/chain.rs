@@ -73,13 +73,17 @@ pub enum ChainProblem {
     },
     /// The file does not end with a newline: the last line was cut short (truncated file or
     /// interrupted write).
-    #[error("line {line} is incomplete (no terminating newline): the file was truncated or a write was interrupted")]
+    #[error(
+        "line {line} is incomplete (no terminating newline): the file was truncated or a write was interrupted"
+    )]
     TruncatedLastLine {
         /// Line number of the incomplete line.
         line: usize,
     },
     /// The content of `line` no longer hashes to the `prev` of the next line: it was edited.
-    #[error("line {line} was modified: its SHA-256 no longer matches the `prev` of line {next_line}")]
+    #[error(
+        "line {line} was modified: its SHA-256 no longer matches the `prev` of line {next_line}"
+    )]
     Modified {
         /// The edited line.
         line: usize,
@@ -87,7 +91,9 @@ pub enum ChainProblem {
         next_line: usize,
     },
     /// The first line does not chain to the genesis value.
-    #[error("line 1 (seq {seq}) does not chain to the genesis value: earlier lines were removed or its `prev` was edited")]
+    #[error(
+        "line 1 (seq {seq}) does not chain to the genesis value: earlier lines were removed or its `prev` was edited"
+    )]
     BadStart {
         /// Sequence number of the first line.
         seq: u64,
@@ -171,7 +177,11 @@ pub fn verify_chain(bytes: &[u8], anchor: &Anchor) -> Result<VerifySummary, Chai
         return check_anchor(&[], ChainHead::genesis(), anchor, 0);
     }
     let complete = bytes.ends_with(b"\n");
-    let body = if complete { &bytes[..bytes.len() - 1] } else { bytes };
+    let body = if complete {
+        &bytes[..bytes.len() - 1]
+    } else {
+        bytes
+    };
     let lines: Vec<&[u8]> = body.split(|b| *b == b'\n').collect();
     let links: Vec<Result<(u64, String), String>> = lines.iter().map(|l| parse_link(l)).collect();
     let mut hashes = Vec::with_capacity(lines.len());

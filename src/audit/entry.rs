@@ -495,8 +495,14 @@ mod tests {
 
     #[test]
     fn ids_are_taken_from_stripe_paths() {
-        assert_eq!(stripe_id_from_path("/v2/iam/api_keys/apikey_1/rotate"), Some("apikey_1"));
-        assert_eq!(stripe_id_from_path("/v1/webhook_endpoints/we_9"), Some("we_9"));
+        assert_eq!(
+            stripe_id_from_path("/v2/iam/api_keys/apikey_1/rotate"),
+            Some("apikey_1")
+        );
+        assert_eq!(
+            stripe_id_from_path("/v1/webhook_endpoints/we_9"),
+            Some("we_9")
+        );
         assert_eq!(stripe_id_from_path("/v2/iam/api_keys"), None);
     }
 
@@ -505,7 +511,9 @@ mod tests {
         let mut e = AuditEntry::new(Action::StoreWrite, Actor::operator("test"))
             .failure("é".repeat(MAX_REASON_CHARS + 10));
         e.sanitize();
-        let Outcome::Failure(r) = e.outcome() else { panic!("not a failure") };
+        let Outcome::Failure(r) = e.outcome() else {
+            panic!("not a failure")
+        };
         assert_eq!(r.chars().count(), MAX_REASON_CHARS + 1);
     }
 }

@@ -118,7 +118,9 @@ impl std::str::FromStr for AuditTarget {
             "" => Err("empty audit target; use off, stdout or a file path".to_owned()),
             "off" | "none" => Ok(Self::Off),
             "stdout" | "-" => Ok(Self::Stdout),
-            other => Ok(Self::File(other.strip_prefix("file:").unwrap_or(other).into())),
+            other => Ok(Self::File(
+                other.strip_prefix("file:").unwrap_or(other).into(),
+            )),
         }
     }
 }

@@ -6,8 +6,8 @@
 
 use std::time::Duration;
 
-use super::{Actor, AuditEntry, AuditLog};
 use super::entry::stripe_id_from_path;
+use super::{Actor, AuditEntry, AuditLog};
 
 /// One HTTP attempt against Stripe. Holds no bodies, keys or secrets.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
