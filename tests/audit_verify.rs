@@ -319,3 +319,15 @@ fn cli_exits_2_when_the_file_cannot_be_read() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read"));
 }
+
+#[test]
+fn cli_rejects_an_anchor_that_is_not_a_sha256() {
+    let (_dir, path) = write_temp(&log_lines(2));
+    let out = Command::new(BIN)
+        .args(["audit", "verify", "--expect-head", "abc"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("64 characters"));
+}

@@ -203,3 +203,38 @@ fn columns_count_characters_not_bytes() {
     assert_eq!(found.len(), 1);
     assert_eq!(found[0].column, 7);
 }
+
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Whatever surrounds it, a planted live key is found once, and no finding ever
+        /// shows more of it than the prefix and the last four characters.
+        #[test]
+        fn a_planted_key_is_found_and_only_masked(
+            before in "[ -~\n]{0,80}",
+            after in "[ -~\n]{0,80}",
+            token in "[A-Za-z0-9]{21}",
+        ) {
+            let key = format!("{}{token}aZ7", "rk_live_");
+            let text = format!("{before} {key} {after}");
+            let found = find_secrets(&text, true);
+            let expected = format!("rk_live_…{}", &key[key.len() - 4..]);
+            prop_assert!(found.iter().any(|f| f.masked == expected));
+            for f in &found {
+                prop_assert!(!f.to_string().contains(&key));
+                let tail = f.masked.split('…').nth(1).unwrap();
+                prop_assert!(tail.len() <= 4);
+            }
+        }
+
+        /// Arbitrary text never makes the scanner panic.
+        #[test]
+        fn arbitrary_text_never_panics(text in any::<String>(), include_test in any::<bool>()) {
+            let _ = find_secrets(&text, include_test);
+        }
+    }
+}

@@ -42,6 +42,12 @@ pub fn run_cli(args: &AuditArgs) -> ExitCode {
             expect_head,
             expect_seq,
         } => {
+            if let Some(h) = expect_head
+                && !(h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+            {
+                eprintln!("error: --expect-head must be a SHA-256 in hex (64 characters)");
+                return ExitCode::from(2);
+            }
             let bytes = match std::fs::read(file) {
                 Ok(b) => b,
                 Err(e) => {

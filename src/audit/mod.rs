@@ -42,6 +42,11 @@
 //! `audit verify --expect-seq S --expect-head H` then proves the line with seq `S` is still
 //! there and unchanged. Ship the file itself off the node as well: the chain is tamper-evident,
 //! not tamper-proof.
+//!
+//! One file is one chain. Rotate it by moving it away while the operator is stopped (or by
+//! restarting the operator after the move): the new file starts again at seq 1 from the genesis
+//! value, so verify each file on its own and keep the old file's final head (logged at
+//! shutdown) as its anchor. `copytruncate`-style rotation of a live file breaks the chain.
 
 mod chain;
 mod cli;

@@ -168,14 +168,17 @@ impl AuditSink for FileSink {
     }
 
     fn write_line(&mut self, line: &[u8]) -> io::Result<()> {
+        // The real length, not a counter: someone may have truncated the file meanwhile, and
+        // restoring a stale length would pad it with zeros.
+        let before = self.file.metadata()?.len();
         match self.file.write_all(line) {
             Ok(()) => {
-                self.len += line.len() as u64;
+                self.len = before + line.len() as u64;
                 Ok(())
             }
             Err(e) => {
                 // Leave no partial line behind for the next write to glue onto.
-                let _ = self.file.set_len(self.len);
+                let _ = self.file.set_len(before);
                 Err(e)
             }
         }
