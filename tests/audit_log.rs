@@ -500,3 +500,58 @@ fn audit_targets_parse_from_flags() {
     );
     assert!("".parse::<AuditTarget>().is_err());
 }
+
+#[test]
+fn a_restart_continues_after_a_last_line_longer_than_the_read_chunk() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let log = AuditLog::file(&path).unwrap();
+    log.record(AuditEntry::store_write(actor(), "kv/a"));
+    log.record(AuditEntry::store_write(actor(), "kv/b").detail("note", "n".repeat(300 * 1024)));
+    log.close();
+    let head = log.head().unwrap();
+    drop(log);
+    let log = AuditLog::file(&path).unwrap();
+    assert_eq!(log.head(), Some(head));
+    log.record(AuditEntry::store_write(actor(), "kv/c"));
+    log.close();
+    let summary = verify_chain(&std::fs::read(&path).unwrap(), &Default::default()).unwrap();
+    assert_eq!(summary.head.seq, 3);
+}
+
+#[tokio::test]
+async fn the_stripe_request_constructor_marks_non_2xx_as_failure() {
+    let (log, sink) = AuditLog::memory();
+    log.record(AuditEntry::stripe_request(
+        actor(),
+        "POST",
+        "/v2/iam/api_keys/apikey_9/expire",
+        Some(200),
+        Some("req_1"),
+        Some("idem-1"),
+    ));
+    log.record(AuditEntry::stripe_request(
+        actor(),
+        "GET",
+        "/v2/iam/api_keys",
+        Some(401),
+        None,
+        None,
+    ));
+    log.record(AuditEntry::stripe_request(
+        actor(),
+        "GET",
+        "/v2/iam/api_keys",
+        None,
+        None,
+        None,
+    ));
+    log.flush().await;
+    let v = parse(&sink.lines());
+    assert_eq!(v[0]["outcome"], "success");
+    assert_eq!(v[0]["target"]["key_id"], "apikey_9");
+    assert_eq!(v[0]["details"]["request_id"], "req_1");
+    assert_eq!(v[0]["details"]["idempotency_key"], "idem-1");
+    assert_eq!(v[1]["reason"], "HTTP 401");
+    assert_eq!(v[2]["reason"], "no answer");
+}

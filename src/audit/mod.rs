@@ -235,10 +235,11 @@ impl AuditLog {
         Self::with_sink(FileSink::open(path.into())?)
     }
 
-    /// A log in memory, and the sink to read its lines from (tests).
+    /// A log in memory, and the sink to read its lines from (tests). Panics if the writer
+    /// thread cannot be started.
     pub fn memory() -> (Self, MemorySink) {
         let sink = MemorySink::new();
-        let log = Self::with_sink(sink.clone()).expect("a memory sink always resumes");
+        let log = Self::with_sink(sink.clone()).expect("start the audit writer thread");
         (log, sink)
     }
 
