@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod audit;
 pub mod controller;
 pub mod error;
 pub mod http;
@@ -12,6 +13,7 @@ pub mod metrics;
 pub mod rotation;
 pub mod rules;
 pub mod sandbox;
+pub mod scan;
 pub mod secret;
 pub mod sim;
 pub mod stripe;

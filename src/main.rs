@@ -17,11 +17,24 @@ enum Command {
     Crdgen,
     /// Run the local Stripe API simulator.
     StripeSim(stripe_key_operator::sim::SimArgs),
+    /// Audit log tools (`audit verify FILE`).
+    Audit(stripe_key_operator::audit::AuditArgs),
+    /// Scan files, directories or standard input (`-`) for literal Stripe secrets.
+    ///
+    /// Prints `file:line:col: <kind> <masked>` per finding (never the secret). Exit status:
+    /// 0 nothing found, 1 findings, 2 a path could not be read.
+    Scan(stripe_key_operator::scan::ScanArgs),
 }
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    // Commands with their own exit statuses.
+    match &cli.command {
+        Command::Audit(args) => return stripe_key_operator::audit::run_cli(args),
+        Command::Scan(args) => return stripe_key_operator::scan::run_cli(args),
+        _ => {}
+    }
     match dispatch(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -39,5 +52,6 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::StripeSim(args) => stripe_key_operator::sim::run_cli(args).await,
+        Command::Audit(_) | Command::Scan(_) => unreachable!("handled in main"),
     }
 }
