@@ -143,3 +143,28 @@ impl ObserveStripeCall for StripeAuditObserver {
         self.log.record(self.entry(call));
     }
 }
+
+impl From<&crate::stripe::CallRecord> for StripeCall {
+    fn from(r: &crate::stripe::CallRecord) -> Self {
+        Self {
+            method: r.method.clone(),
+            path: r.path.clone(),
+            account: r.account.clone(),
+            status: r.status,
+            connection_error: r.connection_error.map(|k| k.as_str().to_owned()),
+            request_id: r.request_id.clone(),
+            idempotency_key: r.idempotency_key.clone(),
+            attempt: r.attempt,
+            duration: r.duration,
+            error_code: r.error_code.clone(),
+            error_type: r.error_type.clone(),
+            will_retry: r.will_retry,
+        }
+    }
+}
+
+impl crate::stripe::CallObserver for StripeAuditObserver {
+    fn on_call(&self, record: &crate::stripe::CallRecord) {
+        self.on_stripe_call(&StripeCall::from(record));
+    }
+}
