@@ -605,6 +605,8 @@ async fn submit_bad_manifests<'a>(
                     dry_run: false,
                     ..params.clone()
                 };
+                // A leftover of an interrupted run would make the create fail.
+                let _ = api.delete(name_of(&old), &DeleteParams::default()).await;
                 let created = create(&api, &real, &dynamic_object(&old))
                     .await
                     .unwrap_or_else(|e| panic!("create {}: {e}", old_path.display()));
