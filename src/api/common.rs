@@ -65,6 +65,37 @@ pub struct VaultDelivery {
     pub sub_path: Option<String>,
 }
 
+/// The `pattern` of every Go-duration field (`time.ParseDuration` without a sign): `720h`,
+/// `1h30m`, `90s`, `1.5h`.
+pub(crate) const GO_DURATION_PATTERN: &str = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$";
+
+/// A CEL rule for a Go-duration string field: at least `min` and, when given, at most `max`.
+///
+/// The rule holds for a value that is not a Go duration at all (`30d`): the field's `pattern`
+/// reports that one, and `duration()` of such a value would fail with an evaluation error instead
+/// of the message. The `matches()` guard needs the field to have a `maxLength`, or the
+/// apiserver's cost estimate refuses the CRD.
+pub(crate) fn duration_rule(min: &str, max: Option<&str>, message: &str) -> kube::core::Rule {
+    // `[.]` rather than `\.`: the same regex as GO_DURATION_PATTERN without CEL escaping.
+    let guard = "!self.matches('^([0-9]+([.][0-9]+)?(ns|us|µs|ms|s|m|h))+$')";
+    let range = match max {
+        Some(max) => {
+            format!("duration(self) >= duration('{min}') && duration(self) <= duration('{max}')")
+        }
+        None => format!("duration(self) >= duration('{min}')"),
+    };
+    kube::core::Rule::new(format!("{guard} || ({range})")).message(message)
+}
+
+/// The CEL rule of every cron `schedule` field: five fields separated by whitespace. A rule and
+/// not a `pattern` so that the message tells users what a schedule looks like.
+pub(crate) fn cron_rule() -> kube::core::Rule {
+    kube::core::Rule::new(r"self.matches('^(\\S+\\s+){4}\\S+$')").message(
+        "schedule must be a cron expression of five fields (minute hour day-of-month month \
+         day-of-week), such as '0 3 * * 1'",
+    )
+}
+
 /// How often a credential is replaced: the schedule part of a rotation spec.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RotationSchedule {

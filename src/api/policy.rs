@@ -5,8 +5,8 @@ use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
 use super::common::{
-    AccountRef, KeyStatus, RolloutTarget, RotationTrigger, VaultDelivery,
-    rotation_schedule_accessor,
+    AccountRef, GO_DURATION_PATTERN, KeyStatus, RolloutTarget, RotationTrigger, VaultDelivery,
+    cron_rule, duration_rule, rotation_schedule_accessor,
 };
 
 /// Default Secret key of the current API key.
@@ -157,12 +157,13 @@ pub struct KeyRotation {
     /// Rotate a fixed period after the last rotation, as a Go duration (`720h` = 30 days). At
     /// least `1h`. A small jitter (1% of the period, at most 10 minutes) spreads rotations.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"))]
-    #[x_kube(validation = Rule::new("duration(self) >= duration('1h')").message("every must be at least 1h"))]
+    #[schemars(regex(pattern = GO_DURATION_PATTERN), length(max = 32))]
+    #[x_kube(validation = duration_rule("1h", None, "every must be at least 1h"))]
     pub every: Option<String>,
     /// Rotate on a five-field cron schedule (`0 3 * * 1` = Mondays at 03:00) in `timeZone`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^(\S+\s+){4}\S+$"), length(max = 100))]
+    #[schemars(length(max = 100))]
+    #[x_kube(validation = cron_rule())]
     pub schedule: Option<String>,
     /// IANA time zone of `schedule`, such as `Europe/Berlin`. Default UTC.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -172,8 +173,8 @@ pub struct KeyRotation {
     /// as a Go duration. Default `1h`; at least `5m` (an expired key keeps working for minutes at
     /// Stripe, so less buys nothing); at most `168h` (Stripe's limit of 7 days).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"))]
-    #[x_kube(validation = Rule::new("duration(self) >= duration('5m') && duration(self) <= duration('168h')").message("overlap must be between 5m and 168h"))]
+    #[schemars(regex(pattern = GO_DURATION_PATTERN), length(max = 32))]
+    #[x_kube(validation = duration_rule("5m", Some("168h"), "overlap must be between 5m and 168h"))]
     pub overlap: Option<String>,
     /// Expire the policy's keys at Stripe when the policy is deleted. Default true.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -7,8 +7,8 @@ use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
 use super::common::{
-    AccountRef, KeyStatus, RolloutTarget, RotationTrigger, VaultDelivery,
-    rotation_schedule_accessor,
+    AccountRef, GO_DURATION_PATTERN, KeyStatus, RolloutTarget, RotationTrigger, VaultDelivery,
+    cron_rule, duration_rule, rotation_schedule_accessor,
 };
 
 /// Default Secret key of the current signing secret.
@@ -99,8 +99,8 @@ pub struct StripeWebhookEndpointSpec {
     pub rotation: Option<WebhookRotation>,
     /// How often Stripe's side is compared with this spec, as a Go duration. Default `10m`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"))]
-    #[x_kube(validation = Rule::new("duration(self) >= duration('30s')").message("driftCheckInterval must be at least 30s"))]
+    #[schemars(regex(pattern = GO_DURATION_PATTERN), length(max = 32))]
+    #[x_kube(validation = duration_rule("30s", None, "driftCheckInterval must be at least 30s"))]
     pub drift_check_interval: Option<String>,
 }
 
@@ -163,12 +163,13 @@ impl WebhookSecretDelivery {
 pub struct WebhookRotation {
     /// Rotate a fixed period after the last rotation, as a Go duration. At least `1h`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"))]
-    #[x_kube(validation = Rule::new("duration(self) >= duration('1h')").message("every must be at least 1h"))]
+    #[schemars(regex(pattern = GO_DURATION_PATTERN), length(max = 32))]
+    #[x_kube(validation = duration_rule("1h", None, "every must be at least 1h"))]
     pub every: Option<String>,
     /// Rotate on a five-field cron schedule in `timeZone`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^(\S+\s+){4}\S+$"), length(max = 100))]
+    #[schemars(length(max = 100))]
+    #[x_kube(validation = cron_rule())]
     pub schedule: Option<String>,
     /// IANA time zone of `schedule`. Default UTC.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -177,8 +178,8 @@ pub struct WebhookRotation {
     /// How long both endpoints deliver after the targets have rolled, as a Go duration.
     /// Default `1h`, at most `24h`. Receivers deduplicate on `event.id` meanwhile.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"))]
-    #[x_kube(validation = Rule::new("duration(self) >= duration('1m') && duration(self) <= duration('24h')").message("overlap must be between 1m and 24h"))]
+    #[schemars(regex(pattern = GO_DURATION_PATTERN), length(max = 32))]
+    #[x_kube(validation = duration_rule("1m", Some("24h"), "overlap must be between 1m and 24h"))]
     pub overlap: Option<String>,
 }
 
