@@ -23,7 +23,7 @@ pub struct AccountHandle {
     pub client: StripeClient,
     /// Test or live.
     pub mode: Mode,
-    /// The key pair live-mode secrets are encrypted to (live mode only).
+    /// The key pair new secrets are encrypted to (sent as `public_key` on every create).
     pub keys: Option<Arc<JweKeyPair>>,
 }
 
@@ -89,10 +89,9 @@ impl Accounts {
         if let Some(observer) = ctx.stripe_observer.clone() {
             client = client.with_observer(observer);
         }
-        let keys = match spec.mode {
-            Mode::Live => Some(Arc::new(load_or_create_key_pair(ctx, account).await?)),
-            Mode::Test => None,
-        };
+        // Stripe requires a public key on every secret-key create (test mode too); live mode
+        // returns the secret only encrypted to it.
+        let keys = Some(Arc::new(load_or_create_key_pair(ctx, account).await?));
         let handle = AccountHandle {
             client,
             mode: spec.mode,

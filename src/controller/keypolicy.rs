@@ -422,19 +422,75 @@ async fn apply(policy: Arc<StripeKeyPolicy>, ctx: Arc<Context>) -> Result<Action
             return Err(e);
         }
     };
+    let result = drive(&mut run, &validated, &handle).await;
+    if let Err(e) = &result {
+        record_failure(&mut run, e).await?;
+    }
+    result
+}
+
+/// Shows a failed step in status and as a Warning Event: `Ready=False` while no key is published,
+/// `Degraded=True` when the published key still works.
+async fn record_failure(run: &mut Run<'_>, error: &ReconcileError) -> Result<(), ReconcileError> {
+    if matches!(error, ReconcileError::Crash(_)) {
+        return Ok(());
+    }
+    let now = run.ctx.clock.now();
+    let mut status = run.status();
+    let reason = error.reason();
+    let type_ = if status.current_key.is_some() {
+        condition_types::DEGRADED
+    } else {
+        condition_types::READY
+    };
+    let failing = type_ == condition_types::DEGRADED;
+    let changed =
+        crate::api::conditions::find(&status.conditions, type_).is_none_or(|c| c.reason != reason);
+    set_condition(
+        &mut status.conditions,
+        type_,
+        failing,
+        &reason,
+        error.to_string(),
+        run.policy.metadata.generation,
+        now,
+    );
+    run.ctx
+        .metrics
+        .rotation_failures
+        .get_or_create(&crate::metrics::ErrorLabels {
+            controller: CONTROLLER.into(),
+            reason: reason.clone(),
+        })
+        .inc();
+    run.write_status(status).await?;
+    if changed {
+        run.event(EventType::Warning, &reason, error.to_string())
+            .await;
+    }
+    Ok(())
+}
+
+async fn drive(
+    run: &mut Run<'_>,
+    validated: &Validated,
+    handle: &AccountHandle,
+) -> Result<Action, ReconcileError> {
+    let ctx = run.ctx;
+    let validated = validated.clone();
     // decide and act, a bounded number of steps per reconcile
     for _ in 0..8 {
         let now = ctx.clock.now();
         match decide(&run.policy, &validated, now) {
-            Next::Idle => return idle(&mut run, &validated).await,
-            Next::Start(trigger) => start_rotation(&mut run, &validated, trigger).await?,
+            Next::Idle => return idle(run, &validated).await,
+            Next::Start(trigger) => start_rotation(run, &validated, trigger).await?,
             Next::Continue(phase) => {
                 // An incident reported while a routine rotation runs takes over that rotation.
                 if let Some((value, RotationTrigger::Incident)) = pending_request(&run.policy) {
-                    escalate_to_incident(&mut run, value).await?;
+                    escalate_to_incident(run, value).await?;
                     continue;
                 }
-                match step(&mut run, &validated, &handle, phase).await? {
+                match step(run, &validated, handle, phase).await? {
                     StepOutcome::Continue => {}
                     StepOutcome::Wait(after) => return Ok(Action::requeue(after)),
                 }

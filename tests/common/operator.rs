@@ -16,14 +16,25 @@ pub const ACCOUNT: &str = "payments-test";
 /// Starts an environment with the `shop` namespace (allowed by the account), the account, a
 /// `checkout` Deployment, and the operator running.
 pub async fn env_with(options: EnvOptions) -> LocalEnv {
-    let mut env = LocalEnv::start(options).await.expect("local environment starts");
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_test_writer()
+        .try_init();
+    let mut env = LocalEnv::start(options)
+        .await
+        .expect("local environment starts");
     env.apply_json(&json!({"apiVersion": "v1", "kind": "Namespace",
         "metadata": {"name": NS, "labels": {"stripekeys.io/account": ACCOUNT}}}))
         .await
         .unwrap();
-    env.apply_json(&env.account_manifest(ACCOUNT, json!({"matchLabels": {"stripekeys.io/account": ACCOUNT}})))
-        .await
-        .unwrap();
+    env.apply_json(&env.account_manifest(
+        ACCOUNT,
+        json!({"matchLabels": {"stripekeys.io/account": ACCOUNT}}),
+    ))
+    .await
+    .unwrap();
     env.apply_json(&deployment("checkout")).await.unwrap();
     env.start_operator();
     env
@@ -58,14 +69,25 @@ pub fn policy(name: &str, permissions: &[&str]) -> Value {
 }
 
 pub async fn get_policy(env: &LocalEnv, name: &str) -> StripeKeyPolicy {
-    Api::<StripeKeyPolicy>::namespaced(env.client.clone(), NS).get(name).await.unwrap()
+    Api::<StripeKeyPolicy>::namespaced(env.client.clone(), NS)
+        .get(name)
+        .await
+        .unwrap()
 }
 
 /// Waits (bounded) until `pred` holds for the policy; panics with its status otherwise.
-pub async fn wait_policy(env: &LocalEnv, name: &str, what: &str, pred: impl Fn(&StripeKeyPolicy) -> bool) -> StripeKeyPolicy {
+pub async fn wait_policy(
+    env: &LocalEnv,
+    name: &str,
+    what: &str,
+    pred: impl Fn(&StripeKeyPolicy) -> bool,
+) -> StripeKeyPolicy {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        if let Ok(Some(p)) = Api::<StripeKeyPolicy>::namespaced(env.client.clone(), NS).get_opt(name).await {
+        if let Ok(Some(p)) = Api::<StripeKeyPolicy>::namespaced(env.client.clone(), NS)
+            .get_opt(name)
+            .await
+        {
             if pred(&p) {
                 return p;
             }
@@ -80,7 +102,9 @@ pub async fn wait_policy(env: &LocalEnv, name: &str, what: &str, pred: impl Fn(&
 }
 
 pub fn ready(p: &StripeKeyPolicy) -> bool {
-    p.status.as_ref().is_some_and(|s| conditions::is_true(&s.conditions, "Ready") && s.rotation.is_none())
+    p.status
+        .as_ref()
+        .is_some_and(|s| conditions::is_true(&s.conditions, "Ready") && s.rotation.is_none())
 }
 
 pub fn condition(p: &StripeKeyPolicy, type_: &str) -> Option<(String, String, String)> {
@@ -90,15 +114,26 @@ pub fn condition(p: &StripeKeyPolicy, type_: &str) -> Option<(String, String, St
 
 /// Keys of the simulator account.
 pub fn sim_keys(env: &LocalEnv) -> Vec<KeyState> {
-    env.sim.state().account(&env.account_id).map(|a| a.api_keys.clone()).unwrap_or_default()
+    env.sim
+        .state()
+        .account(&env.account_id)
+        .map(|a| a.api_keys.clone())
+        .unwrap_or_default()
 }
 
 pub fn active_keys(env: &LocalEnv) -> Vec<KeyState> {
-    sim_keys(env).into_iter().filter(|k| k.status == "active").collect()
+    sim_keys(env)
+        .into_iter()
+        .filter(|k| k.status == "active")
+        .collect()
 }
 
 pub fn secret_value(secret: &Secret, key: &str) -> Option<String> {
-    secret.data.as_ref()?.get(key).map(|b| String::from_utf8(b.0.clone()).unwrap())
+    secret
+        .data
+        .as_ref()?
+        .get(key)
+        .map(|b| String::from_utf8(b.0.clone()).unwrap())
 }
 
 pub fn fingerprint(s: &str) -> String {
@@ -108,18 +143,32 @@ pub fn fingerprint(s: &str) -> String {
 /// Annotates a policy (a person's `kubectl annotate`).
 pub async fn annotate(env: &LocalEnv, name: &str, annotations: Value) {
     let api = Api::<StripeKeyPolicy>::namespaced(env.client.clone(), NS);
-    api.patch(name, &PatchParams::default(), &Patch::Merge(json!({"metadata": {"annotations": annotations}})))
-        .await
-        .unwrap();
+    api.patch(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"annotations": annotations}})),
+    )
+    .await
+    .unwrap();
 }
 
 /// Changes an unrelated label so that the controller reconciles now (after the clock moved).
 pub async fn nudge(env: &LocalEnv, name: &str) {
     let api = Api::<StripeKeyPolicy>::namespaced(env.client.clone(), NS);
-    let value = format!("{}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos());
-    api.patch(name, &PatchParams::default(), &Patch::Merge(json!({"metadata": {"labels": {"test/nudge": value}}})))
-        .await
-        .unwrap();
+    let value = format!(
+        "{}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    );
+    api.patch(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"labels": {"test/nudge": value}}})),
+    )
+    .await
+    .unwrap();
 }
 
 /// Event reasons recorded for an object.
