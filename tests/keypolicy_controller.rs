@@ -438,3 +438,308 @@ async fn deletion_expires_the_keys_and_removes_the_store_entry() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// After a full routine rotation: exactly one active key, the one in status, the store and the
+/// Secret; every other key expired; no key minted twice (one key per rotation number).
+async fn assert_settled(env: &operator_env::LocalEnv, rotations: usize) {
+    let p = wait_policy(env, "checkout", "settled", |p| {
+        ready(p) && p.status.as_ref().unwrap().previous_key.is_none()
+    })
+    .await;
+    let current = p.status.unwrap().current_key.unwrap();
+    let active = active_keys(env);
+    assert_eq!(
+        active.len(),
+        1,
+        "exactly one active key: {:#?}",
+        sim_keys(env)
+    );
+    assert_eq!(active[0].id, current.id);
+    assert_eq!(
+        sim_keys(env).len(),
+        rotations,
+        "one key per rotation, none minted twice: {:#?}",
+        sim_keys(env)
+    );
+    let bundle = env
+        .store
+        .read_bundle(&store_path("checkout"))
+        .await
+        .unwrap()
+        .unwrap()
+        .value;
+    assert_eq!(bundle.current.key_id, current.id);
+    assert!(bundle.previous.is_none());
+    let secret = env
+        .secret(NS, "checkout-stripe-key")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        fingerprint(&secret_value(&secret, "STRIPE_API_KEY").unwrap()),
+        current.fingerprint
+    );
+    assert!(secret_value(&secret, "STRIPE_API_KEY_PREVIOUS").is_none());
+}
+
+mod operator_env {
+    pub use stripe_key_operator::sandbox::env::LocalEnv;
+}
+
+#[tokio::test]
+async fn a_crash_after_any_step_resumes_without_a_second_key() {
+    for point in ["minted", "stored", "synced", "rolled", "expired"] {
+        let mut env = env().await;
+        env.apply_json(&policy("checkout", &["charge_read"]))
+            .await
+            .unwrap();
+        wait_policy(&env, "checkout", "Ready", ready).await;
+        env.crash.arm(point);
+        annotate(
+            &env,
+            "checkout",
+            json!({"stripekeys.io/rotate": format!("crash-{point}")}),
+        )
+        .await;
+        if point == "expired" {
+            wait_policy(&env, "checkout", "Overlapping", |p| {
+                p.status
+                    .as_ref()
+                    .and_then(|s| s.rotation.as_ref())
+                    .is_some_and(|r| r.phase == RotationPhase::Overlapping)
+            })
+            .await;
+            env.clock.advance(Duration::from_secs(3700));
+            nudge(&env, "checkout").await;
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while env.crash.hits() == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "crash point {point} never reached"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // The process dies right after the side effect, before recording it; a new one starts.
+        env.kill_operator().await;
+        env.start_operator();
+        if point != "expired" {
+            wait_policy(&env, "checkout", "Overlapping", |p| {
+                p.status
+                    .as_ref()
+                    .and_then(|s| s.rotation.as_ref())
+                    .is_some_and(|r| r.phase == RotationPhase::Overlapping)
+            })
+            .await;
+            env.clock.advance(Duration::from_secs(3700));
+            nudge(&env, "checkout").await;
+        }
+        assert_settled(&env, 2).await;
+        eprintln!("crash after {point}: recovered with one active key");
+    }
+}
+
+#[tokio::test]
+async fn an_unchanged_policy_reconciled_100_times_writes_nothing() {
+    let env = env().await;
+    env.apply_json(&policy("checkout", &["charge_read", "customer_read"]))
+        .await
+        .unwrap();
+    wait_policy(&env, "checkout", "Ready", ready).await;
+    // Let the controller settle (rollout done, Degraded condition recorded).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let ctx = env.context().unwrap();
+    let path = store_path("checkout");
+    let versions_before = env.store.list_versions(&path).await.unwrap().len();
+    let stripe_before = env
+        .sim
+        .request_log()
+        .iter()
+        .filter(|r| r.method == "POST")
+        .count();
+    env.api.reset_counts();
+    for _ in 0..100 {
+        let p = get_policy(&env, "checkout").await;
+        stripe_key_operator::controller::keypolicy::reconcile(std::sync::Arc::new(p), ctx.clone())
+            .await
+            .unwrap();
+    }
+    let writes: Vec<_> = env
+        .api
+        .request_counts()
+        .into_iter()
+        .filter(|((verb, _), n)| {
+            *n > 0 && matches!(verb.as_str(), "create" | "update" | "patch" | "delete")
+        })
+        .collect();
+    assert!(
+        writes.is_empty(),
+        "Kubernetes writes in steady state: {writes:?}"
+    );
+    assert_eq!(
+        env.sim
+            .request_log()
+            .iter()
+            .filter(|r| r.method == "POST")
+            .count(),
+        stripe_before,
+        "no Stripe writes"
+    );
+    assert_eq!(
+        env.store.list_versions(&path).await.unwrap().len(),
+        versions_before,
+        "no store writes"
+    );
+}
+
+#[tokio::test]
+async fn orphaned_keys_with_the_policy_name_are_expired() {
+    let env = env().await;
+    env.apply_json(&policy("checkout", &["charge_read"]))
+        .await
+        .unwrap();
+    let p = wait_policy(&env, "checkout", "Ready", ready).await;
+    let uid = p.metadata.uid.clone().unwrap();
+    // A create whose answer was lost: Stripe holds a key the policy never recorded.
+    let client = stripe_key_operator::stripe::StripeClient::new(
+        env.sim.stripe_config(&env.account_id).unwrap(),
+    )
+    .unwrap();
+    let pair = stripe_key_operator::stripe::JweKeyPair::generate().unwrap();
+    let orphan = client
+        .create_api_key(
+            &stripe_key_operator::stripe::CreateApiKeyParams {
+                key_type: stripe_key_operator::stripe::ApiKeyType::SecretKey,
+                name: "stripe-key-operator/shop/checkout".into(),
+                note: Some(format!("policy-uid={uid} rotation=7")),
+                permissions: vec!["charge_read".into()],
+                connect_permissions: None,
+                expires_at: None,
+                public_key: Some(pair.public_key_param(None).unwrap()),
+            },
+            "lost-create",
+        )
+        .await
+        .unwrap()
+        .value;
+    // A key someone else made with a similar name is never touched.
+    let foreign = client
+        .create_api_key(
+            &stripe_key_operator::stripe::CreateApiKeyParams {
+                key_type: stripe_key_operator::stripe::ApiKeyType::SecretKey,
+                name: "stripe-key-operator/shop/checkout".into(),
+                note: Some("made by hand".into()),
+                permissions: vec!["charge_read".into()],
+                connect_permissions: None,
+                expires_at: None,
+                public_key: Some(pair.public_key_param(None).unwrap()),
+            },
+            "by-hand",
+        )
+        .await
+        .unwrap()
+        .value;
+    annotate(&env, "checkout", json!({"stripekeys.io/rotate": "sweep"})).await;
+    wait_policy(&env, "checkout", "Overlapping", |p| {
+        p.status
+            .as_ref()
+            .and_then(|s| s.rotation.as_ref())
+            .is_some_and(|r| r.phase == RotationPhase::Overlapping)
+    })
+    .await;
+    env.clock.advance(Duration::from_secs(3700));
+    nudge(&env, "checkout").await;
+    wait_policy(&env, "checkout", "settled", |p| {
+        ready(p) && p.status.as_ref().unwrap().previous_key.is_none()
+    })
+    .await;
+    let keys = sim_keys(&env);
+    assert_eq!(
+        keys.iter().find(|k| k.id == orphan.id).unwrap().status,
+        "expired"
+    );
+    assert_eq!(
+        keys.iter().find(|k| k.id == foreign.id).unwrap().status,
+        "active",
+        "not ours: untouched"
+    );
+}
+
+#[tokio::test]
+async fn a_stripe_429_storm_delays_but_never_duplicates() {
+    let env = env().await;
+    env.sim.inject_fault(stripe_key_operator::sim::FaultSpec {
+        fault: stripe_key_operator::sim::FaultKind::RateLimited {
+            retry_after_secs: None,
+        },
+        count: None,
+        ratio: Some(0.6),
+        method: None,
+        path_prefix: Some("/v2/iam/api_keys".into()),
+    });
+    for name in ["a", "b", "c"] {
+        let mut p = policy(name, &["charge_read"]);
+        p["spec"]["delivery"]["rolloutTargets"] = json!([]);
+        env.apply_json(&p).await.unwrap();
+    }
+    for name in ["a", "b", "c"] {
+        wait_policy(&env, name, "Ready through 429s", ready).await;
+    }
+    assert!(
+        env.sim.request_log().iter().any(|r| r.status == Some(429)),
+        "the storm happened"
+    );
+    let keys = sim_keys(&env);
+    assert_eq!(keys.len(), 3, "one key per policy: {keys:#?}");
+}
+
+#[tokio::test]
+async fn a_store_outage_stops_the_rotation_and_it_resumes_when_the_store_is_back() {
+    let env = env().await;
+    env.apply_json(&policy("checkout", &["charge_read"]))
+        .await
+        .unwrap();
+    let first = wait_policy(&env, "checkout", "Ready", ready)
+        .await
+        .status
+        .unwrap()
+        .current_key
+        .unwrap();
+    env.store.set_unreachable(true);
+    annotate(
+        &env,
+        "checkout",
+        json!({"stripekeys.io/rotate": "during-outage"}),
+    )
+    .await;
+    let p = wait_policy(&env, "checkout", "Degraded by the outage", |p| {
+        condition(p, "Degraded").is_some_and(|c| c.0 == "True" && c.1 == "VaultUnreachable")
+    })
+    .await;
+    // The published key keeps working: Ready stays True and the Secret still holds it.
+    assert_eq!(condition(&p, "Ready").unwrap().0, "True");
+    assert_eq!(
+        p.status.as_ref().unwrap().current_key.as_ref().unwrap().id,
+        first.id
+    );
+    let secret = env
+        .secret(NS, "checkout-stripe-key")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        fingerprint(&secret_value(&secret, "STRIPE_API_KEY").unwrap()),
+        first.fingerprint
+    );
+    env.store.set_unreachable(false);
+    wait_policy(&env, "checkout", "Overlapping", |p| {
+        p.status
+            .as_ref()
+            .and_then(|s| s.rotation.as_ref())
+            .is_some_and(|r| r.phase == RotationPhase::Overlapping)
+    })
+    .await;
+    env.clock.advance(Duration::from_secs(3700));
+    nudge(&env, "checkout").await;
+    assert_settled(&env, 2).await;
+}

@@ -735,6 +735,7 @@ async fn mint(run: &mut Run<'_>, handle: &AccountHandle) -> Result<StepOutcome, 
             controller: CONTROLLER.into(),
         })
         .inc();
+    run.ctx.crash_point("minted")?;
     rotation.new_key = Some(KeyStatus {
         id: key.id.clone(),
         fingerprint: secret.fingerprint(),
@@ -981,6 +982,7 @@ async fn roll_targets(run: &Run<'_>, fingerprint: &str) -> Result<Vec<String>, R
                         &Patch::Merge(inject::rollout_patch(&key, fingerprint)),
                     )
                     .await?;
+                run.ctx.crash_point("rolled")?;
                 run.event(
                     EventType::Normal,
                     "RolloutStarted",
