@@ -94,12 +94,14 @@ async fn rate_limit_storm_client_stays_under_its_rate_and_every_call_succeeds() 
             .all(|e| e.fault.is_some()),
         "the simulator's own per-account limit never fired: the client stayed under 25/s"
     );
-    // In every one-second window the three clones together sent at most rate + burst requests.
+    // In every one-second window the three clones together sent at most rate + burst requests
+    // (plus the three that may be in flight at once, in case the server handles queued
+    // requests late and back to back). Without the limiter this would be hundreds.
     let times: Vec<u64> = log.iter().map(|e| e.received_ms).collect();
     for (i, start) in times.iter().enumerate() {
         let in_window = times[i..].iter().take_while(|t| **t < start + 1000).count();
         assert!(
-            in_window <= 21,
+            in_window <= 20 + 1 + 3,
             "{in_window} requests within 1 s starting at {start} ms"
         );
     }
