@@ -40,6 +40,18 @@ fn bench(c: &mut Criterion) {
     g.bench_function("raw_hmac_sha256", |b| {
         b.iter(|| hmac::sign(black_box(&raw_key), black_box(&payload)))
     });
+    g.bench_function("hmac_of_signed_payload_t_dot_body", |b| {
+        b.iter(|| {
+            let mut ctx = hmac::Context::with_key(black_box(&raw_key));
+            ctx.update(b"1700000000");
+            ctx.update(b".");
+            ctx.update(black_box(&payload));
+            ctx.sign()
+        })
+    });
+    g.bench_function("parse_header_only", |b| {
+        b.iter(|| stripe_key_operator::webhook::signature::parse_header(black_box(&header_current)))
+    });
     g.bench_function("verify_one_secret", |b| {
         b.iter(|| one.verify_at(black_box(&payload), black_box(&header_current), T))
     });

@@ -156,6 +156,18 @@ fn server_error(request_id: &str, mode: Option<Mode>, should_retry: Option<bool>
     r
 }
 
+/// Marks an idempotency key as being processed; unmarks it when dropped (on every exit path).
+struct InFlight {
+    shared: Arc<Shared>,
+    key: (String, String),
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.shared.lock().in_flight.remove(&self.key);
+    }
+}
+
 /// The Stripe API surface (everything outside `/_sim/`).
 async fn api(
     AxState(shared): AxState<Arc<Shared>>,
@@ -175,9 +187,31 @@ async fn api(
         .map(str::to_owned);
     let context = header(&headers, "stripe-context").map(str::to_owned);
 
-    let (fault, at) = {
+    // A second request with an idempotency key that is still being processed gets 409, as
+    // Stripe answers: the client may retry it later and will then get the saved answer.
+    let in_flight_key = match (&idem, m == "POST") {
+        (Some(k), true) => Some((context.clone().unwrap_or_default(), k.clone())),
+        _ => None,
+    };
+    let (fault, at, conflict) = {
         let mut st = shared.lock();
-        (st.take_fault(&m, &path), st.clock.now())
+        let conflict = match &in_flight_key {
+            Some(key) => !st.in_flight.insert(key.clone()),
+            None => false,
+        };
+        let fault = if conflict {
+            None
+        } else {
+            st.take_fault(&m, &path)
+        };
+        (fault, st.clock.now(), conflict)
+    };
+    let _in_flight = match (&in_flight_key, conflict) {
+        (Some(key), false) => Some(InFlight {
+            shared: shared.clone(),
+            key: key.clone(),
+        }),
+        _ => None,
     };
     let mut entry = RequestLogEntry {
         request_id: request_id.clone(),
@@ -192,6 +226,23 @@ async fn api(
         at,
     };
     let finish = |entry: RequestLogEntry| shared.lock().log.push(entry);
+    if conflict {
+        let answer = Answer::from_reply(
+            error_reply(
+                409,
+                "idempotency_error",
+                Some("idempotency_key_in_use"),
+                "There is currently another in-progress request using this idempotency key. Please try again later.",
+                None,
+                &request_id,
+                None,
+            ),
+            &request_id,
+        );
+        entry.status = Some(answer.status);
+        finish(entry);
+        return answer.into_response();
+    }
 
     let mut saved_500: Option<Option<bool>> = None;
     let mut drop_after_commit = false;

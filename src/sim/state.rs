@@ -367,6 +367,8 @@ pub(crate) struct State {
     pub faults: Vec<FaultRule>,
     pub next_fault_id: u64,
     pub log: Vec<RequestLogEntry>,
+    /// (Stripe-Context, Idempotency-Key) of POSTs being processed right now.
+    pub in_flight: std::collections::HashSet<(String, String)>,
 }
 
 impl State {
@@ -400,6 +402,7 @@ impl State {
             faults: Vec::new(),
             next_fault_id: 1,
             log: Vec::new(),
+            in_flight: std::collections::HashSet::new(),
         }
     }
 

@@ -102,6 +102,8 @@ enum Body {
 
 struct Inner {
     http: reqwest::Client,
+    /// `Bearer <key>`, marked sensitive so no HTTP-layer logging ever prints it.
+    authorization: reqwest::header::HeaderValue,
     config: StripeConfig,
     base: String,
     limiter: Arc<RateLimiter>,
@@ -196,6 +198,16 @@ impl StripeClient {
                 "requests_per_second must be a positive number".into(),
             ));
         }
+        let mut authorization = reqwest::header::HeaderValue::from_str(&format!(
+            "Bearer {}",
+            config.secret_key.expose()
+        ))
+        .map_err(|_| {
+            StripeError::Config(
+                "the app secret key contains characters not allowed in a header".into(),
+            )
+        })?;
+        authorization.set_sensitive(true);
         let http = reqwest::Client::builder()
             .user_agent(concat!("stripe-key-operator/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(config.timeout)
@@ -205,6 +217,7 @@ impl StripeClient {
         Ok(Self {
             inner: Arc::new(Inner {
                 http,
+                authorization,
                 config,
                 base,
                 limiter,
@@ -218,6 +231,7 @@ impl StripeClient {
         Self {
             inner: Arc::new(Inner {
                 http: self.inner.http.clone(),
+                authorization: self.inner.authorization.clone(),
                 config: self.inner.config.clone(),
                 base: self.inner.base.clone(),
                 limiter: self.inner.limiter.clone(),
@@ -598,10 +612,7 @@ impl StripeClient {
                 .http
                 .request(method.clone(), &url)
                 .timeout(inner.config.timeout)
-                .header(
-                    reqwest::header::AUTHORIZATION,
-                    format!("Bearer {}", inner.config.secret_key.expose()),
-                )
+                .header(reqwest::header::AUTHORIZATION, inner.authorization.clone())
                 .header("Stripe-Version", &inner.config.api_version)
                 .header("Stripe-Context", &inner.config.context);
             if let Some(k) = idempotency_key {

@@ -574,4 +574,25 @@ mod tests {
             Err(JweError::InvalidKey(_))
         ));
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig {
+            cases: 3000,
+            failure_persistence: None,
+            ..proptest::prelude::ProptestConfig::default()
+        })]
+
+        /// Arbitrary compact strings, and valid JWEs with one part replaced by arbitrary
+        /// base64url, are rejected with an error and never panic.
+        #[test]
+        fn decrypt_never_panics(
+            raw in "[A-Za-z0-9_.-]{0,200}",
+            part in 0usize..5,
+            replacement in "[A-Za-z0-9_-]{0,400}",
+        ) {
+            let _ = pair().decrypt(&raw);
+            let tampered = replace_part(&valid_jwe(), part, &replacement);
+            proptest::prop_assert!(pair().decrypt(&tampered).is_err());
+        }
+    }
 }

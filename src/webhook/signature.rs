@@ -19,8 +19,8 @@
 use std::fmt;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use aws_lc_rs::constant_time::verify_slices_are_equal;
 use aws_lc_rs::hmac;
-use subtle::ConstantTimeEq;
 
 use crate::secret::SecretString;
 
@@ -84,11 +84,25 @@ pub struct VerifiedSignature {
 /// Parses a `Stripe-Signature` header. Unknown schemes (`v0`, ...) are ignored; at least one
 /// `v1` entry and exactly one `t` entry are required.
 pub fn parse_header(header: &str) -> Result<SignatureHeader, SignatureError> {
+    let mut sigs = [[0u8; 32]; MAX_SIGNATURES];
+    let (timestamp, count) = parse_into(header, &mut sigs)?;
+    Ok(SignatureHeader {
+        timestamp,
+        v1: sigs[..count].to_vec(),
+    })
+}
+
+/// The parser without allocation: decodes the valid `v1` values into `sigs` and returns the
+/// timestamp and how many were decoded.
+fn parse_into(
+    header: &str,
+    sigs: &mut [[u8; 32]; MAX_SIGNATURES],
+) -> Result<(i64, usize), SignatureError> {
     if header.len() > MAX_HEADER_LEN {
         return Err(SignatureError::MalformedHeader("header is too long"));
     }
     let mut timestamp: Option<i64> = None;
-    let mut v1 = Vec::new();
+    let mut decoded = 0usize;
     let mut v1_entries = 0usize;
     for item in header.split(',') {
         let item = item.trim();
@@ -124,9 +138,8 @@ pub fn parse_header(header: &str) -> Result<SignatureHeader, SignatureError> {
                 if v1_entries > MAX_SIGNATURES {
                     return Err(SignatureError::MalformedHeader("too many v1 signatures"));
                 }
-                let mut sig = [0u8; 32];
-                if hex::decode_to_slice(value.trim(), &mut sig).is_ok() {
-                    v1.push(sig);
+                if decode_hex32(value.trim().as_bytes(), &mut sigs[decoded]) {
+                    decoded += 1;
                 }
             }
             _ => {}
@@ -138,7 +151,43 @@ pub fn parse_header(header: &str) -> Result<SignatureHeader, SignatureError> {
     if v1_entries == 0 {
         return Err(SignatureError::MalformedHeader("no v1 signature"));
     }
-    Ok(SignatureHeader { timestamp, v1 })
+    Ok((timestamp, decoded))
+}
+
+/// Decodes exactly 64 hex digits (either case) into `out`; false for anything else.
+fn decode_hex32(hex: &[u8], out: &mut [u8; 32]) -> bool {
+    fn nibble(c: u8) -> Option<u8> {
+        match c {
+            b'0'..=b'9' => Some(c - b'0'),
+            b'a'..=b'f' => Some(c - b'a' + 10),
+            b'A'..=b'F' => Some(c - b'A' + 10),
+            _ => None,
+        }
+    }
+    if hex.len() != 64 {
+        return false;
+    }
+    for (i, pair) in hex.chunks_exact(2).enumerate() {
+        match (nibble(pair[0]), nibble(pair[1])) {
+            (Some(h), Some(l)) => out[i] = (h << 4) | l,
+            _ => return false,
+        }
+    }
+    true
+}
+
+/// Writes the decimal form of a non-negative timestamp into `buf` without allocating.
+fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    &buf[i..]
 }
 
 /// Computes the `Stripe-Signature` header for `payload` at `timestamp`, one `v1` per secret.
@@ -148,16 +197,16 @@ pub fn sign(payload: &[u8], secrets: &[SecretString], timestamp: i64) -> String 
     let ts = timestamp.to_string();
     for secret in secrets {
         let key = hmac::Key::new(hmac::HMAC_SHA256, secret.expose().as_bytes());
-        let tag = signed_payload_tag(&key, &ts, payload);
+        let tag = signed_payload_tag(&key, ts.as_bytes(), payload);
         header.push_str(",v1=");
         header.push_str(&hex::encode(tag.as_ref()));
     }
     header
 }
 
-fn signed_payload_tag(key: &hmac::Key, timestamp: &str, payload: &[u8]) -> hmac::Tag {
+fn signed_payload_tag(key: &hmac::Key, timestamp: &[u8], payload: &[u8]) -> hmac::Tag {
     let mut ctx = hmac::Context::with_key(key);
-    ctx.update(timestamp.as_bytes());
+    ctx.update(timestamp);
     ctx.update(b".");
     ctx.update(payload);
     ctx.sign()
@@ -243,17 +292,21 @@ impl Verifier {
         header: &str,
         now: i64,
     ) -> Result<VerifiedSignature, SignatureError> {
-        let parsed = parse_header(header)?;
-        let ts = parsed.timestamp.to_string();
+        let mut sigs = [[0u8; 32]; MAX_SIGNATURES];
+        let (timestamp, count) = parse_into(header, &mut sigs)?;
+        let mut buf = [0u8; 20];
+        // the parser only accepts digits, so the timestamp is never negative
+        let ts = decimal(timestamp.unsigned_abs(), &mut buf);
         let mut matched: Option<usize> = None;
         for (index, key) in self.keys.iter().enumerate() {
-            let expected = signed_payload_tag(key, &ts, payload);
+            let expected = signed_payload_tag(key, ts, payload);
             let expected = expected.as_ref();
-            let mut hit = subtle::Choice::from(0u8);
-            for candidate in &parsed.v1 {
-                hit |= candidate.as_slice().ct_eq(expected);
+            // constant-time comparison (CRYPTO_memcmp); every candidate is compared
+            let mut hit = false;
+            for candidate in &sigs[..count] {
+                hit |= verify_slices_are_equal(candidate, expected).is_ok();
             }
-            if bool::from(hit) {
+            if hit {
                 matched = Some(index);
                 break;
             }
@@ -263,16 +316,48 @@ impl Verifier {
         };
         let tolerance_secs = self.tolerance.as_secs();
         let tol = i64::try_from(tolerance_secs).unwrap_or(i64::MAX);
-        if parsed.timestamp.abs_diff(now) > tol.unsigned_abs() {
+        if timestamp.abs_diff(now) > tol.unsigned_abs() {
             return Err(SignatureError::TimestampOutsideTolerance {
-                timestamp: parsed.timestamp,
+                timestamp,
                 now,
                 tolerance_secs,
             });
         }
         Ok(VerifiedSignature {
-            timestamp: parsed.timestamp,
+            timestamp,
             secret_index,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_decoding_accepts_exactly_64_hex_digits() {
+        let mut out = [0u8; 32];
+        assert!(decode_hex32(&[b'a'; 64], &mut out));
+        assert_eq!(out, [0xaa; 32]);
+        assert!(decode_hex32("0F".repeat(32).as_bytes(), &mut out));
+        assert_eq!(out, [0x0f; 32]);
+        assert!(!decode_hex32(&[b'a'; 63], &mut out));
+        assert!(!decode_hex32(&[b'a'; 66], &mut out));
+        assert!(!decode_hex32(&[b'g'; 64], &mut out));
+    }
+
+    #[test]
+    fn decimal_formats_like_to_string() {
+        let mut buf = [0u8; 20];
+        for n in [
+            0u64,
+            7,
+            10,
+            1_700_000_000,
+            999_999_999_999_999_999,
+            u64::MAX,
+        ] {
+            assert_eq!(decimal(n, &mut buf), n.to_string().as_bytes());
+        }
     }
 }
