@@ -10,6 +10,7 @@ pub mod http;
 pub mod inject;
 pub mod leader;
 pub mod metrics;
+pub mod rotate_cli;
 pub mod rotation;
 pub mod rules;
 pub mod sandbox;

@@ -15,6 +15,11 @@ enum Command {
     Run(Box<stripe_key_operator::controller::RunConfig>),
     /// Print every CustomResourceDefinition as multi-document YAML.
     Crdgen,
+    /// The operator's whole job on this machine: the Kubernetes API for tests, the Stripe
+    /// simulator, an in-memory store and the controllers; applies examples/ and prints a timeline.
+    Sandbox(stripe_key_operator::sandbox::SandboxArgs),
+    /// Ask the operator for a rotation (`rotate stripekeypolicy/NAME -n NS [--incident]`).
+    Rotate(stripe_key_operator::rotate_cli::RotateArgs),
     /// Run the local Stripe API simulator.
     StripeSim(stripe_key_operator::sim::SimArgs),
     /// Audit log tools (`audit verify FILE`).
@@ -52,6 +57,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::StripeSim(args) => stripe_key_operator::sim::run_cli(args).await,
+        Command::Sandbox(args) => stripe_key_operator::sandbox::run(args).await,
+        Command::Rotate(args) => stripe_key_operator::rotate_cli::run(args).await,
         Command::Audit(_) | Command::Scan(_) => unreachable!("handled in main"),
     }
 }

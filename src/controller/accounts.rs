@@ -85,10 +85,7 @@ impl Accounts {
         if let Some(timeout) = ctx.config.stripe_timeout {
             config.timeout = timeout;
         }
-        let mut client = StripeClient::new(config)?;
-        if let Some(observer) = ctx.stripe_observer.clone() {
-            client = client.with_observer(observer);
-        }
+        let client = StripeClient::new(config)?;
         // Stripe requires a public key on every secret-key create (test mode too); live mode
         // returns the secret only encrypted to it.
         let keys = Some(Arc::new(load_or_create_key_pair(ctx, account).await?));

@@ -335,8 +335,37 @@ impl Run<'_> {
             .patch_status(&self.name, &pp, &Patch::Apply(&patch))
             .await?;
         self.policy.metadata.resource_version = updated.metadata.resource_version;
+        let phase = |s: Option<&StripeKeyPolicyStatus>| {
+            s.and_then(|s| s.rotation.as_ref())
+                .map(|r| format!("{:?}", r.phase))
+                .unwrap_or_else(|| "Idle".into())
+        };
+        let (from, to) = (phase(self.policy.status.as_ref()), phase(Some(&status)));
+        if from != to {
+            let key = status
+                .rotation
+                .as_ref()
+                .and_then(|r| r.new_key.clone())
+                .or_else(|| status.current_key.clone());
+            let mut entry =
+                crate::audit::AuditEntry::rotation_transition(self.actor(&status), &from, &to)
+                    .success();
+            if let Some(k) = key {
+                entry = entry.key(&k.id, &k.fingerprint);
+            }
+            self.ctx.audit.record(entry);
+        }
         self.policy.status = Some(status);
         Ok(())
+    }
+
+    /// Who acts, for the audit log: this policy and what triggered the current rotation.
+    fn actor(&self, status: &StripeKeyPolicyStatus) -> crate::audit::Actor {
+        let actor = crate::audit::Actor::resource(KIND, Some(&self.ns), &self.name);
+        match status.rotation.as_ref() {
+            Some(r) => actor.triggered_by(format!("{:?}", r.trigger)),
+            None => actor.triggered_by("Reconcile"),
+        }
     }
 
     async fn event(&self, type_: EventType, reason: &str, note: String) {
@@ -421,6 +450,11 @@ async fn apply(policy: Arc<StripeKeyPolicy>, ctx: Arc<Context>) -> Result<Action
             run.write_status(status).await?;
             return Err(e);
         }
+    };
+    let observer = ctx.call_observer(run.actor(&run.status()));
+    let handle = AccountHandle {
+        client: handle.client.with_observer(observer),
+        ..handle
     };
     let result = drive(&mut run, &validated, &handle).await;
     if let Err(e) = &result {
@@ -797,6 +831,11 @@ async fn store(run: &mut Run<'_>, handle: &AccountHandle) -> Result<StepOutcome,
         let cas = Cas::after_read(existing.as_ref().map(|b| b.version));
         match run.ctx.store.write_bundle(&path, &bundle, cas).await {
             Ok(_) => {
+                run.ctx.audit.record(
+                    crate::audit::AuditEntry::store_write(run.actor(&status), path.as_str())
+                        .key(&new_key.id, &new_key.fingerprint)
+                        .success(),
+                );
                 run.ctx.crash_point("stored")?;
                 break;
             }
@@ -890,6 +929,12 @@ async fn sync_secret(run: &Run<'_>) -> Result<bool, ReconcileError> {
     secrets
         .patch(&delivery.name, &pp, &Patch::Apply(&body))
         .await?;
+    run.ctx.audit.record(
+        crate::audit::AuditEntry::secret_sync(run.actor(&status), &run.ns, &delivery.name)
+            .key(&bundle.current.key_id, &bundle.current.fingerprint)
+            .detail("previous_published", previous.is_some())
+            .success(),
+    );
     Ok(true)
 }
 
@@ -982,6 +1027,16 @@ async fn roll_targets(run: &Run<'_>, fingerprint: &str) -> Result<Vec<String>, R
                         &Patch::Merge(inject::rollout_patch(&key, fingerprint)),
                     )
                     .await?;
+                run.ctx.audit.record(
+                    crate::audit::AuditEntry::rollout_patch(
+                        run.actor(&run.status()),
+                        &format!("{kind:?}"),
+                        &run.ns,
+                        &name,
+                    )
+                    .fingerprint(fingerprint)
+                    .success(),
+                );
                 run.ctx.crash_point("rolled")?;
                 run.event(
                     EventType::Normal,
@@ -1150,7 +1205,18 @@ async fn expire_previous(
             )
             .await
         {
-            Ok(_) => break,
+            Ok(_) => {
+                run.ctx.audit.record(
+                    crate::audit::AuditEntry::store_write(run.actor(&status), path.as_str())
+                        .key(
+                            &existing.value.current.key_id,
+                            &existing.value.current.fingerprint,
+                        )
+                        .detail("previous_dropped", true)
+                        .success(),
+                );
+                break;
+            }
             Err(e) if e.is_conflict() && attempt < 2 => continue,
             Err(e) => return Err(e.into()),
         }
@@ -1380,6 +1446,14 @@ async fn cleanup(
         match accounts.get_opt(&policy.spec.account_ref.name).await? {
             Some(account) => {
                 let handle = ctx.accounts.resolve(&ctx, &account).await?;
+                let observer = ctx.call_observer(
+                    crate::audit::Actor::resource(KIND, Some(&run.ns), &run.name)
+                        .triggered_by("Delete"),
+                );
+                let handle = AccountHandle {
+                    client: handle.client.with_observer(observer),
+                    ..handle
+                };
                 let ids: Vec<KeyStatus> = [
                     status.current_key.clone(),
                     status.previous_key.clone(),
@@ -1410,6 +1484,13 @@ async fn cleanup(
     }
     let path = run.store_path()?;
     ctx.store.delete(&path).await?;
+    ctx.audit.record(
+        crate::audit::AuditEntry::store_delete(
+            crate::audit::Actor::resource(KIND, Some(&run.ns), &run.name).triggered_by("Delete"),
+            path.as_str(),
+        )
+        .success(),
+    );
     ctx.metrics.forget_object(&crate::metrics::ObjectLabels {
         kind: KIND.into(),
         namespace: run.ns.clone(),

@@ -198,7 +198,54 @@ pub struct Context {
     pub config: ControllerConfig,
     /// Sees every Stripe HTTP attempt (metrics and the audit log).
     pub stripe_observer: Option<Arc<dyn CallObserver>>,
+    /// The tamper-evident audit log (disabled unless set with [`Context::with_audit`]).
+    pub audit: crate::audit::AuditLog,
     recorder: Recorder,
+}
+
+/// Reports each Stripe HTTP attempt of one reconcile to the metrics and the audit log.
+struct CallTelemetry {
+    metrics: Metrics,
+    audit: Option<crate::audit::StripeAuditObserver>,
+    extra: Option<Arc<dyn CallObserver>>,
+}
+
+/// The path of a Stripe call with object ids replaced by `{id}` (bounded metric cardinality).
+pub fn stripe_route(path: &str) -> String {
+    let mut out = Vec::new();
+    let mut previous = "";
+    for segment in path.split('/') {
+        if matches!(previous, "api_keys" | "webhook_endpoints") && !segment.is_empty() {
+            out.push("{id}");
+        } else {
+            out.push(segment);
+        }
+        previous = segment;
+    }
+    out.join("/")
+}
+
+impl CallObserver for CallTelemetry {
+    fn on_call(&self, record: &crate::stripe::CallRecord) {
+        let code = record
+            .status
+            .map(|s| s.to_string())
+            .unwrap_or_else(|| "error".into());
+        self.metrics
+            .stripe_requests
+            .get_or_create(&crate::metrics::StripeCallLabels {
+                method: record.method.clone(),
+                route: stripe_route(&record.path),
+                code,
+            })
+            .inc();
+        if let Some(audit) = &self.audit {
+            audit.on_call(record);
+        }
+        if let Some(extra) = &self.extra {
+            extra.on_call(record);
+        }
+    }
 }
 
 impl Context {
@@ -223,7 +270,26 @@ impl Context {
             clock,
             config,
             stripe_observer,
+            audit: crate::audit::AuditLog::disabled(),
         }
+    }
+
+    /// Sets the audit log.
+    pub fn with_audit(mut self, audit: crate::audit::AuditLog) -> Self {
+        self.audit = audit;
+        self
+    }
+
+    /// An observer for the Stripe calls that `actor` makes: metrics and audit lines.
+    pub fn call_observer(&self, actor: crate::audit::Actor) -> Arc<dyn CallObserver> {
+        Arc::new(CallTelemetry {
+            metrics: self.metrics.clone(),
+            audit: self
+                .audit
+                .is_enabled()
+                .then(|| crate::audit::StripeAuditObserver::new(self.audit.clone(), actor)),
+            extra: self.stripe_observer.clone(),
+        })
     }
 
     /// Runs the crash hook, if any, at `point`.

@@ -41,8 +41,10 @@ pub struct EnvOptions {
     pub error_backoff: Duration,
     pub resync: Duration,
     pub stripe_timeout: Duration,
-    /// Sees every Stripe call (audit, metrics).
+    /// Sees every Stripe call (besides the metrics and the audit log).
     pub stripe_observer: Option<Arc<dyn CallObserver>>,
+    /// The audit log the operator writes (disabled when `None`).
+    pub audit: Option<crate::audit::AuditLog>,
 }
 
 impl Default for EnvOptions {
@@ -56,6 +58,7 @@ impl Default for EnvOptions {
             resync: Duration::from_secs(60),
             stripe_timeout: Duration::from_secs(5),
             stripe_observer: None,
+            audit: None,
         }
     }
 }
@@ -150,14 +153,18 @@ impl LocalEnv {
         config.resync = self.options.resync;
         config.stripe_timeout = Some(self.options.stripe_timeout);
         config.crash_hook = Some(self.crash.clone());
-        let ctx = Arc::new(Context::new(
+        let mut ctx = Context::new(
             self.client.clone(),
             self.store.clone(),
             self.metrics.clone(),
             Arc::new(self.clock.clone()),
             config,
             self.options.stripe_observer.clone(),
-        ));
+        );
+        if let Some(audit) = &self.options.audit {
+            ctx = ctx.with_audit(audit.clone());
+        }
+        let ctx = Arc::new(ctx);
         let stop = CancellationToken::new();
         let task = tokio::spawn({
             let ctx = ctx.clone();
