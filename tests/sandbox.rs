@@ -5,8 +5,8 @@ use std::process::Command;
 
 /// Stripe secret material: secret and restricted keys and webhook signing secrets.
 fn secret_material(text: &str) -> Vec<String> {
-    let re =
-        regex::Regex::new(r"(sk|rk)_(test|live)_[A-Za-z0-9]{8,}|whsec_[A-Za-z0-9+/=]{8,}").unwrap();
+    let re = regex::Regex::new(r"(sk|rk)_(test|live)_[A-Za-z0-9_]{8,}|whsec_[A-Za-z0-9+/=_]{8,}")
+        .unwrap();
     re.find_iter(text)
         .map(|m| format!("{}…", &m.as_str()[..10]))
         .collect()

@@ -112,6 +112,10 @@ pub struct RunConfig {
         default_value = "/var/run/secrets/kubernetes.io/serviceaccount/token"
     )]
     pub vault_k8s_token_file: std::path::PathBuf,
+    /// Where the audit log goes: `stdout` (separate from the logs, which go to stderr), `off`, or
+    /// an append-only file path.
+    #[arg(long, env = "AUDIT_LOG", default_value = "stdout")]
+    pub audit_log: crate::audit::AuditTarget,
     /// KV v2 mount.
     #[arg(long, env = "VAULT_MOUNT", default_value = "secret")]
     pub vault_mount: String,
@@ -433,6 +437,8 @@ pub enum RunError {
     Leader(#[from] crate::leader::LeaderError),
     #[error("secret store: {0}")]
     Store(#[from] crate::vault::StoreError),
+    #[error("opening the audit log: {0}")]
+    Audit(String),
 }
 
 /// Lists one object through each `Api` to prove the CRD of `kind` is served. 404: not installed.
@@ -581,14 +587,27 @@ pub async fn run_with_client(
         }
     };
     let prefix = StorePrefix::new(&config.vault_prefix)?;
-    let ctx = Arc::new(Context::new(
-        client.clone(),
-        store,
-        metrics.clone(),
-        Arc::new(clock::SystemClock),
-        ControllerConfig::new(&config.namespace, prefix),
-        None,
-    ));
+    let audit = match crate::audit::AuditLog::open(&config.audit_log) {
+        Ok(a) => a,
+        Err(e) => {
+            if let Some(l) = leadership {
+                l.release().await;
+            }
+            shutdown.cancel();
+            return Err(RunError::Audit(e.to_string()));
+        }
+    };
+    let ctx = Arc::new(
+        Context::new(
+            client.clone(),
+            store,
+            metrics.clone(),
+            Arc::new(clock::SystemClock),
+            ControllerConfig::new(&config.namespace, prefix),
+            None,
+        )
+        .with_audit(audit.clone()),
+    );
     let lost = leadership.as_ref().map(|l| l.lost()).unwrap_or_default();
     let controllers_stop = CancellationToken::new();
     let stop = controllers_stop.clone();
@@ -599,6 +618,7 @@ pub async fn run_with_client(
     }
     controllers_stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(20), controllers).await;
+    audit.close();
     health.set_ready(false);
     metrics.leader.set(0);
     if let Some(l) = leadership {
