@@ -214,10 +214,9 @@ impl LocalEnv {
             Scope::Cluster => Api::all_with(self.client.clone(), &ar),
         };
         let pp = PatchParams::apply(FIELD_MANAGER).force();
-        Ok(api
-            .patch(name, &pp, &Patch::Apply(obj))
+        api.patch(name, &pp, &Patch::Apply(obj))
             .await
-            .with_context(|| format!("applying {kind} {name}"))?)
+            .with_context(|| format!("applying {kind} {name}"))
     }
 
     /// Server-side applies every document of a YAML stream.
