@@ -311,6 +311,9 @@ struct Run<'a> {
     ns: String,
     name: String,
     uid: String,
+    /// The secret minted in this reconcile (key id, secret): the store step uses it instead of
+    /// replaying the create. After a crash it is gone and the replay brings it back.
+    minted: Option<(String, SecretString)>,
 }
 
 impl Run<'_> {
@@ -419,6 +422,7 @@ async fn apply(policy: Arc<StripeKeyPolicy>, ctx: Arc<Context>) -> Result<Action
         policy: (*policy).clone(),
         api: Api::namespaced(ctx.client.clone(), &ns),
         uid: policy.uid().unwrap_or_default(),
+        minted: None,
         ns,
         name,
     };
@@ -672,7 +676,7 @@ async fn step(
         RotationPhase::Minting => mint(run, handle).await,
         RotationPhase::Storing => store(run, handle).await,
         RotationPhase::Syncing => sync_secret_step(run).await,
-        RotationPhase::RollingOut => roll_out(run).await,
+        RotationPhase::RollingOut => roll_out(run, v).await,
         RotationPhase::Overlapping => overlap(run, v).await,
         RotationPhase::Expiring => expire_previous(run, handle).await,
         RotationPhase::Idle => {
@@ -741,8 +745,7 @@ async fn mint(run: &mut Run<'_>, handle: &AccountHandle) -> Result<StepOutcome, 
     let mut rotation = rotation_of(&status);
     let (key, secret) = create_key(run, handle, &rotation).await?;
     if let Err(message) =
-        crate::stripe::verify::verify_scopes(handle.client.config(), &secret, &rotation.permissions)
-            .await
+        crate::stripe::verify::verify_scopes(&handle.client, &secret, &rotation.permissions).await
     {
         // Never publish a key whose scopes are wrong: expire it and start over with a new number.
         let _ = handle
@@ -789,6 +792,7 @@ async fn mint(run: &mut Run<'_>, handle: &AccountHandle) -> Result<StepOutcome, 
         ),
     )
     .await;
+    run.minted = Some((key.id, secret));
     Ok(StepOutcome::Continue)
 }
 
@@ -809,7 +813,10 @@ async fn store(run: &mut Run<'_>, handle: &AccountHandle) -> Result<StepOutcome,
         {
             break;
         }
-        let (_, secret) = create_key(run, handle, &rotation).await?;
+        let secret = match run.minted.take() {
+            Some((id, secret)) if id == new_key.id => secret,
+            _ => create_key(run, handle, &rotation).await?.1,
+        };
         if secret.fingerprint() != new_key.fingerprint {
             return Err(ReconcileError::MissingSecret {
                 key_id: new_key.id.clone(),
@@ -1055,7 +1062,7 @@ async fn roll_targets(run: &Run<'_>, fingerprint: &str) -> Result<Vec<String>, R
     Ok(pending)
 }
 
-async fn roll_out(run: &mut Run<'_>) -> Result<StepOutcome, ReconcileError> {
+async fn roll_out(run: &mut Run<'_>, v: &Validated) -> Result<StepOutcome, ReconcileError> {
     let now = run.ctx.clock.now();
     let mut status = run.status();
     let mut rotation = rotation_of(&status);
@@ -1103,6 +1110,13 @@ async fn roll_out(run: &mut Run<'_>) -> Result<StepOutcome, ReconcileError> {
         _ if status.previous_key.is_none() => RotationPhase::Idle,
         _ => RotationPhase::Overlapping,
     };
+    if rotation.phase == RotationPhase::Overlapping
+        && let Some(prev) = status.previous_key.as_mut()
+    {
+        // The old key's end is known now: the overlap runs from the end of the rollout.
+        let overlap = SignedDuration::try_from(v.overlap).unwrap_or(SignedDuration::ZERO);
+        prev.expires_at = Some(time(now.checked_add(overlap).unwrap_or(now)));
+    }
     if rotation.phase == RotationPhase::Idle {
         finish(run, status, rotation).await?;
     } else {
@@ -1431,6 +1445,7 @@ async fn cleanup(
         policy: (*policy).clone(),
         api: Api::namespaced(ctx.client.clone(), &ns),
         uid: policy.uid().unwrap_or_default(),
+        minted: None,
         name: policy.name_any(),
         ns,
     };

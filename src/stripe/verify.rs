@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use super::StripeConfig;
+use super::{StripeClient, StripeConfig};
 use crate::secret::SecretString;
 
 /// Read-only probes: (the permission a call needs, the call). Reads change nothing at Stripe.
@@ -38,6 +38,7 @@ pub fn plan(permissions: &[String]) -> (Option<&'static str>, Option<&'static st
 
 async fn status_of(
     http: &reqwest::Client,
+    client: &StripeClient,
     config: &StripeConfig,
     key: &SecretString,
     path: &str,
@@ -45,6 +46,8 @@ async fn status_of(
     let url = format!("{}{}", config.api_base.trim_end_matches('/'), path);
     let mut delay = Duration::from_millis(200);
     for attempt in 1..=5 {
+        // Probes count against the account's rate limit like every other call.
+        client.rate_limiter().acquire().await;
         let sent = http
             .get(&url)
             .bearer_auth(key.expose())
@@ -74,17 +77,18 @@ async fn status_of(
 
 /// Makes the probes with the new key. `Err` says which call misbehaved (never the key).
 pub async fn verify_scopes(
-    config: &StripeConfig,
+    client: &StripeClient,
     key: &SecretString,
     permissions: &[String],
 ) -> Result<(), String> {
+    let config = client.config();
     let http = reqwest::Client::builder()
         .timeout(config.timeout)
         .build()
         .map_err(|e| format!("building an HTTP client: {e}"))?;
     let (allowed, refused) = plan(permissions);
     if let Some(path) = allowed {
-        let status = status_of(&http, config, key, path).await?;
+        let status = status_of(&http, client, config, key, path).await?;
         if status != 200 {
             return Err(format!(
                 "GET {} answered {status}, but the key should be allowed to make it",
@@ -93,7 +97,7 @@ pub async fn verify_scopes(
         }
     }
     if let Some(path) = refused {
-        let status = status_of(&http, config, key, path).await?;
+        let status = status_of(&http, client, config, key, path).await?;
         if status != 403 {
             return Err(format!(
                 "GET {} answered {status}, but the key should be refused (403)",
