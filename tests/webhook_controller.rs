@@ -142,17 +142,18 @@ fn creates(env: &LocalEnv) -> usize {
         .count()
 }
 
-async fn secret_values(env: &LocalEnv) -> (String, Vec<String>) {
+/// The Secret's current secret and its list of valid secrets (redacted in any failure output).
+async fn secret_values(env: &LocalEnv) -> (SecretString, Vec<SecretString>) {
     let secret = env
         .secret(NS, SECRET)
         .await
         .unwrap()
         .expect("Secret synced");
-    let current = secret_value(&secret, "STRIPE_WEBHOOK_SECRET").unwrap();
+    let current = SecretString::new(secret_value(&secret, "STRIPE_WEBHOOK_SECRET").unwrap());
     let all = secret_value(&secret, "STRIPE_WEBHOOK_SECRETS")
         .unwrap()
         .split(',')
-        .map(str::to_string)
+        .map(SecretString::new)
         .collect();
     (current, all)
 }
@@ -263,8 +264,8 @@ async fn create_publishes_the_declared_endpoint_and_its_secret() {
 
     // The Secret holds the current secret under both keys; the store holds the same.
     let (cur, all) = secret_values(&env).await;
-    assert!(cur.starts_with("whsec_"));
-    assert_eq!(fingerprint(&cur), current.fingerprint);
+    assert!(cur.expose().starts_with("whsec_"));
+    assert_eq!(cur.fingerprint(), current.fingerprint);
     assert_eq!(ep.valid_secret_fingerprints.len(), 1);
     assert_eq!(ep.valid_secret_fingerprints[0], current.fingerprint);
     assert_eq!(all.len(), 1, "outside an overlap: just the current one");
@@ -277,7 +278,7 @@ async fn create_publishes_the_declared_endpoint_and_its_secret() {
         .unwrap()
         .value;
     assert_eq!(bundle.current.key_id, current.id);
-    assert_eq!(bundle.current.secret.expose(), cur);
+    assert_eq!(bundle.current.secret, cur);
     assert!(bundle.previous.is_none());
     let secret = env.secret(NS, SECRET).await.unwrap().unwrap();
     let owner = &secret.metadata.owner_references.as_ref().unwrap()[0];
@@ -371,7 +372,7 @@ async fn an_endpoint_deleted_at_stripe_is_recreated_with_a_new_secret() {
     assert_eq!(eps[0].id, new.id);
     assert_eq!(eps[0].url, URL);
     let (cur, all) = secret_values(&env).await;
-    assert_eq!(fingerprint(&cur), new.fingerprint);
+    assert_eq!(cur.fingerprint(), new.fingerprint);
     assert_eq!(all, [cur], "the dead endpoint's secret is not published");
     let deadline = Instant::now() + Duration::from_secs(10);
     while deployment_fingerprint(&env).await != json!(new.fingerprint) {
@@ -413,10 +414,10 @@ async fn annotation_rotation_is_blue_green_and_both_secrets_verify_during_the_ov
         "2"
     );
     let (cur, all) = secret_values(&env).await;
-    assert_eq!(fingerprint(&cur), second.fingerprint);
+    assert_eq!(cur.fingerprint(), second.fingerprint);
     assert_eq!(all.len(), 2);
-    assert_eq!(fingerprint(&all[0]), second.fingerprint);
-    assert_eq!(fingerprint(&all[1]), first.fingerprint);
+    assert_eq!(all[0].fingerprint(), second.fingerprint);
+    assert_eq!(all[1].fingerprint(), first.fingerprint);
     assert_eq!(
         deployment_fingerprint(&env).await,
         json!(second.fingerprint)
@@ -453,7 +454,7 @@ async fn annotation_rotation_is_blue_green_and_both_secrets_verify_during_the_ov
         assert!(outcome.delivered, "{outcome:?}");
         assert_eq!(outcome.signatures, 1);
     }
-    let published: Vec<SecretString> = all.iter().map(SecretString::new).collect();
+    let published = all;
     let verifier = Verifier::new(&published);
     let only_old = Verifier::new(&published[1..]);
     let deliveries = got.lock().unwrap().clone();
@@ -702,7 +703,7 @@ async fn assert_settled(env: &LocalEnv) {
     assert_eq!(bundle.current.key_id, current.id);
     assert!(bundle.previous.is_none());
     let (cur, all) = secret_values(env).await;
-    assert_eq!(fingerprint(&cur), current.fingerprint);
+    assert_eq!(cur.fingerprint(), current.fingerprint);
     assert_eq!(all, [cur]);
 }
 
@@ -790,5 +791,84 @@ async fn an_unchanged_endpoint_reconciled_100_times_writes_nothing() {
         env.store.list_versions(&path).await.unwrap().len(),
         versions_before,
         "no store writes"
+    );
+}
+
+#[tokio::test]
+async fn an_incident_during_a_routine_rotation_deletes_the_old_endpoint_at_once() {
+    let env = env().await;
+    let first = create_and_wait(&env)
+        .await
+        .status
+        .unwrap()
+        .current_key
+        .unwrap();
+    env.api.set_workload_stuck(NS, "checkout", true);
+    annotate_endpoint(&env, json!({"stripekeys.io/rotate": "routine-1"})).await;
+    wait(&env, "RollingOut", in_phase(RotationPhase::RollingOut)).await;
+    assert_eq!(sim_endpoints(&env).len(), 2, "blue/green while rolling");
+    annotate_endpoint(
+        &env,
+        json!({"stripekeys.io/rotate": "incident-1", "stripekeys.io/rotate-reason": "incident"}),
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while sim_endpoints(&env).iter().any(|ep| ep.id == first.id) {
+        assert!(Instant::now() < deadline, "old endpoint not deleted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (cur, all) = secret_values(&env).await;
+        if all == [cur] {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the compromised secret is still published"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    env.api.set_workload_stuck(NS, "checkout", false);
+    let e = wait(&env, "settled", settled).await;
+    assert_eq!(sim_endpoints(&env).len(), 1);
+    assert_eq!(sim_endpoints(&env)[0].id, current_id(&e));
+    assert_eq!(
+        creates(&env),
+        2,
+        "the incident took over the running rotation"
+    );
+    assert_eq!(
+        e.status.unwrap().last_handled_rotate_request.as_deref(),
+        Some("incident-1")
+    );
+}
+
+#[tokio::test]
+async fn scheduled_rotation_fires_when_next_rotation_at_passes() {
+    let env = env().await;
+    let mut m = endpoint_manifest(NAME);
+    m["spec"]["rotation"] = json!({"every": "2h", "overlap": "5m"});
+    env.apply_json(&m).await.unwrap();
+    let e = wait(&env, "Ready", settled).await;
+    let status = e.status.unwrap();
+    let gap = status
+        .next_rotation_at
+        .unwrap()
+        .0
+        .duration_since(status.last_rotation_at.unwrap().0)
+        .as_secs();
+    assert!((7200..7200 + 72).contains(&gap), "2h plus jitter: {gap}s");
+    env.clock.advance(Duration::from_secs(7300));
+    nudge_endpoint(&env).await;
+    let e = wait(&env, "scheduled rotation", |e| {
+        e.status
+            .as_ref()
+            .is_some_and(|s| s.rotation_number == Some(2))
+    })
+    .await;
+    assert_eq!(
+        e.status.unwrap().last_rotation_trigger,
+        Some(RotationTrigger::Schedule)
     );
 }

@@ -735,10 +735,11 @@ async fn escalate_to_incident(run: &mut Run<'_>, value: String) -> Result<(), Re
         return Ok(());
     };
     rotation.trigger = RotationTrigger::Incident;
-    // The new secret is published already: the old endpoint goes now.
+    // The new secret is stored (and maybe published) already: the old endpoint goes now, and
+    // the Secret is written again without its secret.
     if matches!(
         rotation.phase,
-        RotationPhase::RollingOut | RotationPhase::Overlapping
+        RotationPhase::Syncing | RotationPhase::RollingOut | RotationPhase::Overlapping
     ) {
         rotation.phase = RotationPhase::Expiring;
     }
@@ -1070,12 +1071,12 @@ async fn roll_out(run: &mut Run<'_>) -> Result<StepOutcome, ReconcileError> {
         );
     }
     rotation.rolled_out_at = Some(time(now));
-    rotation.phase = match rotation.trigger {
-        RotationTrigger::Initial | RotationTrigger::Incident | RotationTrigger::Recreate => {
-            RotationPhase::Idle
-        }
-        _ if status.previous_key.is_none() => RotationPhase::Idle,
-        _ => RotationPhase::Overlapping,
+    // Initial and recreated endpoints have nothing to retire; an incident deletes the old
+    // endpoint before publishing (or right now, if it escalated after the publish).
+    rotation.phase = match (&status.previous_key, rotation.trigger) {
+        (None, _) => RotationPhase::Idle,
+        (Some(_), RotationTrigger::Incident) => RotationPhase::Expiring,
+        (Some(_), _) => RotationPhase::Overlapping,
     };
     if rotation.phase == RotationPhase::Idle {
         finish(run, status, rotation).await?;
