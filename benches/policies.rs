@@ -17,7 +17,10 @@ use serde_json::json;
 use stripe_key_operator::sandbox::env::{EnvOptions, LocalEnv, OPERATOR_NAMESPACE};
 
 fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn peak_rss_kib(pid: u32) -> Option<u64> {
@@ -34,7 +37,10 @@ fn peak_rss_kib(pid: u32) -> Option<u64> {
 fn main() {
     let policies = env_usize("BENCH_POLICIES", 1000);
     let namespaces = env_usize("BENCH_NAMESPACES", 50);
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async move {
         let env = LocalEnv::start(EnvOptions::default()).await.expect("environment starts");
         let mut account = env.account_manifest("bench", json!({"matchLabels": {"bench": "yes"}}));

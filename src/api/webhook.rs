@@ -225,4 +225,41 @@ pub struct StripeWebhookEndpointStatus {
     /// What kind of rotation the last trigger was.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_rotation_trigger: Option<RotationTrigger>,
+    /// The API version the current endpoint was created with (Stripe cannot change it: a new
+    /// `spec.apiVersion` rotates to a new endpoint).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_api_version: Option<String>,
+    /// Whether the current endpoint receives Connect events (Stripe cannot change it either).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_connect: Option<bool>,
+    /// The generation whose url, events, description and metadata were last applied at Stripe.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applied_generation: Option<i64>,
+    /// The exact settings the endpoint of the rotation in progress is created with, so that a
+    /// replay of the create after a restart sends the same parameters (and gets the same
+    /// endpoint and secret back). Cleared once the new secret is stored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_endpoint: Option<WebhookEndpointSettings>,
+}
+
+/// The settings an endpoint is created with (no secret: Stripe generates it).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WebhookEndpointSettings {
+    /// Receiver URL.
+    pub url: String,
+    /// Event types delivered.
+    pub enabled_events: Vec<String>,
+    /// API version of event payloads (absent: the account default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_version: Option<String>,
+    /// Description.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// Connect events.
+    #[serde(default)]
+    pub connect: bool,
+    /// Metadata, the operator's `stripekeys_*` keys included.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metadata: BTreeMap<String, String>,
 }

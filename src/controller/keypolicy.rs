@@ -17,29 +17,28 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Namespace, Secret};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
-use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams};
-use kube::core::{ApiResource, GroupVersionKind};
+use kube::api::Api;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
 use kube::{Resource, ResourceExt};
-use serde_json::json;
 use tracing::{info, instrument, warn};
 
 use super::Context;
 use super::accounts::AccountHandle;
 use super::error::ReconcileError;
+use super::shared;
+pub use super::shared::Refusal;
+use super::shared::{time, ts_from_chrono};
 use crate::api::conditions::set_condition;
 use crate::api::permissions;
 use crate::api::{
-    DEFAULT_KEY_OVERLAP, FIELD_MANAGER, KeyStatus, ROTATE_ANNOTATION, ROTATE_REASON_ANNOTATION,
+    DEFAULT_KEY_OVERLAP, KeyStatus, ROTATE_ANNOTATION, ROTATE_REASON_ANNOTATION,
     ROTATE_REASON_INCIDENT, RotationPhase, RotationState, RotationTrigger, StripeAccount,
-    StripeKeyPolicy, StripeKeyPolicyStatus, WorkloadKind, condition_types,
+    StripeKeyPolicy, StripeKeyPolicyStatus, condition_types,
 };
-use crate::inject::{self, Rollout, SecretEntry};
+use crate::inject::{self, SecretEntry};
 use crate::rotation::schedule::{Schedule, parse_duration, until};
 use crate::rules;
 use crate::secret::SecretString;
@@ -68,13 +67,6 @@ pub struct Validated {
     pub schedule: Option<Schedule>,
     pub overlap: Duration,
     pub revoke_on_delete: bool,
-}
-
-/// A spec the controller refuses, with the condition reason and a message for people.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Refusal {
-    pub reason: &'static str,
-    pub message: String,
 }
 
 /// Validates a policy against its account, its namespace and the guardrails. Pure: no client
@@ -247,14 +239,6 @@ pub fn decide(policy: &StripeKeyPolicy, v: &Validated, now: Timestamp) -> Next {
     Next::Idle
 }
 
-fn time(t: Timestamp) -> Time {
-    Time(t)
-}
-
-fn ts_from_chrono(t: chrono::DateTime<chrono::Utc>) -> Option<Time> {
-    Timestamp::from_second(t.timestamp()).ok().map(Time)
-}
-
 /// Reconciles one policy (the entry point the `Controller` calls).
 #[instrument(skip(policy, ctx), fields(namespace = %policy.namespace().unwrap_or_default(), name = %policy.name_any()))]
 pub async fn reconcile(
@@ -327,16 +311,7 @@ impl Run<'_> {
         if self.policy.status.as_ref() == Some(&status) {
             return Ok(());
         }
-        let patch = json!({
-            "apiVersion": StripeKeyPolicy::api_version(&()),
-            "kind": KIND,
-            "status": status,
-        });
-        let pp = PatchParams::apply(FIELD_MANAGER).force();
-        let updated = self
-            .api
-            .patch_status(&self.name, &pp, &Patch::Apply(&patch))
-            .await?;
+        let updated = shared::apply_status(&self.api, &self.name, KIND, &status).await?;
         self.policy.metadata.resource_version = updated.metadata.resource_version;
         let phase = |s: Option<&StripeKeyPolicyStatus>| {
             s.and_then(|s| s.rotation.as_ref())
@@ -402,18 +377,6 @@ impl Run<'_> {
     }
 }
 
-async fn fetch_namespace_labels(
-    ctx: &Context,
-    ns: &str,
-) -> Result<BTreeMap<String, String>, ReconcileError> {
-    let api: Api<Namespace> = Api::all(ctx.client.clone());
-    Ok(api
-        .get_opt(ns)
-        .await?
-        .map(|n| n.labels().clone())
-        .unwrap_or_default())
-}
-
 async fn apply(policy: Arc<StripeKeyPolicy>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
     let ns = policy.namespace().unwrap_or_default();
     let name = policy.name_any();
@@ -429,7 +392,7 @@ async fn apply(policy: Arc<StripeKeyPolicy>, ctx: Arc<Context>) -> Result<Action
     // fetch
     let accounts: Api<StripeAccount> = Api::all(ctx.client.clone());
     let account = accounts.get_opt(&policy.spec.account_ref.name).await?;
-    let labels = fetch_namespace_labels(&ctx, &run.ns).await?;
+    let labels = shared::fetch_namespace_labels(&ctx, &run.ns).await?;
     let guardrails = ctx.guardrails().await?;
     // validate
     let now = ctx.clock.now();
@@ -633,10 +596,11 @@ async fn escalate_to_incident(run: &mut Run<'_>, value: String) -> Result<(), Re
         return Ok(());
     };
     rotation.trigger = RotationTrigger::Incident;
-    // The new key is published already: the old one goes now.
+    // The new key is in the store already (and maybe published): the old one goes now; an
+    // incident that found the rotation syncing publishes and rolls the new key after expiry.
     if matches!(
         rotation.phase,
-        RotationPhase::RollingOut | RotationPhase::Overlapping
+        RotationPhase::Syncing | RotationPhase::RollingOut | RotationPhase::Overlapping
     ) {
         rotation.phase = RotationPhase::Expiring;
     }
@@ -877,14 +841,6 @@ async fn sync_secret(run: &Run<'_>) -> Result<bool, ReconcileError> {
     let bundle = bundle.value;
     let delivery = &run.policy.spec.delivery.secret;
     let status = run.status();
-    let secrets: Api<Secret> = Api::namespaced(run.ctx.client.clone(), &run.ns);
-    let existing = secrets.get_opt(&delivery.name).await?;
-    if !inject::may_write_secret(existing.as_ref(), &run.uid) {
-        return Err(ReconcileError::SecretNotOwned {
-            namespace: run.ns.clone(),
-            name: delivery.name.clone(),
-        });
-    }
     // The previous key is published only while status says it is still valid.
     let previous = bundle.previous.as_ref().filter(|p| {
         status
@@ -914,35 +870,16 @@ async fn sync_secret(run: &Run<'_>) -> Result<bool, ReconcileError> {
         &bundle.current.fingerprint,
         &entries,
     );
-    if let Some(existing) = &existing
-        && existing.data == desired.data
-        && existing
-            .metadata
-            .annotations
-            .as_ref()
-            .map(|a| a.get(inject::KEY_ID_ANNOTATION))
-            == desired
-                .metadata
-                .annotations
-                .as_ref()
-                .map(|a| a.get(inject::KEY_ID_ANNOTATION))
-    {
-        return Ok(false);
+    let written = shared::write_secret_if_changed(run.ctx, &run.ns, &run.uid, &desired).await?;
+    if written {
+        run.ctx.audit.record(
+            crate::audit::AuditEntry::secret_sync(run.actor(&status), &run.ns, &delivery.name)
+                .key(&bundle.current.key_id, &bundle.current.fingerprint)
+                .detail("previous_published", previous.is_some())
+                .success(),
+        );
     }
-    let pp = PatchParams::apply(FIELD_MANAGER).force();
-    let mut body = serde_json::to_value(&desired)?;
-    body["apiVersion"] = json!("v1");
-    body["kind"] = json!("Secret");
-    secrets
-        .patch(&delivery.name, &pp, &Patch::Apply(&body))
-        .await?;
-    run.ctx.audit.record(
-        crate::audit::AuditEntry::secret_sync(run.actor(&status), &run.ns, &delivery.name)
-            .key(&bundle.current.key_id, &bundle.current.fingerprint)
-            .detail("previous_published", previous.is_some())
-            .success(),
-    );
-    Ok(true)
+    Ok(written)
 }
 
 async fn sync_secret_step(run: &mut Run<'_>) -> Result<StepOutcome, ReconcileError> {
@@ -970,96 +907,23 @@ async fn sync_secret_step(run: &mut Run<'_>) -> Result<StepOutcome, ReconcileErr
     Ok(StepOutcome::Continue)
 }
 
-fn workload_resource(kind: WorkloadKind) -> ApiResource {
-    let gvk = GroupVersionKind::gvk(
-        "apps",
-        "v1",
-        match kind {
-            WorkloadKind::Deployment => "Deployment",
-            WorkloadKind::StatefulSet => "StatefulSet",
-            WorkloadKind::DaemonSet => "DaemonSet",
-        },
-    );
-    ApiResource::from_gvk_with_plural(&gvk, kind.plural())
-}
-
-/// The workloads the policy names, resolved (selectors listed).
-async fn resolve_targets(
-    ctx: &Context,
-    ns: &str,
-    targets: &[crate::api::RolloutTarget],
-) -> Result<Vec<(WorkloadKind, DynamicObject)>, ReconcileError> {
-    let mut out = Vec::new();
-    for t in targets {
-        let ar = workload_resource(t.kind);
-        let api: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), ns, &ar);
-        if let Some(name) = &t.name {
-            if let Some(obj) = api.get_opt(name).await? {
-                out.push((t.kind, obj));
-            }
-        } else if let Some(selector) = &t.selector {
-            let selector = kube::core::Selector::try_from(selector.clone()).map_err(|e| {
-                ReconcileError::Account {
-                    reason: "InvalidSpec",
-                    message: format!("rolloutTargets selector: {e}"),
-                }
-            })?;
-            let list = api
-                .list(&ListParams::default().labels_from(&selector))
-                .await?;
-            out.extend(list.items.into_iter().map(|o| (t.kind, o)));
-        }
-    }
-    Ok(out)
-}
-
 /// Patches every target with the current fingerprint (when it differs) and reports the ones
 /// that have not finished rolling.
 async fn roll_targets(run: &Run<'_>, fingerprint: &str) -> Result<Vec<String>, ReconcileError> {
-    let key = inject::rollout_annotation_key(KIND, &run.name);
-    let targets =
-        resolve_targets(run.ctx, &run.ns, &run.policy.spec.delivery.rollout_targets).await?;
-    let mut pending = Vec::new();
-    for (kind, obj) in targets {
-        let name = obj.name_any();
-        let value = serde_json::to_value(&obj)?;
-        let state = match inject::rollout_state(kind, &value, &key, fingerprint) {
-            Rollout::NotStarted => {
-                let api: Api<DynamicObject> =
-                    Api::namespaced_with(run.ctx.client.clone(), &run.ns, &workload_resource(kind));
-                let patched = api
-                    .patch(
-                        &name,
-                        &PatchParams::default(),
-                        &Patch::Merge(inject::rollout_patch(&key, fingerprint)),
-                    )
-                    .await?;
-                run.ctx.audit.record(
-                    crate::audit::AuditEntry::rollout_patch(
-                        run.actor(&run.status()),
-                        &format!("{kind:?}"),
-                        &run.ns,
-                        &name,
-                    )
-                    .fingerprint(fingerprint)
-                    .success(),
-                );
-                run.ctx.crash_point("rolled")?;
-                run.event(
-                    EventType::Normal,
-                    "RolloutStarted",
-                    format!("rolling {kind:?} {name} onto key fingerprint {fingerprint}"),
-                )
-                .await;
-                inject::rollout_state(kind, &serde_json::to_value(&patched)?, &key, fingerprint)
-            }
-            other => other,
-        };
-        if let Rollout::InProgress(why) = state {
-            pending.push(format!("{kind:?} {name}: {why}"));
-        }
-    }
-    Ok(pending)
+    let reference = run.policy.object_ref(&());
+    let source = shared::RolloutSource {
+        kind: KIND,
+        name: &run.name,
+        namespace: &run.ns,
+        reference: &reference,
+    };
+    shared::roll_targets(
+        run.ctx,
+        &source,
+        &run.policy.spec.delivery.rollout_targets,
+        fingerprint,
+    )
+    .await
 }
 
 async fn roll_out(run: &mut Run<'_>, v: &Validated) -> Result<StepOutcome, ReconcileError> {
@@ -1519,6 +1383,7 @@ async fn cleanup(
 mod tests {
     use super::*;
     use crate::api::StripeKeyPolicySpec;
+    use serde_json::json;
 
     fn policy(
         spec: serde_json::Value,

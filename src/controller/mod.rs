@@ -5,6 +5,8 @@ pub mod accounts;
 pub mod clock;
 pub mod error;
 pub mod keypolicy;
+mod shared;
+pub mod webhook;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -348,8 +350,12 @@ pub async fn run_controllers(
     for ns in scopes {
         let ctx = ctx.clone();
         let shutdown = shutdown.clone();
+        tasks.push(tokio::spawn({
+            let (ctx, ns, shutdown) = (ctx.clone(), ns.clone(), shutdown.clone());
+            async move { run_key_policy_controller(ctx, ns, shutdown).await }
+        }));
         tasks.push(tokio::spawn(async move {
-            run_key_policy_controller(ctx, ns, shutdown).await
+            run_webhook_controller(ctx, ns, shutdown).await
         }));
     }
     for t in tasks {
@@ -406,6 +412,60 @@ pub async fn run_key_policy_controller(
         )
         .graceful_shutdown_on(async move { shutdown.cancelled().await })
         .run(keypolicy::reconcile, keypolicy::error_policy, ctx)
+        .for_each(|_| futures::future::ready(()))
+        .await;
+}
+
+/// The StripeWebhookEndpoint controller for one namespace (or all): owns the Secrets labelled
+/// with owner kind `StripeWebhookEndpoint`, and watches accounts and guardrails.
+pub async fn run_webhook_controller(
+    ctx: Arc<Context>,
+    namespace: Option<String>,
+    shutdown: CancellationToken,
+) {
+    let client = ctx.client.clone();
+    let (endpoints, secrets): (Api<StripeWebhookEndpoint>, Api<Secret>) = match &namespace {
+        Some(ns) => (
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+        ),
+        None => (Api::all(client.clone()), Api::all(client.clone())),
+    };
+    let owned = watcher::Config::default().labels(&format!(
+        "{}={},{}=StripeWebhookEndpoint",
+        crate::api::MANAGED_BY_LABEL,
+        crate::api::MANAGED_BY,
+        crate::inject::OWNER_KIND_LABEL
+    ));
+    let controller = Controller::new(endpoints, watcher::Config::default()).owns(secrets, owned);
+    let store = controller.store();
+    let by_account = store.clone();
+    let all = store.clone();
+    controller
+        .watches(
+            Api::<StripeAccount>::all(client.clone()),
+            watcher::Config::default(),
+            move |account| {
+                by_account
+                    .state()
+                    .into_iter()
+                    .filter(|e| e.spec.account_ref.name == account.name_any())
+                    .map(|e| ObjectRef::from_obj(&*e))
+                    .collect::<Vec<_>>()
+            },
+        )
+        .watches(
+            Api::<StripeGuardrail>::all(client),
+            watcher::Config::default(),
+            move |_| {
+                all.state()
+                    .into_iter()
+                    .map(|e| ObjectRef::from_obj(&*e))
+                    .collect::<Vec<_>>()
+            },
+        )
+        .graceful_shutdown_on(async move { shutdown.cancelled().await })
+        .run(webhook::reconcile, webhook::error_policy, ctx)
         .for_each(|_| futures::future::ready(()))
         .await;
 }

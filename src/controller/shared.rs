@@ -1,0 +1,226 @@
+//! Steps every credential controller takes the same way: writing status, reading a namespace's
+//! labels, keeping the synced Secret and rolling the workloads that consume it.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Namespace, ObjectReference, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams};
+use kube::core::{ApiResource, GroupVersionKind};
+use kube::runtime::events::EventType;
+use kube::{Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::json;
+
+use super::Context;
+use super::error::ReconcileError;
+use crate::api::{FIELD_MANAGER, RolloutTarget, WorkloadKind};
+use crate::inject::{self, Rollout};
+
+/// A spec the controller refuses, with the condition reason and a message for people.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub reason: &'static str,
+    pub message: String,
+}
+
+pub(crate) fn time(t: Timestamp) -> Time {
+    Time(t)
+}
+
+pub(crate) fn ts_from_chrono(t: chrono::DateTime<chrono::Utc>) -> Option<Time> {
+    Timestamp::from_second(t.timestamp()).ok().map(Time)
+}
+
+pub(crate) fn ts_from_unix(seconds: i64) -> Option<Time> {
+    Timestamp::from_second(seconds).ok().map(Time)
+}
+
+/// Server-side applies `status` (one field manager, forced) to the object `name` of `kind`.
+pub(crate) async fn apply_status<K>(
+    api: &Api<K>,
+    name: &str,
+    kind: &str,
+    status: &impl Serialize,
+) -> Result<K, ReconcileError>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
+{
+    let patch = json!({
+        "apiVersion": K::api_version(&()),
+        "kind": kind,
+        "status": status,
+    });
+    let pp = PatchParams::apply(FIELD_MANAGER).force();
+    Ok(api.patch_status(name, &pp, &Patch::Apply(&patch)).await?)
+}
+
+/// The labels of namespace `ns` (none when it cannot be found).
+pub(crate) async fn fetch_namespace_labels(
+    ctx: &Context,
+    ns: &str,
+) -> Result<BTreeMap<String, String>, ReconcileError> {
+    let api: Api<Namespace> = Api::all(ctx.client.clone());
+    Ok(api
+        .get_opt(ns)
+        .await?
+        .map(|n| n.labels().clone())
+        .unwrap_or_default())
+}
+
+/// Applies the synced Secret `desired` when its data or key id differ from what the cluster
+/// holds. A Secret that exists and is not controlled by `owner_uid` is never overwritten.
+/// Returns whether it wrote.
+pub(crate) async fn write_secret_if_changed(
+    ctx: &Context,
+    ns: &str,
+    owner_uid: &str,
+    desired: &Secret,
+) -> Result<bool, ReconcileError> {
+    let name = desired.metadata.name.clone().unwrap_or_default();
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    let existing = secrets.get_opt(&name).await?;
+    if !inject::may_write_secret(existing.as_ref(), owner_uid) {
+        return Err(ReconcileError::SecretNotOwned {
+            namespace: ns.to_string(),
+            name,
+        });
+    }
+    let key_id = |s: &Secret| {
+        s.metadata
+            .annotations
+            .as_ref()
+            .map(|a| a.get(inject::KEY_ID_ANNOTATION).cloned())
+    };
+    if let Some(existing) = &existing
+        && existing.data == desired.data
+        && key_id(existing) == key_id(desired)
+    {
+        return Ok(false);
+    }
+    let pp = PatchParams::apply(FIELD_MANAGER).force();
+    let mut body = serde_json::to_value(desired)?;
+    body["apiVersion"] = json!("v1");
+    body["kind"] = json!("Secret");
+    secrets.patch(&name, &pp, &Patch::Apply(&body)).await?;
+    Ok(true)
+}
+
+fn workload_resource(kind: WorkloadKind) -> ApiResource {
+    let gvk = GroupVersionKind::gvk(
+        "apps",
+        "v1",
+        match kind {
+            WorkloadKind::Deployment => "Deployment",
+            WorkloadKind::StatefulSet => "StatefulSet",
+            WorkloadKind::DaemonSet => "DaemonSet",
+        },
+    );
+    ApiResource::from_gvk_with_plural(&gvk, kind.plural())
+}
+
+/// The workloads `targets` name, resolved (selectors listed).
+async fn resolve_targets(
+    ctx: &Context,
+    ns: &str,
+    targets: &[RolloutTarget],
+) -> Result<Vec<(WorkloadKind, DynamicObject)>, ReconcileError> {
+    let mut out = Vec::new();
+    for t in targets {
+        let ar = workload_resource(t.kind);
+        let api: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), ns, &ar);
+        if let Some(name) = &t.name {
+            if let Some(obj) = api.get_opt(name).await? {
+                out.push((t.kind, obj));
+            }
+        } else if let Some(selector) = &t.selector {
+            let selector = kube::core::Selector::try_from(selector.clone()).map_err(|e| {
+                ReconcileError::Account {
+                    reason: "InvalidSpec",
+                    message: format!("rolloutTargets selector: {e}"),
+                }
+            })?;
+            let list = api
+                .list(&ListParams::default().labels_from(&selector))
+                .await?;
+            out.extend(list.items.into_iter().map(|o| (t.kind, o)));
+        }
+    }
+    Ok(out)
+}
+
+/// The source whose secret the targets consume.
+pub(crate) struct RolloutSource<'a> {
+    /// `StripeKeyPolicy` or `StripeWebhookEndpoint`.
+    pub kind: &'a str,
+    /// Name of the source object.
+    pub name: &'a str,
+    /// Namespace of the source and of its targets.
+    pub namespace: &'a str,
+    /// The source, for Events.
+    pub reference: &'a ObjectReference,
+}
+
+/// Patches every target with the current fingerprint (when it differs) and reports the ones
+/// that have not finished rolling.
+pub(crate) async fn roll_targets(
+    ctx: &Context,
+    source: &RolloutSource<'_>,
+    targets: &[RolloutTarget],
+    fingerprint: &str,
+) -> Result<Vec<String>, ReconcileError> {
+    let key = inject::rollout_annotation_key(source.kind, source.name);
+    let resolved = resolve_targets(ctx, source.namespace, targets).await?;
+    let mut pending = Vec::new();
+    for (kind, obj) in resolved {
+        let name = obj.name_any();
+        let value = serde_json::to_value(&obj)?;
+        let state = match inject::rollout_state(kind, &value, &key, fingerprint) {
+            Rollout::NotStarted => {
+                let api: Api<DynamicObject> = Api::namespaced_with(
+                    ctx.client.clone(),
+                    source.namespace,
+                    &workload_resource(kind),
+                );
+                let patched = api
+                    .patch(
+                        &name,
+                        &PatchParams::default(),
+                        &Patch::Merge(inject::rollout_patch(&key, fingerprint)),
+                    )
+                    .await?;
+                ctx.audit.record(
+                    crate::audit::AuditEntry::rollout_patch(
+                        crate::audit::Actor::resource(
+                            source.kind,
+                            Some(source.namespace),
+                            source.name,
+                        ),
+                        &format!("{kind:?}"),
+                        source.namespace,
+                        &name,
+                    )
+                    .fingerprint(fingerprint)
+                    .success(),
+                );
+                ctx.crash_point("rolled")?;
+                ctx.publish_event(
+                    source.reference,
+                    EventType::Normal,
+                    "RolloutStarted",
+                    "Reconcile",
+                    format!("rolling {kind:?} {name} onto key fingerprint {fingerprint}"),
+                )
+                .await;
+                inject::rollout_state(kind, &serde_json::to_value(&patched)?, &key, fingerprint)
+            }
+            other => other,
+        };
+        if let Rollout::InProgress(why) = state {
+            pending.push(format!("{kind:?} {name}: {why}"));
+        }
+    }
+    Ok(pending)
+}
