@@ -672,8 +672,9 @@ async fn a_stripe_429_storm_delays_but_never_duplicates() {
         fault: stripe_key_operator::sim::FaultKind::RateLimited {
             retry_after_secs: None,
         },
-        count: None,
-        ratio: Some(0.6),
+        // The next six calls to the API-keys API are throttled, whoever makes them.
+        count: Some(6),
+        ratio: None,
         method: None,
         path_prefix: Some("/v2/iam/api_keys".into()),
     });
