@@ -24,6 +24,8 @@ enum Command {
     /// Prints `file:line:col: <kind> <masked>` per finding (never the secret). Exit status:
     /// 0 nothing found, 1 findings, 2 a path could not be read.
     Scan(stripe_key_operator::scan::ScanArgs),
+    /// Run the webhook verifying proxy: a sidecar that forwards only requests Stripe signed.
+    VerifyProxy(Box<stripe_key_operator::webhook::proxy::VerifyProxyArgs>),
 }
 
 #[tokio::main]
@@ -52,6 +54,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::StripeSim(args) => stripe_key_operator::sim::run_cli(args).await,
+        Command::VerifyProxy(args) => stripe_key_operator::webhook::proxy::run_cli(*args).await,
         Command::Audit(_) | Command::Scan(_) => unreachable!("handled in main"),
     }
 }
