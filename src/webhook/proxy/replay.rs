@@ -43,12 +43,12 @@ impl ReplayCache {
         }
         for sig in signatures {
             while self.order.len() >= self.capacity {
-                if let Some((old, exp)) = self.order.pop_front() {
-                    if self.expiry.get(&old) == Some(&exp) {
-                        self.expiry.remove(&old);
-                        if exp >= now {
-                            self.evictions += 1;
-                        }
+                if let Some((old, exp)) = self.order.pop_front()
+                    && self.expiry.get(&old) == Some(&exp)
+                {
+                    self.expiry.remove(&old);
+                    if exp >= now {
+                        self.evictions += 1;
                     }
                 }
             }
