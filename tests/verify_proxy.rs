@@ -824,3 +824,99 @@ fn rejected_total(s: &Setup) -> u64 {
         .map(|r| rejected_count(s, *r))
         .sum()
 }
+
+const BIN: &str = env!("CARGO_BIN_EXE_stripe-key-operator");
+
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+#[test]
+fn the_cli_refuses_a_non_loopback_upstream() {
+    let out = std::process::Command::new(BIN)
+        .args([
+            "verify-proxy",
+            "--upstream",
+            "http://192.0.2.1:3000",
+            "--secrets-file",
+            "/nonexistent",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("loopback"), "{stderr}");
+}
+
+#[tokio::test]
+async fn the_cli_forwards_a_signed_request_and_stops_on_sigterm() {
+    let a = secret("cli");
+    let (upstream_url, log) = upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join(KEY), a.expose()).unwrap();
+    let (port, metrics_port) = (free_port(), free_port());
+    let child = tokio::process::Command::new(BIN)
+        .args(["verify-proxy", "--log-format", "json"])
+        .env("PROXY_LISTEN", format!("127.0.0.1:{port}"))
+        .env("PROXY_METRICS_ADDR", format!("127.0.0.1:{metrics_port}"))
+        .env("PROXY_UPSTREAM", upstream_url.as_str())
+        // the Secret volume's directory: the default key is read inside it
+        .env("PROXY_SECRETS_FILE", dir.path())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let ready = http
+            .get(format!("http://127.0.0.1:{metrics_port}/readyz"))
+            .send()
+            .await;
+        if ready.is_ok_and(|r| r.status() == StatusCode::OK) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the proxy did not become ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let body = event("evt_cli");
+    let resp = http
+        .post(format!("http://127.0.0.1:{port}/hook"))
+        .header(
+            "stripe-signature",
+            sign(&body, std::slice::from_ref(&a), now()),
+        )
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(log.lock().unwrap()[0].body.as_ref(), body.as_slice());
+
+    let pid = child.id().unwrap().to_string();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let out = tokio::time::timeout(Duration::from_secs(10), child.wait_with_output())
+        .await
+        .expect("the proxy stops after SIGTERM")
+        .unwrap();
+    assert!(out.status.success(), "{:?}", out.status);
+    let logs = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        logs.contains(&a.fingerprint()),
+        "the loaded secret's fingerprint is logged"
+    );
+    assert!(
+        !logs.contains(a.expose()),
+        "the secret itself is never logged"
+    );
+    assert!(!logs.contains("evt_cli"), "bodies are never logged");
+}

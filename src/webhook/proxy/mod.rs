@@ -339,6 +339,12 @@ impl Shared {
             .load_if_changed(current.as_deref(), self.tolerance)
         {
             Ok(Some(loaded)) => {
+                for fingerprint in loaded.without_whsec_prefix() {
+                    tracing::warn!(
+                        %fingerprint,
+                        "a webhook secret does not start with whsec_; check the mounted key"
+                    );
+                }
                 tracing::info!(
                     file = %self.source.file().display(),
                     fingerprints = ?loaded.fingerprints(),

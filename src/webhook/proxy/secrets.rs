@@ -70,6 +70,7 @@ pub fn parse_secrets(content: &str) -> Vec<SecretString> {
 pub struct LoadedSecrets {
     verifier: Verifier,
     fingerprints: Vec<String>,
+    without_whsec_prefix: Vec<String>,
     content_hash: [u8; 32],
 }
 
@@ -80,6 +81,11 @@ impl LoadedSecrets {
         Self {
             verifier: Verifier::new(secrets).with_tolerance(tolerance),
             fingerprints: secrets.iter().map(SecretString::fingerprint).collect(),
+            without_whsec_prefix: secrets
+                .iter()
+                .filter(|s| !s.expose().starts_with("whsec_"))
+                .map(SecretString::fingerprint)
+                .collect(),
             content_hash: sha256(joined.join(",").as_bytes()),
         }
     }
@@ -92,6 +98,11 @@ impl LoadedSecrets {
     /// Fingerprints of the secrets (first 12 hex digits of their SHA-256), newest first.
     pub fn fingerprints(&self) -> &[String] {
         &self.fingerprints
+    }
+
+    /// Fingerprints of the secrets that lack Stripe's `whsec_` prefix (a wrong key mounted?).
+    pub fn without_whsec_prefix(&self) -> &[String] {
+        &self.without_whsec_prefix
     }
 
     /// How many secrets are loaded.
