@@ -256,9 +256,24 @@ async fn failed_verifications_above_the_threshold_record_an_event_and_request_an
 }
 
 #[tokio::test]
-async fn without_incident_rotate_an_incident_records_the_event_but_leaves_the_annotations() {
+async fn without_incident_rotate_an_incident_records_the_event_but_leaves_the_annotations_and_scanners_do_not_count()
+ {
     let (_server, client) = cluster().await;
     let (proxy, _dir) = proxy(&client, 2, Duration::from_secs(60), false).await;
+    // scanners without a usable Stripe-Signature do not count
+    let http = reqwest::Client::new();
+    for header in [None, Some("garbage"), Some("t=1")] {
+        for _ in 0..3 {
+            let mut req = http.post(format!("{}/hook", proxy.url())).body("{}");
+            if let Some(h) = header {
+                req = req.header("stripe-signature", h);
+            }
+            assert_eq!(req.send().await.unwrap().status(), 400);
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(incident_events(&client).await.is_empty());
+    assert_eq!(proxy.metrics().incidents.get(), 0);
     forge(&proxy.url(), 2).await;
     let events = wait_events(&client, 1).await;
     assert!(

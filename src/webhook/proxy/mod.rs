@@ -17,7 +17,8 @@
 //! Rejections carry the reason as a one-line `text/plain` body. Neither secrets nor bodies are
 //! ever logged. The secrets file is re-read every `--reload-interval` (Kubernetes swaps Secret
 //! volumes atomically); a file that cannot be read or holds no secret keeps the previous secrets.
-//! Too many failed verifications within a window declare an incident (see [`incident`]).
+//! Too many failed verifications within a window declare an incident (see [`incident`] and
+//! [`RejectReason::counts_towards_incident`]).
 
 pub mod incident;
 pub mod metrics;
@@ -109,12 +110,17 @@ impl RejectReason {
         }
     }
 
-    /// Whether the rejection counts towards an incident: a request that claims to come from
-    /// Stripe but fails verification. Oversized bodies and a missing Secret do not.
-    pub fn is_verification_failure(self) -> bool {
-        !matches!(
+    /// Whether the rejection counts towards an incident: a request with a well-formed
+    /// `Stripe-Signature` that does not verify (forged or tampered), carries a stale timestamp,
+    /// or replays an accepted request. Requests without a usable header (scanners and probes
+    /// hitting a public URL), oversized bodies and a missing Secret do not count, so that noise
+    /// cannot trigger rotations.
+    pub fn counts_towards_incident(self) -> bool {
+        matches!(
             self,
-            RejectReason::BodyTooLarge | RejectReason::NoSecretsLoaded
+            RejectReason::NoMatchingSignature
+                | RejectReason::TimestampOutsideTolerance
+                | RejectReason::ReplayedEvent
         )
     }
 }
@@ -208,6 +214,8 @@ pub struct VerifyProxyArgs {
     #[arg(long, env = "PROXY_UPSTREAM_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub upstream_timeout: Duration,
     /// Failed verifications within `--incident-window` that declare an incident (0: never).
+    /// Counted: signatures that match no secret, stale timestamps and replays; requests
+    /// without a usable Stripe-Signature header (scanners) are not.
     #[arg(long, env = "PROXY_INCIDENT_THRESHOLD", default_value_t = 20)]
     pub incident_threshold: u32,
     /// The window of `--incident-threshold`; at most one incident is declared per window.
@@ -624,7 +632,7 @@ fn reject(shared: &Shared, reason: RejectReason) -> Response {
         })
         .inc();
     tracing::debug!(reason = reason.as_str(), "webhook request refused");
-    if reason.is_verification_failure() {
+    if reason.counts_towards_incident() {
         let fire = lock(&shared.incidents).record_failure(Instant::now());
         if fire {
             declare_incident(shared);
@@ -957,7 +965,10 @@ mod tests {
             RejectReason::BodyTooLarge.status(),
             StatusCode::PAYLOAD_TOO_LARGE
         );
-        assert!(!RejectReason::NoSecretsLoaded.is_verification_failure());
-        assert!(RejectReason::ReplayedEvent.is_verification_failure());
+        assert!(!RejectReason::NoSecretsLoaded.counts_towards_incident());
+        assert!(!RejectReason::MissingSignature.counts_towards_incident());
+        assert!(!RejectReason::MalformedSignature.counts_towards_incident());
+        assert!(RejectReason::NoMatchingSignature.counts_towards_incident());
+        assert!(RejectReason::ReplayedEvent.counts_towards_incident());
     }
 }
