@@ -29,6 +29,8 @@ enum Command {
     /// Prints `file:line:col: <kind> <masked>` per finding (never the secret). Exit status:
     /// 0 nothing found, 1 findings, 2 a path could not be read.
     Scan(stripe_key_operator::scan::ScanArgs),
+    /// Run the webhook verifying proxy: a sidecar that forwards only requests Stripe signed.
+    VerifyProxy(Box<stripe_key_operator::webhook::proxy::VerifyProxyArgs>),
 }
 
 #[tokio::main]
@@ -59,6 +61,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::StripeSim(args) => stripe_key_operator::sim::run_cli(args).await,
         Command::Sandbox(args) => stripe_key_operator::sandbox::run(args).await,
         Command::Rotate(args) => stripe_key_operator::rotate_cli::run(args).await,
+        Command::VerifyProxy(args) => stripe_key_operator::webhook::proxy::run_cli(*args).await,
         Command::Audit(_) | Command::Scan(_) => unreachable!("handled in main"),
     }
 }

@@ -1,0 +1,922 @@
+//! `verify-proxy`: every verdict, the forwarded bytes and headers, two secrets, reloading the
+//! mounted Secret under traffic, the replay guard, a bounded load test and the simulator end to
+//! end.
+
+#[path = "common/stripe_harness.rs"]
+mod harness;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::Request;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
+use serde_json::json;
+use stripe_key_operator::secret::SecretString;
+use stripe_key_operator::sim::{SendEventRequest, SimConfig};
+use stripe_key_operator::stripe::{CreateWebhookEndpointParams, Mode, StripeClient};
+use stripe_key_operator::webhook::proxy::{
+    ProxyConfig, ProxyHandle, RejectReason, SecretsSource, VerifyProxy,
+};
+use stripe_key_operator::webhook::signature::sign;
+
+const KEY: &str = "STRIPE_WEBHOOK_SECRETS";
+
+/// What the application behind the proxy received.
+#[derive(Debug, Clone)]
+struct Received {
+    method: String,
+    path_and_query: String,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+type Log = Arc<Mutex<Vec<Received>>>;
+
+/// The application: records every request; `/teapot` answers 418 with its own header and body,
+/// anything else 200 `ok`.
+async fn upstream() -> (url::Url, Log) {
+    let log: Log = Arc::default();
+    let l = log.clone();
+    let app = axum::Router::new().fallback(move |req: Request| {
+        let l = l.clone();
+        async move {
+            let (parts, body) = req.into_parts();
+            let body = axum::body::to_bytes(body, usize::MAX).await.unwrap();
+            l.lock().unwrap().push(Received {
+                method: parts.method.to_string(),
+                path_and_query: parts
+                    .uri
+                    .path_and_query()
+                    .map(|p| p.to_string())
+                    .unwrap_or_default(),
+                headers: parts.headers,
+                body,
+            });
+            if parts.uri.path() == "/teapot" {
+                (
+                    StatusCode::IM_A_TEAPOT,
+                    [("x-upstream", "kettle")],
+                    "short and stout",
+                )
+                    .into_response()
+            } else {
+                "ok".into_response()
+            }
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("http://{addr}").parse().unwrap(), log)
+}
+
+fn secret(name: &str) -> SecretString {
+    SecretString::new(format!("whsec_test_{name}_0123456789abcdef"))
+}
+
+fn now() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+fn event(id: &str) -> Vec<u8> {
+    serde_json::to_vec(
+        &json!({"id": id, "object": "event", "type": "charge.succeeded",
+        "data": {"object": {"id": "ch_1", "amount": 1000}}}),
+    )
+    .unwrap()
+}
+
+/// Writes `content` the way the kubelet updates a Secret volume: a new timestamped directory,
+/// then an atomic rename of the `..data` symlink; the key itself is a symlink into `..data`.
+fn kubelet_write(dir: &Path, content: &str) {
+    use std::os::unix::fs::symlink;
+    let stamp = format!(
+        "..{}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    );
+    std::fs::create_dir(dir.join(&stamp)).unwrap();
+    std::fs::write(dir.join(&stamp).join(KEY), content).unwrap();
+    let old = std::fs::read_link(dir.join("..data")).ok();
+    let tmp = dir.join("..data_tmp");
+    let _ = std::fs::remove_file(&tmp);
+    symlink(&stamp, &tmp).unwrap();
+    std::fs::rename(&tmp, dir.join("..data")).unwrap();
+    if !dir.join(KEY).exists() {
+        symlink(format!("..data/{KEY}"), dir.join(KEY)).unwrap();
+    }
+    if let Some(old) = old {
+        std::fs::remove_dir_all(dir.join(old)).unwrap();
+    }
+}
+
+fn secrets_content(secrets: &[&SecretString]) -> String {
+    secrets
+        .iter()
+        .map(|s| s.expose())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+struct Setup {
+    proxy: ProxyHandle,
+    log: Log,
+    dir: tempfile::TempDir,
+    http: reqwest::Client,
+}
+
+impl Setup {
+    fn secrets_dir(&self) -> PathBuf {
+        self.dir.path().join("secret-volume")
+    }
+}
+
+/// Starts the application and a proxy reading a Secret volume holding `secrets`.
+async fn setup(secrets: &[&SecretString], tune: impl FnOnce(&mut ProxyConfig)) -> Setup {
+    let (upstream_url, log) = upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let volume = dir.path().join("secret-volume");
+    std::fs::create_dir(&volume).unwrap();
+    if !secrets.is_empty() {
+        kubelet_write(&volume, &secrets_content(secrets));
+    }
+    let mut config = ProxyConfig::new(upstream_url, SecretsSource::new(&volume, KEY));
+    config.reload_interval = Duration::from_millis(50);
+    config.metrics_addr = Some("127.0.0.1:0".parse().unwrap());
+    tune(&mut config);
+    let proxy = VerifyProxy::start(config, None).await.unwrap();
+    Setup {
+        proxy,
+        log,
+        dir,
+        http: reqwest::Client::builder().no_proxy().build().unwrap(),
+    }
+}
+
+async fn post(
+    s: &Setup,
+    path: &str,
+    body: Vec<u8>,
+    signature: Option<String>,
+) -> (StatusCode, String) {
+    let mut req = s
+        .http
+        .post(format!("{}{}", s.proxy.url(), path))
+        .header("content-type", "application/json; charset=utf-8")
+        .body(body);
+    if let Some(sig) = signature {
+        req = req.header("stripe-signature", sig);
+    }
+    let resp = req.send().await.unwrap();
+    (resp.status(), resp.text().await.unwrap())
+}
+
+async fn metrics_text(s: &Setup) -> String {
+    s.http
+        .get(format!(
+            "http://{}/metrics",
+            s.proxy.metrics_addr().unwrap()
+        ))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+fn rejected_count(s: &Setup, reason: RejectReason) -> u64 {
+    s.proxy
+        .metrics()
+        .rejected
+        .get_or_create(
+            &stripe_key_operator::webhook::proxy::metrics::ReasonLabels {
+                reason: reason.as_str().into(),
+            },
+        )
+        .get()
+}
+
+#[tokio::test]
+async fn a_valid_request_is_forwarded_with_its_exact_bytes_and_headers_and_the_answer_comes_back() {
+    let a = secret("a");
+    let s = setup(&[&a], |_| {}).await;
+    // raw bytes that are not even UTF-8 (the signature covers bytes, not JSON)
+    let mut body = event("evt_exact");
+    body.extend_from_slice(b"  \r\n\xff\x00 trailing");
+    let sig = sign(&body, std::slice::from_ref(&a), now());
+    let resp = s
+        .http
+        .put(format!("{}/teapot?source=stripe&x=%20y", s.proxy.url()))
+        .header("content-type", "application/json; charset=utf-8")
+        .header(
+            "user-agent",
+            "Stripe/1.0 (+https://stripe.com/docs/webhooks)",
+        )
+        .header("x-custom", "one")
+        .header("x-multi", "a")
+        .header("x-multi", "b")
+        .header("connection", "keep-alive, x-hop")
+        .header("x-hop", "dropped")
+        .header("stripe-signature", &sig)
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::IM_A_TEAPOT);
+    assert_eq!(resp.headers()["x-upstream"], "kettle");
+    assert_eq!(resp.text().await.unwrap(), "short and stout");
+
+    let got = s.log.lock().unwrap().clone();
+    assert_eq!(got.len(), 1);
+    let r = &got[0];
+    assert_eq!(r.method, "PUT");
+    assert_eq!(r.path_and_query, "/teapot?source=stripe&x=%20y");
+    assert_eq!(r.body.as_ref(), body.as_slice());
+    assert_eq!(r.headers["stripe-signature"], sig.as_str());
+    assert_eq!(r.headers["content-type"], "application/json; charset=utf-8");
+    assert_eq!(
+        r.headers["user-agent"],
+        "Stripe/1.0 (+https://stripe.com/docs/webhooks)"
+    );
+    assert_eq!(r.headers["x-custom"], "one");
+    let multi: Vec<_> = r.headers.get_all("x-multi").iter().collect();
+    assert_eq!(multi, ["a", "b"]);
+    assert_eq!(r.headers["content-length"], body.len().to_string().as_str());
+    assert!(r.headers.get("x-hop").is_none(), "named in Connection");
+
+    let text = metrics_text(&s).await;
+    assert!(
+        text.contains("stripe_key_operator_webhook_proxy_verified_total{secret_index=\"0\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "stripe_key_operator_webhook_proxy_forward_duration_seconds_count{outcome=\"4xx\"} 1"
+        ),
+        "{text}"
+    );
+    assert!(text.contains("stripe_key_operator_webhook_proxy_secrets_loaded 1"));
+    // the metrics never show a secret
+    assert!(!text.contains("whsec_"));
+}
+
+#[tokio::test]
+async fn every_invalid_request_gets_its_reason_and_never_reaches_the_application() {
+    let a = secret("a");
+    let other = secret("other");
+    let s = setup(&[&a], |c| c.max_body = 4096).await;
+    let t = now();
+    let cases: Vec<(RejectReason, Vec<u8>, Option<String>)> = vec![
+        (RejectReason::MissingSignature, event("evt_1"), None),
+        (
+            RejectReason::MalformedSignature,
+            event("evt_2"),
+            Some("v1=abc,not-a-pair".into()),
+        ),
+        (
+            RejectReason::MalformedSignature,
+            event("evt_3"),
+            Some(format!("t={t}")),
+        ),
+        (
+            RejectReason::NoMatchingSignature,
+            event("evt_4"),
+            Some(sign(&event("evt_4"), std::slice::from_ref(&other), t)),
+        ),
+        (
+            // signed for another body: a tampered payload
+            RejectReason::NoMatchingSignature,
+            event("evt_5_tampered"),
+            Some(sign(&event("evt_5"), std::slice::from_ref(&a), t)),
+        ),
+        (
+            RejectReason::TimestampOutsideTolerance,
+            event("evt_6"),
+            Some(sign(&event("evt_6"), std::slice::from_ref(&a), t - 301)),
+        ),
+        (
+            RejectReason::TimestampOutsideTolerance,
+            event("evt_7"),
+            Some(sign(&event("evt_7"), std::slice::from_ref(&a), t + 400)),
+        ),
+        (
+            RejectReason::BodyTooLarge,
+            vec![b'x'; 4097],
+            Some(sign(&[b'x'; 4097], std::slice::from_ref(&a), t)),
+        ),
+    ];
+    for (reason, body, sig) in cases {
+        let (status, text) = post(&s, "/hook", body, sig).await;
+        assert_eq!(status, reason.status(), "{reason:?}");
+        assert_eq!(text.trim(), reason.as_str());
+    }
+    assert!(s.log.lock().unwrap().is_empty());
+
+    // a replay: the first passes, the same request again is refused
+    let body = event("evt_replay");
+    let sig = sign(&body, std::slice::from_ref(&a), t);
+    assert_eq!(
+        post(&s, "/hook", body.clone(), Some(sig.clone())).await.0,
+        StatusCode::OK
+    );
+    let (status, text) = post(&s, "/hook", body, Some(sig)).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(text.trim(), "replayed_event");
+    assert_eq!(s.log.lock().unwrap().len(), 1);
+
+    assert_eq!(rejected_count(&s, RejectReason::MissingSignature), 1);
+    assert_eq!(rejected_count(&s, RejectReason::MalformedSignature), 2);
+    assert_eq!(rejected_count(&s, RejectReason::NoMatchingSignature), 2);
+    assert_eq!(
+        rejected_count(&s, RejectReason::TimestampOutsideTolerance),
+        2
+    );
+    assert_eq!(rejected_count(&s, RejectReason::BodyTooLarge), 1);
+    assert_eq!(rejected_count(&s, RejectReason::ReplayedEvent), 1);
+    let text = metrics_text(&s).await;
+    assert!(text.contains(
+        "stripe_key_operator_webhook_proxy_rejected_total{reason=\"no_matching_signature\"} 2"
+    ));
+}
+
+#[tokio::test]
+async fn a_streamed_body_over_the_limit_is_refused_without_a_content_length() {
+    let a = secret("a");
+    let s = setup(&[&a], |c| c.max_body = 1024).await;
+    let big = vec![b'y'; 5000];
+    let sig = sign(&big, std::slice::from_ref(&a), now());
+    // chunked transfer encoding, written by hand: no Content-Length to check up front
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(s.proxy.addr())
+        .await
+        .unwrap();
+    let mut req = format!(
+        "POST /hook HTTP/1.1\r\nhost: proxy\r\nstripe-signature: {sig}\r\n\
+         transfer-encoding: chunked\r\nconnection: close\r\n\r\n"
+    )
+    .into_bytes();
+    for chunk in big.chunks(500) {
+        req.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+        req.extend_from_slice(chunk);
+        req.extend_from_slice(b"\r\n");
+    }
+    req.extend_from_slice(b"0\r\n\r\n");
+    // the proxy may answer before reading everything; a reset while writing is fine
+    let _ = conn.write_all(&req).await;
+    let mut answer = Vec::new();
+    let _ = conn.read_to_end(&mut answer).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("body_too_large"), "{answer}");
+    assert!(s.log.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn without_a_readable_secret_requests_get_503_and_readiness_fails_until_it_appears() {
+    let a = secret("a");
+    let s = setup(&[], |_| {}).await;
+    let body = event("evt_early");
+    let (status, text) = post(
+        &s,
+        "/hook",
+        body.clone(),
+        Some(sign(&body, std::slice::from_ref(&a), now())),
+    )
+    .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(text.trim(), "no_secrets_loaded");
+    let readyz = format!("http://{}/readyz", s.proxy.metrics_addr().unwrap());
+    assert_eq!(
+        s.http.get(&readyz).send().await.unwrap().status(),
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+
+    kubelet_write(&s.secrets_dir(), a.expose());
+    wait_for_fingerprints(&s.proxy, &[&a]).await;
+    assert_eq!(
+        s.http.get(&readyz).send().await.unwrap().status(),
+        StatusCode::OK
+    );
+    let body = event("evt_later");
+    let (status, _) = post(
+        &s,
+        "/hook",
+        body.clone(),
+        Some(sign(&body, std::slice::from_ref(&a), now())),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn either_of_two_secrets_verifies_during_an_overlap() {
+    let (a, b) = (secret("a"), secret("b"));
+    let s = setup(&[&b, &a], |_| {}).await;
+    for (i, signers) in [vec![a.clone()], vec![b.clone()], vec![b.clone(), a.clone()]]
+        .into_iter()
+        .enumerate()
+    {
+        let body = event(&format!("evt_overlap_{i}"));
+        let (status, _) = post(
+            &s,
+            "/hook",
+            body.clone(),
+            Some(sign(&body, &signers, now())),
+        )
+        .await;
+        assert_eq!(
+            status,
+            StatusCode::OK,
+            "signed by {} secret(s)",
+            signers.len()
+        );
+    }
+    let verified = |index: &str| {
+        s.proxy
+            .metrics()
+            .verified
+            .get_or_create(
+                &stripe_key_operator::webhook::proxy::metrics::SecretLabels {
+                    secret_index: index.into(),
+                },
+            )
+            .get()
+    };
+    // B is first in the file: index 0 for B-signed requests, 1 for A-only
+    assert_eq!(verified("0"), 2);
+    assert_eq!(verified("1"), 1);
+    assert_eq!(s.log.lock().unwrap().len(), 3);
+}
+
+fn fingerprints(secrets: &[&SecretString]) -> Vec<String> {
+    secrets.iter().map(|s| s.fingerprint()).collect()
+}
+
+async fn wait_for_fingerprints(proxy: &ProxyHandle, secrets: &[&SecretString]) {
+    let want = fingerprints(secrets);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while proxy.loaded_fingerprints() != want {
+        assert!(
+            Instant::now() < deadline,
+            "the proxy did not load {want:?}; has {:?}",
+            proxy.loaded_fingerprints()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Which secrets sign the next event (a blue/green rotation seen from the receiver).
+const PHASE_A: u8 = 0;
+const PHASE_BOTH: u8 = 1;
+const PHASE_B: u8 = 2;
+const PHASE_STOP: u8 = 3;
+
+#[tokio::test]
+async fn rotating_the_mounted_secret_under_steady_traffic_rejects_no_valid_event() {
+    let (a, b) = (secret("a"), secret("b"));
+    let s = Arc::new(setup(&[&a], |_| {}).await);
+    let phase = Arc::new(AtomicU8::new(PHASE_A));
+    let rejected = Arc::new(AtomicUsize::new(0));
+    let sent = Arc::new(AtomicUsize::new(0));
+    let mut senders = Vec::new();
+    for worker in 0..4 {
+        let (s, phase, rejected, sent) = (s.clone(), phase.clone(), rejected.clone(), sent.clone());
+        let (a, b) = (a.clone(), b.clone());
+        senders.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            loop {
+                let p = phase.load(Ordering::SeqCst);
+                if p == PHASE_STOP {
+                    break;
+                }
+                n += 1;
+                let signers = match (p, n % 3) {
+                    (PHASE_A, _) => vec![a.clone()],
+                    // the old endpoint (A), the new one (B), or a Dashboard-style roll (both)
+                    (PHASE_BOTH, 0) => vec![a.clone()],
+                    (PHASE_BOTH, 1) => vec![b.clone()],
+                    (PHASE_BOTH, _) => vec![b.clone(), a.clone()],
+                    _ => vec![b.clone()],
+                };
+                let body = event(&format!("evt_w{worker}_{n}"));
+                let (status, text) = post(
+                    &s,
+                    "/hook",
+                    body.clone(),
+                    Some(sign(&body, &signers, now())),
+                )
+                .await;
+                sent.fetch_add(1, Ordering::SeqCst);
+                if status != StatusCode::OK {
+                    eprintln!("rejected in phase {p}: {status} {}", text.trim());
+                    rejected.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        }));
+    }
+    let settle = || tokio::time::sleep(Duration::from_millis(300));
+    settle().await;
+    // the operator publishes both secrets; only once they are loaded does B sign anything
+    kubelet_write(&s.secrets_dir(), &secrets_content(&[&b, &a]));
+    wait_for_fingerprints(&s.proxy, &[&b, &a]).await;
+    phase.store(PHASE_BOTH, Ordering::SeqCst);
+    settle().await;
+    // the old endpoint is deleted, then A leaves the Secret
+    phase.store(PHASE_B, Ordering::SeqCst);
+    settle().await;
+    kubelet_write(&s.secrets_dir(), &secrets_content(&[&b]));
+    wait_for_fingerprints(&s.proxy, &[&b]).await;
+    settle().await;
+    phase.store(PHASE_STOP, Ordering::SeqCst);
+    for t in senders {
+        t.await.unwrap();
+    }
+    let sent = sent.load(Ordering::SeqCst);
+    assert!(sent >= 40, "only {sent} requests were sent");
+    assert_eq!(rejected.load(Ordering::SeqCst), 0);
+    assert_eq!(s.log.lock().unwrap().len(), sent);
+
+    // and after the rotation A no longer verifies
+    let body = event("evt_old_secret");
+    let (status, text) = post(
+        &s,
+        "/hook",
+        body.clone(),
+        Some(sign(&body, std::slice::from_ref(&a), now())),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(text.trim(), "no_matching_signature");
+}
+
+#[tokio::test]
+async fn an_unreadable_or_empty_secrets_file_keeps_the_previous_secrets() {
+    let a = secret("a");
+    let s = setup(&[&a], |_| {}).await;
+    kubelet_write(&s.secrets_dir(), " , \n");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(s.proxy.loaded_fingerprints(), fingerprints(&[&a]));
+    assert!(s.proxy.reload_now().is_err());
+    std::fs::remove_file(s.secrets_dir().join(KEY)).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let body = event("evt_kept");
+    let (status, _) = post(
+        &s,
+        "/hook",
+        body.clone(),
+        Some(sign(&body, std::slice::from_ref(&a), now())),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let text = metrics_text(&s).await;
+    assert!(
+        text.contains("stripe_key_operator_webhook_proxy_secret_reloads_total{outcome=\"failed\"}")
+    );
+}
+
+#[tokio::test]
+async fn a_replay_is_refused_however_the_header_is_rearranged_but_a_new_delivery_passes() {
+    let (a, b) = (secret("a"), secret("b"));
+    let s = setup(&[&b, &a], |_| {}).await;
+    let body = event("evt_1");
+    let t = now();
+    let sig = sign(&body, &[b.clone(), a.clone()], t);
+    assert_eq!(
+        post(&s, "/hook", body.clone(), Some(sig.clone())).await.0,
+        StatusCode::OK
+    );
+
+    let (t_part, v1s) = sig.split_once(',').unwrap();
+    let only_a = sig.rsplit(',').next().unwrap();
+    let variants = [
+        sig.clone(),
+        format!("{v1s},{t_part}"),
+        format!("{t_part},v0=deadbeef,{v1s}"),
+        format!("{t_part},v1={},{only_a}", "0".repeat(64)),
+        format!("{t_part}, {only_a}"),
+    ];
+    for v in variants {
+        let (status, text) = post(&s, "/hook", body.clone(), Some(v.clone())).await;
+        assert_eq!(
+            (status, text.trim()),
+            (StatusCode::BAD_REQUEST, "replayed_event"),
+            "{v}"
+        );
+    }
+    // the same event delivered by a second endpoint (another secret) is not a replay: the
+    // application deduplicates on event.id
+    let second_endpoint = sign(&body, std::slice::from_ref(&a), t + 1);
+    assert_eq!(
+        post(&s, "/hook", body.clone(), Some(second_endpoint))
+            .await
+            .0,
+        StatusCode::OK
+    );
+    // Stripe's retry of the same event is signed at a new time: not a replay either
+    let retry = sign(&body, std::slice::from_ref(&b), t + 2);
+    assert_eq!(post(&s, "/hook", body, Some(retry)).await.0, StatusCode::OK);
+    assert_eq!(s.log.lock().unwrap().len(), 3);
+}
+
+#[tokio::test]
+async fn the_replay_guard_stays_within_its_capacity() {
+    let a = secret("a");
+    let s = setup(&[&a], |c| c.replay_capacity = 8).await;
+    let mut last = None;
+    for i in 0..30 {
+        let body = event(&format!("evt_cap_{i}"));
+        let sig = sign(&body, std::slice::from_ref(&a), now());
+        assert_eq!(
+            post(&s, "/hook", body.clone(), Some(sig.clone())).await.0,
+            StatusCode::OK
+        );
+        assert!(s.proxy.replay_entries() <= 8);
+        last = Some((body, sig));
+    }
+    assert_eq!(s.proxy.replay_entries(), 8);
+    assert_eq!(s.proxy.metrics().replay_cache_evictions.get(), 22);
+    // the most recent signatures are still refused
+    let (body, sig) = last.unwrap();
+    assert_eq!(
+        post(&s, "/hook", body, Some(sig)).await,
+        (StatusCode::BAD_REQUEST, "replayed_event\n".to_owned())
+    );
+}
+
+#[tokio::test]
+async fn an_application_that_does_not_answer_gives_502_after_verification() {
+    let a = secret("a");
+    // a port with nothing listening
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = free.local_addr().unwrap().port();
+    drop(free);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join(KEY);
+    std::fs::write(&file, a.expose()).unwrap();
+    let config = ProxyConfig::new(
+        format!("http://127.0.0.1:{port}").parse().unwrap(),
+        SecretsSource::new(&file, KEY),
+    );
+    let proxy = VerifyProxy::start(config, None).await.unwrap();
+    let body = event("evt_502");
+    let resp = reqwest::Client::new()
+        .post(format!("{}/hook", proxy.url()))
+        .header(
+            "stripe-signature",
+            sign(&body, std::slice::from_ref(&a), now()),
+        )
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+    assert_eq!(resp.text().await.unwrap().trim(), "upstream_unavailable");
+}
+
+#[tokio::test]
+async fn a_non_loopback_upstream_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = ProxyConfig::new(
+        "http://192.0.2.10:3000".parse().unwrap(),
+        SecretsSource::new(dir.path(), KEY),
+    );
+    let err = VerifyProxy::start(config, None).await.unwrap_err();
+    assert!(err.to_string().contains("loopback"), "{err}");
+}
+
+#[tokio::test]
+async fn a_bounded_load_of_5000_requests_from_32_clients_is_all_forwarded() {
+    const TOTAL: usize = 5000;
+    const CLIENTS: usize = 32;
+    let a = secret("a");
+    let s = Arc::new(setup(&[&a], |_| {}).await);
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..CLIENTS {
+        let (s, next, a) = (s.clone(), next.clone(), a.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut errors = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::SeqCst);
+                if i >= TOTAL {
+                    break;
+                }
+                let mut body = event(&format!("evt_load_{i}"));
+                body.resize(2048, b' ');
+                let sig = sign(&body, std::slice::from_ref(&a), now());
+                match s
+                    .http
+                    .post(format!("{}/hook", s.proxy.url()))
+                    .header("stripe-signature", sig)
+                    .body(body)
+                    .send()
+                    .await
+                {
+                    Ok(r) if r.status() == StatusCode::OK => {}
+                    Ok(r) => errors.push(format!("status {}", r.status())),
+                    Err(e) => errors.push(e.to_string()),
+                }
+            }
+            errors
+        }));
+    }
+    let mut errors = Vec::new();
+    for t in tasks {
+        errors.extend(t.await.unwrap());
+    }
+    assert!(
+        errors.is_empty(),
+        "{} errors, first: {:?}",
+        errors.len(),
+        errors.first()
+    );
+    assert_eq!(s.log.lock().unwrap().len(), TOTAL);
+    let verified = s
+        .proxy
+        .metrics()
+        .verified
+        .get_or_create(
+            &stripe_key_operator::webhook::proxy::metrics::SecretLabels {
+                secret_index: "0".into(),
+            },
+        )
+        .get();
+    assert_eq!(verified, TOTAL as u64);
+}
+
+#[tokio::test]
+async fn simulator_deliveries_pass_through_the_proxy_before_and_during_a_secret_roll() {
+    let sim = harness::start_sim(SimConfig::new().with_account("acct_proxy", Mode::Test)).await;
+    let client = StripeClient::new(harness::fast_config(&sim, "acct_proxy")).unwrap();
+    let s = setup(&[], |_| {}).await;
+    let endpoint = client
+        .create_webhook_endpoint(
+            &CreateWebhookEndpointParams {
+                url: format!("{}/stripe/webhooks", s.proxy.url()),
+                enabled_events: vec!["*".into()],
+                api_version: None,
+                connect: None,
+                description: Some("verify-proxy test".into()),
+                metadata: BTreeMap::new(),
+            },
+            "we-proxy-1",
+        )
+        .await
+        .unwrap()
+        .value;
+    let first = endpoint.secret.clone().unwrap();
+    kubelet_write(&s.secrets_dir(), first.expose());
+    wait_for_fingerprints(&s.proxy, &[&first]).await;
+
+    let send = |event_type: &str| {
+        sim.send_webhook(
+            &endpoint.id,
+            SendEventRequest {
+                event_type: event_type.into(),
+                data: Some(json!({"id": "ch_sim"})),
+                timestamp: None,
+            },
+        )
+    };
+    let outcome = send("charge.succeeded").await.unwrap();
+    assert_eq!(outcome.status, Some(200), "{outcome:?}");
+    assert_eq!(outcome.signatures, 1);
+
+    // a Dashboard-style roll: both secrets sign while the Secret is updated
+    let second = sim
+        .roll_webhook_secret(&endpoint.id, Duration::from_secs(3600))
+        .unwrap();
+    let outcome = send("charge.refunded").await.unwrap();
+    assert_eq!(outcome.signatures, 2);
+    assert_eq!(
+        outcome.status,
+        Some(200),
+        "old secret still loaded: {outcome:?}"
+    );
+    kubelet_write(&s.secrets_dir(), &secrets_content(&[&second, &first]));
+    wait_for_fingerprints(&s.proxy, &[&second, &first]).await;
+    for _ in 0..5 {
+        let outcome = send("charge.succeeded").await.unwrap();
+        assert_eq!(outcome.signatures, 2);
+        assert_eq!(outcome.status, Some(200), "{outcome:?}");
+    }
+    let got = s.log.lock().unwrap().clone();
+    assert_eq!(got.len(), 7);
+    for r in &got {
+        assert_eq!(r.path_and_query, "/stripe/webhooks");
+        let event: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        assert!(event["id"].as_str().unwrap().starts_with("evt_"));
+    }
+    assert_eq!(rejected_total(&s), 0);
+}
+
+fn rejected_total(s: &Setup) -> u64 {
+    RejectReason::ALL
+        .iter()
+        .map(|r| rejected_count(s, *r))
+        .sum()
+}
+
+const BIN: &str = env!("CARGO_BIN_EXE_stripe-key-operator");
+
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+#[test]
+fn the_cli_refuses_a_non_loopback_upstream() {
+    let out = std::process::Command::new(BIN)
+        .args([
+            "verify-proxy",
+            "--upstream",
+            "http://192.0.2.1:3000",
+            "--secrets-file",
+            "/nonexistent",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("loopback"), "{stderr}");
+}
+
+#[tokio::test]
+async fn the_cli_forwards_a_signed_request_and_stops_on_sigterm() {
+    let a = secret("cli");
+    let (upstream_url, log) = upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join(KEY), a.expose()).unwrap();
+    let (port, metrics_port) = (free_port(), free_port());
+    let child = tokio::process::Command::new(BIN)
+        .args(["verify-proxy", "--log-format", "json"])
+        .env("PROXY_LISTEN", format!("127.0.0.1:{port}"))
+        .env("PROXY_METRICS_ADDR", format!("127.0.0.1:{metrics_port}"))
+        .env("PROXY_UPSTREAM", upstream_url.as_str())
+        // the Secret volume's directory: the default key is read inside it
+        .env("PROXY_SECRETS_FILE", dir.path())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let ready = http
+            .get(format!("http://127.0.0.1:{metrics_port}/readyz"))
+            .send()
+            .await;
+        if ready.is_ok_and(|r| r.status() == StatusCode::OK) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the proxy did not become ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let body = event("evt_cli");
+    let resp = http
+        .post(format!("http://127.0.0.1:{port}/hook"))
+        .header(
+            "stripe-signature",
+            sign(&body, std::slice::from_ref(&a), now()),
+        )
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(log.lock().unwrap()[0].body.as_ref(), body.as_slice());
+
+    let pid = child.id().unwrap().to_string();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let out = tokio::time::timeout(Duration::from_secs(10), child.wait_with_output())
+        .await
+        .expect("the proxy stops after SIGTERM")
+        .unwrap();
+    assert!(out.status.success(), "{:?}", out.status);
+    let logs = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        logs.contains(&a.fingerprint()),
+        "the loaded secret's fingerprint is logged"
+    );
+    assert!(
+        !logs.contains(a.expose()),
+        "the secret itself is never logged"
+    );
+    assert!(!logs.contains("evt_cli"), "bodies are never logged");
+}
