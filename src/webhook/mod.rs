@@ -1,4 +1,7 @@
 //! Webhooks: verification of Stripe's `Stripe-Signature` header (and a signer for tests and the
-//! simulator).
+//! simulator), and the Kubernetes validating admission webhooks with their TLS server.
 
+pub mod admission;
+pub mod server;
 pub mod signature;
+pub mod tls;
