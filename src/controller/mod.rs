@@ -133,7 +133,11 @@ pub struct RunConfig {
     pub webhook_cert_dir: Option<std::path::PathBuf>,
     /// Name of the webhook's Service in the operator's namespace: the certificate is issued for
     /// `<name>.<namespace>.svc`.
-    #[arg(long, env = "WEBHOOK_SERVICE", default_value = "stripe-key-operator-webhook")]
+    #[arg(
+        long,
+        env = "WEBHOOK_SERVICE",
+        default_value = "stripe-key-operator-webhook"
+    )]
     pub webhook_service: String,
     /// The ValidatingWebhookConfiguration whose `caBundle` the operator keeps
     /// (`--webhook-cert-mode=self-signed`); empty: none.

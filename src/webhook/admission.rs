@@ -51,7 +51,9 @@ pub const LITERAL_KEYS_ENFORCE: &str = "enforce";
 
 /// A lookup the handlers could not make.
 #[derive(Debug, thiserror::Error)]
-#[error("could not read {what} from the Kubernetes API: {message}; retry, and check the operator's RBAC and logs")]
+#[error(
+    "could not read {what} from the Kubernetes API: {message}; retry, and check the operator's RBAC and logs"
+)]
 pub struct LookupError {
     /// What was being read (`StripeAccount "payments"`, `namespace "shop"`, ...).
     pub what: String,
@@ -124,10 +126,15 @@ impl Lookups for KubeLookups {
 
 /// Parses an AdmissionReview, or says why it cannot be used. The error response carries the
 /// request's `uid` when one can be read from the raw JSON.
-pub fn parse_review(body: &[u8]) -> Result<AdmissionRequest<DynamicObject>, AdmissionResponse> {
-    let raw: Value = serde_json::from_slice(body).map_err(|e| {
-        AdmissionResponse::invalid(format!("the AdmissionReview is not JSON: {e}"))
-    })?;
+pub fn parse_review(
+    body: &[u8],
+) -> Result<AdmissionRequest<DynamicObject>, Box<AdmissionResponse>> {
+    let raw: Value = serde_json::from_slice(body)
+        .map_err(|e| {
+            Box::new(AdmissionResponse::invalid(format!(
+                "the AdmissionReview is not JSON: {e}"
+            )))
+        })?;
     let uid = raw
         .pointer("/request/uid")
         .and_then(Value::as_str)
@@ -135,7 +142,7 @@ pub fn parse_review(body: &[u8]) -> Result<AdmissionRequest<DynamicObject>, Admi
         .to_string();
     let with_uid = |mut r: AdmissionResponse| {
         r.uid = uid.clone();
-        r
+        Box::new(r)
     };
     if raw.get("request").is_none_or(Value::is_null) {
         return Err(with_uid(AdmissionResponse::invalid(
@@ -223,7 +230,7 @@ fn missing_account_warning(name: &str) -> String {
 pub async fn review_stripe_object(body: &[u8], lookups: &dyn Lookups) -> AdmissionResponse {
     let req = match parse_review(body) {
         Ok(r) => r,
-        Err(resp) => return resp,
+        Err(resp) => return *resp,
     };
     if !needs_judging(&req) {
         return AdmissionResponse::from(&req);
@@ -281,9 +288,15 @@ async fn judge_policy(obj: &DynamicObject, namespace: &str, lookups: &dyn Lookup
             Some(missing_account_warning(&account_name)),
         ),
     };
-    keypolicy::validate(&policy, Some(&account), &labels, &guardrails, Timestamp::now())
-        .map(|_| warning)
-        .map_err(|r| refusal_message("StripeKeyPolicy", &name, &r))
+    keypolicy::validate(
+        &policy,
+        Some(&account),
+        &labels,
+        &guardrails,
+        Timestamp::now(),
+    )
+    .map(|_| warning)
+    .map_err(|r| refusal_message("StripeKeyPolicy", &name, &r))
 }
 
 async fn judge_endpoint(obj: &DynamicObject, namespace: &str, lookups: &dyn Lookups) -> Verdict {
@@ -466,12 +479,7 @@ fn scan_pod_spec(prefix: &str, spec: &Value, include_test: bool, out: &mut Vec<L
             .flatten()
         {
             let cname = c.get("name").and_then(Value::as_str).unwrap_or("?");
-            for env in c
-                .get("env")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-            {
+            for env in c.get("env").and_then(Value::as_array).into_iter().flatten() {
                 if let Some(v) = env.get("value").and_then(Value::as_str) {
                     let ename = env.get("name").and_then(Value::as_str).unwrap_or("?");
                     scan_value(
@@ -566,7 +574,7 @@ pub fn is_operator_managed(obj: &DynamicObject) -> bool {
 pub fn review_literal_keys(body: &[u8], include_test: bool) -> AdmissionResponse {
     let req = match parse_review(body) {
         Ok(r) => r,
-        Err(resp) => return resp,
+        Err(resp) => return *resp,
     };
     if !matches!(req.operation, Operation::Create | Operation::Update) {
         return AdmissionResponse::from(&req);

@@ -20,9 +20,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::admission::{
-    self, KubeLookups, LITERAL_KEYS_PATH, Lookups, STRIPE_OBJECTS_PATH,
-};
+use super::admission::{self, KubeLookups, LITERAL_KEYS_PATH, Lookups, STRIPE_OBJECTS_PATH};
 use super::tls::{self, CertMode, CertStore, SelfSignedConfig, TlsError};
 
 /// Largest AdmissionReview accepted: an object and its old version, each up to etcd's 1.5 MiB.
@@ -167,7 +165,9 @@ pub enum WebhookError {
     #[error(transparent)]
     Tls(#[from] TlsError),
     /// `files` mode without a directory.
-    #[error("--webhook-cert-mode=files needs --webhook-cert-dir (where tls.crt and tls.key are mounted)")]
+    #[error(
+        "--webhook-cert-mode=files needs --webhook-cert-dir (where tls.crt and tls.key are mounted)"
+    )]
     NoCertDir,
 }
 

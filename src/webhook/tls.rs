@@ -86,9 +86,7 @@ pub enum TlsError {
         message: String,
     },
     /// Reading `tls.crt`/`tls.key` failed.
-    #[error(
-        "reading {path} failed: {source}; mount the cert-manager Secret at --webhook-cert-dir"
-    )]
+    #[error("reading {path} failed: {source}; mount the cert-manager Secret at --webhook-cert-dir")]
     Read {
         /// The file.
         path: PathBuf,
@@ -130,7 +128,10 @@ pub struct ServingCert {
 impl std::fmt::Debug for ServingCert {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ServingCert")
-            .field("cert_sha256", &crate::secret::fingerprint(self.cert_pem.as_bytes()))
+            .field(
+                "cert_sha256",
+                &crate::secret::fingerprint(self.cert_pem.as_bytes()),
+            )
             .field("key", &self.key_pem)
             .finish()
     }
@@ -203,7 +204,11 @@ pub fn issue_serving_cert(
     let mut dn = DistinguishedName::new();
     dn.push(
         DnType::CommonName,
-        dns_names.get(2).or(dns_names.first()).cloned().unwrap_or_default(),
+        dns_names
+            .get(2)
+            .or(dns_names.first())
+            .cloned()
+            .unwrap_or_default(),
     );
     params.distinguished_name = dn;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
@@ -464,11 +469,7 @@ fn secret_strings(secret: &Secret) -> BTreeMap<String, String> {
         .data
         .iter()
         .flatten()
-        .filter_map(|(k, v)| {
-            String::from_utf8(v.0.clone())
-                .ok()
-                .map(|s| (k.clone(), s))
-        })
+        .filter_map(|(k, v)| String::from_utf8(v.0.clone()).ok().map(|s| (k.clone(), s)))
         .collect()
 }
 
@@ -480,7 +481,11 @@ fn serving_from(data: &BTreeMap<String, String>) -> ServingCert {
     }
 }
 
-fn tls_secret(cfg: &SelfSignedConfig, data: BTreeMap<String, String>, rv: Option<String>) -> Secret {
+fn tls_secret(
+    cfg: &SelfSignedConfig,
+    data: BTreeMap<String, String>,
+    rv: Option<String>,
+) -> Secret {
     Secret {
         metadata: ObjectMeta {
             name: Some(cfg.secret_name.clone()),
@@ -551,7 +556,9 @@ pub async fn ensure_self_signed(
             // Another replica created or changed it first: read it again.
             Err(kube::Error::Api(s)) if s.code == 409 => continue,
             Err(e) => {
-                return Err(kube_err(format!("writing the webhook TLS Secret {what}"))(e));
+                return Err(kube_err(format!("writing the webhook TLS Secret {what}"))(
+                    e,
+                ));
             }
         }
     }
@@ -567,10 +574,9 @@ pub async fn inject_ca_bundle(
     ca_bundle_pem: &str,
 ) -> Result<bool, TlsError> {
     let api: Api<ValidatingWebhookConfiguration> = Api::all(client.clone());
-    let Some(vwc) = api
-        .get_opt(name)
-        .await
-        .map_err(kube_err(format!("reading ValidatingWebhookConfiguration {name}")))?
+    let Some(vwc) = api.get_opt(name).await.map_err(kube_err(format!(
+        "reading ValidatingWebhookConfiguration {name}"
+    )))?
     else {
         tracing::warn!(%name, "the ValidatingWebhookConfiguration does not exist; caBundle not injected");
         return Ok(false);
@@ -593,8 +599,8 @@ pub async fn inject_ca_bundle(
     if ops.is_empty() {
         return Ok(false);
     }
-    let patch: json_patch::Patch = serde_json::from_value(serde_json::Value::Array(ops))
-        .map_err(|e| TlsError::Invalid {
+    let patch: json_patch::Patch =
+        serde_json::from_value(serde_json::Value::Array(ops)).map_err(|e| TlsError::Invalid {
             what: "caBundle patch",
             message: e.to_string(),
         })?;
@@ -625,9 +631,13 @@ pub async fn run_self_signed(
         match ensure_self_signed(&client, &cfg, std::time::SystemTime::now()).await {
             Ok(cert) => {
                 match store.replace(&cert) {
-                    Ok(true) => tracing::info!(certificate = %store.fingerprint(), "now presenting the renewed webhook certificate"),
+                    Ok(true) => {
+                        tracing::info!(certificate = %store.fingerprint(), "now presenting the renewed webhook certificate")
+                    }
                     Ok(false) => {}
-                    Err(e) => tracing::warn!(error = %e, "the webhook TLS Secret holds an unusable certificate"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "the webhook TLS Secret holds an unusable certificate")
+                    }
                 }
                 if let Some(name) = &cfg.webhook_config_name
                     && let Err(e) = inject_ca_bundle(&client, name, &cert.ca_bundle_pem).await
