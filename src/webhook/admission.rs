@@ -129,12 +129,11 @@ impl Lookups for KubeLookups {
 pub fn parse_review(
     body: &[u8],
 ) -> Result<AdmissionRequest<DynamicObject>, Box<AdmissionResponse>> {
-    let raw: Value = serde_json::from_slice(body)
-        .map_err(|e| {
-            Box::new(AdmissionResponse::invalid(format!(
-                "the AdmissionReview is not JSON: {e}"
-            )))
-        })?;
+    let raw: Value = serde_json::from_slice(body).map_err(|e| {
+        Box::new(AdmissionResponse::invalid(format!(
+            "the AdmissionReview is not JSON: {e}"
+        )))
+    })?;
     let uid = raw
         .pointer("/request/uid")
         .and_then(Value::as_str)
