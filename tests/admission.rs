@@ -1093,3 +1093,48 @@ async fn files_mode_reloads_a_renewed_certificate() {
     );
     shutdown.cancel();
 }
+
+#[test]
+fn stored_material_is_reused_only_when_valid_for_the_service_and_not_near_expiry() {
+    let now = SystemTime::now();
+    let names = tls::dns_names(SERVICE, OPERATOR_NS);
+    let fresh = tls::renew(&BTreeMap::new(), tls::Decision::NewCa, &names, now).unwrap();
+    assert_eq!(tls::assess(&fresh, &names, now), tls::Decision::Reuse);
+    // Another Service name: same CA, new serving certificate.
+    let other = tls::dns_names("renamed-webhook", OPERATOR_NS);
+    assert_eq!(
+        tls::assess(&fresh, &other, now),
+        tls::Decision::ReissueServing
+    );
+    // A serving key that does not match its certificate.
+    let mut mismatched = fresh.clone();
+    let spare = tls::renew(&BTreeMap::new(), tls::Decision::NewCa, &names, now).unwrap();
+    mismatched.insert(tls::TLS_KEY.into(), spare[tls::TLS_KEY].clone());
+    assert_eq!(
+        tls::assess(&mismatched, &names, now),
+        tls::Decision::ReissueServing
+    );
+    // Garbage or a missing CA key: a new CA.
+    let mut garbage = fresh.clone();
+    garbage.insert(tls::CA_CRT.into(), "not a certificate".into());
+    assert_eq!(tls::assess(&garbage, &names, now), tls::Decision::NewCa);
+    let mut keyless = fresh.clone();
+    keyless.remove(tls::CA_KEY);
+    assert_eq!(tls::assess(&keyless, &names, now), tls::Decision::NewCa);
+    assert_eq!(
+        tls::assess(&BTreeMap::new(), &names, now),
+        tls::Decision::NewCa
+    );
+    // A reissued certificate chains to the stored CA and covers the Service's names.
+    let reissued = tls::renew(&fresh, tls::Decision::ReissueServing, &other, now).unwrap();
+    assert_eq!(reissued[tls::CA_CRT], fresh[tls::CA_CRT]);
+    assert_eq!(tls::assess(&reissued, &other, now), tls::Decision::Reuse);
+    // The key never shows in Debug output.
+    let cert = ServingCert {
+        cert_pem: reissued[tls::TLS_CRT].clone(),
+        key_pem: stripe_key_operator::secret::SecretString::new(reissued[tls::TLS_KEY].clone()),
+        ca_bundle_pem: String::new(),
+    };
+    let debug = format!("{cert:?}");
+    assert!(!debug.contains("PRIVATE KEY") && !debug.contains(&reissued[tls::TLS_KEY]));
+}
