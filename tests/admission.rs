@@ -19,7 +19,9 @@ use stripe_key_operator::webhook::admission::{
     self, LITERAL_KEYS_PATH, LookupError, Lookups, STRIPE_OBJECTS_PATH,
 };
 use stripe_key_operator::webhook::server::{self, WebhookConfig};
-use stripe_key_operator::webhook::tls::{self, CertMode, CertStore, SelfSignedConfig, ServingCert};
+use stripe_key_operator::webhook::tls::{
+    self, CertMode, CertStore, Injection, SelfSignedConfig, ServingCert,
+};
 use tokio_util::sync::CancellationToken;
 
 // ---------------------------------------------------------------------------------------------
@@ -803,6 +805,12 @@ const SERVICE: &str = "sko-webhook";
 const VWC: &str = "sko-stripe-key-operator";
 
 async fn api_server() -> (kube_test_api::TestApiServer, kube::Client) {
+    let (server, client) = api_server_without_configuration().await;
+    create_configuration(&client).await;
+    (server, client)
+}
+
+async fn api_server_without_configuration() -> (kube_test_api::TestApiServer, kube::Client) {
     let server = kube_test_api::TestApiServer::start().await.unwrap();
     let config = kube::Config::new(server.url().parse().unwrap());
     let client = kube::Client::try_from(config).unwrap();
@@ -812,6 +820,10 @@ async fn api_server() -> (kube_test_api::TestApiServer, kube::Client) {
         .create(&PostParams::default(), &ns)
         .await
         .unwrap();
+    (server, client)
+}
+
+async fn create_configuration(client: &kube::Client) {
     let vwc: ValidatingWebhookConfiguration = serde_json::from_value(json!({
         "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingWebhookConfiguration",
         "metadata": {"name": VWC},
@@ -827,7 +839,6 @@ async fn api_server() -> (kube_test_api::TestApiServer, kube::Client) {
         .create(&PostParams::default(), &vwc)
         .await
         .unwrap();
-    (server, client)
 }
 
 fn cfg() -> SelfSignedConfig {
@@ -880,10 +891,11 @@ async fn self_signed_secret_is_created_once_reused_on_restart_and_its_ca_injecte
     );
     assert!(info.not_after > now + Duration::from_secs(300 * 24 * 3600));
 
-    assert!(
+    assert_eq!(
         tls::inject_ca_bundle(&client, VWC, &first.ca_bundle_pem)
             .await
-            .unwrap()
+            .unwrap(),
+        Injection::Patched
     );
     assert_eq!(
         ca_bundles(&client).await,
@@ -897,10 +909,11 @@ async fn self_signed_secret_is_created_once_reused_on_restart_and_its_ca_injecte
         .unwrap();
     assert_eq!(again.cert_pem, first.cert_pem);
     assert_eq!(tls_secret(&client).await.metadata.resource_version, rv);
-    assert!(
-        !tls::inject_ca_bundle(&client, VWC, &again.ca_bundle_pem)
+    assert_eq!(
+        tls::inject_ca_bundle(&client, VWC, &again.ca_bundle_pem)
             .await
             .unwrap(),
+        Injection::Current,
         "no patch when caBundle is current"
     );
 
@@ -914,10 +927,11 @@ async fn self_signed_secret_is_created_once_reused_on_restart_and_its_ca_injecte
         .replace(VWC, &PostParams::default(), &vwc)
         .await
         .unwrap();
-    assert!(
+    assert_eq!(
         tls::inject_ca_bundle(&client, VWC, &again.ca_bundle_pem)
             .await
-            .unwrap()
+            .unwrap(),
+        Injection::Patched
     );
     assert_eq!(
         ca_bundles(&client).await[1],
@@ -1137,4 +1151,48 @@ fn stored_material_is_reused_only_when_valid_for_the_service_and_not_near_expiry
     };
     let debug = format!("{cert:?}");
     assert!(!debug.contains("PRIVATE KEY") && !debug.contains(&reissued[tls::TLS_KEY]));
+}
+
+#[tokio::test]
+async fn ca_bundle_is_injected_soon_after_the_configuration_appears() {
+    stripe_key_operator::controller::install_crypto_provider();
+    // Helm may create the ValidatingWebhookConfiguration after the operator has started.
+    let (_server, client) = api_server_without_configuration().await;
+    let shutdown = CancellationToken::new();
+    let config = WebhookConfig {
+        addr: "127.0.0.1:0".parse().unwrap(),
+        cert_mode: CertMode::SelfSigned,
+        cert_dir: None,
+        namespace: OPERATOR_NS.into(),
+        service: SERVICE.into(),
+        config_name: Some(VWC.into()),
+        include_test_keys: false,
+        check_interval: Duration::from_secs(3600),
+    };
+    let (_addr, task) = server::start(&config, client.clone(), shutdown.clone())
+        .await
+        .unwrap()
+        .unwrap();
+    create_configuration(&client).await;
+    let want = secret_text(&tls_secret(&client).await, tls::CA_CRT).into_bytes();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if ca_bundles(&client)
+            .await
+            .iter()
+            .all(|b| b.as_deref() == Some(&want[..]))
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "caBundle was not injected within 20 s although the check interval is an hour"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .unwrap()
+        .unwrap();
 }

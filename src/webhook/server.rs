@@ -225,15 +225,17 @@ pub async fn start(
                 webhook_config_name: config.config_name.clone(),
             };
             let cert = tls::ensure_self_signed(&client, &cfg, std::time::SystemTime::now()).await?;
-            if let Some(name) = &cfg.webhook_config_name {
-                tls::inject_ca_bundle(&client, name, &cert.ca_bundle_pem).await?;
-            }
+            let injected = match &cfg.webhook_config_name {
+                Some(name) => tls::inject_ca_bundle(&client, name, &cert.ca_bundle_pem).await?,
+                None => tls::Injection::Current,
+            };
             let certs = Arc::new(CertStore::new(&cert)?);
             tokio::spawn(tls::run_self_signed(
                 client,
                 cfg,
                 certs.clone(),
                 config.check_interval,
+                injected,
                 shutdown.clone(),
             ));
             certs

@@ -565,21 +565,33 @@ pub async fn ensure_self_signed(
     Err(TlsError::Contended(what))
 }
 
+/// What [`inject_ca_bundle`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Injection {
+    /// At least one `caBundle` was written.
+    Patched,
+    /// Every `caBundle` already held the bundle: nothing written.
+    Current,
+    /// The configuration does not exist (yet: Helm may create it after the Deployment).
+    Missing,
+}
+
 /// Writes `ca_bundle_pem` into `clientConfig.caBundle` of every webhook of the
-/// ValidatingWebhookConfiguration `name`, only where it differs. Returns whether it patched.
-/// A missing configuration is not an error (the chart may not render it): it returns `false`.
+/// ValidatingWebhookConfiguration `name`, only where it differs. A missing configuration is not
+/// an error (the chart may create it after the operator starts): it returns
+/// [`Injection::Missing`].
 pub async fn inject_ca_bundle(
     client: &kube::Client,
     name: &str,
     ca_bundle_pem: &str,
-) -> Result<bool, TlsError> {
+) -> Result<Injection, TlsError> {
     let api: Api<ValidatingWebhookConfiguration> = Api::all(client.clone());
     let Some(vwc) = api.get_opt(name).await.map_err(kube_err(format!(
         "reading ValidatingWebhookConfiguration {name}"
     )))?
     else {
-        tracing::warn!(%name, "the ValidatingWebhookConfiguration does not exist; caBundle not injected");
-        return Ok(false);
+        tracing::warn!(%name, "the ValidatingWebhookConfiguration does not exist (yet); caBundle not injected");
+        return Ok(Injection::Missing);
     };
     let want = ca_bundle_pem.as_bytes();
     let mut ops = Vec::new();
@@ -597,7 +609,7 @@ pub async fn inject_ca_bundle(
         }));
     }
     if ops.is_empty() {
-        return Ok(false);
+        return Ok(Injection::Current);
     }
     let patch: json_patch::Patch =
         serde_json::from_value(serde_json::Value::Array(ops)).map_err(|e| TlsError::Invalid {
@@ -610,23 +622,34 @@ pub async fn inject_ca_bundle(
             "patching caBundle of ValidatingWebhookConfiguration {name}"
         )))?;
     tracing::info!(%name, ca = %crate::secret::fingerprint(want), "injected the webhook CA bundle");
-    Ok(true)
+    Ok(Injection::Patched)
 }
 
+/// How soon the configuration is looked for again while it does not exist.
+const MISSING_CONFIG_RETRY: Duration = Duration::from_secs(5);
+
 /// Keeps the self-signed material valid and the `caBundle` injected until `shutdown`: every
-/// `interval`, re-reads the Secret (renewing when due), presents its certificate and re-injects
-/// the bundle where it differs. Errors are logged and retried at the next tick.
+/// `interval` (every 5 s while the configuration does not exist yet), re-reads the Secret
+/// (renewing when due), presents its certificate and re-injects the bundle where it differs.
+/// `injected` is what the first injection at start found. Errors are logged and retried.
 pub async fn run_self_signed(
     client: kube::Client,
     cfg: SelfSignedConfig,
     store: Arc<CertStore>,
     interval: Duration,
+    injected: Injection,
     shutdown: CancellationToken,
 ) {
+    let mut last = injected;
     loop {
+        let wait = if last == Injection::Missing {
+            interval.min(MISSING_CONFIG_RETRY)
+        } else {
+            interval
+        };
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(interval) => {}
+            _ = tokio::time::sleep(wait) => {}
         }
         match ensure_self_signed(&client, &cfg, std::time::SystemTime::now()).await {
             Ok(cert) => {
@@ -639,10 +662,13 @@ pub async fn run_self_signed(
                         tracing::warn!(error = %e, "the webhook TLS Secret holds an unusable certificate")
                     }
                 }
-                if let Some(name) = &cfg.webhook_config_name
-                    && let Err(e) = inject_ca_bundle(&client, name, &cert.ca_bundle_pem).await
-                {
-                    tracing::warn!(error = %e, "could not inject the webhook CA bundle");
+                if let Some(name) = &cfg.webhook_config_name {
+                    match inject_ca_bundle(&client, name, &cert.ca_bundle_pem).await {
+                        Ok(i) => last = i,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "could not inject the webhook CA bundle")
+                        }
+                    }
                 }
             }
             Err(e) => tracing::warn!(error = %e, "could not check the webhook TLS Secret"),
