@@ -722,6 +722,14 @@ def test_webhook_is_off_by_default_and_the_operator_is_told_so():
     assert env_of(objs)["WEBHOOK_CERT_MODE"]["value"] == "disabled"
 
 
+def test_notes_say_how_to_opt_a_namespace_in():
+    text = notes("webhook-cert-manager")
+    assert "kubectl label namespace <namespace> stripekeys.io/no-literal-keys=enforce" in text
+    assert "cert-manager issues the certificate" in text
+    assert "Secret sko-stripe-key-operator-webhook-tls" in notes("webhook-and-scheduling")
+    assert "no-literal-keys" not in notes("defaults")
+
+
 def test_literal_keys_webhook_can_be_left_out():
     values = {"webhook": {"enabled": True, "literalKeys": {"enabled": False}}}
     vwc = one(objects_of(render(values)), "ValidatingWebhookConfiguration")
