@@ -124,6 +124,50 @@ pub struct RunConfig {
     /// Path prefix inside the mount: bundles live at `<prefix>/<namespace>/<kind>/<name>`.
     #[arg(long, env = "VAULT_PREFIX", default_value = "stripe-key-operator")]
     pub vault_prefix: String,
+    /// Address of the admission webhooks (HTTPS): `/validate/stripekeys`,
+    /// `/validate/no-literal-keys`, `/healthz`. Every replica serves them, leader or not.
+    #[arg(long, env = "WEBHOOK_ADDR", default_value = "0.0.0.0:9443")]
+    pub webhook_addr: SocketAddr,
+    /// Where the webhook's TLS certificate comes from: `self-signed` (a CA and certificate the
+    /// operator keeps in the Secret `<webhook-service>-tls` and injects into the
+    /// ValidatingWebhookConfiguration), `files` (`tls.crt`/`tls.key` in `--webhook-cert-dir`,
+    /// e.g. from cert-manager, reloaded on change) or `disabled` (no webhook server).
+    #[arg(long, env = "WEBHOOK_CERT_MODE", value_enum, default_value_t = crate::webhook::tls::CertMode::Disabled)]
+    pub webhook_cert_mode: crate::webhook::tls::CertMode,
+    /// Directory of `tls.crt` and `tls.key` (`--webhook-cert-mode=files`).
+    #[arg(long, env = "WEBHOOK_CERT_DIR")]
+    pub webhook_cert_dir: Option<std::path::PathBuf>,
+    /// Name of the webhook's Service in the operator's namespace: the certificate is issued for
+    /// `<name>.<namespace>.svc`.
+    #[arg(
+        long,
+        env = "WEBHOOK_SERVICE",
+        default_value = "stripe-key-operator-webhook"
+    )]
+    pub webhook_service: String,
+    /// The ValidatingWebhookConfiguration whose `caBundle` the operator keeps
+    /// (`--webhook-cert-mode=self-signed`); empty: none.
+    #[arg(long, env = "WEBHOOK_CONFIG_NAME")]
+    pub webhook_config_name: Option<String>,
+    /// The literal-keys webhook also refuses test-mode keys (`sk_test_`, `rk_test_`).
+    #[arg(long, env = "WEBHOOK_INCLUDE_TEST_KEYS", default_value_t = false, action = clap::ArgAction::Set)]
+    pub webhook_include_test_keys: bool,
+}
+
+impl RunConfig {
+    /// The admission webhook settings of these flags.
+    pub fn webhook_config(&self) -> crate::webhook::server::WebhookConfig {
+        crate::webhook::server::WebhookConfig {
+            addr: self.webhook_addr,
+            cert_mode: self.webhook_cert_mode,
+            cert_dir: self.webhook_cert_dir.clone(),
+            namespace: self.namespace.clone(),
+            service: self.webhook_service.clone(),
+            config_name: self.webhook_config_name.clone().filter(|n| !n.is_empty()),
+            include_test_keys: self.webhook_include_test_keys,
+            check_interval: Duration::from_secs(60),
+        }
+    }
 }
 
 /// Tunables of the controllers.
@@ -495,6 +539,8 @@ pub enum RunError {
     },
     #[error(transparent)]
     Leader(#[from] crate::leader::LeaderError),
+    #[error("admission webhook: {0}")]
+    Webhook(#[from] crate::webhook::server::WebhookError),
     #[error("secret store: {0}")]
     Store(#[from] crate::vault::StoreError),
     #[error("opening the audit log: {0}")]
@@ -613,6 +659,22 @@ pub async fn run_with_client(
         source,
     })?;
     tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
+    // Every replica serves admission (the API server picks any ready endpoint), so the
+    // webhook starts before leader election.
+    let webhook_task = match crate::webhook::server::start(
+        &config.webhook_config(),
+        client.clone(),
+        shutdown.clone(),
+    )
+    .await
+    {
+        Ok(t) => t.map(|(_, task)| task),
+        Err(e) => {
+            shutdown.cancel();
+            let _ = http_task.await;
+            return Err(e.into());
+        }
+    };
     // Ready means "started and able to serve": a standby replica is ready too, so rolling
     // updates and node drains never wait on the leader. Leadership is the `leader` metric.
     health.set_ready(true);
@@ -686,6 +748,9 @@ pub async fn run_with_client(
     }
     shutdown.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(5), http_task).await;
+    if let Some(task) = webhook_task {
+        let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+    }
     Ok(())
 }
 

@@ -72,9 +72,20 @@ Call it right after the labels as {{- include "sko.annotations" (dict "root" .) 
 {{- printf "%s-%s" (include "sko.fullname" .) .Release.Namespace | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
 
-{{/* Name of the webhook's TLS Secret in the release namespace. */}}
+{{/* Name of the webhook's Service (the operator's --webhook-service). */}}
+{{- define "sko.webhookService" -}}
+{{- printf "%s-webhook" (include "sko.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Name of the webhook's cert-manager Certificate. */}}
+{{- define "sko.webhookCertificate" -}}
+{{- printf "%s-webhook" (include "sko.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Name of the webhook's TLS Secret in the release namespace: `<service>-tls`, the name the
+operator derives from --webhook-service in self-signed mode. */}}
 {{- define "sko.webhookTlsSecret" -}}
-{{- printf "%s-webhook-tls" (include "sko.fullname" .) -}}
+{{- printf "%s-tls" (include "sko.webhookService" .) -}}
 {{- end -}}
 
 {{/* Tenant namespaces in namespaced mode: watchNamespaces without the release namespace. */}}

@@ -52,7 +52,11 @@ NEWEST_K8S = kubernetes_validate.utils.latest_version()
 K8S_VERSIONS = [OLDEST_K8S, NEWEST_K8S]
 
 # Kinds without an upstream schema in kubernetes-validate: skipped explicitly, by name.
-NO_UPSTREAM_SCHEMA = {("monitoring.coreos.com/v1", "ServiceMonitor")}
+NO_UPSTREAM_SCHEMA = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("cert-manager.io/v1", "Certificate"),
+    ("cert-manager.io/v1", "Issuer"),
+}
 
 VALUE_SETS: dict[str, Path | None] = {"defaults": None}
 VALUE_SETS.update({p.stem: p for p in sorted(VALUES_DIR.glob("*.yaml"))})
@@ -559,10 +563,177 @@ def test_webhook_configuration_is_patchable_only_by_its_own_name():
     assert not granted(objs, "admissionregistration.k8s.io", "validatingwebhookconfigurations", "list", None)
     svc = vwc["webhooks"][0]["clientConfig"]["service"]
     assert one(objs, "Service", svc["name"])["spec"]["ports"][0]["port"] == svc["port"]
-    for name in ("defaults", "namespaced"):
+    for name in ("defaults", "namespaced", "webhook-cert-manager"):
         assert not any(
             "validatingwebhookconfigurations" in rule["resources"] for r in roles(rendered(name)) for rule in r["rules"]
-        ), "no webhook permission when the webhook is off"
+        ), "no webhook permission when the webhook is off or cert-manager injects the CA"
+
+
+# ---------------------------------------------------------------------------------------------
+# Admission webhooks
+# ---------------------------------------------------------------------------------------------
+
+OPERATOR_SRC = (REPO / "src" / "webhook" / "admission.rs").read_text()
+
+
+def webhooks_of(name: str) -> dict[str, dict]:
+    vwc = one(rendered(name), "ValidatingWebhookConfiguration")
+    return {w["name"]: w for w in vwc["webhooks"]}
+
+
+def selector_matches(selector: dict | None, labels: dict[str, str]) -> bool:
+    """Kubernetes label-selector semantics (an absent selector matches everything)."""
+    if not selector:
+        return True
+    for k, v in selector.get("matchLabels", {}).items():
+        if labels.get(k) != v:
+            return False
+    for e in selector.get("matchExpressions", []):
+        key, op, values = e["key"], e["operator"], e.get("values", [])
+        if op == "In" and labels.get(key) not in values:
+            return False
+        if op == "NotIn" and key in labels and labels[key] in values:
+            return False
+        if op == "Exists" and key not in labels:
+            return False
+        if op == "DoesNotExist" and key in labels:
+            return False
+    return True
+
+
+def ns_labels(name: str, **extra: str) -> dict[str, str]:
+    return {"kubernetes.io/metadata.name": name, **extra}
+
+
+def reaches(webhook: dict, group: str, resource: str, namespace: dict[str, str], obj: dict[str, str]) -> bool:
+    """Whether the API server would call `webhook` for a CREATE of `resource` in `namespace`."""
+    ruled = any(
+        group in r["apiGroups"] and resource in r["resources"] and "CREATE" in r["operations"]
+        for r in webhook["rules"]
+    )
+    return (
+        ruled
+        and selector_matches(webhook.get("namespaceSelector"), namespace)
+        and selector_matches(webhook.get("objectSelector"), obj)
+    )
+
+
+def test_webhook_paths_port_and_failure_policy_match_the_operator():
+    hooks = webhooks_of("webhook-cert-manager")
+    assert set(hooks) == {"stripekeys.validate.stripekeys.io", "no-literal-keys.validate.stripekeys.io"}
+    paths = {h["clientConfig"]["service"]["path"] for h in hooks.values()}
+    assert paths == {"/validate/stripekeys", "/validate/no-literal-keys"}
+    for path in paths:
+        assert f'"{path}"' in OPERATOR_SRC, f"the operator does not serve {path}"
+    for h in hooks.values():
+        assert h["failurePolicy"] == "Fail"
+        assert h["sideEffects"] == "None" and h["admissionReviewVersions"] == ["v1"]
+    objs = rendered("webhook-cert-manager")
+    svc = one(objs, "Service", f"{FULLNAME}-webhook")
+    assert svc["spec"]["ports"][0]["targetPort"] == "https-webhook"
+    port = next(p for p in container(objs)["ports"] if p["name"] == "https-webhook")["containerPort"]
+    assert env_of(objs)["WEBHOOK_ADDR"]["value"] == f"0.0.0.0:{port}"
+    assert env_of(objs)["WEBHOOK_SERVICE"]["value"] == svc["metadata"]["name"]
+
+
+def test_webhook_down_never_blocks_unrelated_namespaces_or_the_operator_itself():
+    """With failurePolicy Fail, what the API server sends to the webhook is what an outage blocks."""
+    for name in ("webhook-and-scheduling", "webhook-cert-manager"):
+        hooks = webhooks_of(name)
+        stripe = hooks["stripekeys.validate.stripekeys.io"]
+        keys = hooks["no-literal-keys.validate.stripekeys.io"]
+        unrelated = ns_labels("payments")
+        opted_in = ns_labels("shop", **{"stripekeys.io/no-literal-keys": "enforce"})
+        for hook in hooks.values():
+            for group, resource in [("", "pods"), ("", "secrets"), ("", "configmaps"), ("apps", "deployments")]:
+                assert not reaches(hook, group, resource, unrelated, {}), (name, hook["name"], resource)
+            # Never kube-system or the operator's namespace, even when labelled.
+            for ns in ("kube-system", NAMESPACE):
+                labelled = ns_labels(ns, **{"stripekeys.io/no-literal-keys": "enforce"})
+                for group, resource in [("", "pods"), ("", "secrets"), ("stripekeys.io", "stripekeypolicies")]:
+                    assert not reaches(hook, group, resource, labelled, {}), (name, hook["name"], ns, resource)
+        # What they do guard.
+        assert reaches(stripe, "stripekeys.io", "stripekeypolicies", unrelated, {})
+        assert reaches(keys, "", "pods", opted_in, {})
+        assert reaches(keys, "", "secrets", opted_in, {"app": "api"})
+        assert reaches(keys, "apps", "deployments", opted_in, {})
+        # Secrets the operator manages are never sent to the literal-keys webhook.
+        managed = {"app.kubernetes.io/managed-by": "stripe-key-operator"}
+        assert not reaches(keys, "", "secrets", opted_in, managed)
+        # The opt-in label the chart uses is the one the operator names in its messages.
+        assert keys["namespaceSelector"]["matchLabels"] == {"stripekeys.io/no-literal-keys": "enforce"}
+        assert 'LITERAL_KEYS_LABEL: &str = "stripekeys.io/no-literal-keys"' in OPERATOR_SRC
+        assert 'LITERAL_KEYS_ENFORCE: &str = "enforce"' in OPERATOR_SRC
+
+
+def test_webhook_in_namespaced_mode_sees_only_the_watched_namespaces():
+    values = {**load_values("namespaced"), "webhook": {"enabled": True}}
+    vwc = one(objects_of(render(values)), "ValidatingWebhookConfiguration")
+    stripe = next(w for w in vwc["webhooks"] if w["name"].startswith("stripekeys."))
+    watched = values["watchNamespaces"]
+    assert reaches(stripe, "stripekeys.io", "stripekeypolicies", ns_labels(watched[0]), {})
+    assert not reaches(stripe, "stripekeys.io", "stripekeypolicies", ns_labels("elsewhere"), {})
+
+
+def test_self_signed_mode_lets_the_operator_inject_its_own_ca():
+    objs = rendered("webhook-and-scheduling")
+    vwc = one(objs, "ValidatingWebhookConfiguration")
+    env = {k: v.get("value") for k, v in env_of(objs).items()}
+    assert env["WEBHOOK_CERT_MODE"] == "self-signed"
+    assert env["WEBHOOK_CONFIG_NAME"] == vwc["metadata"]["name"]
+    assert "WEBHOOK_CERT_DIR" not in env
+    assert "cert-manager.io/inject-ca-from" not in vwc["metadata"].get("annotations", {})
+    assert not [o for o in objs if o["apiVersion"].startswith("cert-manager.io/")]
+    # The operator keeps <service>-tls in its namespace: Secret writes there are granted.
+    for verb in ("get", "create", "update"):
+        assert granted(objs, "", "secrets", verb, NAMESPACE, f"{FULLNAME}-webhook-tls")
+
+
+def test_cert_manager_mode_issues_mounts_and_injects_the_certificate():
+    objs = rendered("webhook-cert-manager")
+    vwc = one(objs, "ValidatingWebhookConfiguration")
+    cert = one(objs, "Certificate")
+    assert vwc["metadata"]["annotations"]["cert-manager.io/inject-ca-from"] == f"{NAMESPACE}/{cert['metadata']['name']}"
+    svc = one(objs, "Service", f"{FULLNAME}-webhook")["metadata"]["name"]
+    assert f"{svc}.{NAMESPACE}.svc" in cert["spec"]["dnsNames"]
+    assert cert["spec"]["issuerRef"] == {"name": "internal-ca", "kind": "ClusterIssuer", "group": "cert-manager.io"}
+    assert cert["spec"]["duration"] == "2160h" and cert["spec"]["renewBefore"] == "360h"
+    assert not [o for o in objs if o["kind"] == "Issuer"], "no chart Issuer when one is named"
+    env = {k: v.get("value") for k, v in env_of(objs).items()}
+    assert env["WEBHOOK_CERT_MODE"] == "files"
+    assert env["WEBHOOK_INCLUDE_TEST_KEYS"] == "true"
+    assert "WEBHOOK_CONFIG_NAME" not in env
+    pod = one(objs, "Deployment")["spec"]["template"]["spec"]
+    volume = next(v for v in pod["volumes"] if v["name"] == "webhook-tls")
+    assert volume["secret"]["secretName"] == cert["spec"]["secretName"]
+    mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "webhook-tls")
+    assert env["WEBHOOK_CERT_DIR"] == mount["mountPath"] and mount["readOnly"] is True
+    # Without an issuer name, the chart renders a self-signed Issuer for it.
+    values = {"webhook": {"enabled": True, "certificate": {"mode": "cert-manager"}}}
+    own = objects_of(render(values))
+    issuer = one(own, "Issuer")
+    assert issuer["spec"] == {"selfSigned": {}}
+    assert one(own, "Certificate")["spec"]["issuerRef"]["name"] == issuer["metadata"]["name"]
+
+
+def test_webhook_is_off_by_default_and_the_operator_is_told_so():
+    objs = rendered("defaults")
+    assert not [o for o in objs if o["kind"] == "ValidatingWebhookConfiguration"]
+    assert env_of(objs)["WEBHOOK_CERT_MODE"]["value"] == "disabled"
+
+
+def test_notes_say_how_to_opt_a_namespace_in():
+    text = notes("webhook-cert-manager")
+    assert "kubectl label namespace <namespace> stripekeys.io/no-literal-keys=enforce" in text
+    assert "cert-manager issues the certificate" in text
+    assert "Secret sko-stripe-key-operator-webhook-tls" in notes("webhook-and-scheduling")
+    assert "no-literal-keys" not in notes("defaults")
+
+
+def test_literal_keys_webhook_can_be_left_out():
+    values = {"webhook": {"enabled": True, "literalKeys": {"enabled": False}}}
+    vwc = one(objects_of(render(values)), "ValidatingWebhookConfiguration")
+    assert [w["name"] for w in vwc["webhooks"]] == ["stripekeys.validate.stripekeys.io"]
 
 
 # ---------------------------------------------------------------------------------------------

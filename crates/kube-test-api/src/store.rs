@@ -402,6 +402,16 @@ pub(crate) fn builtin_types() -> Vec<ResourceType> {
             false,
         ),
         builtin(
+            "admissionregistration.k8s.io",
+            "v1",
+            "validatingwebhookconfigurations",
+            "ValidatingWebhookConfiguration",
+            false,
+            &[],
+            false,
+            true,
+        ),
+        builtin(
             "apiextensions.k8s.io",
             "v1",
             "customresourcedefinitions",
