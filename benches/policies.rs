@@ -13,6 +13,7 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use serde_json::json;
 use stripe_key_operator::sandbox::env::{EnvOptions, LocalEnv, OPERATOR_NAMESPACE};
 
@@ -69,17 +70,24 @@ fn main() {
         tokio::time::sleep(Duration::from_secs(1)).await;
 
         let start = Instant::now();
-        for i in 0..policies {
-            env.apply_json(&json!({
-                "apiVersion": "stripekeys.io/v1alpha1", "kind": "StripeKeyPolicy",
-                "metadata": {"name": format!("svc-{i}"), "namespace": format!("team-{}", i % namespaces)},
-                "spec": {"accountRef": {"name": "bench"}, "permissions": ["charge_read", "refund_write"],
-                         "delivery": {"secret": {"name": format!("svc-{i}-stripe")}},
-                         "rotation": {"every": "720h"}}
-            }))
-            .await
-            .unwrap();
-        }
+        // Applied "at once": 32 applies in flight, as `kubectl apply -f dir/` of many files would.
+        let env_ref = &env;
+        futures::stream::iter(0..policies)
+            .map(|i| async move {
+                env_ref
+                    .apply_json(&json!({
+                        "apiVersion": "stripekeys.io/v1alpha1", "kind": "StripeKeyPolicy",
+                        "metadata": {"name": format!("svc-{i}"), "namespace": format!("team-{}", i % namespaces)},
+                        "spec": {"accountRef": {"name": "bench"}, "permissions": ["charge_read", "refund_write"],
+                                 "delivery": {"secret": {"name": format!("svc-{i}-stripe")}},
+                                 "rotation": {"every": "720h"}}
+                    }))
+                    .await
+                    .unwrap();
+            })
+            .buffer_unordered(32)
+            .collect::<Vec<_>>()
+            .await;
         let applied = start.elapsed();
         let deadline = Instant::now() + Duration::from_secs(900);
         let mut last_report = Instant::now();

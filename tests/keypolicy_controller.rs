@@ -744,3 +744,134 @@ async fn a_store_outage_stops_the_rotation_and_it_resumes_when_the_store_is_back
     nudge(&env, "checkout").await;
     assert_settled(&env, 2).await;
 }
+
+#[tokio::test]
+async fn every_stripe_call_of_a_full_run_has_an_audit_line() {
+    let (audit, lines) = stripe_key_operator::audit::AuditLog::memory();
+    let env = env_with(stripe_key_operator::sandbox::env::EnvOptions {
+        audit: Some(audit.clone()),
+        ..Default::default()
+    })
+    .await;
+    env.apply_json(&policy("checkout", &["charge_read", "refund_write"]))
+        .await
+        .unwrap();
+    wait_policy(&env, "checkout", "Ready", ready).await;
+    annotate(&env, "checkout", json!({"stripekeys.io/rotate": "audit"})).await;
+    wait_policy(&env, "checkout", "Overlapping", |p| {
+        p.status
+            .as_ref()
+            .and_then(|s| s.rotation.as_ref())
+            .is_some_and(|r| r.phase == RotationPhase::Overlapping)
+    })
+    .await;
+    env.clock.advance(Duration::from_secs(3700));
+    nudge(&env, "checkout").await;
+    wait_policy(&env, "checkout", "settled", |p| {
+        ready(p) && p.status.as_ref().unwrap().previous_key.is_none()
+    })
+    .await;
+    let api =
+        kube::Api::<stripe_key_operator::api::StripeKeyPolicy>::namespaced(env.client.clone(), NS);
+    api.delete("checkout", &Default::default()).await.unwrap();
+    while api.get_opt("checkout").await.unwrap().is_some() {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    audit.flush().await;
+    let stripe_lines: Vec<serde_json::Value> = lines
+        .lines()
+        .iter()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|l| l["action"] == "stripe.request")
+        .collect();
+    let requests = env.sim.request_log();
+    assert!(
+        requests.len() >= 8,
+        "a full run: mints, probes, expiries, listing: {}",
+        requests.len()
+    );
+    assert_eq!(
+        stripe_lines.len(),
+        requests.len(),
+        "one audit line per Stripe call"
+    );
+    // Every request id the simulator gave out is in the audit log.
+    let text = lines.contents();
+    for r in &requests {
+        assert!(
+            text.contains(&r.request_id),
+            "no audit line for {} {} ({})",
+            r.method,
+            r.path,
+            r.request_id
+        );
+    }
+    for kind in [
+        "store.write",
+        "secret.sync",
+        "rollout.patch",
+        "rotation.transition",
+        "store.delete",
+    ] {
+        assert!(text.contains(&format!("\"{kind}\"")), "no {kind} line");
+    }
+    let summary =
+        stripe_key_operator::audit::verify_chain(text.as_bytes(), &Default::default()).unwrap();
+    assert_eq!(summary.lines, lines.lines().len());
+}
+
+#[tokio::test]
+async fn a_target_that_never_becomes_ready_cannot_hold_the_old_key_past_the_ceiling() {
+    let env = env_with(stripe_key_operator::sandbox::env::EnvOptions {
+        rollout_ceiling: Duration::from_secs(2),
+        ..Default::default()
+    })
+    .await;
+    env.apply_json(&policy("checkout", &["charge_read"]))
+        .await
+        .unwrap();
+    let first = wait_policy(&env, "checkout", "Ready", ready)
+        .await
+        .status
+        .unwrap()
+        .current_key
+        .unwrap();
+    env.api.set_workload_stuck(NS, "checkout", true);
+    annotate(&env, "checkout", json!({"stripekeys.io/rotate": "stuck"})).await;
+    let p = wait_policy(&env, "checkout", "RolloutStuck", |p| {
+        condition(p, "Degraded").is_some_and(|c| c.0 == "True" && c.1 == "RolloutStuck")
+    })
+    .await;
+    let (_, _, message) = condition(&p, "Degraded").unwrap();
+    assert!(
+        message.contains("Deployment checkout"),
+        "Degraded names the target: {message}"
+    );
+    let reasons = event_reasons(&env, "checkout").await;
+    assert!(
+        reasons.contains(&("Warning".into(), "RolloutStuck".into())),
+        "{reasons:?}"
+    );
+    // The overlap still runs; after it the old key goes although the target never rolled.
+    wait_policy(&env, "checkout", "Overlapping", |p| {
+        p.status
+            .as_ref()
+            .and_then(|s| s.rotation.as_ref())
+            .is_some_and(|r| r.phase == RotationPhase::Overlapping)
+    })
+    .await;
+    env.clock.advance(Duration::from_secs(3700));
+    nudge(&env, "checkout").await;
+    wait_policy(&env, "checkout", "old key expired", |p| {
+        p.status.as_ref().unwrap().previous_key.is_none()
+    })
+    .await;
+    assert_eq!(
+        sim_keys(&env)
+            .into_iter()
+            .find(|k| k.id == first.id)
+            .unwrap()
+            .status,
+        "expired"
+    );
+}

@@ -78,7 +78,9 @@ pub struct StripeKeyPolicySpec {
     /// Accept permission names that are not in the operator's catalogue (new Stripe resources).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub allow_unlisted_permissions: bool,
-    /// IPv4 addresses or CIDR ranges the key may be used from. Empty: anywhere.
+    /// IPv4 addresses or CIDR ranges the key may be used from. Not supported yet: Stripe's
+    /// API-keys API documents no parameter to set it, so a non-empty list is refused
+    /// (`Ready=False`, reason `InvalidSpec`) rather than silently ignored.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(
         length(max = 100),

@@ -99,6 +99,14 @@ pub fn validate(
             ),
         });
     }
+    if !spec.ip_allowlist.is_empty() {
+        // Never accept a restriction that would silently not be applied.
+        return Err(invalid(
+            "ipAllowlist is not supported yet: Stripe's API-keys API documents no ip_allowlist \
+             parameter for creating a key; remove it and restrict the key's IPs in the Dashboard"
+                .into(),
+        ));
+    }
     if spec.permissions.is_empty() {
         return Err(invalid(
             "permissions must name at least one permission".into(),
@@ -1455,6 +1463,21 @@ mod tests {
         let refusal = validate(&p, Some(&open), &labels, &[guard], now()).unwrap_err();
         assert_eq!(refusal.reason, "GuardrailViolation");
         assert!(refusal.message.contains("no-refunds"));
+        let mut with_ips = spec();
+        with_ips["ipAllowlist"] = json!(["10.0.0.0/8"]);
+        let refusal = validate(
+            &policy(with_ips, None, json!(null)),
+            Some(&open),
+            &labels,
+            &[],
+            now(),
+        )
+        .unwrap_err();
+        assert!(
+            refusal.message.contains("ipAllowlist is not supported yet"),
+            "{}",
+            refusal.message
+        );
         let ok = validate(&p, Some(&open), &labels, &[], now()).unwrap();
         assert_eq!(ok.permissions, ["charge_read", "refund_write"], "sorted");
         assert_eq!(ok.overlap, Duration::from_secs(3600));

@@ -250,6 +250,14 @@ impl StripeClient {
         self.inner.limiter.clone()
     }
 
+    /// Reports a call made outside this client (the scope probes made with a new key) to the
+    /// client's observer, so that the audit log and metrics see every call to Stripe.
+    pub fn report(&self, record: &CallRecord) {
+        if let Some(observer) = &self.inner.observer {
+            observer.on_call(record);
+        }
+    }
+
     // ---------------------------------------------------------------- v2 API keys
 
     /// `POST /v2/iam/api_keys`: mints a key. In test mode the answer holds

@@ -48,12 +48,37 @@ async fn status_of(
     for attempt in 1..=5 {
         // Probes count against the account's rate limit like every other call.
         client.rate_limiter().acquire().await;
+        let started = std::time::Instant::now();
         let sent = http
             .get(&url)
             .bearer_auth(key.expose())
             .header("Stripe-Version", &config.api_version)
             .send()
             .await;
+        let status = sent.as_ref().ok().map(|r| r.status().as_u16());
+        let retry = status.is_none_or(|s| s == 429 || s >= 500) && attempt < 5;
+        client.report(&super::CallRecord {
+            method: "GET".into(),
+            path: path.split('?').next().unwrap_or(path).to_string(),
+            account: config.context.clone(),
+            status,
+            connection_error: sent
+                .as_ref()
+                .err()
+                .map(|_| super::ConnectionErrorKind::Connect),
+            request_id: sent
+                .as_ref()
+                .ok()
+                .and_then(|r| r.headers().get("request-id"))
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string),
+            idempotency_key: None,
+            attempt,
+            duration: started.elapsed(),
+            error_code: None,
+            error_type: None,
+            will_retry: retry,
+        });
         match sent {
             Ok(r) if r.status().as_u16() == 429 || r.status().is_server_error() => {}
             Ok(r) => return Ok(r.status().as_u16()),
