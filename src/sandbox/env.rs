@@ -45,6 +45,8 @@ pub struct EnvOptions {
     pub stripe_observer: Option<Arc<dyn CallObserver>>,
     /// The audit log the operator writes (disabled when `None`).
     pub audit: Option<crate::audit::AuditLog>,
+    /// The secret store the operator uses instead of the in-memory one (e.g. a Vault store).
+    pub store: Option<Arc<dyn crate::vault::SecretStore>>,
 }
 
 impl Default for EnvOptions {
@@ -59,6 +61,7 @@ impl Default for EnvOptions {
             stripe_timeout: Duration::from_secs(5),
             stripe_observer: None,
             audit: None,
+            store: None,
         }
     }
 }
@@ -68,6 +71,7 @@ pub struct LocalEnv {
     pub api: TestApiServer,
     pub client: kube::Client,
     pub sim: SimHandle,
+    /// The in-memory store (used unless [`EnvOptions::store`] names another one).
     pub store: Arc<MemoryStore>,
     pub clock: ManualClock,
     pub metrics: Metrics,
@@ -153,9 +157,13 @@ impl LocalEnv {
         config.resync = self.options.resync;
         config.stripe_timeout = Some(self.options.stripe_timeout);
         config.crash_hook = Some(self.crash.clone());
+        let store: Arc<dyn crate::vault::SecretStore> = match &self.options.store {
+            Some(store) => store.clone(),
+            None => self.store.clone(),
+        };
         let mut ctx = Context::new(
             self.client.clone(),
-            self.store.clone(),
+            store,
             self.metrics.clone(),
             Arc::new(self.clock.clone()),
             config,
