@@ -390,21 +390,19 @@ pub async fn run_controllers(
     } else {
         namespaces.iter().cloned().map(Some).collect()
     };
-    let mut tasks = Vec::new();
+    // A JoinSet aborts its tasks when dropped: if this future is dropped or aborted, no
+    // controller keeps running behind its back.
+    let mut tasks = tokio::task::JoinSet::new();
     for ns in scopes {
         let ctx = ctx.clone();
         let shutdown = shutdown.clone();
-        tasks.push(tokio::spawn({
+        tasks.spawn({
             let (ctx, ns, shutdown) = (ctx.clone(), ns.clone(), shutdown.clone());
             async move { run_key_policy_controller(ctx, ns, shutdown).await }
-        }));
-        tasks.push(tokio::spawn(async move {
-            run_webhook_controller(ctx, ns, shutdown).await
-        }));
+        });
+        tasks.spawn(async move { run_webhook_controller(ctx, ns, shutdown).await });
     }
-    for t in tasks {
-        let _ = t.await;
-    }
+    while tasks.join_next().await.is_some() {}
 }
 
 /// The StripeKeyPolicy controller for one namespace (or all).

@@ -1,0 +1,1414 @@
+//! End-to-end scenarios against a real cluster (Kubernetes 1.26+), the same ones the CI tests run
+//! against the in-process Kubernetes API. Ignored by default; run them with
+//!
+//! ```text
+//! KUBECONFIG=~/.kube/config cargo test --test e2e_cluster -- --ignored
+//! ```
+//!
+//! Each test installs the CRDs (server-side apply, they stay), creates a uniquely named tenant
+//! namespace (labelled so the test's StripeAccount serves it), a uniquely named operator
+//! namespace holding the simulator's app key, a cluster-scoped StripeAccount pointing at a
+//! Stripe simulator started in this process on 127.0.0.1, a `checkout` Deployment
+//! (`registry.k8s.io/pause:3.10`) as rollout target, and runs the real controllers in this
+//! process (scoped to the test's namespaces, so tests run in parallel without seeing one
+//! another's objects). Everything a test created is deleted at the end, also when it fails.
+//!
+//! Assumptions about the cluster: nodes can pull `registry.k8s.io/pause:3.10`; no other
+//! stripe-key-operator (or its admission webhook) is installed; the kubeconfig user may manage
+//! CRDs, namespaces, Secrets, Deployments, Events and the stripekeys.io kinds. The simulator
+//! listens on the test runner's loopback: only the in-process controllers reach it, the cluster
+//! never does.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Namespace, Secret};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::{Client, ResourceExt};
+use serde_json::{Value, json};
+use stripe_key_operator::api::{
+    RotationPhase, RotationTrigger, StripeAccount, StripeGuardrail, StripeKeyPolicy,
+    StripeWebhookEndpoint, WorkloadKind, conditions,
+};
+use stripe_key_operator::controller::clock::ManualClock;
+use stripe_key_operator::controller::{
+    Context, ControllerConfig, CrashHook, install_crypto_provider, run_controllers,
+};
+use stripe_key_operator::inject::{Rollout, rollout_state};
+use stripe_key_operator::metrics::Metrics;
+use stripe_key_operator::secret::SecretString;
+use stripe_key_operator::sim::{EndpointState, KeyState, SimConfig, SimHandle, Simulator};
+use stripe_key_operator::stripe::{Mode, StripeClient, UpdateWebhookEndpointParams};
+use stripe_key_operator::vault::{MemoryStore, SecretStore, StorePath, StorePrefix};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// Field manager of everything the tests apply.
+const MANAGER: &str = "stripe-key-operator-e2e";
+/// Bound of every wait (real clusters pull images and schedule pods).
+const WAIT: Duration = Duration::from_secs(180);
+const POLL: Duration = Duration::from_millis(250);
+const STORE_PREFIX: &str = "stripe-key-operator";
+const APP_KEY_SECRET: &str = "stripe-app-e2e";
+const DEPLOYMENT: &str = "checkout";
+const ACCOUNT_LABEL: &str = "stripekeys.io/account";
+const TEST_LABEL: &str = "stripekeys.io/e2e-test";
+const WEBHOOK_URL: &str = "https://hooks.example.com/stripe-e2e";
+
+fn rand_lower(n: usize) -> String {
+    use rand::Rng;
+    let mut rng = rand::rng();
+    (0..n)
+        .map(|_| {
+            let i = rng.random_range(0..36u8);
+            char::from(if i < 10 { b'0' + i } else { b'a' + i - 10 })
+        })
+        .collect()
+}
+
+fn rand_alnum(n: usize) -> String {
+    use rand::Rng;
+    let mut rng = rand::rng();
+    (0..n)
+        .map(|_| char::from(b'A' + rng.random_range(0..26u8)))
+        .collect()
+}
+
+/// Polls `probe` until it yields a value; panics after [`WAIT`] with the last observation.
+async fn wait_for<T, F, Fut>(what: &str, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match probe().await {
+            Ok(v) => return v,
+            Err(last) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "timed out after {}s waiting for {what}; last seen: {last}",
+                    WAIT.as_secs()
+                );
+            }
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+fn apply_params() -> PatchParams {
+    PatchParams::apply(MANAGER).force()
+}
+
+/// Installs (server-side apply) every CRD and waits until each is `Established=True`.
+async fn install_crds(client: &Client) {
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for crd in stripe_key_operator::api::crds() {
+        let name = crd.name_any();
+        api.patch(&name, &apply_params(), &Patch::Apply(&crd))
+            .await
+            .unwrap_or_else(|e| panic!("applying CRD {name}: {e}"));
+    }
+    for crd in stripe_key_operator::api::crds() {
+        let name = crd.name_any();
+        let api = api.clone();
+        wait_for(&format!("CRD {name} Established"), || {
+            let (api, name) = (api.clone(), name.clone());
+            async move {
+                let crd = api.get(&name).await.map_err(|e| e.to_string())?;
+                let established = crd
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.conditions.as_ref())
+                    .is_some_and(|cs| {
+                        cs.iter()
+                            .any(|c| c.type_ == "Established" && c.status == "True")
+                    });
+                if established {
+                    Ok(())
+                } else {
+                    Err(format!("{:?}", crd.status))
+                }
+            }
+        })
+        .await;
+    }
+}
+
+/// What the guard deletes when the test ends (CRDs stay).
+#[derive(Clone, Default)]
+struct Created {
+    namespaces: Vec<String>,
+    accounts: Vec<String>,
+    guardrails: Vec<String>,
+}
+
+/// One test's installation on the cluster: namespaces, account, Deployment, simulator, store and
+/// the running controllers. Dropping it deletes everything it created.
+struct Cluster {
+    client: Client,
+    sim: SimHandle,
+    store: Arc<MemoryStore>,
+    clock: ManualClock,
+    crash: Arc<CrashHook>,
+    /// The simulator account id (`acct_...`).
+    account_id: String,
+    /// The StripeAccount's name.
+    account: String,
+    /// The tenant namespace (served by the account).
+    ns: String,
+    operator_ns: String,
+    /// Namespaces the controllers watch.
+    watched: Vec<String>,
+    suffix: String,
+    created: Created,
+    operator: Option<(CancellationToken, JoinHandle<()>)>,
+}
+
+impl Cluster {
+    /// Sets up everything and starts the controllers.
+    async fn start() -> Self {
+        let mut c = Self::start_without_operator().await;
+        c.start_operator();
+        c
+    }
+
+    /// Sets up everything except the controllers.
+    async fn start_without_operator() -> Self {
+        install_crypto_provider();
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| "warn".into()),
+            )
+            .with_test_writer()
+            .try_init();
+        let client = Client::try_default()
+            .await
+            .expect("a cluster reachable through KUBECONFIG");
+        install_crds(&client).await;
+
+        let suffix = rand_lower(8);
+        let ns = format!("sko-e2e-{suffix}");
+        let operator_ns = format!("sko-e2e-op-{suffix}");
+        let account = format!("sko-e2e-{suffix}");
+        let sim = Simulator::start(
+            SimConfig::new().with_account(format!("acct_1E2e{}", rand_alnum(10)), Mode::Test),
+        )
+        .await
+        .expect("simulator starts");
+        let account_id = sim.accounts()[0].id.clone();
+        let mut c = Self {
+            client,
+            sim,
+            store: Arc::new(MemoryStore::default()),
+            clock: ManualClock::new(),
+            crash: Arc::new(CrashHook::default()),
+            account_id,
+            account: account.clone(),
+            ns: ns.clone(),
+            operator_ns: operator_ns.clone(),
+            watched: vec![ns.clone()],
+            suffix: suffix.clone(),
+            created: Created::default(),
+            operator: None,
+        };
+        // Registered before creation: the guard cleans up whatever got created.
+        c.created.namespaces.push(operator_ns.clone());
+        c.created.namespaces.push(ns.clone());
+        c.created.accounts.push(account.clone());
+
+        c.apply_namespace(&operator_ns, json!({TEST_LABEL: suffix}))
+            .await;
+        c.apply_namespace(&ns, json!({TEST_LABEL: suffix, ACCOUNT_LABEL: account}))
+            .await;
+        let key = c.sim.app_key().expose().to_string();
+        Api::<Secret>::namespaced(c.client.clone(), &operator_ns)
+            .patch(
+                APP_KEY_SECRET,
+                &apply_params(),
+                &Patch::Apply(json!({
+                    "apiVersion": "v1", "kind": "Secret",
+                    "metadata": {"name": APP_KEY_SECRET, "namespace": operator_ns},
+                    "stringData": {"secret_key": key},
+                })),
+            )
+            .await
+            .expect("app-key Secret");
+        Api::<StripeAccount>::all(c.client.clone())
+            .patch(
+                &account,
+                &apply_params(),
+                &Patch::Apply(json!({
+                    "apiVersion": "stripekeys.io/v1alpha1", "kind": "StripeAccount",
+                    "metadata": {"name": account, "labels": {TEST_LABEL: suffix}},
+                    "spec": {
+                        "mode": "test",
+                        "context": c.account_id,
+                        "apiBase": c.sim.base_url(),
+                        "credentials": {"secretRef": {"name": APP_KEY_SECRET, "key": "secret_key"}},
+                        "namespaceSelector": {"matchLabels": {ACCOUNT_LABEL: account}},
+                    }
+                })),
+            )
+            .await
+            .expect("StripeAccount (apiBase http://127.0.0.1 must pass the CEL rule)");
+        c.apply_deployment().await;
+        c
+    }
+
+    async fn apply_namespace(&self, name: &str, labels: Value) {
+        Api::<Namespace>::all(self.client.clone())
+            .patch(
+                name,
+                &apply_params(),
+                &Patch::Apply(json!({
+                    "apiVersion": "v1", "kind": "Namespace",
+                    "metadata": {"name": name, "labels": labels}
+                })),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("namespace {name}: {e}"));
+    }
+
+    /// A second namespace the account does not serve (watched by the controllers too; call
+    /// before [`Cluster::start_operator`]).
+    async fn add_unserved_namespace(&mut self) -> String {
+        let name = format!("sko-e2e-{}-other", self.suffix);
+        self.created.namespaces.push(name.clone());
+        self.apply_namespace(&name, json!({TEST_LABEL: self.suffix}))
+            .await;
+        self.watched.push(name.clone());
+        name
+    }
+
+    /// The rollout target: one small pause pod, compliant with the `restricted` Pod Security
+    /// level. Waits until it is available so that image pulls do not count against later steps.
+    async fn apply_deployment(&self) {
+        let api = self.deployments();
+        api.patch(
+            DEPLOYMENT,
+            &apply_params(),
+            &Patch::Apply(json!({
+                "apiVersion": "apps/v1", "kind": "Deployment",
+                "metadata": {"name": DEPLOYMENT, "namespace": self.ns, "labels": {"app": DEPLOYMENT}},
+                "spec": {
+                    "replicas": 1,
+                    "selector": {"matchLabels": {"app": DEPLOYMENT}},
+                    "strategy": {"type": "RollingUpdate",
+                                 "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+                    "template": {
+                        "metadata": {"labels": {"app": DEPLOYMENT}},
+                        "spec": {
+                            "terminationGracePeriodSeconds": 1,
+                            "automountServiceAccountToken": false,
+                            "securityContext": {"runAsNonRoot": true, "runAsUser": 65535,
+                                                "seccompProfile": {"type": "RuntimeDefault"}},
+                            "containers": [{
+                                "name": "app",
+                                "image": "registry.k8s.io/pause:3.10",
+                                "resources": {"requests": {"cpu": "1m", "memory": "8Mi"},
+                                              "limits": {"memory": "32Mi"}},
+                                "securityContext": {"allowPrivilegeEscalation": false,
+                                                    "readOnlyRootFilesystem": true,
+                                                    "capabilities": {"drop": ["ALL"]}}
+                            }]
+                        }
+                    }
+                }
+            })),
+        )
+        .await
+        .expect("Deployment");
+        wait_for("the Deployment available", || {
+            let api = api.clone();
+            async move {
+                let d = api.get(DEPLOYMENT).await.map_err(|e| e.to_string())?;
+                let s = d.status.clone().unwrap_or_default();
+                if s.available_replicas == Some(1) && s.updated_replicas == Some(1) {
+                    Ok(())
+                } else {
+                    Err(format!("{s:?}"))
+                }
+            }
+        })
+        .await;
+    }
+
+    /// Starts the controllers with a fresh context, as `LocalEnv::start_operator` does.
+    fn start_operator(&mut self) {
+        let mut config = ControllerConfig::new(
+            self.operator_ns.clone(),
+            StorePrefix::new(STORE_PREFIX).expect("valid prefix"),
+        );
+        config.rollout_ceiling = Duration::from_secs(120);
+        config.rollout_poll = Duration::from_millis(500);
+        config.error_backoff = Duration::from_secs(1);
+        config.resync = Duration::from_secs(60);
+        config.stripe_timeout = Some(Duration::from_secs(5));
+        config.crash_hook = Some(self.crash.clone());
+        let ctx = Arc::new(Context::new(
+            self.client.clone(),
+            self.store.clone(),
+            Metrics::new(),
+            Arc::new(self.clock.clone()),
+            config,
+            None,
+        ));
+        let stop = CancellationToken::new();
+        let namespaces = self.watched.clone();
+        let task = tokio::spawn({
+            let stop = stop.clone();
+            async move { run_controllers(ctx, &namespaces, stop).await }
+        });
+        self.operator = Some((stop, task));
+    }
+
+    /// Kills the controllers. `run_controllers` spawns one task per controller, which an abort
+    /// of the outer task alone would leave running; the token stops them too.
+    async fn kill_operator(&mut self) {
+        if let Some((stop, task)) = self.operator.take() {
+            task.abort();
+            stop.cancel();
+            let _ = task.await;
+            // Give the detached controller tasks a moment to wind down.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
+    fn deployments(&self) -> Api<Deployment> {
+        Api::namespaced(self.client.clone(), &self.ns)
+    }
+
+    fn policies(&self) -> Api<StripeKeyPolicy> {
+        Api::namespaced(self.client.clone(), &self.ns)
+    }
+
+    fn endpoints(&self) -> Api<StripeWebhookEndpoint> {
+        Api::namespaced(self.client.clone(), &self.ns)
+    }
+
+    async fn apply_policy(&self, manifest: &Value) {
+        let ns = manifest["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or(&self.ns);
+        let name = manifest["metadata"]["name"].as_str().unwrap();
+        Api::<StripeKeyPolicy>::namespaced(self.client.clone(), ns)
+            .patch(name, &apply_params(), &Patch::Apply(manifest))
+            .await
+            .unwrap_or_else(|e| panic!("applying StripeKeyPolicy {name}: {e}"));
+    }
+
+    async fn apply_endpoint(&self, manifest: &Value) {
+        let name = manifest["metadata"]["name"].as_str().unwrap();
+        self.endpoints()
+            .patch(name, &apply_params(), &Patch::Apply(manifest))
+            .await
+            .unwrap_or_else(|e| panic!("applying StripeWebhookEndpoint {name}: {e}"));
+    }
+
+    fn policy(&self, name: &str, permissions: &[&str]) -> Value {
+        json!({
+            "apiVersion": "stripekeys.io/v1alpha1", "kind": "StripeKeyPolicy",
+            "metadata": {"name": name, "namespace": self.ns},
+            "spec": {
+                "accountRef": {"name": self.account},
+                "permissions": permissions,
+                "delivery": {"secret": {"name": format!("{name}-stripe-key")},
+                             "rolloutTargets": [{"kind": "Deployment", "name": DEPLOYMENT}]},
+                "rotation": {"every": "720h", "overlap": "1h"}
+            }
+        })
+    }
+
+    fn endpoint(&self, name: &str) -> Value {
+        json!({
+            "apiVersion": "stripekeys.io/v1alpha1", "kind": "StripeWebhookEndpoint",
+            "metadata": {"name": name, "namespace": self.ns},
+            "spec": {
+                "accountRef": {"name": self.account},
+                "url": WEBHOOK_URL,
+                "enabledEvents": ["charge.succeeded", "payment_intent.succeeded"],
+                "description": "e2e orders service",
+                "delivery": {"secret": {"name": format!("{name}-webhook")},
+                             "rolloutTargets": [{"kind": "Deployment", "name": DEPLOYMENT}]},
+                "rotation": {"every": "720h", "overlap": "1h"}
+            }
+        })
+    }
+
+    /// Waits until `pred` holds for the policy `name` in `ns`.
+    async fn wait_policy_in(
+        &self,
+        ns: &str,
+        name: &str,
+        what: &str,
+        pred: impl Fn(&StripeKeyPolicy) -> bool,
+    ) -> StripeKeyPolicy {
+        let api: Api<StripeKeyPolicy> = Api::namespaced(self.client.clone(), ns);
+        let pred = &pred;
+        wait_for(what, || {
+            let api = api.clone();
+            async move {
+                match api.get_opt(name).await {
+                    Ok(Some(p)) if pred(&p) => Ok(p),
+                    Ok(Some(p)) => Err(format!("status: {:#?}", p.status)),
+                    Ok(None) => Err("the policy is gone".into()),
+                    Err(e) => Err(e.to_string()),
+                }
+            }
+        })
+        .await
+    }
+
+    async fn wait_policy(
+        &self,
+        name: &str,
+        what: &str,
+        pred: impl Fn(&StripeKeyPolicy) -> bool,
+    ) -> StripeKeyPolicy {
+        self.wait_policy_in(&self.ns, name, what, pred).await
+    }
+
+    async fn wait_endpoint(
+        &self,
+        name: &str,
+        what: &str,
+        pred: impl Fn(&StripeWebhookEndpoint) -> bool,
+    ) -> StripeWebhookEndpoint {
+        let api = self.endpoints();
+        let pred = &pred;
+        wait_for(what, || {
+            let api = api.clone();
+            async move {
+                match api.get_opt(name).await {
+                    Ok(Some(e)) if pred(&e) => Ok(e),
+                    Ok(Some(e)) => Err(format!("status: {:#?}", e.status)),
+                    Ok(None) => Err("the endpoint is gone".into()),
+                    Err(e) => Err(e.to_string()),
+                }
+            }
+        })
+        .await
+    }
+
+    /// A merge patch of `metadata` on a policy or an endpoint.
+    async fn patch_metadata<K>(&self, api: &Api<K>, name: &str, metadata: Value)
+    where
+        K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    {
+        api.patch(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "metadata": metadata })),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("patching {name}: {e}"));
+    }
+
+    /// Annotates a policy (a person's `kubectl annotate`).
+    async fn annotate_policy(&self, name: &str, annotations: Value) {
+        self.patch_metadata(
+            &self.policies(),
+            name,
+            json!({ "annotations": annotations }),
+        )
+        .await;
+    }
+
+    async fn annotate_endpoint(&self, name: &str, annotations: Value) {
+        self.patch_metadata(
+            &self.endpoints(),
+            name,
+            json!({ "annotations": annotations }),
+        )
+        .await;
+    }
+
+    /// Changes an unrelated label so that the controller reconciles now (after the clock moved).
+    async fn nudge_policy(&self, name: &str) {
+        self.patch_metadata(&self.policies(), name, nudge_labels())
+            .await;
+    }
+
+    async fn nudge_endpoint(&self, name: &str) {
+        self.patch_metadata(&self.endpoints(), name, nudge_labels())
+            .await;
+    }
+
+    /// Pauses or resumes the Deployment: a paused Deployment does not roll, so the rollout of a
+    /// new key stays in progress (the real-cluster stand-in for a stuck workload).
+    async fn pause_deployment(&self, paused: bool) {
+        self.deployments()
+            .patch(
+                DEPLOYMENT,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": {"paused": paused}})),
+            )
+            .await
+            .expect("pausing the Deployment");
+    }
+
+    /// Waits until the Deployment's pod template carries `fingerprint` under `annotation` and
+    /// every replica runs it (as `kubectl rollout status` judges).
+    async fn wait_rolled(&self, annotation: &str, fingerprint: &str) {
+        let api = self.deployments();
+        wait_for("the Deployment rolled onto the key", || {
+            let api = api.clone();
+            async move {
+                let d = api.get(DEPLOYMENT).await.map_err(|e| e.to_string())?;
+                let v = serde_json::to_value(&d).map_err(|e| e.to_string())?;
+                match rollout_state(WorkloadKind::Deployment, &v, annotation, fingerprint) {
+                    Rollout::Complete => Ok(()),
+                    other => Err(format!("{other:?}")),
+                }
+            }
+        })
+        .await;
+    }
+
+    async fn secret(&self, name: &str) -> Option<Secret> {
+        Api::<Secret>::namespaced(self.client.clone(), &self.ns)
+            .get_opt(name)
+            .await
+            .expect("reading a Secret")
+    }
+
+    /// Keys of the simulator account.
+    fn sim_keys(&self) -> Vec<KeyState> {
+        self.sim
+            .state()
+            .account(&self.account_id)
+            .map(|a| a.api_keys.clone())
+            .unwrap_or_default()
+    }
+
+    fn active_keys(&self) -> Vec<KeyState> {
+        self.sim_keys()
+            .into_iter()
+            .filter(|k| k.status == "active")
+            .collect()
+    }
+
+    fn key_status(&self, id: &str) -> String {
+        self.sim_keys()
+            .into_iter()
+            .find(|k| k.id == id)
+            .map(|k| k.status)
+            .unwrap_or_else(|| panic!("key {id} not at the simulator"))
+    }
+
+    fn sim_endpoints(&self) -> Vec<EndpointState> {
+        self.sim
+            .state()
+            .account(&self.account_id)
+            .map(|a| a.webhook_endpoints.clone())
+            .unwrap_or_default()
+    }
+
+    fn store_path(&self, kind: &str, name: &str) -> StorePath {
+        StorePath::credential(
+            &StorePrefix::new(STORE_PREFIX).unwrap(),
+            &self.ns,
+            kind,
+            name,
+        )
+        .unwrap()
+    }
+
+    /// `(type, reason)` of the events.k8s.io/v1 Events about one object of the tenant namespace.
+    async fn event_reasons(&self, kind: &str, name: &str) -> Vec<(String, String)> {
+        let api: Api<k8s_openapi::api::events::v1::Event> =
+            Api::namespaced(self.client.clone(), &self.ns);
+        api.list(&ListParams::default())
+            .await
+            .expect("listing Events")
+            .items
+            .into_iter()
+            .filter(|e| {
+                e.regarding.as_ref().is_some_and(|r| {
+                    r.name.as_deref() == Some(name) && r.kind.as_deref() == Some(kind)
+                })
+            })
+            .map(|e| (e.type_.unwrap_or_default(), e.reason.unwrap_or_default()))
+            .collect()
+    }
+
+    /// Waits for an Event `(type, reason)` about an object (Events are written asynchronously).
+    async fn wait_event(&self, kind: &str, name: &str, type_: &str, reason: &str) {
+        wait_for(
+            &format!("{type_} Event {reason} on {kind} {name}"),
+            || async {
+                let reasons = self.event_reasons(kind, name).await;
+                if reasons.iter().any(|(t, r)| t == type_ && r == reason) {
+                    Ok(())
+                } else {
+                    Err(format!("{reasons:?}"))
+                }
+            },
+        )
+        .await;
+    }
+
+    /// Creates a StripeGuardrail that selects only the tenant namespace (through a label added
+    /// to it here).
+    async fn apply_guardrail(&mut self, spec: Value) -> String {
+        let name = format!("sko-e2e-{}", self.suffix);
+        self.created.guardrails.push(name.clone());
+        let selector_label = "stripekeys.io/e2e-guardrail";
+        self.apply_namespace(
+            &self.ns,
+            json!({TEST_LABEL: self.suffix, ACCOUNT_LABEL: self.account, selector_label: self.suffix}),
+        )
+        .await;
+        let mut spec = spec;
+        spec["namespaceSelector"] = json!({"matchLabels": {selector_label: self.suffix}});
+        Api::<StripeGuardrail>::all(self.client.clone())
+            .patch(
+                &name,
+                &apply_params(),
+                &Patch::Apply(json!({
+                    "apiVersion": "stripekeys.io/v1alpha1", "kind": "StripeGuardrail",
+                    "metadata": {"name": name, "labels": {TEST_LABEL: self.suffix}},
+                    "spec": spec,
+                })),
+            )
+            .await
+            .expect("StripeGuardrail");
+        name
+    }
+}
+
+fn nudge_labels() -> Value {
+    let value = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+        .to_string();
+    json!({"labels": {"test/nudge": value}})
+}
+
+/// Deletes the test's custom objects (while the controllers still run, so finalizers finish),
+/// strips finalizers left behind, then deletes the namespaces, accounts and guardrails.
+async fn cleanup(client: Client, created: Created, wait_for_finalizers: Duration) {
+    let dp = DeleteParams::background();
+    for ns in &created.namespaces {
+        let policies: Api<StripeKeyPolicy> = Api::namespaced(client.clone(), ns);
+        let endpoints: Api<StripeWebhookEndpoint> = Api::namespaced(client.clone(), ns);
+        let _ = policies
+            .delete_collection(&dp, &ListParams::default())
+            .await;
+        let _ = endpoints
+            .delete_collection(&dp, &ListParams::default())
+            .await;
+    }
+    let deadline = Instant::now() + wait_for_finalizers;
+    for ns in &created.namespaces {
+        let policies: Api<StripeKeyPolicy> = Api::namespaced(client.clone(), ns);
+        let endpoints: Api<StripeWebhookEndpoint> = Api::namespaced(client.clone(), ns);
+        loop {
+            let left_p = policies
+                .list_metadata(&ListParams::default())
+                .await
+                .map(|l| l.items)
+                .unwrap_or_default();
+            let left_e = endpoints
+                .list_metadata(&ListParams::default())
+                .await
+                .map(|l| l.items)
+                .unwrap_or_default();
+            if left_p.is_empty() && left_e.is_empty() {
+                break;
+            }
+            if Instant::now() > deadline {
+                let strip = Patch::Merge(json!({"metadata": {"finalizers": null}}));
+                for p in left_p {
+                    let _ = policies
+                        .patch(&p.name_any(), &PatchParams::default(), &strip)
+                        .await;
+                }
+                for e in left_e {
+                    let _ = endpoints
+                        .patch(&e.name_any(), &PatchParams::default(), &strip)
+                        .await;
+                }
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    for ns in &created.namespaces {
+        let _ = namespaces.delete(ns, &dp).await;
+    }
+    let guardrails: Api<StripeGuardrail> = Api::all(client.clone());
+    for g in &created.guardrails {
+        let _ = guardrails.delete(g, &dp).await;
+    }
+    let accounts: Api<StripeAccount> = Api::all(client);
+    for a in &created.accounts {
+        let _ = accounts.delete(a, &dp).await;
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let created = std::mem::take(&mut self.created);
+        let leftovers = created.clone();
+        let operator = self.operator.take();
+        let client = self.client.clone();
+        let run = async move {
+            let wait = if operator.is_some() {
+                Duration::from_secs(30)
+            } else {
+                Duration::ZERO
+            };
+            cleanup(client, created, wait).await;
+            if let Some((stop, task)) = operator {
+                stop.cancel();
+                task.abort();
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            // The tests run on the multi-thread runtime: block here while the workers keep the
+            // controllers (and the client's connection) running.
+            Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(|| handle.block_on(run));
+            }
+            _ => {
+                // No multi-thread runtime: a fresh one on another thread with a fresh client (the
+                // controllers cannot run, so finalizers are stripped at once).
+                drop(run);
+                let _ = std::thread::spawn(move || {
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build();
+                    if let Ok(rt) = rt {
+                        rt.block_on(async move {
+                            if let Ok(client) = Client::try_default().await {
+                                cleanup(client, leftovers, Duration::ZERO).await;
+                            }
+                        });
+                    }
+                })
+                .join();
+            }
+        }
+    }
+}
+
+fn policy_ready(p: &StripeKeyPolicy) -> bool {
+    p.status
+        .as_ref()
+        .is_some_and(|s| conditions::is_true(&s.conditions, "Ready") && s.rotation.is_none())
+}
+
+fn policy_settled(p: &StripeKeyPolicy) -> bool {
+    policy_ready(p) && p.status.as_ref().unwrap().previous_key.is_none()
+}
+
+fn policy_in_phase(phase: RotationPhase) -> impl Fn(&StripeKeyPolicy) -> bool {
+    move |p| {
+        p.status
+            .as_ref()
+            .and_then(|s| s.rotation.as_ref())
+            .is_some_and(|r| r.phase == phase)
+    }
+}
+
+fn policy_condition(p: &StripeKeyPolicy, type_: &str) -> Option<(String, String, String)> {
+    let c = conditions::find(&p.status.as_ref()?.conditions, type_)?;
+    Some((c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+fn endpoint_settled(e: &StripeWebhookEndpoint) -> bool {
+    e.status.as_ref().is_some_and(|s| {
+        conditions::is_true(&s.conditions, "Ready")
+            && s.rotation.is_none()
+            && s.previous_key.is_none()
+    })
+}
+
+fn endpoint_in_phase(phase: RotationPhase) -> impl Fn(&StripeWebhookEndpoint) -> bool {
+    move |e| {
+        e.status
+            .as_ref()
+            .and_then(|s| s.rotation.as_ref())
+            .is_some_and(|r| r.phase == phase)
+    }
+}
+
+/// A Secret's value (kept in a [`SecretString`] so it never shows in test output).
+fn secret_value(secret: &Secret, key: &str) -> Option<SecretString> {
+    secret
+        .data
+        .as_ref()?
+        .get(key)
+        .map(|b| SecretString::new(String::from_utf8(b.0.clone()).expect("utf-8 Secret value")))
+}
+
+fn fingerprint(s: &SecretString) -> String {
+    stripe_key_operator::secret::fingerprint(s.expose().as_bytes())
+}
+
+const POLICY: &str = "checkout";
+const POLICY_SECRET: &str = "checkout-stripe-key";
+const POLICY_ANNOTATION: &str = "stripekeys.io/key-fingerprint.skp.checkout";
+const ENDPOINT: &str = "orders";
+const ENDPOINT_SECRET: &str = "orders-webhook";
+const ENDPOINT_ANNOTATION: &str = "stripekeys.io/key-fingerprint.swe.orders";
+
+/// Fingerprints of the policy Secret's current and previous key.
+async fn policy_secret_fingerprints(c: &Cluster) -> (String, Option<String>) {
+    let secret = c.secret(POLICY_SECRET).await.expect("Secret synced");
+    let current = secret_value(&secret, "STRIPE_API_KEY").expect("STRIPE_API_KEY");
+    let previous = secret_value(&secret, "STRIPE_API_KEY_PREVIOUS");
+    (fingerprint(&current), previous.as_ref().map(fingerprint))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs a real cluster"]
+async fn mint_on_apply_publishes_the_key_and_rolls_the_deployment() {
+    let c = Cluster::start().await;
+    c.apply_policy(&c.policy(POLICY, &["refund_write", "charge_read"]))
+        .await;
+    let p = c.wait_policy(POLICY, "Ready", policy_ready).await;
+    let status = p.status.clone().unwrap();
+    let current = status.current_key.clone().unwrap();
+
+    let keys = c.sim_keys();
+    assert_eq!(keys.len(), 1, "{keys:#?}");
+    assert_eq!(keys[0].id, current.id);
+    assert_eq!(keys[0].status, "active");
+    let mut perms = keys[0].permissions.clone();
+    perms.sort();
+    assert_eq!(perms, ["charge_read", "refund_write"]);
+    assert_eq!(keys[0].token_fingerprint, current.fingerprint);
+
+    let secret = c.secret(POLICY_SECRET).await.expect("Secret synced");
+    let token = secret_value(&secret, "STRIPE_API_KEY").expect("STRIPE_API_KEY");
+    assert!(
+        token.expose().starts_with("rk_test_") || token.expose().starts_with("sk_test_"),
+        "a test-mode key"
+    );
+    assert_eq!(fingerprint(&token), current.fingerprint);
+    assert!(secret_value(&secret, "STRIPE_API_KEY_PREVIOUS").is_none());
+    let owner = &secret.metadata.owner_references.as_ref().unwrap()[0];
+    assert_eq!(owner.kind, "StripeKeyPolicy");
+    assert_eq!(owner.controller, Some(true));
+
+    let bundle = c
+        .store
+        .read_bundle(&c.store_path("stripekeypolicy", POLICY))
+        .await
+        .unwrap()
+        .expect("store entry")
+        .value;
+    assert_eq!(bundle.current.key_id, current.id);
+    assert_eq!(bundle.current.secret, token);
+
+    let dep = c.deployments().get(DEPLOYMENT).await.unwrap();
+    let annotations = dep
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.metadata.as_ref())
+        .and_then(|m| m.annotations.clone())
+        .unwrap_or_default();
+    assert_eq!(
+        annotations.get(POLICY_ANNOTATION),
+        Some(&current.fingerprint)
+    );
+    c.wait_rolled(POLICY_ANNOTATION, &current.fingerprint).await;
+    assert_eq!(status.rotation_number, Some(1));
+    c.wait_event("StripeKeyPolicy", POLICY, "Normal", "KeyMinted")
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs a real cluster"]
+async fn annotation_rotation_keeps_the_old_key_until_rollout_and_overlap() {
+    let c = Cluster::start().await;
+    c.apply_policy(&c.policy(POLICY, &["charge_read"])).await;
+    let first = c
+        .wait_policy(POLICY, "Ready", policy_ready)
+        .await
+        .status
+        .unwrap()
+        .current_key
+        .unwrap();
+    c.wait_rolled(POLICY_ANNOTATION, &first.fingerprint).await;
+
+    // A paused Deployment cannot roll: the old key must stay valid.
+    c.pause_deployment(true).await;
+    c.annotate_policy(POLICY, json!({"stripekeys.io/rotate": "e2e-1"}))
+        .await;
+    let p = c
+        .wait_policy(
+            POLICY,
+            "RollingOut",
+            policy_in_phase(RotationPhase::RollingOut),
+        )
+        .await;
+    let second = p.status.unwrap().current_key.unwrap();
+    assert_ne!(first.id, second.id);
+    assert_eq!(c.active_keys().len(), 2, "both keys valid while rolling");
+    let (cur, prev) = policy_secret_fingerprints(&c).await;
+    assert_eq!(cur, second.fingerprint);
+    assert_eq!(prev.as_deref(), Some(first.fingerprint.as_str()));
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let p = c.policies().get(POLICY).await.unwrap();
+    assert!(
+        policy_in_phase(RotationPhase::RollingOut)(&p),
+        "a paused Deployment keeps the rotation rolling out: {:#?}",
+        p.status
+    );
+    assert_eq!(
+        c.key_status(&first.id),
+        "active",
+        "a stalled rollout holds the old key"
+    );
+
+    // Rolled: now only the overlap holds it.
+    c.pause_deployment(false).await;
+    let p = c
+        .wait_policy(
+            POLICY,
+            "Overlapping",
+            policy_in_phase(RotationPhase::Overlapping),
+        )
+        .await;
+    assert!(
+        p.status.unwrap().previous_key.unwrap().expires_at.is_some(),
+        "status shows when the old key expires"
+    );
+    c.wait_rolled(POLICY_ANNOTATION, &second.fingerprint).await;
+    assert_eq!(
+        c.key_status(&first.id),
+        "active",
+        "the overlap holds the old key"
+    );
+
+    c.clock.advance(Duration::from_secs(3700));
+    c.nudge_policy(POLICY).await;
+    let p = c
+        .wait_policy(POLICY, "settled after the overlap", policy_settled)
+        .await;
+    assert_eq!(c.key_status(&first.id), "expired");
+    let active = c.active_keys();
+    assert_eq!(active.len(), 1);
+    assert_eq!(active[0].id, second.id);
+    let status = p.status.unwrap();
+    assert_eq!(status.last_handled_rotate_request.as_deref(), Some("e2e-1"));
+    assert_eq!(status.rotation_number, Some(2));
+    let (cur, prev) = policy_secret_fingerprints(&c).await;
+    assert_eq!(cur, second.fingerprint);
+    assert!(prev.is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs a real cluster"]
+async fn incident_rotation_expires_the_old_key_at_once() {
+    let c = Cluster::start().await;
+    c.apply_policy(&c.policy(POLICY, &["charge_read"])).await;
+    let first = c
+        .wait_policy(POLICY, "Ready", policy_ready)
+        .await
+        .status
+        .unwrap()
+        .current_key
+        .unwrap();
+    c.wait_rolled(POLICY_ANNOTATION, &first.fingerprint).await;
+    c.pause_deployment(true).await;
+    c.annotate_policy(
+        POLICY,
+        json!({"stripekeys.io/rotate": "incident-1", "stripekeys.io/rotate-reason": "incident"}),
+    )
+    .await;
+    let p = c
+        .wait_policy(
+            POLICY,
+            "incident rollout",
+            policy_in_phase(RotationPhase::RollingOut),
+        )
+        .await;
+    // Expired before the rollout finished: an incident means no overlap.
+    assert_eq!(c.key_status(&first.id), "expired");
+    assert_eq!(c.active_keys().len(), 1);
+    let (_, reason, _) = policy_condition(&p, "Rotating").unwrap();
+    assert_eq!(reason, "IncidentRotation");
+    let (_, prev) = policy_secret_fingerprints(&c).await;
+    assert!(prev.is_none(), "a compromised key is not published");
+    c.wait_event("StripeKeyPolicy", POLICY, "Warning", "IncidentRotation")
+        .await;
+    c.pause_deployment(false).await;
+    let p = c.wait_policy(POLICY, "Ready", policy_ready).await;
+    let current = p.status.unwrap().current_key.unwrap();
+    c.wait_rolled(POLICY_ANNOTATION, &current.fingerprint).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs a real cluster"]
+async fn scope_change_rotates_to_a_key_with_the_new_scopes() {
+    let c = Cluster::start().await;
+    c.apply_policy(&c.policy(POLICY, &["charge_read"])).await;
+    let first = c
+        .wait_policy(POLICY, "Ready", policy_ready)
+        .await
+        .status
+        .unwrap()
+        .current_key
+        .unwrap();
+    c.apply_policy(&c.policy(POLICY, &["charge_read", "customer_read"]))
+        .await;
+    let p = c
+        .wait_policy(POLICY, "new scopes", |p| {
+            p.status
+                .as_ref()
+                .is_some_and(|s| s.current_permissions == ["charge_read", "customer_read"])
+        })
+        .await;
+    let second = p.status.unwrap().current_key.unwrap();
+    assert_ne!(first.id, second.id);
+    let key = c
+        .sim_keys()
+        .into_iter()
+        .find(|k| k.id == second.id)
+        .unwrap();
+    let mut perms = key.permissions;
+    perms.sort();
+    assert_eq!(perms, ["charge_read", "customer_read"]);
+    c.wait_rolled(POLICY_ANNOTATION, &second.fingerprint).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs a real cluster"]
+async fn scheduled_rotation_fires_when_next_rotation_at_passes() {
+    let c = Cluster::start().await;
+    let mut m = c.policy(POLICY, &["charge_read"]);
+    m["spec"]["rotation"] = json!({"every": "2h", "overlap": "5m"});
+    c.apply_policy(&m).await;
+    let status = c
+        .wait_policy(POLICY, "Ready", policy_ready)
+        .await
+        .status
+        .unwrap();
+    let gap = status
+        .next_rotation_at
+        .unwrap()
+        .0
+        .duration_since(status.last_rotation_at.unwrap().0)
+        .as_secs();
+    assert!(
+        (7200..7200 + 72).contains(&gap),
+        "2h plus at most 1% jitter: {gap}s"
+    );
+    c.clock.advance(Duration::from_secs(7300));
+    c.nudge_policy(POLICY).await;
+    let p = c
+        .wait_policy(POLICY, "scheduled rotation", |p| {
+            p.status
+                .as_ref()
+                .is_some_and(|s| s.rotation_number == Some(2))
+        })
+        .await;
+    let status = p.status.unwrap();
+    assert_eq!(
+        status.rotation.map(|r| r.trigger),
+        Some(RotationTrigger::Schedule)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs a real cluster"]
+async fn guardrail_refusal_makes_no_stripe_call() {
+    let mut c = Cluster::start().await;
+    let guardrail = c
+        .apply_guardrail(json!({"deniedPermissions": ["payout_*"]}))
+        .await;
+    c.apply_policy(&c.policy(POLICY, &["charge_read", "payout_write"]))
+        .await;
+    let p = c
+        .wait_policy(POLICY, "refused", |p| {
+            policy_condition(p, "Ready").is_some_and(|c| c.0 == "False")
+        })
+        .await;
+    let (_, reason, message) = policy_condition(&p, "Ready").unwrap();
+    assert_eq!(reason, "GuardrailViolation");
+    assert!(
+        message.contains("payout_write") && message.contains(&guardrail),
+        "{message}"
+    );
+    c.wait_event("StripeKeyPolicy", POLICY, "Warning", "GuardrailViolation")
+        .await;
+    assert!(
+        c.sim.request_log().is_empty(),
+        "no Stripe call for a refused policy"
+    );
+    assert!(c.secret(POLICY_SECRET).await.is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs a real cluster"]
+async fn a_namespace_the_account_does_not_serve_is_refused() {
+    let mut c = Cluster::start_without_operator().await;
+    let other = c.add_unserved_namespace().await;
+    c.start_operator();
+    let mut m = c.policy("banner", &["charge_read"]);
+    m["metadata"]["namespace"] = json!(other);
+    m["spec"]["delivery"]["rolloutTargets"] = json!([]);
+    c.apply_policy(&m).await;
+    let p = c
+        .wait_policy_in(&other, "banner", "a Ready condition", |p| {
+            policy_condition(p, "Ready").is_some()
+        })
+        .await;
+    let (status, reason, _) = policy_condition(&p, "Ready").unwrap();
+    assert_eq!(status, "False");
+    assert_eq!(reason, "NamespaceNotAllowed");
+    assert!(c.sim.request_log().is_empty(), "no Stripe call");
+    let secrets: Api<Secret> = Api::namespaced(c.client.clone(), &other);
+    assert!(
+        secrets
+            .get_opt("banner-stripe-key")
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs a real cluster"]
+async fn deletion_expires_the_keys_and_the_secret_is_collected() {
+    let c = Cluster::start().await;
+    c.apply_policy(&c.policy(POLICY, &["charge_read"])).await;
+    c.wait_policy(POLICY, "Ready", policy_ready).await;
+    assert!(c.secret(POLICY_SECRET).await.is_some());
+    c.policies()
+        .delete(POLICY, &DeleteParams::default())
+        .await
+        .unwrap();
+    let api = c.policies();
+    wait_for("the finalizer to finish", || {
+        let api = api.clone();
+        async move {
+            match api.get_opt(POLICY).await {
+                Ok(None) => Ok(()),
+                Ok(Some(p)) => Err(format!(
+                    "finalizers {:?}, status {:#?}",
+                    p.metadata.finalizers, p.status
+                )),
+                Err(e) => Err(e.to_string()),
+            }
+        }
+    })
+    .await;
+    assert!(
+        c.active_keys().is_empty(),
+        "every key expired: {:#?}",
+        c.sim_keys()
+    );
+    assert!(
+        c.store
+            .read_bundle(&c.store_path("stripekeypolicy", POLICY))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    // The owned Secret goes with its owner (the cluster's garbage collector).
+    wait_for("the Secret garbage-collected", || async {
+        match c.secret(POLICY_SECRET).await {
+            None => Ok(()),
+            Some(_) => Err("still present".to_string()),
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs a real cluster"]
+async fn a_crash_after_storing_resumes_without_a_second_key() {
+    let mut c = Cluster::start().await;
+    c.apply_policy(&c.policy(POLICY, &["charge_read"])).await;
+    c.wait_policy(POLICY, "Ready", policy_ready).await;
+    c.crash.arm("stored");
+    c.annotate_policy(POLICY, json!({"stripekeys.io/rotate": "crash-stored"}))
+        .await;
+    wait_for("the crash point", || async {
+        if c.crash.hits() > 0 {
+            Ok(())
+        } else {
+            Err("not reached".to_string())
+        }
+    })
+    .await;
+    // The process dies right after the side effect, before recording it; a new one starts cold.
+    c.kill_operator().await;
+    c.start_operator();
+    c.wait_policy(
+        POLICY,
+        "Overlapping",
+        policy_in_phase(RotationPhase::Overlapping),
+    )
+    .await;
+    c.clock.advance(Duration::from_secs(3700));
+    c.nudge_policy(POLICY).await;
+    let p = c.wait_policy(POLICY, "settled", policy_settled).await;
+    let current = p.status.unwrap().current_key.unwrap();
+    let active = c.active_keys();
+    assert_eq!(
+        active.len(),
+        1,
+        "exactly one active key: {:#?}",
+        c.sim_keys()
+    );
+    assert_eq!(active[0].id, current.id);
+    assert_eq!(
+        c.sim_keys().len(),
+        2,
+        "one key per rotation, none minted twice: {:#?}",
+        c.sim_keys()
+    );
+    let bundle = c
+        .store
+        .read_bundle(&c.store_path("stripekeypolicy", POLICY))
+        .await
+        .unwrap()
+        .unwrap()
+        .value;
+    assert_eq!(bundle.current.key_id, current.id);
+    assert!(bundle.previous.is_none());
+    let (cur, prev) = policy_secret_fingerprints(&c).await;
+    assert_eq!(cur, current.fingerprint);
+    assert!(prev.is_none());
+}
+
+/// The webhook Secret's current secret and list of valid secrets.
+async fn webhook_secrets(c: &Cluster) -> (SecretString, Vec<SecretString>) {
+    let secret = c.secret(ENDPOINT_SECRET).await.expect("Secret synced");
+    let current = secret_value(&secret, "STRIPE_WEBHOOK_SECRET").expect("STRIPE_WEBHOOK_SECRET");
+    let all = secret_value(&secret, "STRIPE_WEBHOOK_SECRETS")
+        .expect("STRIPE_WEBHOOK_SECRETS")
+        .expose()
+        .split(',')
+        .map(|s| SecretString::new(s.to_string()))
+        .collect();
+    (current, all)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs a real cluster"]
+async fn webhook_endpoint_is_created_and_rotated_blue_green() {
+    let c = Cluster::start().await;
+    c.apply_endpoint(&c.endpoint(ENDPOINT)).await;
+    let e = c.wait_endpoint(ENDPOINT, "Ready", endpoint_settled).await;
+    let first = e.status.unwrap().current_key.unwrap();
+    let eps = c.sim_endpoints();
+    assert_eq!(eps.len(), 1, "{eps:#?}");
+    assert_eq!(eps[0].id, first.id);
+    assert_eq!(eps[0].url, WEBHOOK_URL);
+    assert_eq!(eps[0].status, "enabled");
+    let (cur, all) = webhook_secrets(&c).await;
+    assert!(cur.expose().starts_with("whsec_"));
+    assert_eq!(cur.fingerprint(), first.fingerprint);
+    assert_eq!(all.len(), 1);
+    assert_eq!(all[0], cur);
+    c.wait_rolled(ENDPOINT_ANNOTATION, &first.fingerprint).await;
+    c.wait_event(
+        "StripeWebhookEndpoint",
+        ENDPOINT,
+        "Normal",
+        "EndpointCreated",
+    )
+    .await;
+
+    c.annotate_endpoint(ENDPOINT, json!({"stripekeys.io/rotate": "e2e-1"}))
+        .await;
+    let e = c
+        .wait_endpoint(
+            ENDPOINT,
+            "Overlapping",
+            endpoint_in_phase(RotationPhase::Overlapping),
+        )
+        .await;
+    let status = e.status.unwrap();
+    let second = status.current_key.clone().unwrap();
+    assert_ne!(first.id, second.id);
+    assert_eq!(status.previous_key.as_ref().unwrap().id, first.id);
+    let eps = c.sim_endpoints();
+    assert_eq!(eps.len(), 2, "both endpoints during the overlap: {eps:#?}");
+    let (cur, all) = webhook_secrets(&c).await;
+    assert_eq!(cur.fingerprint(), second.fingerprint);
+    assert_eq!(all.len(), 2);
+    assert_eq!(all[0].fingerprint(), second.fingerprint);
+    assert_eq!(all[1].fingerprint(), first.fingerprint);
+    c.wait_rolled(ENDPOINT_ANNOTATION, &second.fingerprint)
+        .await;
+
+    c.clock.advance(Duration::from_secs(3700));
+    c.nudge_endpoint(ENDPOINT).await;
+    let e = c
+        .wait_endpoint(ENDPOINT, "settled after the overlap", endpoint_settled)
+        .await;
+    assert_eq!(e.status.unwrap().current_key.unwrap().id, second.id);
+    let eps = c.sim_endpoints();
+    assert_eq!(eps.len(), 1, "only the new endpoint: {eps:#?}");
+    assert_eq!(eps[0].id, second.id);
+    let (cur, all) = webhook_secrets(&c).await;
+    assert_eq!(cur.fingerprint(), second.fingerprint);
+    assert_eq!(all, [cur]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs a real cluster"]
+async fn webhook_drift_is_repaired_at_the_next_drift_check() {
+    let c = Cluster::start().await;
+    c.apply_endpoint(&c.endpoint(ENDPOINT)).await;
+    let e = c.wait_endpoint(ENDPOINT, "Ready", endpoint_settled).await;
+    let id = e.status.unwrap().current_key.unwrap().id;
+    let stripe = StripeClient::new(c.sim.stripe_config(&c.account_id).unwrap()).unwrap();
+    stripe
+        .update_webhook_endpoint(
+            &id,
+            &UpdateWebhookEndpointParams {
+                url: Some("https://evil.example.net/steal".into()),
+                ..Default::default()
+            },
+            &format!("e2e-drift-{}", c.suffix),
+        )
+        .await
+        .expect("changing the endpoint at the simulator");
+    assert_eq!(c.sim_endpoints()[0].url, "https://evil.example.net/steal");
+
+    // Past the default driftCheckInterval (10m).
+    c.clock.advance(Duration::from_secs(11 * 60));
+    c.nudge_endpoint(ENDPOINT).await;
+    wait_for("the url put back", || async {
+        let eps = c.sim_endpoints();
+        match eps.first() {
+            Some(ep) if ep.url == WEBHOOK_URL => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    let eps = c.sim_endpoints();
+    assert_eq!(eps.len(), 1);
+    assert_eq!(eps[0].id, id, "repaired in place, not rotated");
+    c.wait_event(
+        "StripeWebhookEndpoint",
+        ENDPOINT,
+        "Warning",
+        "DriftRepaired",
+    )
+    .await;
+    let e = c
+        .wait_endpoint(ENDPOINT, "drift check recorded", |e| {
+            e.status
+                .as_ref()
+                .is_some_and(|s| s.last_drift_check_at.is_some())
+        })
+        .await;
+    assert_eq!(e.status.unwrap().rotation_number, Some(1));
+}
