@@ -51,6 +51,8 @@ pub struct RolloutTarget {
 }
 
 /// Where, inside the operator's Vault subtree for this resource, the credential is also written.
+/// Not supported yet: a `subPath` is refused (`Ready=False`, reason `InvalidSpec`); the bundle is
+/// always at `<prefix>/<namespace>/<kind>/<name>`.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct VaultDelivery {

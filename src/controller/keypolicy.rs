@@ -99,6 +99,14 @@ pub fn validate(
             ),
         });
     }
+    if spec
+        .delivery
+        .vault
+        .as_ref()
+        .is_some_and(|v| v.sub_path.is_some())
+    {
+        return Err(invalid(super::shared::SUB_PATH_UNSUPPORTED.into()));
+    }
     if !spec.ip_allowlist.is_empty() {
         // Never accept a restriction that would silently not be applied.
         return Err(invalid(

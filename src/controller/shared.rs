@@ -224,3 +224,8 @@ pub(crate) async fn roll_targets(
     }
     Ok(pending)
 }
+
+/// Refusal message for `delivery.vault.subPath`, which is not written yet: refused rather than
+/// silently ignored.
+pub(crate) const SUB_PATH_UNSUPPORTED: &str = "delivery.vault.subPath is not supported yet: the bundle is kept at \
+     <prefix>/<namespace>/<kind>/<name> in the store; remove subPath and read that path";

@@ -112,6 +112,14 @@ pub fn validate(
             ),
         });
     }
+    if spec
+        .delivery
+        .vault
+        .as_ref()
+        .is_some_and(|v| v.sub_path.is_some())
+    {
+        return Err(invalid(super::shared::SUB_PATH_UNSUPPORTED.into()));
+    }
     let url = url::Url::parse(&spec.url)
         .map_err(|e| invalid(format!("url {:?} is not a URL: {e}", spec.url)))?;
     if url.scheme() != "https" {
