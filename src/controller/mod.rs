@@ -311,6 +311,8 @@ impl Context {
             controller: crate::api::MANAGED_BY.into(),
             instance: std::env::var("POD_NAME").ok(),
         };
+        let store: Arc<dyn SecretStore> =
+            Arc::new(crate::vault::InstrumentedStore::new(store, metrics.clone()));
         Self {
             recorder: Recorder::new(client.clone(), reporter),
             client,

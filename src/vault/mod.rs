@@ -19,6 +19,7 @@
 
 mod bundle;
 mod error;
+mod instrumented;
 mod kube_secret;
 mod memory;
 mod path;
@@ -29,6 +30,7 @@ pub use bundle::{
     VersionInfo, Versioned,
 };
 pub use error::StoreError;
+pub use instrumented::InstrumentedStore;
 pub use kube_secret::KubeSecretStore;
 pub use memory::MemoryStore;
 pub use path::{
