@@ -21,7 +21,6 @@ use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::Api;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
-use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
 use kube::{Resource, ResourceExt};
 use tracing::{info, instrument, warn};
 
@@ -261,29 +260,7 @@ pub async fn reconcile(
     policy: Arc<StripeKeyPolicy>,
     ctx: Arc<Context>,
 ) -> Result<Action, ReconcileError> {
-    let started = std::time::Instant::now();
-    let labels = crate::metrics::ControllerLabels {
-        controller: CONTROLLER.into(),
-    };
-    ctx.metrics.reconciliations.get_or_create(&labels).inc();
-    let ns = policy.namespace().unwrap_or_default();
-    let api: Api<StripeKeyPolicy> = Api::namespaced(ctx.client.clone(), &ns);
-    let result = finalizer(&api, FINALIZER, policy, |event| async {
-        match event {
-            FinalizerEvent::Apply(p) => apply(p, ctx.clone()).await,
-            FinalizerEvent::Cleanup(p) => cleanup(p, ctx.clone()).await,
-        }
-    })
-    .await;
-    ctx.metrics
-        .reconcile_duration
-        .get_or_create(&labels)
-        .observe(started.elapsed().as_secs_f64());
-    result.map_err(|e| match e {
-        kube::runtime::finalizer::Error::ApplyFailed(e)
-        | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
-        other => ReconcileError::Finalizer(other.to_string()),
-    })
+    shared::reconcile_with_finalizer(policy, ctx, CONTROLLER, FINALIZER, apply, cleanup).await
 }
 
 /// What the controller does after a failed reconcile: record it, back off, try again.
@@ -292,16 +269,7 @@ pub fn error_policy(
     error: &ReconcileError,
     ctx: Arc<Context>,
 ) -> Action {
-    let reason = error.reason();
-    warn!(namespace = %policy.namespace().unwrap_or_default(), name = %policy.name_any(), %reason, error = %error, "reconcile failed");
-    ctx.metrics
-        .reconcile_errors
-        .get_or_create(&crate::metrics::ErrorLabels {
-            controller: CONTROLLER.into(),
-            reason,
-        })
-        .inc();
-    Action::requeue(ctx.config.error_backoff)
+    shared::requeue_after_error(&ctx, CONTROLLER, &policy.metadata, error)
 }
 
 struct Run<'a> {

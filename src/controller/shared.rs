@@ -229,3 +229,72 @@ pub(crate) async fn roll_targets(
 /// silently ignored.
 pub(crate) const SUB_PATH_UNSUPPORTED: &str = "delivery.vault.subPath is not supported yet: the bundle is kept at \
      <prefix>/<namespace>/<kind>/<name> in the store; remove subPath and read that path";
+
+/// The entry point shared by the controllers: counts and times the reconcile, and runs `apply`
+/// or `cleanup` behind the finalizer that guards the object's external state.
+pub(crate) async fn reconcile_with_finalizer<K, A, AF, C, CF>(
+    obj: std::sync::Arc<K>,
+    ctx: std::sync::Arc<Context>,
+    controller: &str,
+    finalizer_name: &str,
+    apply: A,
+    cleanup: C,
+) -> Result<kube::runtime::controller::Action, ReconcileError>
+where
+    K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + serde::Serialize
+        + std::fmt::Debug,
+    A: FnOnce(std::sync::Arc<K>, std::sync::Arc<Context>) -> AF,
+    AF: std::future::Future<Output = Result<kube::runtime::controller::Action, ReconcileError>>,
+    C: FnOnce(std::sync::Arc<K>, std::sync::Arc<Context>) -> CF,
+    CF: std::future::Future<Output = Result<kube::runtime::controller::Action, ReconcileError>>,
+{
+    use kube::runtime::finalizer::{Error as FinalizerError, Event as FinalizerEvent, finalizer};
+    let started = std::time::Instant::now();
+    let labels = crate::metrics::ControllerLabels {
+        controller: controller.into(),
+    };
+    ctx.metrics.reconciliations.get_or_create(&labels).inc();
+    let ns = obj.meta().namespace.clone().unwrap_or_default();
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), &ns);
+    let result = finalizer(&api, finalizer_name, obj, |event| async {
+        match event {
+            FinalizerEvent::Apply(o) => apply(o, ctx.clone()).await,
+            FinalizerEvent::Cleanup(o) => cleanup(o, ctx.clone()).await,
+        }
+    })
+    .await;
+    ctx.metrics
+        .reconcile_duration
+        .get_or_create(&labels)
+        .observe(started.elapsed().as_secs_f64());
+    result.map_err(|e| match e {
+        FinalizerError::ApplyFailed(e) | FinalizerError::CleanupFailed(e) => e,
+        other => ReconcileError::Finalizer(other.to_string()),
+    })
+}
+
+/// The error policy shared by the controllers: log and count the failure, back off, retry.
+pub(crate) fn requeue_after_error(
+    ctx: &Context,
+    controller: &str,
+    meta: &kube::api::ObjectMeta,
+    error: &ReconcileError,
+) -> kube::runtime::controller::Action {
+    let reason = error.reason();
+    tracing::warn!(
+        namespace = %meta.namespace.as_deref().unwrap_or_default(),
+        name = %meta.name.as_deref().unwrap_or_default(),
+        %reason, error = %error, "reconcile failed"
+    );
+    ctx.metrics
+        .reconcile_errors
+        .get_or_create(&crate::metrics::ErrorLabels {
+            controller: controller.into(),
+            reason,
+        })
+        .inc();
+    kube::runtime::controller::Action::requeue(ctx.config.error_backoff)
+}
