@@ -408,6 +408,10 @@ struct Run<'a> {
     ns: String,
     name: String,
     uid: String,
+    /// The endpoint created in this reconcile and its signing secret: the store step uses them
+    /// instead of replaying the create. After a crash they are gone and the replay brings them
+    /// back.
+    created: Option<(WebhookEndpoint, SecretString)>,
 }
 
 impl Run<'_> {
@@ -420,6 +424,7 @@ impl Run<'_> {
             uid: endpoint.uid().unwrap_or_default(),
             name: endpoint.name_any(),
             ns,
+            created: None,
         }
     }
 
@@ -848,6 +853,7 @@ async fn create(run: &mut Run<'_>, handle: &AccountHandle) -> Result<StepOutcome
         ),
     )
     .await;
+    run.created = Some((endpoint, secret));
     Ok(StepOutcome::Continue)
 }
 
@@ -868,7 +874,10 @@ async fn store(run: &mut Run<'_>, handle: &AccountHandle) -> Result<StepOutcome,
         {
             break;
         }
-        let (endpoint, secret) = create_endpoint(run, handle, &rotation).await?;
+        let (endpoint, secret) = match run.created.take() {
+            Some((endpoint, secret)) if endpoint.id == new_key.id => (endpoint, secret),
+            _ => create_endpoint(run, handle, &rotation).await?,
+        };
         if endpoint.id != new_key.id || secret.fingerprint() != new_key.fingerprint {
             // The replay came after Stripe forgot the idempotency key (more than 24 h) and made
             // a second endpoint: the first one's secret is lost, so keep the second and delete
