@@ -875,3 +875,51 @@ async fn a_target_that_never_becomes_ready_cannot_hold_the_old_key_past_the_ceil
         "expired"
     );
 }
+
+#[tokio::test]
+async fn a_lagging_watch_cache_never_makes_the_controller_redo_a_step() {
+    let env = env().await;
+    // The policy's own watch events (our status writes among them) arrive a second late, while
+    // the owned Secret's and the Deployment's arrive at once and trigger reconciles: a
+    // controller that trusted its cache would decide on a rotation state older than its own.
+    env.api
+        .set_watch_delay("stripekeypolicies", Duration::from_secs(1));
+    env.apply_json(&policy("checkout", &["charge_read"]))
+        .await
+        .unwrap();
+    wait_policy(&env, "checkout", "Ready", ready).await;
+    annotate(
+        &env,
+        "checkout",
+        json!({"stripekeys.io/rotate": "2026-11-29T01:00"}),
+    )
+    .await;
+    wait_policy(&env, "checkout", "Overlapping", |p| {
+        p.status
+            .as_ref()
+            .and_then(|s| s.rotation.as_ref())
+            .is_some_and(|r| r.phase == RotationPhase::Overlapping)
+    })
+    .await;
+    env.clock.advance(Duration::from_secs(3700));
+    nudge(&env, "checkout").await;
+    assert_settled(&env, 2).await;
+
+    let log = env.sim.request_log();
+    let mints: Vec<_> = log
+        .iter()
+        .filter(|r| r.method == "POST" && r.path == "/v2/iam/api_keys")
+        .collect();
+    assert_eq!(mints.len(), 2, "one create per rotation: {mints:#?}");
+    assert!(
+        mints.iter().all(|r| !r.replayed),
+        "no replayed create: {mints:#?}"
+    );
+    let probes = log.iter().filter(|r| r.path.starts_with("/v1/")).count();
+    assert_eq!(probes, 4, "two scope probes per key, each key proven once");
+    let expiries = log
+        .iter()
+        .filter(|r| r.method == "POST" && r.path.ends_with("/expire"))
+        .count();
+    assert_eq!(expiries, 1, "the old key is expired once");
+}

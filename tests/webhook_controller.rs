@@ -872,3 +872,31 @@ async fn scheduled_rotation_fires_when_next_rotation_at_passes() {
         Some(RotationTrigger::Schedule)
     );
 }
+
+#[tokio::test]
+async fn a_lagging_watch_cache_never_makes_the_controller_redo_a_step() {
+    let env = env().await;
+    // The endpoint's own watch events arrive a second late; the owned Secret's and the
+    // Deployment's at once. Each step must be decided on the state the controller recorded.
+    env.api
+        .set_watch_delay("stripewebhookendpoints", Duration::from_secs(1));
+    create_and_wait(&env).await;
+    annotate_endpoint(&env, json!({"stripekeys.io/rotate": "2026-11-29T01:00"})).await;
+    wait(&env, "Overlapping", in_phase(RotationPhase::Overlapping)).await;
+    env.clock.advance(Duration::from_secs(3700));
+    nudge_endpoint(&env).await;
+    assert_settled(&env).await;
+    let log = env.sim.request_log();
+    let posts: Vec<_> = log
+        .iter()
+        .filter(|r| r.method == "POST" && r.path == "/v1/webhook_endpoints")
+        .collect();
+    assert_eq!(
+        posts.len(),
+        2,
+        "one create request per rotation: {posts:#?}"
+    );
+    assert!(posts.iter().all(|r| !r.replayed), "no replayed create");
+    let deletes = log.iter().filter(|r| r.method == "DELETE").count();
+    assert_eq!(deletes, 1, "the old endpoint is deleted once");
+}

@@ -259,21 +259,49 @@ where
     ctx.metrics.reconciliations.get_or_create(&labels).inc();
     let ns = obj.meta().namespace.clone().unwrap_or_default();
     let api: Api<K> = Api::namespaced(ctx.client.clone(), &ns);
-    let result = finalizer(&api, finalizer_name, obj, |event| async {
-        match event {
-            FinalizerEvent::Apply(o) => apply(o, ctx.clone()).await,
-            FinalizerEvent::Cleanup(o) => cleanup(o, ctx.clone()).await,
-        }
-    })
+    let result = async {
+        // The watch cache can lag behind our own status writes: a reconcile triggered by
+        // another watch (the owned Secret, an Event) may run on an object older than the
+        // rotation state we recorded, and would redo steps from there. The state machine is
+        // decided on a fresh read.
+        let Some(obj) = fresh(&api, &obj).await? else {
+            return Ok(kube::runtime::controller::Action::await_change());
+        };
+        finalizer(&api, finalizer_name, obj, |event| async {
+            match event {
+                FinalizerEvent::Apply(o) => apply(o, ctx.clone()).await,
+                FinalizerEvent::Cleanup(o) => cleanup(o, ctx.clone()).await,
+            }
+        })
+        .await
+        .map_err(|e| match e {
+            FinalizerError::ApplyFailed(e) | FinalizerError::CleanupFailed(e) => e,
+            other => ReconcileError::Finalizer(other.to_string()),
+        })
+    }
     .await;
     ctx.metrics
         .reconcile_duration
         .get_or_create(&labels)
         .observe(started.elapsed().as_secs_f64());
-    result.map_err(|e| match e {
-        FinalizerError::ApplyFailed(e) | FinalizerError::CleanupFailed(e) => e,
-        other => ReconcileError::Finalizer(other.to_string()),
-    })
+    result
+}
+
+/// The object as the API server has it now (`None`: gone, or replaced by another object of the
+/// same name), read instead of trusting the watch cache.
+async fn fresh<K>(
+    api: &Api<K>,
+    cached: &std::sync::Arc<K>,
+) -> Result<Option<std::sync::Arc<K>>, ReconcileError>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let name = cached.meta().name.clone().unwrap_or_default();
+    Ok(api
+        .get_opt(&name)
+        .await?
+        .filter(|o| o.meta().uid == cached.meta().uid)
+        .map(std::sync::Arc::new))
 }
 
 /// The error policy shared by the controllers: log and count the failure, back off, retry.

@@ -292,6 +292,26 @@ impl TestApiServer {
         self.shared.lock().rollout_delay = delay;
     }
 
+    /// Delivers watch events of `resource` (plural, e.g. `stripekeypolicies`, in any group) late
+    /// by `delay`, as a busy apiserver's watch cache does: clients that trust their informer
+    /// cache then see objects older than their own writes. `Duration::ZERO` switches it off.
+    pub fn set_watch_delay(&self, resource: &str, delay: Duration) {
+        let mut st = self.shared.lock();
+        let keys: Vec<_> = st
+            .types
+            .iter()
+            .filter(|(_, t)| t.plural == resource)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in keys {
+            if delay.is_zero() {
+                st.watch_delay.remove(&key);
+            } else {
+                st.watch_delay.insert(key, delay);
+            }
+        }
+    }
+
     /// Keeps the Deployment/StatefulSet/DaemonSet `namespace/name` unready (`stuck = true`) or
     /// lets it finish rolling out (`stuck = false`).
     pub fn set_workload_stuck(&self, namespace: &str, name: &str, stuck: bool) {

@@ -1015,7 +1015,13 @@ fn watch_response(
                     Ok(rec) => {
                         if rec.rv <= last_rv { continue; }
                         last_rv = rec.rv;
-                        if let Some(b) = filter.translate(&rec) { yield Ok(b); }
+                        if let Some(b) = filter.translate(&rec) {
+                            let delay = shared.lock().watch_delay.get(&filter.key).copied();
+                            if let Some(delay) = delay {
+                                tokio::time::sleep(delay).await;
+                            }
+                            yield Ok(b);
+                        }
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
                         let err = ApiError::expired("the watch fell behind: too old resource version");

@@ -254,6 +254,8 @@ pub(crate) struct State {
     pub counts: util::Counts,
     pub stuck: HashSet<(String, String)>,
     pub rollout_delay: Duration,
+    /// Watch events of these resources reach watchers this much later (a lagging watch cache).
+    pub watch_delay: HashMap<ResKey, Duration>,
     pub rollout_since: HashMap<(ResKey, String, String), (i64, Instant)>,
     pub gc_pending: bool,
     pub uid_counter: u64,
@@ -531,6 +533,7 @@ impl State {
             counts: BTreeMap::new(),
             stuck: HashSet::new(),
             rollout_delay,
+            watch_delay: HashMap::new(),
             rollout_since: HashMap::new(),
             gc_pending: false,
             uid_counter: 0,
