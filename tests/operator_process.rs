@@ -195,3 +195,26 @@ async fn a_released_lease_is_taken_at_once() {
         "no waiting for a released lease"
     );
 }
+
+#[test]
+fn reconcile_concurrency_is_bounded_by_default_and_never_zero() {
+    use clap::Parser;
+    #[derive(clap::Parser)]
+    struct Wrapper {
+        #[command(flatten)]
+        config: RunConfig,
+    }
+    assert_eq!(
+        config(8080, "a").max_concurrent_reconciles,
+        stripe_key_operator::controller::DEFAULT_CONCURRENCY
+    );
+    let four = Wrapper::try_parse_from(["run", "--max-concurrent-reconciles", "4"]).unwrap();
+    assert_eq!(four.config.max_concurrent_reconciles, 4);
+    let zero = Wrapper::try_parse_from(["run", "--max-concurrent-reconciles", "0"])
+        .err()
+        .expect("0 workers would never reconcile anything");
+    assert!(
+        zero.to_string().contains("--max-concurrent-reconciles"),
+        "{zero}"
+    );
+}

@@ -152,7 +152,15 @@ pub struct RunConfig {
     /// The literal-keys webhook also refuses test-mode keys (`sk_test_`, `rk_test_`).
     #[arg(long, env = "WEBHOOK_INCLUDE_TEST_KEYS", default_value_t = false, action = clap::ArgAction::Set)]
     pub webhook_include_test_keys: bool,
+    /// Reconciles each controller runs at once (at least 1). Stripe's per-account rate limit is
+    /// the real bound on throughput, so a few workers keep it busy; more only hold memory while
+    /// they wait for a token.
+    #[arg(long, env = "MAX_CONCURRENT_RECONCILES", default_value_t = DEFAULT_CONCURRENCY, value_parser = clap::value_parser!(u16).range(1..))]
+    pub max_concurrent_reconciles: u16,
 }
+
+/// Reconciles each controller runs at once unless configured otherwise.
+pub const DEFAULT_CONCURRENCY: u16 = 16;
 
 impl RunConfig {
     /// The admission webhook settings of these flags.
@@ -189,6 +197,8 @@ pub struct ControllerConfig {
     pub resync: Duration,
     /// Test hook: makes the controller stop right after a named side effect, as a crash would.
     pub crash_hook: Option<Arc<CrashHook>>,
+    /// Reconciles each controller runs at once.
+    pub concurrency: u16,
 }
 
 /// A test hook that simulates a crash right after a side effect and before its status write.
@@ -234,6 +244,7 @@ impl ControllerConfig {
             rollout_poll: Duration::from_secs(5),
             resync: Duration::from_secs(600),
             crash_hook: None,
+            concurrency: DEFAULT_CONCURRENCY,
         }
     }
 }
@@ -407,6 +418,14 @@ pub async fn run_controllers(
     while tasks.join_next().await.is_some() {}
 }
 
+/// The kube-runtime settings of a controller: bounded concurrency, and a short debounce so a
+/// burst of watch events for one object (status write, Secret, Event) is one reconcile.
+fn controller_config(config: &ControllerConfig) -> kube::runtime::controller::Config {
+    kube::runtime::controller::Config::default()
+        .concurrency(config.concurrency.max(1))
+        .debounce(Duration::from_millis(100))
+}
+
 /// The StripeKeyPolicy controller for one namespace (or all).
 pub async fn run_key_policy_controller(
     ctx: Arc<Context>,
@@ -427,7 +446,9 @@ pub async fn run_key_policy_controller(
         crate::api::MANAGED_BY,
         crate::inject::OWNER_KIND_LABEL
     ));
-    let controller = Controller::new(policies, watcher::Config::default()).owns(secrets, owned);
+    let controller = Controller::new(policies, watcher::Config::default())
+        .owns(secrets, owned)
+        .with_config(controller_config(&ctx.config));
     let store = controller.store();
     let by_account = store.clone();
     let all = store.clone();
@@ -481,7 +502,9 @@ pub async fn run_webhook_controller(
         crate::api::MANAGED_BY,
         crate::inject::OWNER_KIND_LABEL
     ));
-    let controller = Controller::new(endpoints, watcher::Config::default()).owns(secrets, owned);
+    let controller = Controller::new(endpoints, watcher::Config::default())
+        .owns(secrets, owned)
+        .with_config(controller_config(&ctx.config));
     let store = controller.store();
     let by_account = store.clone();
     let all = store.clone();
@@ -725,7 +748,10 @@ pub async fn run_with_client(
             store,
             metrics.clone(),
             Arc::new(clock::SystemClock),
-            ControllerConfig::new(&config.namespace, prefix),
+            ControllerConfig {
+                concurrency: config.max_concurrent_reconciles,
+                ..ControllerConfig::new(&config.namespace, prefix)
+            },
             None,
         )
         .with_audit(audit.clone()),

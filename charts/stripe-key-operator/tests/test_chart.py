@@ -217,6 +217,7 @@ def test_deployment_runs_two_hardened_replicas_with_probes():
     assert env["POD_NAMESPACE"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
     assert env["LEADER_ELECT"]["value"] == "true"
     assert env["WATCH_NAMESPACES"]["value"] == ""
+    assert env["MAX_CONCURRENT_RECONCILES"]["value"] == "16"
 
 
 def test_image_tag_defaults_to_app_version_and_a_digest_wins():
@@ -500,6 +501,7 @@ def test_namespaced_mode_confines_the_operator_to_its_namespaces():
     objs = rendered("namespaced")
     watched = load_values("namespaced")["watchNamespaces"]
     assert env_of(objs)["WATCH_NAMESPACES"]["value"] == ",".join(watched)
+    assert env_of(objs)["MAX_CONCURRENT_RECONCILES"]["value"] == "4"
     for ns in watched:
         for group, resource, verbs in NAMESPACED_KIND_RULES:
             for verb in verbs:
