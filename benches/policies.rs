@@ -4,7 +4,8 @@
 //!
 //! `cargo bench --bench policies` (release), or quicker to build:
 //! `cargo bench --profile dev --bench policies`. `BENCH_POLICIES` (1000) and `BENCH_NAMESPACES`
-//! (50) change the size.
+//! (50) change the size. `BENCH_OPERATOR_LOG=FILE` keeps the operator's logs, at the level of
+//! `BENCH_OPERATOR_RUST_LOG` (default `error`).
 //!
 //! Reports: time until every policy is Ready, the floor set by Stripe's rate limit (every mint
 //! is one create plus two read-only scope probes), Stripe requests and 429s, reconcile failures
@@ -62,9 +63,12 @@ fn main() {
             .args(["--http-addr", &format!("127.0.0.1:{port}"), "--pod-name", "bench"])
             .env("KUBECONFIG", &kubeconfig)
             .env("POD_NAMESPACE", OPERATOR_NAMESPACE)
-            .env("RUST_LOG", "error")
+            .env("RUST_LOG", std::env::var("BENCH_OPERATOR_RUST_LOG").unwrap_or_else(|_| "error".into()))
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(match std::env::var_os("BENCH_OPERATOR_LOG") {
+                Some(path) => Stdio::from(std::fs::File::create(path).expect("the operator log file")),
+                None => Stdio::null(),
+            })
             .spawn()
             .expect("the operator starts");
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -140,6 +144,21 @@ fn main() {
             elapsed.as_secs_f64() / floor.as_secs_f64()
         );
         println!("reconcile failures caused by a 429: {rate_failures}");
+        let mint_posts: Vec<_> = log
+            .iter()
+            .filter(|r| r.method == "POST" && r.path == "/v2/iam/api_keys")
+            .collect();
+        let state = env.sim.state();
+        let keys: Vec<_> = state.accounts.iter().flat_map(|a| a.api_keys.iter()).collect();
+        println!(
+            "mint requests: {} answered 200, {} idempotent replays, {} failed or dropped; keys created: {} ({} active, {} expired)",
+            mint_posts.iter().filter(|r| r.status == Some(200) && !r.replayed).count(),
+            mint_posts.iter().filter(|r| r.replayed).count(),
+            mint_posts.iter().filter(|r| r.status != Some(200)).count(),
+            keys.len(),
+            keys.iter().filter(|k| k.status == "active").count(),
+            keys.iter().filter(|k| k.status == "expired").count(),
+        );
         match rss {
             Some(kib) => println!("operator peak RSS: {:.1} MiB", kib as f64 / 1024.0),
             None => println!("operator peak RSS: unavailable"),
