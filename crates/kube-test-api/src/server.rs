@@ -997,7 +997,10 @@ fn watch_response(
                             Ok(rec) => {
                                 if rec.rv <= last_rv { continue; }
                                 last_rv = rec.rv;
-                                if let Some(b) = filter.translate(&rec) { yield Ok(b); }
+                                if let Some(b) = filter.translate(&rec) {
+                                    lag(&shared, &filter.key).await;
+                                    yield Ok(b);
+                                }
                             }
                             Err(TryRecvError::Empty) | Err(TryRecvError::Closed) => break,
                             Err(TryRecvError::Lagged(_)) => { lagged = true; break; }
@@ -1016,10 +1019,7 @@ fn watch_response(
                         if rec.rv <= last_rv { continue; }
                         last_rv = rec.rv;
                         if let Some(b) = filter.translate(&rec) {
-                            let delay = shared.lock().watch_delay.get(&filter.key).copied();
-                            if let Some(delay) = delay {
-                                tokio::time::sleep(delay).await;
-                            }
+                            lag(&shared, &filter.key).await;
                             yield Ok(b);
                         }
                     }
@@ -1046,6 +1046,14 @@ fn watch_http(body: Body) -> Response {
 
 pub(crate) async fn stopped(rx: &mut tokio::sync::watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
+}
+
+/// Waits out the watch delay set for `key` (`TestApiServer::set_watch_delay`), if any.
+async fn lag(shared: &Shared, key: &ResKey) {
+    let delay = shared.lock().watch_delay.get(key).copied();
+    if let Some(delay) = delay {
+        tokio::time::sleep(delay).await;
+    }
 }
 
 fn current_rv(shared: &Shared) -> u64 {

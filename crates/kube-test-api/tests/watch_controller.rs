@@ -574,3 +574,67 @@ async fn shutdown_ends_open_watches_and_stops_serving() {
     assert!(end.is_ok(), "the watch ended when the server shut down");
     assert!(api.get_opt("anything").await.is_err(), "no longer serving");
 }
+
+#[tokio::test]
+async fn a_watch_delay_lags_only_that_resource_and_never_reads() {
+    let (server, client) = setup().await;
+    server.set_watch_delay("configmaps", Duration::from_millis(600));
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    let secrets: Api<Secret> = Api::namespaced(client, "default");
+    let from = server.resource_version().to_string();
+    let mut cm_watch = cms
+        .watch(&WatchParams::default().timeout(10), &from)
+        .await
+        .unwrap()
+        .boxed();
+    let mut secret_watch = secrets
+        .watch(&WatchParams::default().timeout(10), &from)
+        .await
+        .unwrap()
+        .boxed();
+
+    let written = tokio::time::Instant::now();
+    cms.create(&PostParams::default(), &cm("late"))
+        .await
+        .unwrap();
+    let secret: Secret =
+        serde_json::from_value(json!({"metadata": {"name": "prompt"}, "data": {}})).unwrap();
+    secrets
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap();
+    // A read sees the write at once.
+    assert!(cms.get_opt("late").await.unwrap().is_some());
+
+    let ev = tokio::time::timeout(Duration::from_secs(5), secret_watch.try_next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(matches!(ev, Some(WatchEvent::Added(s)) if s.name_any() == "prompt"));
+    assert!(
+        written.elapsed() < Duration::from_millis(500),
+        "other resources are not delayed"
+    );
+    let ev = tokio::time::timeout(Duration::from_secs(5), cm_watch.try_next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(matches!(ev, Some(WatchEvent::Added(c)) if c.name_any() == "late"));
+    assert!(
+        written.elapsed() >= Duration::from_millis(600),
+        "the delayed resource's event arrives late"
+    );
+
+    // Switched off: events are prompt again.
+    server.set_watch_delay("configmaps", Duration::ZERO);
+    let again = tokio::time::Instant::now();
+    cms.create(&PostParams::default(), &cm("prompt-again"))
+        .await
+        .unwrap();
+    let ev = tokio::time::timeout(Duration::from_secs(5), cm_watch.try_next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(matches!(ev, Some(WatchEvent::Added(c)) if c.name_any() == "prompt-again"));
+    assert!(again.elapsed() < Duration::from_millis(500));
+}
