@@ -419,7 +419,7 @@ pub async fn run_controllers(
 }
 
 /// The kube-runtime settings of a controller: bounded concurrency, and a short debounce so a
-/// burst of watch events for one object (status write, Secret, Event) is one reconcile.
+/// burst of watch events for one object (its status write, its owned Secret) is one reconcile.
 fn controller_config(config: &ControllerConfig) -> kube::runtime::controller::Config {
     kube::runtime::controller::Config::default()
         .concurrency(config.concurrency.max(1))
