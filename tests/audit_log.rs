@@ -26,7 +26,7 @@ fn random_alnum(n: usize) -> String {
 }
 
 fn actor() -> Actor {
-    Actor::resource("StripeRestrictedKey", Some("shop"), "checkout")
+    Actor::resource("StripeKeyPolicy", Some("shop"), "checkout")
 }
 
 fn parse(lines: &[String]) -> Vec<Value> {
@@ -69,10 +69,10 @@ async fn lines_are_json_records_chained_from_the_genesis_value() {
         chrono::DateTime::parse_from_rfc3339(time).expect("time is RFC 3339");
     }
     assert_eq!(v[0]["action"], "store.write");
-    assert_eq!(v[0]["actor"]["kind"], "StripeRestrictedKey");
+    assert_eq!(v[0]["actor"]["kind"], "StripeKeyPolicy");
     assert_eq!(v[0]["actor"]["namespace"], "shop");
     assert_eq!(v[0]["actor"]["name"], "checkout");
-    assert_eq!(v[0]["actor"]["trigger"], "reconcile");
+    assert_eq!(v[0]["actor"]["trigger"], "Reconcile");
     assert_eq!(v[0]["target"]["key_id"], "apikey_1");
     assert_eq!(v[0]["target"]["fingerprint"], "3f2a9c0d1e4b");
     assert_eq!(
@@ -278,7 +278,7 @@ async fn secret_material_in_any_field_is_redacted_before_it_is_written() {
     for s in &secrets {
         log.record(
             AuditEntry::store_write(
-                Actor::resource("StripeRestrictedKey", Some("shop"), s.as_str()),
+                Actor::resource("StripeKeyPolicy", Some("shop"), s.as_str()),
                 &format!("kv/stripe/{s}"),
             )
             .key(s, s)
@@ -424,7 +424,7 @@ async fn the_stripe_observer_records_each_call_for_the_reconciling_resource() {
     let (log, sink) = AuditLog::memory();
     let observer = StripeAuditObserver::new(
         log.clone(),
-        Actor::resource("StripeRestrictedKey", Some("shop"), "checkout"),
+        Actor::resource("StripeKeyPolicy", Some("shop"), "checkout"),
     );
     observer.on_stripe_call(&StripeCall {
         method: "POST".into(),

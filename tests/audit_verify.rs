@@ -15,7 +15,7 @@ fn log_lines(n: usize) -> Vec<String> {
     for i in 0..n {
         log.record(
             AuditEntry::store_write(
-                Actor::resource("StripeRestrictedKey", Some("shop"), "checkout"),
+                Actor::resource("StripeKeyPolicy", Some("shop"), "checkout"),
                 "kv/stripe/shop/checkout",
             )
             .key(&format!("apikey_{i}"), "3f2a9c0d1e4b")

@@ -900,3 +900,69 @@ async fn a_lagging_watch_cache_never_makes_the_controller_redo_a_step() {
     let deletes = log.iter().filter(|r| r.method == "DELETE").count();
     assert_eq!(deletes, 1, "the old endpoint is deleted once");
 }
+
+#[tokio::test]
+async fn a_rotation_leaves_audit_lines_for_every_call_and_phase_with_its_trigger() {
+    let (audit, lines) = stripe_key_operator::audit::AuditLog::memory();
+    let env = env_with(stripe_key_operator::sandbox::env::EnvOptions {
+        audit: Some(audit.clone()),
+        ..Default::default()
+    })
+    .await;
+    create_and_wait(&env).await;
+    annotate_endpoint(&env, json!({"stripekeys.io/rotate": "audit"})).await;
+    wait(&env, "Overlapping", in_phase(RotationPhase::Overlapping)).await;
+    env.clock.advance(Duration::from_secs(3700));
+    nudge_endpoint(&env).await;
+    assert_settled(&env).await;
+    audit.flush().await;
+    let entries: Vec<Value> = lines
+        .lines()
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let stripe_calls = entries
+        .iter()
+        .filter(|e| e["action"] == "stripe.request")
+        .count();
+    assert_eq!(
+        stripe_calls,
+        env.sim.request_log().len(),
+        "one audit line per Stripe call"
+    );
+    // The routine rotation's phases, in order, each attributed to the annotation.
+    let phases: Vec<(String, String)> = entries
+        .iter()
+        .filter(|e| e["action"] == "rotation.transition" && e["actor"]["trigger"] == "Annotation")
+        .map(|e| {
+            (
+                e["details"]["from"].as_str().unwrap().to_owned(),
+                e["details"]["to"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let first = phases.first().expect("transitions of the rotation");
+    assert_eq!(first.0, "Idle", "{phases:?}");
+    assert!(
+        phases.windows(2).all(|w| w[0].1 == w[1].0),
+        "each transition starts where the last ended: {phases:?}"
+    );
+    assert!(
+        phases.iter().any(|(_, to)| to == "Overlapping"),
+        "{phases:?}"
+    );
+    assert_eq!(phases.last().unwrap().1, "Idle", "{phases:?}");
+    // Secret syncs and store writes of the rotation name who triggered them too.
+    for action in ["store.write", "secret.sync"] {
+        assert!(
+            entries
+                .iter()
+                .any(|e| e["action"] == action && e["actor"]["trigger"] == "Annotation"),
+            "no {action} line attributed to the annotation"
+        );
+    }
+    let summary =
+        stripe_key_operator::audit::verify_chain(lines.contents().as_bytes(), &Default::default())
+            .unwrap();
+    assert_eq!(summary.lines, entries.len());
+}

@@ -58,7 +58,7 @@ impl std::fmt::Display for Action {
 /// Who acted: the custom resource whose reconcile (or schedule, or CLI command) caused the action.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Actor {
-    /// Kind of the resource, e.g. `StripeRestrictedKey`, or `Operator` for the process itself.
+    /// Kind of the resource, e.g. `StripeKeyPolicy`, or `Operator` for the process itself.
     pub kind: String,
     /// Namespace of the resource; absent for cluster-scoped resources and the operator.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -70,7 +70,7 @@ pub struct Actor {
 }
 
 impl Actor {
-    /// A namespaced or cluster-scoped resource, acting on a `reconcile` trigger.
+    /// A namespaced or cluster-scoped resource, acting on a `Reconcile` trigger.
     pub fn resource(
         kind: impl Into<String>,
         namespace: Option<&str>,
@@ -80,7 +80,7 @@ impl Actor {
             kind: kind.into(),
             namespace: namespace.map(str::to_owned),
             name: name.into(),
-            trigger: "reconcile".to_owned(),
+            trigger: "Reconcile".to_owned(),
         }
     }
 
@@ -94,7 +94,8 @@ impl Actor {
         }
     }
 
-    /// Replaces the trigger (default `reconcile`).
+    /// Replaces the trigger (default `Reconcile`; a rotation's trigger while one runs:
+    /// `Initial`, `Schedule`, `Annotation`, `Incident`, `SpecChange`, `Recreate`).
     pub fn triggered_by(mut self, trigger: impl Into<String>) -> Self {
         self.trigger = trigger.into();
         self
@@ -152,7 +153,7 @@ pub enum Outcome {
 ///
 /// ```
 /// use stripe_key_operator::audit::{Actor, AuditEntry};
-/// let actor = Actor::resource("StripeRestrictedKey", Some("shop"), "checkout");
+/// let actor = Actor::resource("StripeKeyPolicy", Some("shop"), "checkout");
 /// let entry = AuditEntry::store_write(actor, "secret/data/stripe/shop/checkout")
 ///     .key("apikey_123", "3f2a9c0d1e4b")
 ///     .detail("version", 7);

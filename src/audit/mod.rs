@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! {"time":"2026-11-28T21:46:36.123456Z","seq":42,
-//!  "actor":{"kind":"StripeRestrictedKey","namespace":"shop","name":"checkout","trigger":"reconcile"},
+//!  "actor":{"kind":"StripeKeyPolicy","namespace":"shop","name":"checkout","trigger":"Reconcile"},
 //!  "action":"stripe.request","target":{"key_id":"apikey_61T..."},"outcome":"success",
 //!  "details":{"method":"POST","path":"/v2/iam/api_keys/apikey_61T.../rotate","status":200,
 //!             "request_id":"req_...","idempotency_key":"..."},

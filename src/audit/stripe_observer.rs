@@ -52,7 +52,7 @@ pub trait ObserveStripeCall: Send + Sync {
 /// Stripe client's `with_observer` shares the connection pool and rate limiter:
 ///
 /// ```ignore
-/// let actor = Actor::resource("StripeRestrictedKey", Some(&ns), &name);
+/// let actor = Actor::resource("StripeKeyPolicy", Some(&ns), &name);
 /// let client = ctx.stripe.with_observer(Arc::new(StripeAuditObserver::new(ctx.audit.clone(), actor)));
 /// ```
 ///

@@ -297,37 +297,23 @@ impl Run<'_> {
         }
         let updated = shared::apply_status(&self.api, &self.name, KIND, &status).await?;
         self.policy.metadata.resource_version = updated.metadata.resource_version;
-        let phase = |s: Option<&StripeKeyPolicyStatus>| {
-            s.and_then(|s| s.rotation.as_ref())
-                .map(|r| format!("{:?}", r.phase))
-                .unwrap_or_else(|| "Idle".into())
-        };
-        let (from, to) = (phase(self.policy.status.as_ref()), phase(Some(&status)));
-        if from != to {
-            let key = status
-                .rotation
+        shared::audit_transition(
+            self.ctx,
+            (KIND, &self.ns, &self.name),
+            self.policy
+                .status
                 .as_ref()
-                .and_then(|r| r.new_key.clone())
-                .or_else(|| status.current_key.clone());
-            let mut entry =
-                crate::audit::AuditEntry::rotation_transition(self.actor(&status), &from, &to)
-                    .success();
-            if let Some(k) = key {
-                entry = entry.key(&k.id, &k.fingerprint);
-            }
-            self.ctx.audit.record(entry);
-        }
+                .and_then(|s| s.rotation.as_ref()),
+            status.rotation.as_ref(),
+            status.current_key.as_ref(),
+        );
         self.policy.status = Some(status);
         Ok(())
     }
 
     /// Who acts, for the audit log: this policy and what triggered the current rotation.
     fn actor(&self, status: &StripeKeyPolicyStatus) -> crate::audit::Actor {
-        let actor = crate::audit::Actor::resource(KIND, Some(&self.ns), &self.name);
-        match status.rotation.as_ref() {
-            Some(r) => actor.triggered_by(format!("{:?}", r.trigger)),
-            None => actor.triggered_by("Reconcile"),
-        }
+        shared::audit_actor(KIND, &self.ns, &self.name, status.rotation.as_ref())
     }
 
     async fn event(&self, type_: EventType, reason: &str, note: String) {

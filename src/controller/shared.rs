@@ -230,6 +230,47 @@ pub(crate) async fn roll_targets(
 pub(crate) const SUB_PATH_UNSUPPORTED: &str = "delivery.vault.subPath is not supported yet: the bundle is kept at \
      <prefix>/<namespace>/<kind>/<name> in the store; remove subPath and read that path";
 
+/// Who acts, for the audit log: the resource, and what triggered the rotation running now
+/// (`Reconcile` when none runs).
+pub(crate) fn audit_actor(
+    kind: &str,
+    ns: &str,
+    name: &str,
+    rotation: Option<&crate::api::RotationState>,
+) -> crate::audit::Actor {
+    let actor = crate::audit::Actor::resource(kind, Some(ns), name);
+    match rotation {
+        Some(r) => actor.triggered_by(format!("{:?}", r.trigger)),
+        None => actor,
+    }
+}
+
+/// Records a rotation's phase change (`Idle` when none runs) of the resource `kind` `ns/name` in
+/// the audit log, with the key it concerns (the new one while a rotation runs, else the current
+/// one) and the rotation's trigger (the ending rotation's, for its last transition).
+pub(crate) fn audit_transition(
+    ctx: &Context,
+    (kind, ns, name): (&str, &str, &str),
+    before: Option<&crate::api::RotationState>,
+    after: Option<&crate::api::RotationState>,
+    current_key: Option<&crate::api::KeyStatus>,
+) {
+    let phase = |r: Option<&crate::api::RotationState>| {
+        r.map(|r| format!("{:?}", r.phase))
+            .unwrap_or_else(|| "Idle".into())
+    };
+    let (from, to) = (phase(before), phase(after));
+    if from == to {
+        return;
+    }
+    let actor = audit_actor(kind, ns, name, after.or(before));
+    let mut entry = crate::audit::AuditEntry::rotation_transition(actor, &from, &to).success();
+    if let Some(k) = after.and_then(|r| r.new_key.as_ref()).or(current_key) {
+        entry = entry.key(&k.id, &k.fingerprint);
+    }
+    ctx.audit.record(entry);
+}
+
 /// The entry point shared by the controllers: counts and times the reconcile, and runs `apply`
 /// or `cleanup` behind the finalizer that guards the object's external state.
 pub(crate) async fn reconcile_with_finalizer<K, A, AF, C, CF>(

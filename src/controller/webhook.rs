@@ -446,8 +446,23 @@ impl Run<'_> {
         }
         let updated = shared::apply_status(&self.api, &self.name, KIND, &status).await?;
         self.endpoint.metadata.resource_version = updated.metadata.resource_version;
+        shared::audit_transition(
+            self.ctx,
+            (KIND, &self.ns, &self.name),
+            self.endpoint
+                .status
+                .as_ref()
+                .and_then(|s| s.rotation.as_ref()),
+            status.rotation.as_ref(),
+            status.current_key.as_ref(),
+        );
         self.endpoint.status = Some(status);
         Ok(())
+    }
+
+    /// Who acts, for the audit log: this endpoint and what triggered the current rotation.
+    fn actor(&self, status: &StripeWebhookEndpointStatus) -> crate::audit::Actor {
+        shared::audit_actor(KIND, &self.ns, &self.name, status.rotation.as_ref())
     }
 
     async fn event(&self, type_: EventType, reason: &str, note: String) {
@@ -540,13 +555,7 @@ async fn apply(
             return Err(e);
         }
     };
-    let actor = crate::audit::Actor::resource(KIND, Some(&run.ns), &run.name).triggered_by(
-        run.status()
-            .rotation
-            .as_ref()
-            .map(|r| format!("{:?}", r.trigger))
-            .unwrap_or_else(|| "Reconcile".into()),
-    );
+    let actor = run.actor(&run.status());
     let handle = AccountHandle {
         client: handle.client.with_observer(ctx.call_observer(actor)),
         ..handle
@@ -556,10 +565,6 @@ async fn apply(
         record_failure(&mut run, e).await?;
     }
     result
-}
-
-fn audit_actor(run: &Run<'_>) -> crate::audit::Actor {
-    crate::audit::Actor::resource(KIND, Some(&run.ns), &run.name)
 }
 
 /// Shows a failed step in status and as a Warning Event: `Ready=False` while no secret is
@@ -915,7 +920,7 @@ async fn store(run: &mut Run<'_>, handle: &AccountHandle) -> Result<StepOutcome,
         match run.ctx.store.write_bundle(&path, &bundle, cas).await {
             Ok(_) => {
                 run.ctx.audit.record(
-                    crate::audit::AuditEntry::store_write(audit_actor(run), path.as_str())
+                    crate::audit::AuditEntry::store_write(run.actor(&run.status()), path.as_str())
                         .key(&bundle.current.key_id, &bundle.current.fingerprint)
                         .success(),
                 );
@@ -991,9 +996,13 @@ async fn sync_secret(run: &Run<'_>) -> Result<bool, ReconcileError> {
     let written = shared::write_secret_if_changed(run.ctx, &run.ns, &run.uid, &desired).await?;
     if written {
         run.ctx.audit.record(
-            crate::audit::AuditEntry::secret_sync(audit_actor(run), &run.ns, &delivery.name)
-                .key(&bundle.current.key_id, &bundle.current.fingerprint)
-                .success(),
+            crate::audit::AuditEntry::secret_sync(
+                run.actor(&run.status()),
+                &run.ns,
+                &delivery.name,
+            )
+            .key(&bundle.current.key_id, &bundle.current.fingerprint)
+            .success(),
         );
     }
     Ok(written)
@@ -1178,7 +1187,7 @@ async fn delete_previous(
         {
             Ok(_) => {
                 run.ctx.audit.record(
-                    crate::audit::AuditEntry::store_write(audit_actor(run), path.as_str())
+                    crate::audit::AuditEntry::store_write(run.actor(&run.status()), path.as_str())
                         .key(
                             &existing.value.current.key_id,
                             &existing.value.current.fingerprint,
