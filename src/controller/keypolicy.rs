@@ -292,23 +292,7 @@ impl Run<'_> {
     /// Writes the status (server-side apply, one field manager) when it differs from what the
     /// object has, so an unchanged policy causes no write.
     async fn write_status(&mut self, status: StripeKeyPolicyStatus) -> Result<(), ReconcileError> {
-        if self.policy.status.as_ref() == Some(&status) {
-            return Ok(());
-        }
-        let updated = shared::apply_status(&self.api, &self.name, KIND, &status).await?;
-        self.policy.metadata.resource_version = updated.metadata.resource_version;
-        shared::audit_transition(
-            self.ctx,
-            (KIND, &self.ns, &self.name),
-            self.policy
-                .status
-                .as_ref()
-                .and_then(|s| s.rotation.as_ref()),
-            status.rotation.as_ref(),
-            status.current_key.as_ref(),
-        );
-        self.policy.status = Some(status);
-        Ok(())
+        shared::write_status(self.ctx, &self.api, &mut self.policy, status).await
     }
 
     /// Who acts, for the audit log: this policy and what triggered the current rotation.

@@ -39,7 +39,7 @@ pub(crate) fn ts_from_unix(seconds: i64) -> Option<Time> {
 }
 
 /// Server-side applies `status` (one field manager, forced) to the object `name` of `kind`.
-pub(crate) async fn apply_status<K>(
+async fn apply_status<K>(
     api: &Api<K>,
     name: &str,
     kind: &str,
@@ -245,10 +245,78 @@ pub(crate) fn audit_actor(
     }
 }
 
+/// A resource whose status carries a rotation state machine: a StripeKeyPolicy or a
+/// StripeWebhookEndpoint.
+pub(crate) trait RotatingResource:
+    Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+    + Clone
+    + DeserializeOwned
+    + std::fmt::Debug
+{
+    type Status: Serialize + PartialEq;
+    fn status_slot(&mut self) -> &mut Option<Self::Status>;
+    fn rotation(status: &Self::Status) -> Option<&crate::api::RotationState>;
+    fn current_key(status: &Self::Status) -> Option<&crate::api::KeyStatus>;
+}
+
+impl RotatingResource for crate::api::StripeKeyPolicy {
+    type Status = crate::api::StripeKeyPolicyStatus;
+    fn status_slot(&mut self) -> &mut Option<Self::Status> {
+        &mut self.status
+    }
+    fn rotation(status: &Self::Status) -> Option<&crate::api::RotationState> {
+        status.rotation.as_ref()
+    }
+    fn current_key(status: &Self::Status) -> Option<&crate::api::KeyStatus> {
+        status.current_key.as_ref()
+    }
+}
+
+impl RotatingResource for crate::api::StripeWebhookEndpoint {
+    type Status = crate::api::StripeWebhookEndpointStatus;
+    fn status_slot(&mut self) -> &mut Option<Self::Status> {
+        &mut self.status
+    }
+    fn rotation(status: &Self::Status) -> Option<&crate::api::RotationState> {
+        status.rotation.as_ref()
+    }
+    fn current_key(status: &Self::Status) -> Option<&crate::api::KeyStatus> {
+        status.current_key.as_ref()
+    }
+}
+
+/// Writes `status` to `obj` (server-side apply, one field manager) when it differs from what
+/// `obj` has, so an unchanged resource causes no write; records a rotation phase change in the
+/// audit log; keeps `obj` in step with what was written.
+pub(crate) async fn write_status<K: RotatingResource>(
+    ctx: &Context,
+    api: &Api<K>,
+    obj: &mut K,
+    status: K::Status,
+) -> Result<(), ReconcileError> {
+    if obj.status_slot().as_ref() == Some(&status) {
+        return Ok(());
+    }
+    let ns = obj.meta().namespace.clone().unwrap_or_default();
+    let name = obj.meta().name.clone().unwrap_or_default();
+    let kind = K::kind(&());
+    let updated = apply_status(api, &name, &kind, &status).await?;
+    obj.meta_mut().resource_version = updated.meta().resource_version.clone();
+    audit_transition(
+        ctx,
+        (&kind, &ns, &name),
+        obj.status_slot().as_ref().and_then(K::rotation),
+        K::rotation(&status),
+        K::current_key(&status),
+    );
+    *obj.status_slot() = Some(status);
+    Ok(())
+}
+
 /// Records a rotation's phase change (`Idle` when none runs) of the resource `kind` `ns/name` in
 /// the audit log, with the key it concerns (the new one while a rotation runs, else the current
 /// one) and the rotation's trigger (the ending rotation's, for its last transition).
-pub(crate) fn audit_transition(
+fn audit_transition(
     ctx: &Context,
     (kind, ns, name): (&str, &str, &str),
     before: Option<&crate::api::RotationState>,

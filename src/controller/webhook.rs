@@ -441,23 +441,7 @@ impl Run<'_> {
         &mut self,
         status: StripeWebhookEndpointStatus,
     ) -> Result<(), ReconcileError> {
-        if self.endpoint.status.as_ref() == Some(&status) {
-            return Ok(());
-        }
-        let updated = shared::apply_status(&self.api, &self.name, KIND, &status).await?;
-        self.endpoint.metadata.resource_version = updated.metadata.resource_version;
-        shared::audit_transition(
-            self.ctx,
-            (KIND, &self.ns, &self.name),
-            self.endpoint
-                .status
-                .as_ref()
-                .and_then(|s| s.rotation.as_ref()),
-            status.rotation.as_ref(),
-            status.current_key.as_ref(),
-        );
-        self.endpoint.status = Some(status);
-        Ok(())
+        shared::write_status(self.ctx, &self.api, &mut self.endpoint, status).await
     }
 
     /// Who acts, for the audit log: this endpoint and what triggered the current rotation.
