@@ -445,8 +445,13 @@ impl Run<'_> {
     }
 
     /// Who acts, for the audit log: this endpoint and what triggered the current rotation.
-    fn actor(&self, status: &StripeWebhookEndpointStatus) -> crate::audit::Actor {
-        shared::audit_actor(KIND, &self.ns, &self.name, status.rotation.as_ref())
+    fn actor(&self) -> crate::audit::Actor {
+        let rotation = self
+            .endpoint
+            .status
+            .as_ref()
+            .and_then(|s| s.rotation.as_ref());
+        shared::audit_actor(KIND, &self.ns, &self.name, rotation)
     }
 
     async fn event(&self, type_: EventType, reason: &str, note: String) {
@@ -539,7 +544,7 @@ async fn apply(
             return Err(e);
         }
     };
-    let actor = run.actor(&run.status());
+    let actor = run.actor();
     let handle = AccountHandle {
         client: handle.client.with_observer(ctx.call_observer(actor)),
         ..handle
@@ -904,7 +909,7 @@ async fn store(run: &mut Run<'_>, handle: &AccountHandle) -> Result<StepOutcome,
         match run.ctx.store.write_bundle(&path, &bundle, cas).await {
             Ok(_) => {
                 run.ctx.audit.record(
-                    crate::audit::AuditEntry::store_write(run.actor(&run.status()), path.as_str())
+                    crate::audit::AuditEntry::store_write(run.actor(), path.as_str())
                         .key(&bundle.current.key_id, &bundle.current.fingerprint)
                         .success(),
                 );
@@ -980,13 +985,9 @@ async fn sync_secret(run: &Run<'_>) -> Result<bool, ReconcileError> {
     let written = shared::write_secret_if_changed(run.ctx, &run.ns, &run.uid, &desired).await?;
     if written {
         run.ctx.audit.record(
-            crate::audit::AuditEntry::secret_sync(
-                run.actor(&run.status()),
-                &run.ns,
-                &delivery.name,
-            )
-            .key(&bundle.current.key_id, &bundle.current.fingerprint)
-            .success(),
+            crate::audit::AuditEntry::secret_sync(run.actor(), &run.ns, &delivery.name)
+                .key(&bundle.current.key_id, &bundle.current.fingerprint)
+                .success(),
         );
     }
     Ok(written)
@@ -1171,7 +1172,7 @@ async fn delete_previous(
         {
             Ok(_) => {
                 run.ctx.audit.record(
-                    crate::audit::AuditEntry::store_write(run.actor(&run.status()), path.as_str())
+                    crate::audit::AuditEntry::store_write(run.actor(), path.as_str())
                         .key(
                             &existing.value.current.key_id,
                             &existing.value.current.fingerprint,
