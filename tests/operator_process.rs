@@ -40,13 +40,15 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// The flags of `stripe-key-operator run`, parsed as the binary parses them.
+#[derive(clap::Parser)]
+struct Wrapper {
+    #[command(flatten)]
+    config: RunConfig,
+}
+
 fn config(port: u16, pod: &str) -> RunConfig {
     use clap::Parser;
-    #[derive(clap::Parser)]
-    struct Wrapper {
-        #[command(flatten)]
-        config: RunConfig,
-    }
     Wrapper::parse_from([
         "run",
         "--http-addr",
@@ -199,11 +201,6 @@ async fn a_released_lease_is_taken_at_once() {
 #[test]
 fn reconcile_concurrency_is_bounded_by_default_and_never_zero() {
     use clap::Parser;
-    #[derive(clap::Parser)]
-    struct Wrapper {
-        #[command(flatten)]
-        config: RunConfig,
-    }
     assert_eq!(
         config(8080, "a").max_concurrent_reconciles,
         stripe_key_operator::controller::DEFAULT_CONCURRENCY
