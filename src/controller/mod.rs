@@ -5,7 +5,7 @@ pub mod accounts;
 pub mod clock;
 pub mod error;
 pub mod keypolicy;
-mod shared;
+pub mod shared;
 pub mod webhook;
 
 use std::net::SocketAddr;
