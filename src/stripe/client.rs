@@ -482,17 +482,8 @@ impl StripeClient {
                     })
                     .await?;
                 let request_id = all.request_ids.last().cloned().flatten();
-                match all.items.iter().find(|k| k.id == id) {
-                    None => Ok(ExpireOutcome::Gone { request_id }),
-                    Some(k) if k.status == ApiKeyStatus::Expired => {
-                        Ok(ExpireOutcome::AlreadyExpired { request_id })
-                    }
-                    Some(_) => Err(StripeError::Unconfirmed(format!(
-                        "expire of API key {id} answered 404 [request {}] but the key is listed as \
-                         active",
-                        e.request_id().unwrap_or("unknown")
-                    ))),
-                }
+                let listed = all.items.iter().find(|k| k.id == id).map(|k| k.status);
+                outcome_after_not_found(id, listed, request_id, e.request_id())
             }
             Err(e) => Err(e),
         }
@@ -872,6 +863,29 @@ impl StripeClient {
     }
 }
 
+/// Decides what a 404 to an expire means, given how a full listing (expired keys included)
+/// shows the key: absent → gone, expired → already expired, anything else → not confirmed.
+fn outcome_after_not_found(
+    id: &str,
+    listed: Option<ApiKeyStatus>,
+    list_request_id: Option<String>,
+    not_found_request_id: Option<&str>,
+) -> Result<ExpireOutcome, StripeError> {
+    match listed {
+        None => Ok(ExpireOutcome::Gone {
+            request_id: list_request_id,
+        }),
+        Some(ApiKeyStatus::Expired) => Ok(ExpireOutcome::AlreadyExpired {
+            request_id: list_request_id,
+        }),
+        Some(status) => Err(StripeError::Unconfirmed(format!(
+            "expire of API key {id} answered 404 [request {}] but a listing still shows the key \
+             ({status:?})",
+            not_found_request_id.unwrap_or("unknown")
+        ))),
+    }
+}
+
 fn json_body<T: Serialize>(value: &T) -> Result<Body, StripeError> {
     serde_json::to_vec(value)
         .map(Body::Json)
@@ -911,6 +925,30 @@ mod tests {
         assert!(k.len() <= MAX_IDEMPOTENCY_KEY_LEN);
         assert_ne!(k, idempotency_key(&long, 2, "mint"));
         assert!(idempotency_key("with space", 1, "s").starts_with("sko:h:"));
+    }
+
+    #[test]
+    fn a_404_on_expire_is_gone_only_when_the_listing_agrees() {
+        let gone = outcome_after_not_found("apikey_1", None, Some("req_l".into()), Some("req_e"));
+        assert_eq!(
+            gone.unwrap(),
+            ExpireOutcome::Gone {
+                request_id: Some("req_l".into())
+            }
+        );
+        let expired = outcome_after_not_found("apikey_1", Some(ApiKeyStatus::Expired), None, None);
+        assert_eq!(expired.unwrap().as_str(), "already_expired");
+        for status in [ApiKeyStatus::Active, ApiKeyStatus::Unknown] {
+            let err =
+                outcome_after_not_found("apikey_1", Some(status), None, Some("req_e")).unwrap_err();
+            assert!(matches!(err, StripeError::Unconfirmed(_)), "{err}");
+            assert!(err.is_retryable());
+            let text = err.to_string();
+            assert!(
+                text.contains("apikey_1") && text.contains("req_e"),
+                "{text}"
+            );
+        }
     }
 
     #[test]

@@ -343,6 +343,24 @@ mod tests {
     }
 
     #[test]
+    fn a_401_is_about_the_callers_key_and_a_replay_says_so() {
+        let body = br#"{"error":{"type":"invalid_request_error","code":"api_key_expired"}}"#;
+        let e = StripeError::Api(Box::new(map_error_response(401, body, None, None, None)));
+        assert!(e.is_caller_key_rejected());
+        assert!(!e.is_not_found());
+        let e404 = StripeError::Api(Box::new(map_error_response(404, b"{}", None, None, None)));
+        assert!(!e404.is_caller_key_rejected());
+
+        let mut saved = map_error_response(500, b"{}", Some("req_1".into()), None, None);
+        assert!(!StripeError::Api(Box::new(saved.clone())).is_idempotent_replay());
+        saved.idempotent_replayed = true;
+        let e = StripeError::Api(Box::new(saved));
+        assert!(e.is_idempotent_replay());
+        assert!(e.to_string().contains("replay of the saved answer"), "{e}");
+        assert!(!StripeError::InvalidRequest("x".into()).is_idempotent_replay());
+    }
+
+    #[test]
     fn idempotency_error_is_not_retryable() {
         let body = br#"{"error":{"type":"idempotency_error","message":"Keys for idempotent requests can only be used with the same parameters they were first used with."}}"#;
         let e = map_error_response(400, body, None, None, None);
