@@ -369,6 +369,8 @@ pub(crate) struct State {
     pub log: Vec<RequestLogEntry>,
     /// (Stripe-Context, Idempotency-Key) of POSTs being processed right now.
     pub in_flight: std::collections::HashSet<(String, String)>,
+    /// Fingerprints of app keys that have expired: calls with them get 401 `api_key_expired`.
+    pub expired_app_keys: std::collections::HashSet<String>,
 }
 
 impl State {
@@ -403,6 +405,7 @@ impl State {
             next_fault_id: 1,
             log: Vec::new(),
             in_flight: std::collections::HashSet::new(),
+            expired_app_keys: std::collections::HashSet::new(),
         }
     }
 
