@@ -262,6 +262,8 @@ pub struct Context {
     /// The tamper-evident audit log (disabled unless set with [`Context::with_audit`]).
     pub audit: crate::audit::AuditLog,
     recorder: Recorder,
+    /// Stripe accounts (contexts) whose scope catalogue was proven by live probes since start.
+    probed_accounts: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 /// Reports each Stripe HTTP attempt of one reconcile to the metrics and the audit log.
@@ -334,7 +336,24 @@ impl Context {
             config,
             stripe_observer,
             audit: crate::audit::AuditLog::disabled(),
+            probed_accounts: Default::default(),
         }
+    }
+
+    /// Whether a key of Stripe account `context` passed live scope probes since start.
+    pub fn scope_probes_done(&self, context: &str) -> bool {
+        self.probed_accounts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(context)
+    }
+
+    /// Records that a key of `context` passed live scope probes.
+    pub fn record_scope_probe(&self, context: &str) {
+        self.probed_accounts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(context.to_string());
     }
 
     /// Sets the audit log.

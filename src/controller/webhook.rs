@@ -449,6 +449,7 @@ impl Credential for Endpoint {
             id: endpoint.id,
             secret,
             created: ts_from_unix(endpoint.created),
+            key: None,
         })
     }
 

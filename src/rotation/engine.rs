@@ -66,6 +66,8 @@ pub struct Minted {
     pub secret: SecretString,
     /// When Stripe created it.
     pub created: Option<Time>,
+    /// The key object Stripe answered with (restricted keys: its `permissions` are checked).
+    pub key: Option<Box<crate::stripe::ApiKey>>,
 }
 
 /// A credential at Stripe that the resource owns (by name, note or metadata).
@@ -1005,9 +1007,7 @@ async fn create<C: Credential>(
 
 /// Whether Stripe answered with a saved error of an earlier request (`Idempotent-Replayed`).
 fn saved_replay(e: &StripeError) -> bool {
-    // MERGE: wire to the client's Idempotent-Replayed flag on errors.
-    let _ = e;
-    false
+    e.is_idempotent_replay()
 }
 
 fn known_ids(status: &CredentialStatus) -> Vec<String> {
