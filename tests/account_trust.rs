@@ -14,7 +14,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use kube::api::Api;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, PostParams};
 use operator::*;
 use serde_json::{Value, json};
 use stripe_key_operator::api::{StripeKeyPolicy, conditions};
@@ -156,6 +157,37 @@ async fn refused_with(env: &LocalEnv, reason: &str) -> String {
     }
 }
 
+/// Replaces the StripeAccount CRD by one without the `_accounts` path rule, as a cluster whose
+/// CRDs predate it has.
+async fn drop_accounts_rule_from_the_crd(env: &LocalEnv) {
+    fn strip(v: &mut Value) {
+        match v {
+            Value::Object(map) => {
+                if let Some(Value::Array(rules)) = map.get_mut("x-kubernetes-validations") {
+                    rules.retain(|r| !r["rule"].as_str().unwrap_or_default().contains("_accounts"));
+                }
+                map.values_mut().for_each(strip);
+            }
+            Value::Array(items) => items.iter_mut().for_each(strip),
+            _ => {}
+        }
+    }
+    let api: Api<CustomResourceDefinition> = Api::all(env.client.clone());
+    let crd = api.get("stripeaccounts.stripekeys.io").await.unwrap();
+    let mut value = serde_json::to_value(&crd).unwrap();
+    let before = value.to_string();
+    strip(&mut value);
+    assert_ne!(before, value.to_string(), "the CRD had the rule");
+    let older: CustomResourceDefinition = serde_json::from_value(value).unwrap();
+    api.replace(
+        "stripeaccounts.stripekeys.io",
+        &PostParams::default(),
+        &older,
+    )
+    .await
+    .unwrap();
+}
+
 /// The tenant's live key: `shop/checkout` minted and delivered.
 async fn tenant_key(env: &LocalEnv) -> String {
     env.apply_json(&policy("checkout", &["charge_read"]))
@@ -189,17 +221,31 @@ async fn account_pointing_at_a_tenant_bundle_in_vault_is_refused_and_the_key_nev
     .await;
     let key = tenant_key(&env).await;
     let collector = Collector::start().await;
-    attack(
-        &env,
-        json!({
-            "apiBase": collector.url(),
-            "credentials": {"vault": {
-                "path": format!("stripe-key-operator/{NS}/stripekeypolicy/checkout"),
-                "key": "secret"
-            }}
-        }),
-    )
-    .await;
+    let exfil = json!({
+        "apiBase": collector.url(),
+        "credentials": {"vault": {
+            "path": format!("stripe-key-operator/{NS}/stripekeypolicy/checkout"),
+            "key": "secret"
+        }}
+    });
+    // The current CRD refuses the path at once...
+    let refused = env
+        .apply_json(&json!({
+            "apiVersion": "stripekeys.io/v1alpha1", "kind": "StripeAccount",
+            "metadata": {"name": EVIL_ACCOUNT},
+            "spec": {"mode": "test", "context": "acct_1Mallory", "namespaceSelector": {},
+                     "apiBase": exfil["apiBase"], "credentials": exfil["credentials"]}
+        }))
+        .await
+        .expect_err("the CRD's CEL rule refuses a path outside _accounts");
+    assert!(
+        format!("{refused:#}").contains("path must lie under <prefix>/_accounts/"),
+        "{refused:#}"
+    );
+    // ...but Helm never upgrades CRDs, and objects stored before an upgrade stay: the operator
+    // must refuse on its own. An older CRD without the rule stands for both.
+    drop_accounts_rule_from_the_crd(&env).await;
+    attack(&env, exfil).await;
     let message = refused_with(&env, "CredentialPathNotAllowed").await;
     assert!(
         message.contains("under stripe-key-operator/_accounts/<name>/"),
