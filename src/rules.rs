@@ -66,6 +66,8 @@ impl std::fmt::Display for Violation {
 }
 
 /// Every violation of every guardrail that selects the request's namespace, in a stable order.
+/// A denied read also denies the write that implies it ([`implied_read`]): Stripe's
+/// `customer_write` grants `customer_read`, so a guardrail denying the read refuses both.
 pub fn evaluate(guardrails: &[StripeGuardrail], req: &Request<'_>) -> Vec<Violation> {
     let mut sorted: Vec<&StripeGuardrail> = guardrails.iter().collect();
     sorted.sort_by_key(|g| g.name_any());
