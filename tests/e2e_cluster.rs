@@ -232,7 +232,8 @@ impl Cluster {
                 &apply_params(),
                 &Patch::Apply(json!({
                     "apiVersion": "v1", "kind": "Secret",
-                    "metadata": {"name": APP_KEY_SECRET, "namespace": operator_ns},
+                    "metadata": {"name": APP_KEY_SECRET, "namespace": operator_ns,
+                                 "labels": {"stripekeys.io/credential": "stripe-app"}},
                     "stringData": {"secret_key": key},
                 })),
             )
@@ -350,6 +351,8 @@ impl Cluster {
         config.resync = Duration::from_secs(60);
         config.stripe_timeout = Some(Duration::from_secs(5));
         config.crash_hook = Some(self.crash.clone());
+        // The simulator listens on 127.0.0.1: allow loopback, as the sandbox does.
+        config.api_hosts = stripe_key_operator::rules::ApiHosts::stripe_only().with_loopback();
         let ctx = Arc::new(Context::new(
             self.client.clone(),
             self.store.clone(),
