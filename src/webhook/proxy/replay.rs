@@ -58,6 +58,14 @@ impl ReplayCache {
         true
     }
 
+    /// Whether any of `signatures` was accepted and has not expired at `now`: the replay check
+    /// that needs no body (nothing is recorded).
+    pub fn contains_any(&self, signatures: &[[u8; 32]], now: i64) -> bool {
+        signatures
+            .iter()
+            .any(|s| self.expiry.get(s).is_some_and(|&e| e >= now))
+    }
+
     /// Drops expired entries from the front (entries are mostly in expiry order).
     fn purge(&mut self, now: i64) {
         while let Some(&(sig, exp)) = self.order.front() {
