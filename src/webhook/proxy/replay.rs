@@ -7,6 +7,11 @@
 //! on `event.id`, as Stripe asks of every receiver. An entry lives until its timestamp leaves the
 //! tolerance window (the timestamp check refuses the request from then on), and the number of
 //! entries is bounded: when full, the oldest entry is evicted first.
+//!
+//! The guard is **per replica** and in memory: a captured request replayed to another replica of
+//! the application, or after the proxy restarts, passes it within the tolerance. It narrows the
+//! window; the application's deduplication on `event.id` (which Stripe's own retries require
+//! anyway) is what holds across replicas.
 
 use std::collections::{HashMap, VecDeque};
 
