@@ -182,6 +182,8 @@ pub struct EventSummary {
     pub object_id: Option<String>,
     /// `account` (Connect events): the account the event belongs to.
     pub account: Option<String>,
+    /// `livemode`, when present.
+    pub livemode: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -194,6 +196,8 @@ struct RawEvent {
     object: Option<String>,
     #[serde(default)]
     account: Option<String>,
+    #[serde(default)]
+    livemode: Option<bool>,
     #[serde(default)]
     data: Option<RawData>,
 }
@@ -245,6 +249,7 @@ pub fn summarize(body: &[u8]) -> Option<EventSummary> {
         created: raw.created,
         object_id,
         account: raw.account,
+        livemode: raw.livemode,
     })
 }
 
@@ -258,6 +263,17 @@ pub fn first_difference(delivered: &EventSummary, stripe: &EventSummary) -> Opti
         Some("created")
     } else if delivered.object_id != stripe.object_id {
         Some("data.object.id")
+    } else {
+        None
+    }
+}
+
+/// Whether a key is a live-mode key (`rk_live_`/`sk_live_`), a test-mode one, or unknown.
+fn key_mode_is_live(key: &str) -> Option<bool> {
+    if key.starts_with("rk_live_") || key.starts_with("sk_live_") {
+        Some(true)
+    } else if key.starts_with("rk_test_") || key.starts_with("sk_test_") {
+        Some(false)
     } else {
         None
     }
@@ -430,6 +446,18 @@ impl Confirmer {
         let Some(key) = self.key.read().unwrap_or_else(|e| e.into_inner()).clone() else {
             return Verdict::Unavailable("no confirmation key loaded".into());
         };
+        // a key of the other mode cannot see the event: a 404 would prove nothing
+        if let Some(live) = delivered.livemode {
+            let key_live = key_mode_is_live(key.expose());
+            if key_live.is_some_and(|k| k != live) {
+                return Verdict::Unavailable(format!(
+                    "the confirmation key is a {} key but the event is a {} event; mount a key \
+                     of the endpoint's mode",
+                    if live { "test-mode" } else { "live-mode" },
+                    if live { "live-mode" } else { "test-mode" },
+                ));
+            }
+        }
         let answer = tokio::time::timeout(self.config.timeout, async {
             let _slot = self
                 .slots
@@ -595,6 +623,29 @@ mod tests {
         }
         assert!(c.get("evt_4").is_some());
         assert!(c.get("evt_0").is_none());
+    }
+
+    #[tokio::test]
+    async fn a_key_of_the_other_mode_proves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("k"), "rk_test_confirmation").unwrap();
+        let mut config = ConfirmConfig::new(SecretsSource::new(dir.path().join("k"), "k"));
+        // nothing listens there: the verdict must come before any call
+        config.api_base = "http://127.0.0.1:9".parse().unwrap();
+        let confirmer = Confirmer::new(config).unwrap();
+        assert!(confirmer.reload_key().unwrap().is_some());
+        let live = serde_json::to_vec(&serde_json::json!({
+            "id": "evt_1", "object": "event", "type": "a", "created": 1, "livemode": true,
+        }))
+        .unwrap();
+        match confirmer.confirm(&live).await {
+            Verdict::Unavailable(why) => assert!(why.contains("test-mode key"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            confirmer.confirm(b"{}").await,
+            Verdict::Forged(Forgery::NotAnEvent)
+        );
     }
 
     #[test]
