@@ -1523,6 +1523,68 @@ mod tests {
         );
     }
 
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: VerifyProxyArgs,
+    }
+
+    fn parse(extra: &[&str]) -> ProxyConfig {
+        use clap::Parser as _;
+        let mut argv = vec![
+            "verify-proxy",
+            "--upstream",
+            "http://127.0.0.1:3000",
+            "--secrets-file",
+            "/etc/stripe-webhook",
+        ];
+        argv.extend_from_slice(extra);
+        Cli::try_parse_from(argv).unwrap().args.config()
+    }
+
+    #[test]
+    fn flags_have_the_documented_defaults() {
+        let c = parse(&[]);
+        assert_eq!(c.max_connections, 256);
+        assert_eq!(c.max_concurrent_requests, 64);
+        assert_eq!(c.header_timeout, Duration::from_secs(10));
+        assert_eq!(c.body_timeout, Duration::from_secs(10));
+        assert_eq!(c.max_body, 1024 * 1024);
+        assert_eq!(c.failure_event_threshold, 20);
+        assert_eq!(c.failure_event_window, Duration::from_secs(300));
+        assert_eq!(c.incident_window, Duration::from_secs(300));
+        assert!(c.confirm.is_none(), "confirmation is opt-in");
+        // the old name of the threshold still parses (it never rotates now)
+        assert_eq!(
+            parse(&["--incident-threshold", "7"]).failure_event_threshold,
+            7
+        );
+
+        let c = parse(&[
+            "--confirm-key-file",
+            "/etc/stripe-events-key/STRIPE_API_KEY",
+            "--confirm-failure-mode",
+            "closed",
+        ]);
+        let confirm = c.confirm.unwrap();
+        assert_eq!(confirm.failure_mode, FailureMode::Closed);
+        assert_eq!(confirm.api_base.as_str(), "https://api.stripe.com/");
+        assert_eq!(confirm.timeout, Duration::from_secs(5));
+        assert_eq!(confirm.concurrency, 8);
+        assert_eq!(confirm.cache_capacity, 10_000);
+        assert_eq!(
+            confirm.key.file(),
+            PathBuf::from("/etc/stripe-events-key/STRIPE_API_KEY")
+        );
+        assert_eq!(
+            parse(&["--confirm-key-file", "/k"])
+                .confirm
+                .unwrap()
+                .failure_mode,
+            FailureMode::Open
+        );
+    }
+
     #[test]
     fn a_throttle_allows_one_action_per_interval() {
         let t = Throttle::new(Duration::from_secs(10));
