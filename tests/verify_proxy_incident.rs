@@ -740,3 +740,82 @@ async fn when_stripe_cannot_confirm_fail_open_forwards_fail_closed_refuses_and_n
     assert!(incident_events(&client).await.is_empty());
     assert_eq!(annotations(&client).await, (None, None));
 }
+
+#[tokio::test]
+async fn confirmations_in_flight_are_bounded() {
+    let (_server, client) = cluster().await;
+    // a slow "Stripe": each call is held 300 ms, then answered 503; counts calls at once
+    let (open, peak) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (o, p) = (open.clone(), peak.clone());
+    let slow = axum::Router::new().fallback(move || {
+        let (o, p) = (o.clone(), p.clone());
+        async move {
+            let now_open = o.fetch_add(1, Ordering::SeqCst) + 1;
+            p.fetch_max(now_open, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            o.fetch_sub(1, Ordering::SeqCst);
+            axum::http::StatusCode::SERVICE_UNAVAILABLE
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, slow).await });
+
+    let dir = tempfile::tempdir().unwrap();
+    let secret = SecretString::new("whsec_confirm_bounded_test");
+    let (upstream, bodies) = app().await;
+    std::fs::create_dir_all(dir.path().join("key")).unwrap();
+    std::fs::write(dir.path().join("secret"), secret.expose()).unwrap();
+    std::fs::write(dir.path().join("key/STRIPE_API_KEY"), "rk_test_bounded").unwrap();
+    let mut config = ProxyConfig::new(
+        upstream,
+        SecretsSource::new(dir.path().join("secret"), "STRIPE_WEBHOOK_SECRETS"),
+    );
+    config.endpoint = Some(EndpointRef {
+        namespace: NS.into(),
+        name: NAME.into(),
+    });
+    config.incident_rotate = true;
+    let mut confirm =
+        ConfirmConfig::new(SecretsSource::new(dir.path().join("key"), "STRIPE_API_KEY"));
+    confirm.api_base = base.parse().unwrap();
+    confirm.timeout = Duration::from_secs(5);
+    confirm.concurrency = 1;
+    confirm.failure_mode = FailureMode::Closed;
+    config.confirm = Some(confirm);
+    let proxy = Arc::new(
+        VerifyProxy::start(config, Some(client.clone()))
+            .await
+            .unwrap(),
+    );
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..4 {
+        let (proxy, http, secret) = (proxy.clone(), http.clone(), secret.clone());
+        tasks.push(tokio::spawn(async move {
+            let body = invented_event(&format!("evt_bounded{i}"));
+            post_signed(
+                &http,
+                &proxy,
+                &secret,
+                &body,
+                chrono::Utc::now().timestamp(),
+            )
+            .await
+        }));
+    }
+    for t in tasks {
+        let (status, text) = t.await.unwrap();
+        assert_eq!((status, text.trim()), (503, "confirmation_unavailable"));
+    }
+    assert_eq!(peak.load(Ordering::SeqCst), 1, "one confirmation at a time");
+    assert!(
+        started.elapsed() >= Duration::from_millis(1100),
+        "the four calls ran one after the other: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(confirmations(&proxy, "unavailable_refused"), 4);
+    assert!(bodies.lock().unwrap().is_empty());
+    assert_eq!(proxy.metrics().incidents.get(), 0);
+}
