@@ -1468,3 +1468,100 @@ async fn slow_loris_slow_body_and_oversized_clients_leave_memory_bounded_and_val
         loris_connections.load(Ordering::SeqCst)
     );
 }
+
+#[tokio::test]
+async fn the_metrics_exposition_has_every_documented_metric_and_promtool_accepts_it() {
+    let a = secret("a");
+    let key_dir = tempfile::tempdir().unwrap();
+    std::fs::write(key_dir.path().join("STRIPE_API_KEY"), "rk_test_metrics").unwrap();
+    // confirmation enabled, Stripe unreachable: fail open forwards
+    let unreachable = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    };
+    let s = setup(&[&a], |c| {
+        let mut confirm = stripe_key_operator::webhook::proxy::ConfirmConfig::new(
+            SecretsSource::new(key_dir.path(), "STRIPE_API_KEY"),
+        );
+        confirm.api_base = unreachable.parse().unwrap();
+        c.confirm = Some(confirm);
+    })
+    .await;
+    let body = serde_json::to_vec(&json!({"id": "evt_metrics", "object": "event",
+        "type": "charge.succeeded", "created": now(), "data": {"object": {"id": "ch_1"}}}))
+    .unwrap();
+    post(
+        &s,
+        "/hook",
+        body.clone(),
+        Some(sign(&body, std::slice::from_ref(&a), now())),
+    )
+    .await;
+    post(
+        &s,
+        "/hook",
+        body.clone(),
+        Some(sign(&body, std::slice::from_ref(&secret("x")), now())),
+    )
+    .await;
+    let text = metrics_text(&s).await;
+    for line in [
+        "stripe_key_operator_webhook_proxy_confirmations_total{outcome=\"unavailable_forwarded\"} 1",
+        "stripe_key_operator_webhook_proxy_confirmations_total{outcome=\"forged\"} 0",
+        "stripe_key_operator_webhook_proxy_rejected_total{reason=\"duplicate_signature\"} 0",
+    ] {
+        assert!(text.contains(line), "{line} missing:\n{text}");
+    }
+    for name in [
+        "verified_total",
+        "rejected_total",
+        "failure_events_total",
+        "incidents_total",
+        "incident_report_failures_total",
+        "confirmations_total",
+        "connections_open",
+        "connections_refused_total",
+        "requests_in_flight",
+        "body_bytes_buffered",
+        "forward_duration_seconds",
+        "secrets_loaded",
+        "secret_reloads_total",
+        "replay_cache_entries",
+        "replay_cache_evictions_total",
+    ] {
+        assert!(
+            text.contains(&format!("stripe_key_operator_webhook_proxy_{name}")),
+            "{name} missing:\n{text}"
+        );
+    }
+    let tools = Path::new(env!("CARGO_MANIFEST_DIR")).join(".ci/cache/bin");
+    let path = format!(
+        "{}:{}",
+        tools.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let mut child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .env("PATH", path)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool is on PATH: run `make test` (it installs it with .ci/install-tools.sh)");
+    {
+        use std::io::Write as _;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool rejected the exposition:\n{}{}\n---\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -740,6 +740,31 @@ impl VerifyProxy {
             metrics: ProxyMetrics::new(),
             http,
         });
+        // every series exists from the start, so that rates and alerts see zeros, not gaps
+        for reason in RejectReason::ALL {
+            let _ = shared
+                .metrics
+                .rejected
+                .get_or_create(&metrics::ReasonLabels {
+                    reason: reason.as_str().into(),
+                });
+        }
+        if shared.confirmer.is_some() {
+            for outcome in [
+                "confirmed",
+                "cached",
+                "forged",
+                "unavailable_forwarded",
+                "unavailable_refused",
+            ] {
+                let _ = shared
+                    .metrics
+                    .confirmations
+                    .get_or_create(&metrics::OutcomeLabels {
+                        outcome: outcome.into(),
+                    });
+            }
+        }
         if let Err(e) = shared.reload() {
             tracing::error!(error = %e, "no webhook signing secrets loaded; answering 503 until the file is readable");
         }
