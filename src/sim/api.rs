@@ -1176,6 +1176,12 @@ pub(crate) fn scope_route(method: &str, path: &str) -> Option<&'static str> {
         ("POST", "/v1/refunds") => Some("refund_write"),
         ("GET", "/v1/balance") => Some("balance_read"),
         ("GET", "/v1/payment_intents") => Some("payment_intent_read"),
+        ("GET", p)
+            if p.strip_prefix("/v1/events/")
+                .is_some_and(|id| !id.contains('/')) =>
+        {
+            Some("event_read")
+        }
         _ => None,
     }
 }
@@ -1271,6 +1277,25 @@ pub(crate) fn handle_scoped_call(
     }
     let livemode = mode == Mode::Live;
     let path = req.path.trim_end_matches('/');
+    if needed == "event_read" {
+        // `GET /v1/events/{id}`: the events this account created (what the simulator delivered)
+        let id = path.strip_prefix("/v1/events/").unwrap_or_default();
+        return match acct.events.get(id) {
+            Some(event) => (Some(ai), Reply::ok(event.clone())),
+            None => (
+                Some(ai),
+                error_reply(
+                    404,
+                    "invalid_request_error",
+                    Some("resource_missing"),
+                    format!("No such event: '{id}'"),
+                    Some("id"),
+                    ctx.request_id,
+                    Some(mode),
+                ),
+            ),
+        };
+    }
     let body = match needed {
         "balance_read" => {
             json!({ "object": "balance", "available": [], "pending": [], "livemode": livemode })

@@ -6,7 +6,9 @@
 //! per-account rate limits (25/s test, 100/s live), live-mode JWE secrets, a clock that tests can
 //! advance, and a scope-enforcing surface where minted keys are checked against their
 //! permissions (`GET /v1/charges`, `GET /v1/customers`, `POST /v1/refunds`, `GET /v1/balance`,
-//! `GET /v1/payment_intents`).
+//! `GET /v1/payment_intents`, and `GET /v1/events/{id}` with `event_read`, which serves the
+//! events the simulator delivered for the key's account, the last 10 000 per account; an unknown
+//! id is a 404 `resource_missing`, as at Stripe).
 //!
 //! Control it in-process through [`SimHandle`] or over HTTP under `/_sim/` (no auth):
 //!

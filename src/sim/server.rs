@@ -519,20 +519,23 @@ pub(crate) async fn deliver(
     endpoint_id: &str,
     req: SendEventRequest,
 ) -> Result<DeliveryOutcome, SimError> {
-    let (url, secrets, livemode, api_version, enabled, disabled) = {
+    let (account_index, url, secrets, livemode, api_version, enabled, disabled) = {
         let st = shared.lock();
         let now = st.clock.now();
-        let (acct, ep) = st
+        let (acct, ep, account_index) = st
             .accounts
             .iter()
-            .find_map(|a| {
+            .enumerate()
+            .find_map(|(i, a)| {
                 a.endpoints
                     .iter()
                     .find(|e| e.id == endpoint_id)
-                    .map(|e| (a, e))
+                    .map(|e| (i, a, e))
             })
+            .map(|(i, a, e)| (a, e, i))
             .ok_or_else(|| SimError::NotFound(format!("webhook endpoint {endpoint_id}")))?;
         (
+            account_index,
             ep.url.clone(),
             ep.valid_secrets(now)
                 .into_iter()
@@ -578,6 +581,10 @@ pub(crate) async fn deliver(
         "data": { "object": req.data.unwrap_or_else(|| json!({})) },
     });
     let payload = serde_json::to_vec(&event).unwrap_or_default();
+    // Stripe creates the event first: it can be retrieved with `GET /v1/events/{id}`
+    if let Some(acct) = shared.lock().accounts.get_mut(account_index) {
+        acct.events.insert(event_id.clone(), event);
+    }
     let signature = crate::webhook::signature::sign(&payload, &secrets, timestamp);
     let result = shared
         .http
