@@ -19,7 +19,7 @@ use kube::api::{Api, ListParams};
 use kube::runtime::controller::Controller;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
+use kube::runtime::watcher::{self, watcher};
 use tokio_util::sync::CancellationToken;
 
 use crate::stripe::CallObserver;
@@ -484,6 +484,33 @@ fn controller_config(config: &ControllerConfig) -> kube::runtime::controller::Co
         .debounce(Duration::from_millis(100))
 }
 
+/// Label changes of the watched namespaces (a metadata-only watch): an account's
+/// `namespaceSelector` is judged on them, so a relabelled namespace is re-judged at once.
+fn namespace_watch(
+    client: &kube::Client,
+    namespace: &Option<String>,
+) -> impl futures::Stream<
+    Item = Result<
+        kube::core::PartialObjectMeta<k8s_openapi::api::core::v1::Namespace>,
+        watcher::Error,
+    >,
+> + Send
++ 'static {
+    use kube::runtime::WatchStreamExt;
+    let config = match namespace {
+        Some(ns) => watcher::Config::default().fields(&format!("metadata.name={ns}")),
+        None => watcher::Config::default(),
+    };
+    watcher(
+        Api::<kube::core::PartialObjectMeta<k8s_openapi::api::core::v1::Namespace>>::all(
+            client.clone(),
+        ),
+        config,
+    )
+    .default_backoff()
+    .touched_objects()
+}
+
 /// The StripeKeyPolicy controller for one namespace (or all).
 pub async fn run_key_policy_controller(
     ctx: Arc<Context>,
@@ -510,7 +537,17 @@ pub async fn run_key_policy_controller(
     let store = controller.store();
     let by_account = store.clone();
     let all = store.clone();
+    let by_namespace = store.clone();
     controller
+        .watches_stream(namespace_watch(&client, &namespace), move |ns| {
+            let ns = ns.name_any();
+            by_namespace
+                .state()
+                .into_iter()
+                .filter(|o| o.namespace().as_deref() == Some(ns.as_str()))
+                .map(|o| ObjectRef::from_obj(&*o))
+                .collect::<Vec<_>>()
+        })
         .watches(
             Api::<crate::api::StripeAccount>::all(client.clone()),
             watcher::Config::default(),
@@ -566,7 +603,17 @@ pub async fn run_webhook_controller(
     let store = controller.store();
     let by_account = store.clone();
     let all = store.clone();
+    let by_namespace = store.clone();
     controller
+        .watches_stream(namespace_watch(&client, &namespace), move |ns| {
+            let ns = ns.name_any();
+            by_namespace
+                .state()
+                .into_iter()
+                .filter(|o| o.namespace().as_deref() == Some(ns.as_str()))
+                .map(|o| ObjectRef::from_obj(&*o))
+                .collect::<Vec<_>>()
+        })
         .watches(
             Api::<StripeAccount>::all(client.clone()),
             watcher::Config::default(),

@@ -1328,7 +1328,11 @@ async fn roll_out<C: Credential>(
         .0;
     let elapsed = Duration::try_from(now.duration_since(began)).unwrap_or(Duration::ZERO);
     let ceiling = run.ctx.config.rollout_ceiling;
-    if !report.is_complete() && elapsed < ceiling {
+    // A missing target holds an old credential; with none to hold (a first credential, an
+    // incident) only targets still rolling are waited for.
+    let waiting =
+        !report.pending.is_empty() || (!report.missing.is_empty() && status.previous_key.is_some());
+    if waiting && elapsed < ceiling {
         if let Some((reason, message)) = rollout_condition(&report) {
             run.set(
                 &mut status,

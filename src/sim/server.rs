@@ -389,9 +389,11 @@ async fn api(
                     } else {
                         let idem_key = if m == "POST" { idem.clone() } else { None };
                         let fp = fingerprint(&m, &path, &query, &body);
+                        let now = st.clock.now();
                         let saved = idem_key
                             .as_ref()
                             .and_then(|k| st.accounts[ai].idempotency.get(k))
+                            .filter(|s| now - s.saved_at < crate::sim::state::IDEMPOTENCY_WINDOW)
                             .cloned();
                         match saved {
                             Some(saved) if saved.fingerprint == fp => Answer {
@@ -434,6 +436,7 @@ async fn api(
                                             status: answer.status,
                                             body: answer.body.clone(),
                                             request_id: request_id.clone(),
+                                            saved_at: now,
                                         },
                                     );
                                 }

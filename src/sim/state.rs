@@ -340,12 +340,18 @@ impl EndpointRecord {
     }
 }
 
+/// How long an idempotency key is kept (Stripe: "at least 24 hours"); after that the same key
+/// executes the request again.
+pub const IDEMPOTENCY_WINDOW: chrono::TimeDelta = chrono::TimeDelta::hours(24);
+
 #[derive(Debug, Clone)]
 pub(crate) struct SavedResponse {
     pub fingerprint: [u8; 32],
     pub status: u16,
     pub body: Vec<u8>,
     pub request_id: String,
+    /// When it was saved (simulator clock): it is forgotten after [`IDEMPOTENCY_WINDOW`].
+    pub saved_at: chrono::DateTime<chrono::Utc>,
 }
 
 #[derive(Debug)]
