@@ -14,16 +14,12 @@ fails on a request no rule allows and on a rule (verb) no request uses. */}}
 - apiGroups: ["stripekeys.io"]
   resources: ["stripekeypolicies", "stripewebhookendpoints"]
   verbs: ["get", "list", "watch", "patch"]
-# Status is written by server-side apply only.
+# Status is written by server-side apply only. (No finalizers subresource: the synced Secret's
+# controller reference does not set blockOwnerDeletion, so the OwnerReferencesPermissionEnforcement
+# admission plugin asks for nothing on the owner.)
 - apiGroups: ["stripekeys.io"]
   resources: ["stripekeypolicies/status", "stripewebhookendpoints/status"]
   verbs: ["patch"]
-# The synced Secret's controller reference sets blockOwnerDeletion: with the
-# OwnerReferencesPermissionEnforcement admission plugin that needs update on the owner's
-# finalizers.
-- apiGroups: ["stripekeys.io"]
-  resources: ["stripekeypolicies/finalizers", "stripewebhookendpoints/finalizers"]
-  verbs: ["update"]
 {{- end }}
 
 {{/* The cluster-scoped kinds and Namespace labels. */}}

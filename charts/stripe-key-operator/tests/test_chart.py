@@ -538,8 +538,6 @@ NAMESPACED_KIND_RULES = [
     ("stripekeys.io", "stripewebhookendpoints", ["get", "list", "watch", "patch"]),
     ("stripekeys.io", "stripekeypolicies/status", ["patch"]),
     ("stripekeys.io", "stripewebhookendpoints/status", ["patch"]),
-    ("stripekeys.io", "stripekeypolicies/finalizers", ["update"]),
-    ("stripekeys.io", "stripewebhookendpoints/finalizers", ["update"]),
     ("", "secrets", ["get", "list", "watch", "create", "patch"]),
     ("apps", "deployments", ["get", "list", "patch"]),
     ("apps", "statefulsets", ["get", "list", "patch"]),
@@ -550,6 +548,8 @@ NAMESPACED_KIND_RULES = [
 NAMESPACED_KIND_UNUSED = [
     ("stripekeys.io", "stripekeypolicies", ["update", "delete", "create"]),
     ("stripekeys.io", "stripekeypolicies/status", ["get", "update"]),
+    ("stripekeys.io", "stripekeypolicies/finalizers", ["update"]),
+    ("stripekeys.io", "stripewebhookendpoints/finalizers", ["update"]),
     ("", "secrets", ["update", "delete", "deletecollection"]),
     ("apps", "deployments", ["watch", "update", "delete"]),
     ("", "events", ["create", "patch"]),
