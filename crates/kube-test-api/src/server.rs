@@ -11,10 +11,10 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 use tokio::sync::broadcast::error::TryRecvError;
 
+use crate::record::{self, RecordedRequest};
 use crate::store::{
     self, ApiError, Managed, Record, ResKey, ResourceType, State, WriteOpts, meta_str,
 };
-use crate::record::{self, RecordedRequest};
 use crate::util;
 
 pub(crate) struct Shared {

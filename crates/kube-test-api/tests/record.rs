@@ -116,7 +116,14 @@ async fn every_request_is_recorded_with_its_rbac_verb_scope_and_caller() {
         check("patch", "", "secrets", "default", "plain", None),
         check("delete", "", "secrets", "default", "plain", None),
         check("deletecollection", "", "secrets", "default", "", None),
-        check("get", "apps", "deployments/status", "default", "nothing", None),
+        check(
+            "get",
+            "apps",
+            "deployments/status",
+            "default",
+            "nothing",
+            None,
+        ),
     ]
     .into_iter()
     .collect();
