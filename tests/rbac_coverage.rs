@@ -20,7 +20,7 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use http::{HeaderName, HeaderValue, header};
+use http::{HeaderValue, header};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -368,7 +368,7 @@ impl Cluster {
         let user = format!("system:serviceaccount:{NAMESPACE}:{sa}");
         let mut config = kube::Config::new(server.url().parse().unwrap());
         config.headers.push((
-            HeaderName::from(header::AUTHORIZATION),
+            header::AUTHORIZATION,
             HeaderValue::from_str(&format!("Bearer {user}")).unwrap(),
         ));
         let operator = kube::Client::try_from(config).unwrap();

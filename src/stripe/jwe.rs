@@ -347,7 +347,7 @@ pub fn encrypt_compact(
         .seal_in_place_separate_tag(
             Nonce::assume_unique_for_key(iv),
             Aad::from(header_b64.as_bytes()),
-            &mut *in_out,
+            &mut in_out,
         )
         .map_err(|_| JweError::Crypto("AES-GCM encryption failed"))?;
     Ok(format!(

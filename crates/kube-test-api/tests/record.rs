@@ -4,7 +4,7 @@ mod common;
 
 use std::collections::BTreeSet;
 
-use axum::http::{HeaderName, HeaderValue, header};
+use axum::http::{HeaderValue, header};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
@@ -15,7 +15,7 @@ use serde_json::json;
 fn client_as(server: &TestApiServer, token: &str) -> kube::Client {
     let mut config = kube::Config::new(server.url().parse().unwrap());
     config.headers.push((
-        HeaderName::from(header::AUTHORIZATION),
+        header::AUTHORIZATION,
         HeaderValue::from_str(&format!("Bearer {token}")).unwrap(),
     ));
     kube::Client::try_from(config).unwrap()
