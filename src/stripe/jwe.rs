@@ -9,6 +9,12 @@
 //! The operator generates one 3072-bit key pair per account ([`JweKeyPair::generate`]), sends
 //! [`JweKeyPair::public_key_pem`] as `public_key.pem_key.data`, stores
 //! [`JweKeyPair::to_pkcs8_pem`] in Vault and loads it back with [`JweKeyPair::from_pkcs8_pem`].
+//!
+//! Secret material is wiped from memory when dropped: the private key's DER and base64 forms
+//! ([`zeroize::Zeroizing`] buffers, sized up front so that no reallocation leaves a copy), the
+//! unwrapped content-encryption key, the decrypted plaintext buffer, and the returned
+//! [`SecretString`]. The RSA key itself lives in aws-lc, which clears its allocations when they
+//! are freed.
 
 use std::fmt;
 
@@ -20,6 +26,7 @@ use aws_lc_rs::rsa::{
 };
 use base64::Engine as _;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use zeroize::Zeroizing;
 
 use crate::secret::SecretString;
 
@@ -131,7 +138,7 @@ impl JweKeyPair {
 
     /// Loads a PKCS#8 private key (`-----BEGIN PRIVATE KEY-----`) as stored in Vault.
     pub fn from_pkcs8_pem(pem: &SecretString) -> Result<Self, JweError> {
-        let der = pem_decode(pem.expose(), "PRIVATE KEY")?;
+        let der = Zeroizing::new(pem_decode(pem.expose(), "PRIVATE KEY")?);
         let private = PrivateDecryptingKey::from_pkcs8(&der).map_err(|e| {
             JweError::InvalidKey(format!("not an acceptable RSA PKCS#8 private key ({e})"))
         })?;
@@ -148,7 +155,7 @@ impl JweKeyPair {
     pub fn to_pkcs8_pem(&self) -> Result<SecretString, JweError> {
         let der = AsDer::<aws_lc_rs::encoding::Pkcs8V1Der>::as_der(&self.private)
             .map_err(|_| JweError::Crypto("PKCS#8 serialization failed"))?;
-        Ok(SecretString::new(pem_encode("PRIVATE KEY", der.as_ref())))
+        Ok(SecretString::from(pem_encode("PRIVATE KEY", der.as_ref())))
     }
 
     /// The public key as SubjectPublicKeyInfo PEM (`-----BEGIN PUBLIC KEY-----`), the value of
@@ -248,7 +255,8 @@ fn decrypt_compact(
     }
     let encrypted_key = b64(parts[1], "encrypted key")?;
     let iv = b64(parts[2], "initialization vector")?;
-    let mut ciphertext = b64(parts[3], "ciphertext")?;
+    // Decrypted in place: after `open` this buffer holds the plaintext secret.
+    let mut ciphertext = Zeroizing::new(b64(parts[3], "ciphertext")?);
     let tag = b64(parts[4], "authentication tag")?;
 
     let oaep = OaepPrivateDecryptingKey::new(private.clone())
@@ -273,9 +281,9 @@ fn decrypt_compact(
             tag.len()
         )));
     }
-    let mut cek_buf = vec![0u8; oaep.min_output_size()];
+    let mut cek_buf = Zeroizing::new(vec![0u8; oaep.min_output_size()]);
     let cek = oaep
-        .decrypt(alg.oaep(), &encrypted_key, &mut cek_buf, None)
+        .decrypt(alg.oaep(), &encrypted_key, cek_buf.as_mut_slice(), None)
         .map_err(|_| JweError::Decryption)?;
     if cek.len() != 32 {
         return Err(JweError::Decryption);
@@ -319,21 +327,22 @@ pub fn encrypt_compact(
         header["kid"] = serde_json::Value::String(kid.to_owned());
     }
     let header_b64 = URL_SAFE_NO_PAD.encode(header.to_string());
-    let mut cek = [0u8; 32];
+    let mut cek = Zeroizing::new([0u8; 32]);
     let mut iv = [0u8; 12];
-    aws_lc_rs::rand::fill(&mut cek).map_err(|_| JweError::Crypto("random generation failed"))?;
+    aws_lc_rs::rand::fill(cek.as_mut_slice())
+        .map_err(|_| JweError::Crypto("random generation failed"))?;
     aws_lc_rs::rand::fill(&mut iv).map_err(|_| JweError::Crypto("random generation failed"))?;
     let oaep = OaepPublicEncryptingKey::new(public_key.clone())
         .map_err(|_| JweError::Crypto("RSA-OAEP key setup failed"))?;
     let mut wrapped = vec![0u8; oaep.ciphertext_size()];
     let wrapped = oaep
-        .encrypt(alg.oaep(), &cek, &mut wrapped, None)
+        .encrypt(alg.oaep(), cek.as_slice(), &mut wrapped, None)
         .map_err(|_| JweError::Crypto("RSA-OAEP encryption failed"))?;
     let key = LessSafeKey::new(
-        UnboundKey::new(&AES_256_GCM, &cek)
+        UnboundKey::new(&AES_256_GCM, cek.as_slice())
             .map_err(|_| JweError::Crypto("AES key setup failed"))?,
     );
-    let mut in_out = plaintext.to_vec();
+    let mut in_out = Zeroizing::new(plaintext.to_vec());
     let tag = key
         .seal_in_place_separate_tag(
             Nonce::assume_unique_for_key(iv),
@@ -345,20 +354,26 @@ pub fn encrypt_compact(
         "{header_b64}.{}.{}.{}.{}",
         URL_SAFE_NO_PAD.encode(wrapped),
         URL_SAFE_NO_PAD.encode(iv),
-        URL_SAFE_NO_PAD.encode(&in_out),
+        URL_SAFE_NO_PAD.encode(&*in_out),
         URL_SAFE_NO_PAD.encode(tag.as_ref())
     ))
 }
 
+/// PEM of `der`. The result is allocated once at its final size and the base64 intermediate is
+/// wiped, so a private key leaves no partial copy behind.
 fn pem_encode(label: &str, der: &[u8]) -> String {
-    let b64 = STANDARD.encode(der);
-    let mut out = format!("-----BEGIN {label}-----\n");
+    let b64 = Zeroizing::new(STANDARD.encode(der));
+    let begin = format!("-----BEGIN {label}-----\n");
+    let end = format!("-----END {label}-----\n");
+    let mut out =
+        String::with_capacity(begin.len() + b64.len() + b64.len().div_ceil(64) + end.len());
+    out.push_str(&begin);
     for chunk in b64.as_bytes().chunks(64) {
         // base64 output is ASCII, so every chunk is valid UTF-8
         out.push_str(std::str::from_utf8(chunk).unwrap_or_default());
         out.push('\n');
     }
-    out.push_str(&format!("-----END {label}-----\n"));
+    out.push_str(&end);
     out
 }
 
@@ -376,9 +391,13 @@ fn pem_decode(pem: &str, label: &str) -> Result<Vec<u8>, JweError> {
             "expected the PEM block to end with {end}"
         )));
     };
-    let body: String = body.split_whitespace().collect();
+    // The base64 of a private key: collected into one buffer of its final size, then wiped.
+    let mut joined = Zeroizing::new(String::with_capacity(body.len()));
+    for part in body.split_whitespace() {
+        joined.push_str(part);
+    }
     STANDARD
-        .decode(body)
+        .decode(joined.as_bytes())
         .map_err(|_| JweError::InvalidKey("the PEM body is not base64".into()))
 }
 
@@ -394,6 +413,23 @@ mod tests {
 
     fn public(p: &JweKeyPair) -> PublicEncryptingKey {
         parse_public_key_pem(&p.public_key_pem().unwrap()).unwrap()
+    }
+
+    #[test]
+    fn a_private_key_pem_is_built_in_one_allocation_of_its_final_size() {
+        // A String that grows reallocates and leaves the old bytes (here: key material) in
+        // freed memory; the PEM is sized up front instead.
+        for len in [0usize, 1, 47, 48, 49, 1217, 1794] {
+            let pem = pem_encode("PRIVATE KEY", &vec![7u8; len]);
+            assert_eq!(pem.capacity(), pem.len(), "DER of {len} bytes");
+        }
+        let key = JweKeyPair::generate_with_size(KeySize::Rsa2048).unwrap();
+        let pem = key.to_pkcs8_pem().unwrap();
+        let back = JweKeyPair::from_pkcs8_pem(&pem).unwrap();
+        assert_eq!(
+            back.public_key_fingerprint().unwrap(),
+            key.public_key_fingerprint().unwrap()
+        );
     }
 
     #[test]

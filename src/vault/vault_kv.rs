@@ -334,7 +334,9 @@ impl VaultStore {
         })
     }
 
-    fn read_credential_file(&self, what: &str, path: &PathBuf) -> Result<String, StoreError> {
+    /// Reads a login credential (service-account JWT, AppRole secret id). The file's content is
+    /// wiped from memory once the trimmed credential is taken from it.
+    fn read_credential_file(&self, what: &str, path: &PathBuf) -> Result<SecretString, StoreError> {
         let content = std::fs::read_to_string(path).map_err(|e| StoreError::AuthFailed {
             method: self.config.auth.method(),
             mount: self.config.auth.mount().to_owned(),
@@ -343,7 +345,8 @@ impl VaultStore {
                 path.display()
             ),
         })?;
-        let trimmed = content.trim().to_owned();
+        let content = zeroize::Zeroizing::new(content);
+        let trimmed = SecretString::new(content.trim());
         if trimmed.is_empty() {
             return Err(StoreError::AuthFailed {
                 method: self.config.auth.method(),
@@ -393,7 +396,7 @@ impl VaultStore {
             } => {
                 let jwt = self.read_credential_file("service-account token", token_file)?;
                 let anonymous = self.build_client("")?;
-                let auth = vaultrs::auth::kubernetes::login(&anonymous, mount, role, &jwt)
+                let mut auth = vaultrs::auth::kubernetes::login(&anonymous, mount, role, jwt.expose())
                     .await
                     .map_err(|e| {
                         self.login_error(
@@ -403,7 +406,9 @@ impl VaultStore {
                             ),
                         )
                     })?;
-                let client = self.build_client(&auth.client_token)?;
+                // The token lives on only inside the Vault client; this copy is wiped.
+                let token = zeroize::Zeroizing::new(std::mem::take(&mut auth.client_token));
+                let client = self.build_client(&token)?;
                 (
                     client,
                     Duration::from_secs(auth.lease_duration),
@@ -417,7 +422,8 @@ impl VaultStore {
             } => {
                 let secret_id = self.read_credential_file("AppRole secret id", secret_id_file)?;
                 let anonymous = self.build_client("")?;
-                let auth = vaultrs::auth::approle::login(&anonymous, mount, role_id, &secret_id)
+                let mut auth =
+                    vaultrs::auth::approle::login(&anonymous, mount, role_id, secret_id.expose())
                     .await
                     .map_err(|e| {
                         self.login_error(
@@ -427,7 +433,9 @@ impl VaultStore {
                             ),
                         )
                     })?;
-                let client = self.build_client(&auth.client_token)?;
+                // The token lives on only inside the Vault client; this copy is wiped.
+                let token = zeroize::Zeroizing::new(std::mem::take(&mut auth.client_token));
+                let client = self.build_client(&token)?;
                 (
                     client,
                     Duration::from_secs(auth.lease_duration),
@@ -467,7 +475,9 @@ impl VaultStore {
             && let Some(client) = session.client.clone()
         {
             match client.renew(None).await {
-                Ok(auth) => {
+                Ok(mut auth) => {
+                    // The same token comes back: wipe this copy.
+                    zeroize::Zeroize::zeroize(&mut auth.client_token);
                     let lease = Duration::from_secs(auth.lease_duration);
                     session.expires_at = (!lease.is_zero()).then(|| now + lease);
                     session.lease = lease;

@@ -120,3 +120,31 @@ operator derives from --webhook-service in self-signed mode. */}}
 {{- end -}}
 {{- end -}}
 {{- end -}}
+
+{{/* A host address as a CIDR: /32 for IPv4, /128 for IPv6. */}}
+{{- define "sko.hostCidr" -}}
+{{- if contains ":" . -}}{{ printf "%s/128" . }}{{- else -}}{{ printf "%s/32" . }}{{- end -}}
+{{- end -}}
+
+{{/* The API server's addresses as a JSON list of CIDRs: networkPolicy.egress.kubernetesApi.cidrs,
+or (when empty) the ClusterIP of the `kubernetes` Service and the addresses of its EndpointSlice,
+looked up at install and upgrade (empty under `helm template`). */}}
+{{- define "sko.apiServerCidrs" -}}
+{{- $cidrs := list -}}
+{{- range .Values.networkPolicy.egress.kubernetesApi.cidrs -}}
+{{- $cidrs = append $cidrs . -}}
+{{- end -}}
+{{- if not $cidrs -}}
+{{- $svc := lookup "v1" "Service" "default" "kubernetes" -}}
+{{- if and $svc $svc.spec $svc.spec.clusterIP -}}
+{{- $cidrs = append $cidrs (include "sko.hostCidr" $svc.spec.clusterIP) -}}
+{{- end -}}
+{{- $slice := lookup "discovery.k8s.io/v1" "EndpointSlice" "default" "kubernetes" -}}
+{{- range (($slice | default dict).endpoints | default list) -}}
+{{- range (.addresses | default list) -}}
+{{- $cidrs = append $cidrs (include "sko.hostCidr" .) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- toJson (uniq $cidrs) -}}
+{{- end -}}

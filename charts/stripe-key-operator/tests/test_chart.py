@@ -75,9 +75,43 @@ def load_values(name: str) -> dict | None:
     return yaml.safe_load(path.read_text()) if path else None
 
 
-def render(values: dict | None) -> dict[str, str]:
+# The two facts about a site the chart cannot default without allowing any address: where the
+# API server is (Helm looks it up at install, but not when rendering here) and Stripe's API
+# addresses. Every render below gets them under its own values; the tests of the
+# NetworkPolicy show what happens without them.
+API_SERVER_CIDRS = ["10.96.0.1/32", "172.18.0.2/32"]
+STRIPE_CIDRS = ["3.18.12.63/32", "54.187.174.169/32"]
+SITE = {
+    "networkPolicy": {
+        "egress": {
+            "kubernetesApi": {"cidrs": API_SERVER_CIDRS},
+            "stripe": {"cidrs": STRIPE_CIDRS},
+        }
+    }
+}
+
+
+def merged(base: dict, over: dict | None) -> dict:
+    out = json.loads(json.dumps(base))
+    for key, value in (over or {}).items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merged(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def with_site(values: dict | None) -> dict:
+    return merged(SITE, values)
+
+
+def render_raw(values: dict | None) -> dict[str, str]:
     with helm.Chart.load(str(CHART)) as chart:
         return chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+
+
+def render(values: dict | None) -> dict[str, str]:
+    return render_raw(with_site(values))
 
 
 def objects_of(manifests: dict[str, str]) -> list[dict]:
@@ -129,7 +163,7 @@ def test_the_required_value_sets_exist():
 @pytest.mark.parametrize("name", sorted(VALUE_SETS))
 def test_strict_helm_lint_reports_no_warning(name, version):
     report = helm.lint(
-        str(CHART), load_values(name), strict=True, namespace=NAMESPACE, kube_version=f"v{version}"
+        str(CHART), with_site(load_values(name)), strict=True, namespace=NAMESPACE, kube_version=f"v{version}"
     )
     problems = [m for m in report["messages"] if m["severity"] >= 2]
     assert report["total_charts_linted"] == 1
@@ -372,15 +406,81 @@ def test_network_policy_admits_only_the_metrics_and_webhook_ports():
     assert set(ingress_ports) <= container_ports
 
 
+def egress_peers(egress: list[dict], port: int) -> list[dict]:
+    return [peer for rule in egress if any(p["port"] == port for p in rule["ports"]) for peer in rule.get("to", [])]
+
+
 def test_network_policy_egress_is_dns_api_vault_and_stripe_only():
     egress = one(rendered("defaults"), "NetworkPolicy")["spec"]["egress"]
     ports = sorted({(p["port"], p["protocol"]) for rule in egress for p in rule["ports"]})
     assert ports == [(53, "TCP"), (53, "UDP"), (443, "TCP"), (6443, "TCP"), (8200, "TCP")]
-    vault = [r for r in egress if any(p["port"] == 8200 for p in r["ports"])][0]
-    assert vault["to"][0]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "vault"}
+    # Every rule names its peers: no port is open to any address.
+    for rule in egress:
+        assert rule.get("to"), f"egress to any address on {rule['ports']}"
+        for peer in rule["to"]:
+            assert peer.get("ipBlock", {}).get("cidr") not in {"0.0.0.0/0", "::/0"}, rule
+    dns = egress_peers(egress, 53)
+    assert dns == [
+        {
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+            "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}},
+        }
+    ]
+    vault = egress_peers(egress, 8200)
+    assert vault == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "vault"}}}]
+    api = [r for r in egress if {p["port"] for p in r["ports"]} == {443, 6443}]
+    assert len(api) == 1 and [p["ipBlock"]["cidr"] for p in api[0]["to"]] == API_SERVER_CIDRS
+    stripe = [r for r in egress if {p["port"] for p in r["ports"]} == {443}]
+    assert len(stripe) == 1 and [p["ipBlock"]["cidr"] for p in stripe[0]["to"]] == STRIPE_CIDRS
     custom = one(rendered("webhook-and-scheduling"), "NetworkPolicy")["spec"]["egress"]
     cidrs = [peer["ipBlock"]["cidr"] for r in custom for peer in r.get("to", []) if "ipBlock" in peer]
     assert "10.0.0.1/32" in cidrs and "10.1.2.3/32" in cidrs
+    assert "10.96.0.1/32" not in cidrs, "values replace the API server addresses"
+
+
+def test_network_policy_defaults_allow_no_address_they_do_not_know():
+    """Without the site's addresses the chart refuses to render instead of opening a port to
+    every address; the error says what to set."""
+    with pytest.raises(helm.HelmError, match=r"kubernetesApi\.cidrs is empty"):
+        render_raw(None)
+    only_api = {"networkPolicy": {"egress": {"kubernetesApi": {"cidrs": API_SERVER_CIDRS}}}}
+    with pytest.raises(helm.HelmError, match=r"stripe\.cidrs is empty.*ips_api\.txt"):
+        render_raw(only_api)
+    with pytest.raises(helm.HelmError, match=r"vault\.to is empty"):
+        render({"networkPolicy": {"egress": {"vault": {"to": []}}}})
+    # Without a NetworkPolicy nothing is needed; without Stripe egress no Stripe address is.
+    assert not [o for o in objects_of(render_raw({"networkPolicy": {"enabled": False}})) if o["kind"] == "NetworkPolicy"]
+    no_stripe = merged(only_api, {"networkPolicy": {"egress": {"stripe": {"enabled": False}}}})
+    egress = one(objects_of(render_raw(no_stripe)), "NetworkPolicy")["spec"]["egress"]
+    assert not [r for r in egress if {p["port"] for p in r["ports"]} == {443}]
+
+
+def test_any_public_address_for_stripe_is_explicit_and_excludes_internal_ranges():
+    values = merged(
+        {"networkPolicy": {"egress": {"kubernetesApi": {"cidrs": API_SERVER_CIDRS}}}},
+        {"networkPolicy": {"egress": {"stripe": {"anyPublicAddress": True}}}},
+    )
+    egress = one(objects_of(render_raw(values)), "NetworkPolicy")["spec"]["egress"]
+    stripe = [r for r in egress if {p["port"] for p in r["ports"]} == {443}]
+    assert len(stripe) == 1
+    block = stripe[0]["to"][0]["ipBlock"]
+    assert block["cidr"] == "0.0.0.0/0"
+    for private in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16", "127.0.0.0/8", "100.64.0.0/10"):
+        assert private in block["except"], private
+    # Listed addresses win over the switch.
+    both = merged(values, {"networkPolicy": {"egress": {"stripe": {"cidrs": STRIPE_CIDRS}}}})
+    egress = one(objects_of(render_raw(both)), "NetworkPolicy")["spec"]["egress"]
+    stripe = [r for r in egress if {p["port"] for p in r["ports"]} == {443}]
+    assert [p["ipBlock"]["cidr"] for p in stripe[0]["to"]] == STRIPE_CIDRS
+
+
+def test_readme_says_what_the_egress_defaults_are():
+    readme = (CHART / "README.md").read_text()
+    section = readme[readme.index("## Network policy") :]
+    section = section[: section.index("\n## ", 1)]
+    for needed in ("ips_api.txt", "anyPublicAddress", "kubernetesApi.cidrs", "helm template", "EndpointSlice"):
+        assert needed in section, needed
+    assert "any address" not in readme.replace("never any address", ""), "the README promises no open port"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -431,31 +531,45 @@ def granted(objs: list[dict], group: str, resource: str, verb: str, namespace: s
 
 
 # What the operator does, per scope (from the controllers, the store, the leader elector).
+# tests/rbac_coverage.rs proves these against a recording API server, both ways; these tables
+# keep the chart's shape readable and fail fast without a Rust build.
 NAMESPACED_KIND_RULES = [
-    ("stripekeys.io", "stripekeypolicies", ["get", "list", "watch", "patch", "update"]),
-    ("stripekeys.io", "stripewebhookendpoints", ["get", "list", "watch", "patch", "update"]),
-    ("stripekeys.io", "stripekeypolicies/status", ["get", "patch", "update"]),
-    ("stripekeys.io", "stripewebhookendpoints/status", ["get", "patch", "update"]),
+    ("stripekeys.io", "stripekeypolicies", ["get", "list", "watch", "patch"]),
+    ("stripekeys.io", "stripewebhookendpoints", ["get", "list", "watch", "patch"]),
+    ("stripekeys.io", "stripekeypolicies/status", ["patch"]),
+    ("stripekeys.io", "stripewebhookendpoints/status", ["patch"]),
+    ("", "secrets", ["get", "list", "watch", "create", "patch"]),
+    ("apps", "deployments", ["get", "list", "patch"]),
+    ("apps", "statefulsets", ["get", "list", "patch"]),
+    ("apps", "daemonsets", ["get", "list", "patch"]),
+    ("events.k8s.io", "events", ["create", "patch"]),
+]
+# Never used by the operator: granting them would be a grant nothing needs.
+NAMESPACED_KIND_UNUSED = [
+    ("stripekeys.io", "stripekeypolicies", ["update", "delete", "create"]),
+    ("stripekeys.io", "stripekeypolicies/status", ["get", "update"]),
     ("stripekeys.io", "stripekeypolicies/finalizers", ["update"]),
     ("stripekeys.io", "stripewebhookendpoints/finalizers", ["update"]),
-    ("", "secrets", ["get", "list", "watch", "create", "patch", "update", "delete"]),
-    ("apps", "deployments", ["get", "list", "watch", "patch"]),
-    ("apps", "statefulsets", ["get", "list", "watch", "patch"]),
-    ("apps", "daemonsets", ["get", "list", "watch", "patch"]),
+    ("", "secrets", ["update", "delete", "deletecollection"]),
+    ("apps", "deployments", ["watch", "update", "delete"]),
     ("", "events", ["create", "patch"]),
-    ("events.k8s.io", "events", ["create", "patch"]),
 ]
 CLUSTER_RULES = [
     ("stripekeys.io", "stripeaccounts", ["get", "list", "watch"]),
-    ("stripekeys.io", "stripeguardrails", ["get", "list", "watch"]),
+    ("stripekeys.io", "stripeguardrails", ["list", "watch"]),
+    ("", "namespaces", ["get"]),
+]
+CLUSTER_UNUSED = [
     ("stripekeys.io", "stripeaccounts/status", ["get", "patch", "update"]),
     ("stripekeys.io", "stripeguardrails/status", ["get", "patch", "update"]),
-    ("", "namespaces", ["get", "list", "watch"]),
+    ("stripekeys.io", "stripeguardrails", ["get"]),
+    ("", "namespaces", ["list", "watch"]),
 ]
-SELF_RULES = [
-    ("", "secrets", ["get", "list", "watch", "create", "patch", "update", "delete"]),
-    ("", "events", ["create", "patch"]),
-]
+# The operator's own Secrets in the release namespace, by store (webhook off).
+SELF_SECRET_VERBS = {
+    "vault": {"get"},
+    "kubernetes": {"get", "create", "update", "delete"},
+}
 
 
 @pytest.mark.parametrize("name", sorted(VALUE_SETS))
@@ -491,10 +605,34 @@ def test_cluster_mode_grants_what_the_operator_needs_everywhere():
     for group, resource, verbs in NAMESPACED_KIND_RULES + CLUSTER_RULES:
         for verb in verbs:
             assert granted(objs, group, resource, verb, None), (group, resource, verb)
+    for group, resource, verbs in NAMESPACED_KIND_UNUSED + CLUSTER_UNUSED:
+        for verb in verbs:
+            assert not granted(objs, group, resource, verb, "payments"), (group, resource, verb)
     assert not granted(objs, "", "configmaps", "get", None)
     assert not granted(objs, "", "pods", "list", None)
     assert not granted(objs, "stripekeys.io", "stripeaccounts", "delete", None)
     assert not granted(objs, "apps", "deployments", "delete", None)
+
+
+def test_cluster_mode_writes_secrets_everywhere_only_by_apply_and_replaces_or_deletes_only_its_own():
+    """Issue 14: cluster mode granted create/update/delete on every Secret, kube-system
+    included. Synced Secrets are applied (patch, create on first apply) and removed by the
+    garbage collector; update and delete exist only where the operator keeps its own."""
+    for name in ("defaults", "kubernetes-store", "webhook-and-scheduling"):
+        objs = rendered(name)
+        for verb in ("update", "delete", "deletecollection"):
+            assert not granted(objs, "", "secrets", verb, "kube-system", "anything"), (name, verb)
+            assert not granted(objs, "", "secrets", verb, "payments", "anything"), (name, verb)
+    kube = rendered("kubernetes-store")
+    for verb in ("update", "delete"):
+        assert granted(kube, "", "secrets", verb, NAMESPACE, "sko-bundle"), verb
+    vault = rendered("defaults")
+    for verb in ("update", "delete"):
+        assert not granted(vault, "", "secrets", verb, NAMESPACE, "anything"), verb
+    webhook = rendered("webhook-and-scheduling")
+    tls = f"{FULLNAME}-webhook-tls"
+    assert granted(webhook, "", "secrets", "update", NAMESPACE, tls)
+    assert not granted(webhook, "", "secrets", "update", NAMESPACE, "another-secret")
 
 
 def test_namespaced_mode_confines_the_operator_to_its_namespaces():
@@ -506,9 +644,16 @@ def test_namespaced_mode_confines_the_operator_to_its_namespaces():
         for group, resource, verbs in NAMESPACED_KIND_RULES:
             for verb in verbs:
                 assert granted(objs, group, resource, verb, ns), (ns, group, resource, verb)
-    for group, resource, verbs in SELF_RULES:
-        for verb in verbs:
-            assert granted(objs, group, resource, verb, NAMESPACE), (group, resource, verb)
+        for group, resource, verbs in NAMESPACED_KIND_UNUSED:
+            for verb in verbs:
+                assert not granted(objs, group, resource, verb, ns), (ns, group, resource, verb)
+    store = (load_values("namespaced") or {}).get("store", "vault")
+    self_verbs = {
+        v for v in ("get", "list", "watch", "create", "patch", "update", "delete")
+        if granted(objs, "", "secrets", v, NAMESPACE, "x")
+    }
+    assert self_verbs == SELF_SECRET_VERBS[store], self_verbs
+    assert not granted(objs, "events.k8s.io", "events", "create", NAMESPACE), "no Event is written there"
     for group, resource, verbs in CLUSTER_RULES:
         for verb in verbs:
             assert granted(objs, group, resource, verb, "anywhere"), (group, resource, verb)
@@ -526,16 +671,10 @@ def test_namespaced_mode_renders_no_cluster_role_beyond_the_cluster_scoped_kinds
     cluster_roles = [r for r in roles(rendered(name)) if r["kind"] == "ClusterRole"]
     assert [r["metadata"]["name"] for r in cluster_roles] == [f"{FULLNAME}-cluster-scoped"]
     resources = {res for rule in cluster_roles[0]["rules"] for res in rule["resources"]}
-    assert resources == {
-        "stripeaccounts",
-        "stripeguardrails",
-        "stripeaccounts/status",
-        "stripeguardrails/status",
-        "namespaces",
-    }
+    assert resources == {"stripeaccounts", "stripeguardrails", "namespaces"}
     for rule in cluster_roles[0]["rules"]:
         if rule["resources"] == ["namespaces"]:
-            assert rule["verbs"] == ["get", "list", "watch"]
+            assert rule["verbs"] == ["get"]
 
 
 @pytest.mark.parametrize("name", sorted(VALUE_SETS))
@@ -550,17 +689,23 @@ def test_secret_writes_only_where_the_operator_keeps_secrets(name):
         if namespaced:
             assert role["kind"] == "Role", "namespaced mode: no cluster-wide Secret access"
             assert role["metadata"]["namespace"] in {*values["watchNamespaces"], NAMESPACE}
+        elif role["kind"] == "ClusterRole":
+            # Cluster mode: synced Secrets live in any tenant namespace, written by apply.
+            assert role["metadata"]["name"] == FULLNAME
+            assert writes == {"create", "patch"}, writes
         else:
-            # Cluster mode: synced Secrets live in any tenant namespace; only the main role.
-            assert role["kind"] == "ClusterRole" and role["metadata"]["name"] == FULLNAME
+            # Replacing and deleting only the operator's own Secrets, in its namespace.
+            assert role["metadata"]["namespace"] == NAMESPACE, role["metadata"]
+            assert writes <= {"update", "delete"}, writes
 
 
 def test_webhook_configuration_is_patchable_only_by_its_own_name():
     objs = rendered("webhook-and-scheduling")
     vwc = one(objs, "ValidatingWebhookConfiguration")
     name = vwc["metadata"]["name"]
-    for verb in ("get", "patch", "update"):
+    for verb in ("get", "patch"):
         assert granted(objs, "admissionregistration.k8s.io", "validatingwebhookconfigurations", verb, None, name)
+    assert not granted(objs, "admissionregistration.k8s.io", "validatingwebhookconfigurations", "update", None, name)
     assert not granted(objs, "admissionregistration.k8s.io", "validatingwebhookconfigurations", "patch", None, "other")
     assert not granted(objs, "admissionregistration.k8s.io", "validatingwebhookconfigurations", "list", None)
     svc = vwc["webhooks"][0]["clientConfig"]["service"]

@@ -18,6 +18,7 @@
 //! or point `kubectl --kubeconfig` at a file holding [`TestApiServer::kubeconfig_yaml`].
 //! See the crate README for what is emulated and where it differs from the real apiserver.
 
+mod record;
 pub mod schema;
 mod server;
 mod store;
@@ -31,6 +32,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+pub use record::RecordedRequest;
 pub use store::ApiError;
 
 use server::Shared;
@@ -110,6 +112,7 @@ impl TestApiServer {
             gc_notify: tokio::sync::Notify::new(),
             addr,
             shutdown: shutdown_rx.clone(),
+            requests: Mutex::new(Default::default()),
         });
         let app = axum::Router::new()
             .fallback({
@@ -364,6 +367,21 @@ impl TestApiServer {
     /// Sets every request count back to zero.
     pub fn reset_counts(&self) {
         self.shared.lock().counts.clear();
+    }
+
+    /// Every distinct authorization check made since the start (or the last
+    /// [`TestApiServer::clear_recorded_requests`]), with how often it was made: one per
+    /// resource request (verb as RBAC names it, group, resource, subresource, namespace, name,
+    /// the caller's bearer token as user), plus the checks the real apiserver adds to some
+    /// writes ([`RecordedRequest::implied_by`]). Discovery requests are not resource requests
+    /// and are not recorded. Failed requests are, as the apiserver authorizes first.
+    pub fn recorded_requests(&self) -> BTreeMap<RecordedRequest, u64> {
+        self.shared.recorded()
+    }
+
+    /// Forgets every recorded request.
+    pub fn clear_recorded_requests(&self) {
+        self.shared.clear_recorded();
     }
 
     /// The current (latest) resourceVersion.

@@ -11,6 +11,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 use tokio::sync::broadcast::error::TryRecvError;
 
+use crate::record::{self, RecordedRequest};
 use crate::store::{
     self, ApiError, Managed, Record, ResKey, ResourceType, State, WriteOpts, meta_str,
 };
@@ -22,6 +23,8 @@ pub(crate) struct Shared {
     pub gc_notify: tokio::sync::Notify,
     pub addr: std::net::SocketAddr,
     pub shutdown: tokio::sync::watch::Receiver<bool>,
+    /// Every authorization check made, for [`crate::TestApiServer::recorded_requests`].
+    pub requests: Mutex<crate::record::RequestLog>,
 }
 
 impl Shared {
@@ -439,6 +442,29 @@ async fn resource(
             .cloned()
             .ok_or_else(ApiError::resource_not_found)?
     };
+    // The apiserver authorizes a request before it looks at it further: record it first.
+    let recorded = record::verb_of(
+        &method,
+        t.name.is_some(),
+        query.get("watch").is_some_and(|w| w == "true" || w == "1"),
+    )
+    .map(|verb| RecordedRequest {
+        user: record::user_of(&headers),
+        verb: verb.into(),
+        group: rt.group.clone(),
+        resource: rt.plural.clone(),
+        subresource: t.subresource.clone().unwrap_or_default(),
+        namespace: t.namespace.clone().unwrap_or_default(),
+        name: t
+            .name
+            .clone()
+            .or_else(|| record::field_selector_name(query.get("fieldSelector")))
+            .unwrap_or_default(),
+        implied_by: None,
+    });
+    if let Some(r) = &recorded {
+        shared.record(r.clone());
+    }
     if rt.namespaced && t.name.is_some() && t.namespace.is_none() {
         return Err(ApiError::resource_not_found());
     }
@@ -501,6 +527,9 @@ async fn resource(
             let mut st = shared.lock();
             st.count("create", &counted);
             let created = st.create(&key, &ns, obj, &opts, Managed::Update(manager()))?;
+            if let Some(r) = &recorded {
+                shared.record_all(record::owner_reference_checks(&st, r, &rt, None, &created));
+            }
             drop(st);
             shared.gc_notify.notify_one();
             Ok(json_response(
@@ -512,7 +541,12 @@ async fn resource(
             let obj = parse_body(&body)?;
             let mut st = shared.lock();
             st.count("update", &counted);
+            let old = st.get(&key, &ns, name).cloned();
             let updated = st.update(&key, &ns, name, obj, &opts, Managed::Update(manager()))?;
+            if let Some(r) = &recorded {
+                let checks = record::owner_reference_checks(&st, r, &rt, old.as_ref(), &updated);
+                shared.record_all(checks);
+            }
             drop(st);
             shared.gc_notify.notify_one();
             Ok(json_response(
@@ -532,6 +566,7 @@ async fn resource(
                 .to_string();
             let mut st = shared.lock();
             st.count("patch", &counted);
+            let old = st.get(&key, &ns, name).cloned();
             let (code, out) = patch(
                 &mut st,
                 &rt,
@@ -543,6 +578,19 @@ async fn resource(
                 &query,
                 manager(),
             )?;
+            if let Some(r) = &recorded {
+                let mut checks = record::owner_reference_checks(&st, r, &rt, old.as_ref(), &out);
+                if old.is_none() && code == 201 {
+                    // An apply patch that creates the object is authorized as a create too.
+                    checks.push(RecordedRequest {
+                        verb: "create".into(),
+                        name: String::new(),
+                        implied_by: Some("apply-create".into()),
+                        ..r.clone()
+                    });
+                }
+                shared.record_all(checks);
+            }
             drop(st);
             shared.gc_notify.notify_one();
             Ok(json_response(code, &render(&out, &rt, &t.version, false)))
