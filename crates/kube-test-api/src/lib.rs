@@ -18,9 +18,12 @@
 //! or point `kubectl --kubeconfig` at a file holding [`TestApiServer::kubeconfig_yaml`].
 //! See the crate README for what is emulated and where it differs from the real apiserver.
 
+mod events;
+mod openapi;
 pub mod schema;
 mod server;
 mod store;
+mod table;
 mod util;
 mod validation;
 
@@ -176,6 +179,11 @@ impl TestApiServer {
         namespace: Option<&str>,
         name: &str,
     ) -> Option<Value> {
+        if events::is_events_v1(api_version, kind) {
+            return self
+                .get("v1", kind, namespace, name)
+                .map(events::to_events_v1);
+        }
         let rt = self.resolve(api_version, kind).ok()?;
         let st = self.shared.lock();
         st.get(
@@ -192,6 +200,13 @@ impl TestApiServer {
 
     /// Lists objects of a kind, in one namespace or (with `None`) all of them.
     pub fn list(&self, api_version: &str, kind: &str, namespace: Option<&str>) -> Vec<Value> {
+        if events::is_events_v1(api_version, kind) {
+            return self
+                .list("v1", kind, namespace)
+                .into_iter()
+                .map(events::to_events_v1)
+                .collect();
+        }
         let Ok(rt) = self.resolve(api_version, kind) else {
             return Vec::new();
         };
@@ -211,6 +226,14 @@ impl TestApiServer {
     /// status included, as the server itself would: no request is counted, no conflict check,
     /// validation and watch events as for any write. Returns the stored object.
     pub fn put(&self, obj: Value) -> Result<Value, Error> {
+        if events::is_events_v1(
+            obj.get("apiVersion")
+                .and_then(Value::as_str)
+                .unwrap_or_default(),
+            obj.get("kind").and_then(Value::as_str).unwrap_or_default(),
+        ) {
+            return self.put(events::to_core(obj)).map(events::to_events_v1);
+        }
         let av = obj
             .get("apiVersion")
             .and_then(Value::as_str)
@@ -275,6 +298,11 @@ impl TestApiServer {
         namespace: Option<&str>,
         name: &str,
     ) -> Result<Value, Error> {
+        if events::is_events_v1(api_version, kind) {
+            return self
+                .delete("v1", kind, namespace, name)
+                .map(events::to_events_v1);
+        }
         let rt = self.resolve(api_version, kind)?;
         let out = self.shared.lock().delete(
             &rt.key(),

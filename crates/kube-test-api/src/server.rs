@@ -54,7 +54,7 @@ fn parse_query(uri: &Uri) -> HashMap<String, String> {
     out
 }
 
-fn percent_decode(s: &str) -> String {
+pub(crate) fn percent_decode(s: &str) -> String {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -362,6 +362,30 @@ pub(crate) async fn handle(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    if let Some(r) = crate::openapi::serve(&shared, &uri) {
+        return r;
+    }
+    if let Some(r) = crate::events::serve_view(
+        shared.clone(),
+        method.clone(),
+        &uri,
+        headers.clone(),
+        body.clone(),
+    )
+    .await
+    {
+        return r;
+    }
+    handle_inner(shared, method, uri, headers, body).await
+}
+
+pub(crate) async fn handle_inner(
+    shared: Arc<Shared>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let query = parse_query(&uri);
     let route = {
         let st = shared.lock();
@@ -483,10 +507,11 @@ async fn resource(
             shared
                 .lock()
                 .count(if watch { "watch" } else { "list" }, &counted);
+            let table = crate::table::requested(&headers, &query);
             if watch {
-                return watch_response(shared, rt, t, query, meta_only);
+                return watch_response(shared, rt, t, query, meta_only, table);
             }
-            list(&shared, &rt, &t, &query, meta_only)
+            list(&shared, &rt, &t, &query, meta_only, table)
         }
         (&Method::GET, Some(name)) => {
             let mut st = shared.lock();
@@ -494,6 +519,12 @@ async fn resource(
             let obj = st
                 .get(&key, &ns, name)
                 .ok_or_else(|| ApiError::not_found(&rt, name))?;
+            if let Some(include) = crate::table::requested(&headers, &query) {
+                let meta = json!({"resourceVersion": st.rv.to_string()});
+                let table =
+                    crate::table::table(&rt, &t.version, &[obj], include, meta, chrono::Utc::now());
+                return Ok(json_response(200, &table));
+            }
             Ok(json_response(200, &render(obj, &rt, &t.version, meta_only)))
         }
         (&Method::POST, None) => {
@@ -762,6 +793,7 @@ fn list(
     t: &Target,
     query: &HashMap<String, String>,
     meta_only: bool,
+    table: Option<crate::table::Include>,
 ) -> Result<Response, ApiError> {
     let sel = selectors(query)?;
     let limit: usize = query
@@ -809,6 +841,25 @@ fn list(
         matching.retain(|(k, _)| *k > after);
     }
     let total = matching.len();
+    let mut metadata = json!({"resourceVersion": rv.to_string()});
+    if total > limit
+        && let Some((k, _)) = matching.get(limit - 1)
+    {
+        metadata["continue"] = util::hex(&format!("{rv}\u{0}{}\u{0}{}", k.0, k.1)).into();
+        metadata["remainingItemCount"] = ((total - limit) as u64).into();
+    }
+    if let Some(include) = table {
+        let objects: Vec<&Value> = matching.iter().take(limit).map(|(_, o)| *o).collect();
+        let table = crate::table::table(
+            rt,
+            &t.version,
+            &objects,
+            include,
+            metadata,
+            chrono::Utc::now(),
+        );
+        return Ok(json_response(200, &table));
+    }
     let page: Vec<Value> = matching
         .iter()
         .take(limit)
@@ -821,13 +872,6 @@ fn list(
             r
         })
         .collect();
-    let mut metadata = json!({"resourceVersion": rv.to_string()});
-    if total > limit
-        && let Some((k, _)) = matching.get(limit - 1)
-    {
-        metadata["continue"] = util::hex(&format!("{rv}\u{0}{}\u{0}{}", k.0, k.1)).into();
-        metadata["remainingItemCount"] = ((total - limit) as u64).into();
-    }
     let (api_version, kind) = if meta_only {
         (
             "meta.k8s.io/v1".to_string(),
@@ -855,9 +899,25 @@ struct WatchFilter {
     rt: ResourceType,
     version: String,
     meta_only: bool,
+    /// `kubectl get -w`: each event carries a one-row Table.
+    table: Option<crate::table::Include>,
 }
 
 impl WatchFilter {
+    fn view(&self, obj: &Value) -> Value {
+        match self.table {
+            Some(include) => crate::table::table(
+                &self.rt,
+                &self.version,
+                &[obj],
+                include,
+                json!({}),
+                chrono::Utc::now(),
+            ),
+            None => render(obj, &self.rt, &self.version, self.meta_only),
+        }
+    }
+
     /// Turns a change into the event this watch sees (or none).
     fn translate(&self, rec: &Record) -> Option<Bytes> {
         if rec.key != self.key {
@@ -879,10 +939,7 @@ impl WatchFilter {
             ("MODIFIED", true, false) => "DELETED",
             _ => return None,
         };
-        Some(event_line(
-            etype,
-            &render(&rec.obj, &self.rt, &self.version, self.meta_only),
-        ))
+        Some(event_line(etype, &self.view(&rec.obj)))
     }
 
     fn bookmark(&self, rv: u64, initial_end: bool) -> Bytes {
@@ -911,6 +968,7 @@ fn watch_response(
     t: Target,
     query: HashMap<String, String>,
     meta_only: bool,
+    table: Option<crate::table::Include>,
 ) -> Result<Response, ApiError> {
     let sel = selectors(&query)?;
     let bookmarks = query
@@ -930,6 +988,7 @@ fn watch_response(
         rt,
         version: t.version.clone(),
         meta_only,
+        table,
     };
     let mut initial: Vec<Bytes> = Vec::new();
     let (mut rx, start_rv) = {
@@ -940,10 +999,7 @@ fn watch_response(
                 for ((o_ns, _), o) in m {
                     if filter.namespace.as_ref().is_none_or(|n| n == o_ns) && filter.sel.matches(o)
                     {
-                        initial.push(event_line(
-                            "ADDED",
-                            &render(o, &filter.rt, &filter.version, meta_only),
-                        ));
+                        initial.push(event_line("ADDED", &filter.view(o)));
                     }
                 }
             }
