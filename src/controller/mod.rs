@@ -3,6 +3,7 @@
 
 pub mod accounts;
 pub mod clock;
+pub mod crd_check;
 pub mod error;
 pub mod keypolicy;
 mod shared;
@@ -554,6 +555,8 @@ pub enum RunError {
         #[source]
         source: kube::Error,
     },
+    #[error(transparent)]
+    CrdSchema(#[from] crd_check::CrdSchemaError),
     #[error("binding the HTTP endpoints on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -668,6 +671,7 @@ pub async fn run_with_client(
         .cloned()
         .collect();
     check_crds(&client, &namespaces).await?;
+    crd_check::check_crd_schemas(&client).await?;
     let metrics = Metrics::new();
     let health = Health::default();
     let (addr, http_task) = crate::http::serve(
