@@ -15,7 +15,7 @@ use kube::Api;
 use serde_json::Value;
 
 /// What to run when the installed CRDs are stale.
-pub const UPGRADE_HINT: &str = "apply the CRDs of this release: `kubectl apply --server-side -f crds/` (with Helm: `helm upgrade` does not update CRDs, apply the chart's crds/ directory the same way first)";
+pub const UPGRADE_HINT: &str = "apply the CRDs of this release: `kubectl apply --server-side -f crds/` (with Helm, which installs CRDs only on the first install: `kubectl apply --server-side --force-conflicts -f <chart>/crds/` before `helm upgrade`)";
 
 /// The installed CRDs do not match this binary.
 #[derive(Debug, thiserror::Error)]
