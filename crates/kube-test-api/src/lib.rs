@@ -23,6 +23,7 @@ mod openapi;
 pub mod schema;
 mod server;
 mod store;
+mod strict;
 mod table;
 mod util;
 mod validation;

@@ -531,6 +531,7 @@ async fn resource(
             let obj = parse_body(&body)?;
             let mut st = shared.lock();
             st.count("create", &counted);
+            crate::strict::check(&rt, &t.version, &obj, &query, false)?;
             let created = st.create(&key, &ns, obj, &opts, Managed::Update(manager()))?;
             drop(st);
             shared.gc_notify.notify_one();
@@ -543,6 +544,7 @@ async fn resource(
             let obj = parse_body(&body)?;
             let mut st = shared.lock();
             st.count("update", &counted);
+            crate::strict::check(&rt, &t.version, &obj, &query, false)?;
             let updated = st.update(&key, &ns, name, obj, &opts, Managed::Update(manager()))?;
             drop(st);
             shared.gc_notify.notify_one();
@@ -563,6 +565,13 @@ async fn resource(
                 .to_string();
             let mut st = shared.lock();
             st.count("patch", &counted);
+            let apply = ctype == "application/apply-patch+yaml";
+            if (apply || ctype.ends_with("merge-patch+json"))
+                && let Ok(patch) = serde_json::from_slice::<Value>(&body)
+                    .or_else(|_| serde_yaml::from_slice::<Value>(&body))
+            {
+                crate::strict::check(&rt, &t.version, &patch, &query, apply)?;
+            }
             let (code, out) = patch(
                 &mut st,
                 &rt,

@@ -462,3 +462,72 @@ fn an_empty_list_below_min_items_reports_its_length_like_the_apiserver() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn strict_field_validation_refuses_undeclared_fields_as_kubectl_apply_asks() {
+    let (server, client) = setup().await;
+    install_crds(&client).await;
+    let obj = json!({"apiVersion": "stripekeys.io/v1alpha1", "kind": "StripeKeyPolicy",
+        "metadata": {"name": "typo", "namespace": "default"},
+        "spec": {"accountRef": {"name": "main"}, "permissions": ["charge_read"],
+                 "delivery": {"secret": {"name": "k"}, "rolloutTargets": [{"kind": "Deployment", "name": "web", "replicas": 2}]},
+                 "rotaton": {"every": "24h"}}});
+    let path = "/apis/stripekeys.io/v1alpha1/namespaces/default/stripekeypolicies";
+    let json_body = [
+        ("Content-Type", "application/json"),
+        ("Accept", "application/json"),
+    ];
+    let (code, body) = http(
+        &server,
+        "POST",
+        &format!("{path}?fieldManager=kubectl-client-side-apply&fieldValidation=Strict"),
+        &json_body,
+        Some(&obj),
+    )
+    .await;
+    assert_eq!(code, 400, "{body}");
+    let status: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(status["reason"], "BadRequest");
+    let message = status["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("StripeKeyPolicy in version \"v1alpha1\" cannot be handled as a StripeKeyPolicy: strict decoding error: "),
+        "{message}"
+    );
+    assert!(
+        message.contains("unknown field \"spec.rotaton\""),
+        "{message}"
+    );
+    assert!(
+        message.contains("unknown field \"spec.delivery.rolloutTargets[0].replicas\""),
+        "{message}"
+    );
+    // Server-side apply says it in its own words.
+    let (code, body) = http(
+        &server,
+        "PATCH",
+        &format!("{path}/typo?fieldManager=kubectl&fieldValidation=Strict&force=false"),
+        &[
+            ("Content-Type", "application/apply-patch+yaml"),
+            ("Accept", "application/json"),
+        ],
+        Some(&obj),
+    )
+    .await;
+    assert_eq!(code, 400, "{body}");
+    assert!(
+        body.contains(".spec.rotaton: field not declared in schema"),
+        "{body}"
+    );
+    // Without Strict (kube's default) the fields are pruned, as before.
+    let (code, body) = http(&server, "POST", path, &json_body, Some(&obj)).await;
+    assert_eq!(code, 201, "{body}");
+    let stored = server
+        .get(
+            "stripekeys.io/v1alpha1",
+            "StripeKeyPolicy",
+            Some("default"),
+            "typo",
+        )
+        .unwrap();
+    assert!(stored["spec"].get("rotaton").is_none());
+}
