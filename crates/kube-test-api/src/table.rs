@@ -80,7 +80,7 @@ pub(crate) fn table(
     list_metadata: Value,
     now: chrono::DateTime<chrono::Utc>,
 ) -> Value {
-    let (columns, cells): (Vec<Column>, Box<dyn Fn(&Value) -> Vec<Value>>) = match &rt.crd {
+    let (columns, cells): (Vec<Column>, Cells) = match &rt.crd {
         Some(crd) => crd_columns(crd, version, now),
         None => builtin_columns(&rt.kind, now),
     };
