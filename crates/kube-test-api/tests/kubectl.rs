@@ -531,3 +531,114 @@ async fn strict_field_validation_refuses_undeclared_fields_as_kubectl_apply_asks
         .unwrap();
     assert!(stored["spec"].get("rotaton").is_none());
 }
+
+/// The `kubectl` on `PATH`, if any.
+fn kubectl_binary() -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join("kubectl"))
+            .find(|p| p.is_file())
+    })
+}
+
+/// Runs kubectl against `server` with its own cache directory; returns (success, stdout+stderr).
+async fn kubectl(binary: &std::path::Path, dir: &std::path::Path, args: &[&str]) -> (bool, String) {
+    let out = tokio::process::Command::new(binary)
+        .args(args)
+        .env("KUBECONFIG", dir.join("kubeconfig"))
+        .env("KUBECACHEDIR", dir.join("cache"))
+        .env("HOME", dir)
+        .output()
+        .await
+        .expect("kubectl runs");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_real_kubectl_sees_a_cluster_when_one_is_installed() {
+    let Some(binary) = kubectl_binary() else {
+        eprintln!("kubectl is not installed: skipping the check with a real kubectl");
+        return;
+    };
+    let (server, client) = setup().await;
+    install_crds(&client).await;
+    let dir = std::env::temp_dir().join(format!("kube-test-api-kubectl-{}", server.addr().port()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("kubeconfig"), server.kubeconfig_yaml()).unwrap();
+    let next = (chrono::Utc::now() + chrono::TimeDelta::days(30))
+        .format("%Y-%m-%dT%H:%M:%SZ")
+        .to_string();
+    policy(
+        &server,
+        "checkout",
+        json!({"conditions": [{"type": "Ready", "status": "True", "reason": "KeyMinted",
+                               "message": "", "lastTransitionTime": "2026-01-01T00:00:00Z"}],
+               "currentKey": {"id": "apikey_123", "fingerprint": "abc"}, "nextRotationAt": next}),
+    );
+    server
+        .put(json!({"apiVersion": "events.k8s.io/v1", "kind": "Event",
+            "metadata": {"name": "checkout.1", "namespace": "default"},
+            "eventTime": "2026-01-01T00:00:00.000000Z", "action": "Mint", "reason": "KeyMinted",
+            "type": "Normal", "note": "minted key apikey_123", "reportingController": "stripe-key-operator",
+            "reportingInstance": "pod-a",
+            "regarding": {"kind": "StripeKeyPolicy", "name": "checkout", "namespace": "default"}}))
+        .unwrap();
+
+    let (ok, out) = kubectl(&binary, &dir, &["get", "stripekeypolicies", "-A"]).await;
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("NEXT ROTATION") && out.contains(&next),
+        "{out}"
+    );
+    assert!(
+        out.contains("apikey_123") && !out.contains("<invalid>"),
+        "{out}"
+    );
+
+    let (ok, out) = kubectl(&binary, &dir, &["get", "events", "-n", "default"]).await;
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("KeyMinted") && out.contains("stripekeypolicy/checkout"),
+        "{out}"
+    );
+
+    let (ok, out) = kubectl(&binary, &dir, &["explain", "stripekeypolicy.spec.rotation"]).await;
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("every") && out.contains("Go duration"),
+        "{out}"
+    );
+
+    let manifest = dir.join("policy.yaml");
+    std::fs::write(
+        &manifest,
+        "apiVersion: stripekeys.io/v1alpha1\nkind: StripeKeyPolicy\nmetadata: {name: other, namespace: default}\nspec:\n  accountRef: {name: main}\n  permissions: [charge_read]\n  delivery: {secret: {name: other-key}}\n",
+    )
+    .unwrap();
+    let manifest = manifest.to_string_lossy().into_owned();
+    let (ok, out) = kubectl(&binary, &dir, &["apply", "-f", &manifest]).await;
+    assert!(
+        ok,
+        "kubectl apply validates without --validate=false: {out}"
+    );
+    let (ok, out) = kubectl(
+        &binary,
+        &dir,
+        &[
+            "wait",
+            "--for=condition=Ready",
+            "stripekeypolicy/checkout",
+            "--timeout=10s",
+        ],
+    )
+    .await;
+    assert!(ok, "{out}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
