@@ -15,10 +15,14 @@ use rand::Rng;
 use rand::distr::Alphanumeric;
 use serde_json::{Value, json};
 use stripe_key_operator::api::{StripeAccount, StripeGuardrail};
-use stripe_key_operator::webhook::admission::{
-    self, LITERAL_KEYS_PATH, LookupError, Lookups, STRIPE_OBJECTS_PATH,
+use stripe_key_operator::rules::{
+    AccountTrust, ApiHosts, CREDENTIAL_LABEL, CREDENTIAL_LABEL_VALUE,
 };
-use stripe_key_operator::webhook::server::{self, WebhookConfig};
+use stripe_key_operator::vault::StorePrefix;
+use stripe_key_operator::webhook::admission::{
+    self, LITERAL_KEYS_PATH, LiteralKeysPolicy, LookupError, Lookups, STRIPE_OBJECTS_PATH,
+};
+use stripe_key_operator::webhook::server::{self, AdmissionSettings, WebhookConfig};
 use stripe_key_operator::webhook::tls::{
     self, CertMode, CertStore, Injection, SelfSignedConfig, ServingCert,
 };
@@ -73,11 +77,40 @@ fn guardrail(name: &str, spec: Value) -> StripeGuardrail {
     .unwrap()
 }
 
+/// The operator's service account, as the API server names it in `userInfo.username`.
+const OPERATOR_USER: &str = "system:serviceaccount:stripe-key-operator:stripe-key-operator";
+
+/// The trust settings of a production operator: Stripe's API host only, store prefix
+/// `stripe-key-operator`, namespace `stripe-key-operator`.
+fn trust() -> AccountTrust {
+    AccountTrust {
+        api_hosts: ApiHosts::stripe_only(),
+        operator_namespace: "stripe-key-operator".into(),
+        store_prefix: StorePrefix::new("stripe-key-operator").unwrap(),
+    }
+}
+
+fn literal_keys_policy(include_test: bool) -> LiteralKeysPolicy {
+    LiteralKeysPolicy {
+        include_test_keys: include_test,
+        exempt_username: Some(OPERATOR_USER.into()),
+    }
+}
+
+fn settings() -> AdmissionSettings {
+    AdmissionSettings {
+        literal_keys: literal_keys_policy(false),
+        account_trust: trust(),
+    }
+}
+
 #[derive(Default)]
 struct FakeLookups {
     accounts: BTreeMap<String, StripeAccount>,
     namespaces: BTreeMap<String, BTreeMap<String, String>>,
     guardrails: Vec<StripeGuardrail>,
+    /// Labels of Secrets by (namespace, name).
+    secrets: BTreeMap<(String, String), BTreeMap<String, String>>,
     broken: bool,
 }
 
@@ -100,6 +133,16 @@ impl Lookups for FakeLookups {
     }
     async fn guardrails(&self) -> Result<Vec<StripeGuardrail>, LookupError> {
         Ok(self.guardrails.clone())
+    }
+    async fn secret_labels(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Option<BTreeMap<String, String>>, LookupError> {
+        Ok(self
+            .secrets
+            .get(&(namespace.to_string(), name.to_string()))
+            .cloned())
     }
 }
 
@@ -142,6 +185,23 @@ fn cluster() -> FakeLookups {
                 json!({"namespaceSelector": {"matchLabels": {"env": "dev"}}, "allowLiveMode": false}),
             ),
         ],
+        secrets: BTreeMap::from([
+            (
+                ("stripe-key-operator".into(), "app-key".into()),
+                BTreeMap::from([(CREDENTIAL_LABEL.into(), CREDENTIAL_LABEL_VALUE.into())]),
+            ),
+            (
+                // A bundle of the kubernetes store: the operator's own Secret, never an app key.
+                (
+                    "stripe-key-operator".into(),
+                    "sko-shop-stripekeypolicy-checkout".into(),
+                ),
+                BTreeMap::from([(
+                    "app.kubernetes.io/managed-by".into(),
+                    "stripe-key-operator".into(),
+                )]),
+            ),
+        ]),
         broken: false,
     }
 }
@@ -175,8 +235,18 @@ fn plural(kind: &str) -> String {
     }
 }
 
-/// An AdmissionReview of `op` on `object` (or `old` for DELETE), with a fresh uid.
+/// An AdmissionReview of `op` on `object` (or `old` for DELETE), with a fresh uid, by alice.
 fn review(op: &str, object: Option<&Value>, old: Option<&Value>) -> (String, Vec<u8>) {
+    review_as("alice", op, object, old)
+}
+
+/// An AdmissionReview of `op` on `object` (or `old` for DELETE) made by `username`.
+fn review_as(
+    username: &str,
+    op: &str,
+    object: Option<&Value>,
+    old: Option<&Value>,
+) -> (String, Vec<u8>) {
     let obj = object.or(old).expect("an object or an old object");
     let api_version = obj["apiVersion"].as_str().unwrap();
     let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
@@ -191,7 +261,7 @@ fn review(op: &str, object: Option<&Value>, old: Option<&Value>) -> (String, Vec
             "name": obj["metadata"]["name"],
             "namespace": obj["metadata"].get("namespace"),
             "operation": op,
-            "userInfo": {"username": "alice"},
+            "userInfo": {"username": username},
             "object": object,
             "oldObject": old,
             "dryRun": false
@@ -222,16 +292,26 @@ async fn judge(
     old: Option<&Value>,
 ) -> Verdict {
     let (uid, body) = review(op, object, old);
-    verdict(&uid, admission::review_stripe_object(&body, lookups).await)
+    verdict(
+        &uid,
+        admission::review_stripe_object(&body, lookups, &trust()).await,
+    )
 }
 
 fn judge_keys(op: &str, object: &Value, include_test: bool) -> Verdict {
+    judge_keys_as("alice", op, object, include_test)
+}
+
+fn judge_keys_as(username: &str, op: &str, object: &Value, include_test: bool) -> Verdict {
     let (uid, body) = if op == "DELETE" {
-        review(op, None, Some(object))
+        review_as(username, op, None, Some(object))
     } else {
-        review(op, Some(object), None)
+        review_as(username, op, Some(object), None)
     };
-    verdict(&uid, admission::review_literal_keys(&body, include_test))
+    verdict(
+        &uid,
+        admission::review_literal_keys(&body, &literal_keys_policy(include_test)),
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -411,6 +491,114 @@ async fn guardrails_and_accounts_themselves_are_allowed() {
     );
 }
 
+fn account_with(spec: Value) -> Value {
+    let mut a = serde_json::to_value(account("attacker", "live", json!({}))).unwrap();
+    for (k, v) in spec.as_object().unwrap() {
+        a["spec"][k] = v.clone();
+    }
+    a
+}
+
+#[tokio::test]
+async fn account_pointing_at_a_tenant_bundle_path_is_refused_saying_what_is_allowed() {
+    let a = account_with(json!({"credentials": {"vault": {
+        "path": "stripe-key-operator/shop/stripekeypolicy/checkout", "key": "secret"}}}));
+    let v = judge(&cluster(), "CREATE", Some(&a), None).await;
+    assert!(!v.allowed);
+    assert!(
+        v.message.contains("credentials.vault.path")
+            && v.message
+                .contains("under stripe-key-operator/_accounts/<name>/"),
+        "{}",
+        v.message
+    );
+    let ok = account_with(json!({"credentials": {"vault": {
+        "path": "stripe-key-operator/_accounts/attacker/app-key", "key": "secret_key"}}}));
+    let v = judge(&cluster(), "CREATE", Some(&ok), None).await;
+    assert!(v.allowed, "{}", v.message);
+}
+
+#[tokio::test]
+async fn account_naming_a_secret_without_the_credential_label_is_refused() {
+    let a = account_with(json!({"credentials": {"secretRef": {
+        "name": "sko-shop-stripekeypolicy-checkout", "key": "secret"}}}));
+    let v = judge(&cluster(), "CREATE", Some(&a), None).await;
+    assert!(!v.allowed);
+    assert!(
+        v.message.contains(
+            "Secret stripe-key-operator/sko-shop-stripekeypolicy-checkout is not labelled stripekeys.io/credential=stripe-app"
+        ),
+        "{}",
+        v.message
+    );
+    // A Secret that does not exist yet is allowed with a warning naming the label.
+    let later = account_with(json!({"credentials": {"secretRef": {"name": "later", "key": "k"}}}));
+    let v = judge(&cluster(), "CREATE", Some(&later), None).await;
+    assert!(v.allowed, "{}", v.message);
+    assert!(
+        v.warnings
+            .iter()
+            .any(|w| w.contains("stripekeys.io/credential=stripe-app")),
+        "{:?}",
+        v.warnings
+    );
+}
+
+#[tokio::test]
+async fn account_with_an_api_base_on_a_host_not_allowed_is_refused() {
+    for base in [
+        "https://collector.evil.example",
+        "http://127.0.0.1:8080",
+        "https://api.stripe.com.evil.example",
+    ] {
+        let a = account_with(json!({"apiBase": base}));
+        let v = judge(&cluster(), "CREATE", Some(&a), None).await;
+        assert!(!v.allowed, "{base}");
+        assert!(
+            v.message.contains("only to https://api.stripe.com")
+                && v.message.contains("--allowed-api-hosts"),
+            "{}",
+            v.message
+        );
+    }
+    // An update that moves an existing account to another host is judged too.
+    let old = account_with(json!({}));
+    let new = account_with(json!({"apiBase": "https://collector.evil.example"}));
+    assert!(
+        !judge(&cluster(), "UPDATE", Some(&new), Some(&old))
+            .await
+            .allowed
+    );
+}
+
+#[tokio::test]
+async fn a_write_whose_read_a_guardrail_denies_is_refused_naming_both() {
+    let mut lookups = cluster();
+    lookups.guardrails.push(guardrail(
+        "no-customer-data",
+        json!({"namespaceSelector": {}, "deniedPermissions": ["customer_read"]}),
+    ));
+    let v = judge(
+        &lookups,
+        "CREATE",
+        Some(&policy(
+            "shop",
+            "payments",
+            &["charge_read", "customer_write"],
+        )),
+        None,
+    )
+    .await;
+    assert!(!v.allowed);
+    assert!(
+        v.message.contains(
+            "permission customer_write is denied: it implies customer_read, which StripeGuardrail \"no-customer-data\" denies (pattern customer_read)"
+        ),
+        "{}",
+        v.message
+    );
+}
+
 #[tokio::test]
 async fn update_that_adds_a_denied_permission_is_refused() {
     let old = policy("shop", "payments", &["charge_read"]);
@@ -583,13 +771,53 @@ fn test_mode_keys_are_allowed_by_default_and_refused_with_include_test() {
 }
 
 #[test]
-fn operator_managed_secret_is_allowed() {
+fn the_operators_own_service_account_may_write_the_secrets_it_manages() {
     let secret = json!({"apiVersion": "v1", "kind": "Secret",
         "metadata": {"name": "checkout-stripe-key", "namespace": "shop",
                      "labels": {"app.kubernetes.io/managed-by": "stripe-key-operator"}},
         "data": {"STRIPE_API_KEY": b64(&live_restricted_key())}});
-    assert!(judge_keys("CREATE", &secret, false).allowed);
-    assert!(judge_keys("UPDATE", &secret, false).allowed);
+    assert!(judge_keys_as(OPERATOR_USER, "CREATE", &secret, false).allowed);
+    assert!(judge_keys_as(OPERATOR_USER, "UPDATE", &secret, false).allowed);
+    // The same Secret from anyone else is refused: the label exempts nothing.
+    for user in [
+        "alice",
+        "system:serviceaccount:shop:stripe-key-operator",
+        "system:serviceaccount:stripe-key-operator:default",
+    ] {
+        let v = judge_keys_as(user, "CREATE", &secret, false);
+        assert!(!v.allowed, "{user}");
+        assert!(v.message.contains("StripeKeyPolicy"), "{}", v.message);
+    }
+}
+
+#[test]
+fn a_tenant_cannot_bypass_the_literal_keys_webhook_with_the_managed_by_label() {
+    let key = live_secret_key();
+    let configmap = json!({"apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "settings", "namespace": "shop",
+                     "labels": {"app.kubernetes.io/managed-by": "stripe-key-operator"}},
+        "data": {"STRIPE_KEY": key}});
+    let v = judge_keys("CREATE", &configmap, false);
+    assert!(
+        !v.allowed,
+        "a labelled ConfigMap with a live key from a tenant is refused"
+    );
+    assert!(v.message.contains("data.STRIPE_KEY"), "{}", v.message);
+    assert!(
+        !v.message.contains(&key),
+        "the key is masked: {}",
+        v.message
+    );
+    let deployment = json!({"apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "api", "namespace": "shop",
+                     "labels": {"app.kubernetes.io/managed-by": "stripe-key-operator"}},
+        "spec": {"template": {"spec": {"containers": [{"name": "api", "image": "x",
+            "env": [{"name": "STRIPE_KEY", "value": live_secret_key()}]}]}}}});
+    assert!(!judge_keys("UPDATE", &deployment, false).allowed);
+    // Without an exempt identity configured, nobody is exempt, the operator neither.
+    let (uid, body) = review_as(OPERATOR_USER, "CREATE", Some(&configmap), None);
+    let nobody = LiteralKeysPolicy::default();
+    assert!(!verdict(&uid, admission::review_literal_keys(&body, &nobody)).allowed);
 }
 
 #[test]
@@ -644,8 +872,8 @@ async fn malformed_reviews_are_refused_with_a_clear_message_and_never_panic() {
     ];
     for (body, uid, needle) in cases {
         for resp in [
-            admission::review_stripe_object(body, &lookups).await,
-            admission::review_literal_keys(body, false),
+            admission::review_stripe_object(body, &lookups, &trust()).await,
+            admission::review_literal_keys(body, &literal_keys_policy(false)),
         ] {
             assert!(!resp.allowed, "{}", String::from_utf8_lossy(body));
             assert_eq!(resp.uid, uid);
@@ -663,7 +891,7 @@ async fn malformed_reviews_are_refused_with_a_clear_message_and_never_panic() {
         None,
         Some(&policy("shop", "payments", &["charge_read"])),
     );
-    let resp = admission::review_stripe_object(&body, &lookups).await;
+    let resp = admission::review_stripe_object(&body, &lookups, &trust()).await;
     assert_eq!(resp.uid, uid);
     assert!(!resp.allowed && resp.result.message.contains("no object"));
 }
@@ -727,7 +955,7 @@ async fn https_server_answers_admission_reviews_with_a_generated_certificate() {
     let (addr, task) = server::serve(
         "127.0.0.1:0".parse().unwrap(),
         certs.clone(),
-        server::router(Arc::new(cluster()), false),
+        server::router(Arc::new(cluster()), settings()),
         shutdown.clone(),
     )
     .await
@@ -1006,6 +1234,8 @@ async fn webhook_server_in_self_signed_mode_serves_with_the_injected_ca() {
         service: SERVICE.into(),
         config_name: Some(VWC.into()),
         include_test_keys: false,
+        exempt_username: Some(OPERATOR_USER.into()),
+        account_trust: trust(),
         check_interval: Duration::from_secs(60),
     };
     let (addr, task) = server::start(&config, client.clone(), shutdown.clone())
@@ -1057,7 +1287,7 @@ async fn files_mode_reloads_a_renewed_certificate() {
     let (addr, _task) = server::serve(
         "127.0.0.1:0".parse().unwrap(),
         certs.clone(),
-        server::router(Arc::new(cluster()), false),
+        server::router(Arc::new(cluster()), settings()),
         shutdown.clone(),
     )
     .await
@@ -1167,6 +1397,8 @@ async fn ca_bundle_is_injected_soon_after_the_configuration_appears() {
         service: SERVICE.into(),
         config_name: Some(VWC.into()),
         include_test_keys: false,
+        exempt_username: Some(OPERATOR_USER.into()),
+        account_trust: trust(),
         check_interval: Duration::from_secs(3600),
     };
     let (_addr, task) = server::start(&config, client.clone(), shutdown.clone())

@@ -232,7 +232,8 @@ impl Cluster {
                 &apply_params(),
                 &Patch::Apply(json!({
                     "apiVersion": "v1", "kind": "Secret",
-                    "metadata": {"name": APP_KEY_SECRET, "namespace": operator_ns},
+                    "metadata": {"name": APP_KEY_SECRET, "namespace": operator_ns,
+                                 "labels": {"stripekeys.io/credential": "stripe-app"}},
                     "stringData": {"secret_key": key},
                 })),
             )
@@ -350,6 +351,8 @@ impl Cluster {
         config.resync = Duration::from_secs(60);
         config.stripe_timeout = Some(Duration::from_secs(5));
         config.crash_hook = Some(self.crash.clone());
+        // The simulator listens on 127.0.0.1: allow loopback, as the sandbox does.
+        config.api_hosts = stripe_key_operator::rules::ApiHosts::stripe_only().with_loopback();
         let ctx = Arc::new(Context::new(
             self.client.clone(),
             self.store.clone(),
@@ -938,6 +941,7 @@ async fn annotation_rotation_keeps_the_old_key_until_rollout_and_overlap() {
         .status
         .unwrap()
         .current_key
+        .clone()
         .unwrap();
     c.wait_rolled(POLICY_ANNOTATION, &first.fingerprint).await;
 
@@ -952,7 +956,7 @@ async fn annotation_rotation_keeps_the_old_key_until_rollout_and_overlap() {
             policy_in_phase(RotationPhase::RollingOut),
         )
         .await;
-    let second = p.status.unwrap().current_key.unwrap();
+    let second = p.status.unwrap().current_key.clone().unwrap();
     assert_ne!(first.id, second.id);
     assert_eq!(c.active_keys().len(), 2, "both keys valid while rolling");
     let (cur, prev) = policy_secret_fingerprints(&c).await;
@@ -981,7 +985,13 @@ async fn annotation_rotation_keeps_the_old_key_until_rollout_and_overlap() {
         )
         .await;
     assert!(
-        p.status.unwrap().previous_key.unwrap().expires_at.is_some(),
+        p.status
+            .unwrap()
+            .previous_key
+            .clone()
+            .unwrap()
+            .expires_at
+            .is_some(),
         "status shows when the old key expires"
     );
     c.wait_rolled(POLICY_ANNOTATION, &second.fingerprint).await;
@@ -1019,6 +1029,7 @@ async fn incident_rotation_expires_the_old_key_at_once() {
         .status
         .unwrap()
         .current_key
+        .clone()
         .unwrap();
     c.wait_rolled(POLICY_ANNOTATION, &first.fingerprint).await;
     c.pause_deployment(true).await;
@@ -1045,7 +1056,7 @@ async fn incident_rotation_expires_the_old_key_at_once() {
         .await;
     c.pause_deployment(false).await;
     let p = c.wait_policy(POLICY, "Ready", policy_ready).await;
-    let current = p.status.unwrap().current_key.unwrap();
+    let current = p.status.unwrap().current_key.clone().unwrap();
     c.wait_rolled(POLICY_ANNOTATION, &current.fingerprint).await;
 }
 
@@ -1060,6 +1071,7 @@ async fn scope_change_rotates_to_a_key_with_the_new_scopes() {
         .status
         .unwrap()
         .current_key
+        .clone()
         .unwrap();
     c.apply_policy(&c.policy(POLICY, &["charge_read", "customer_read"]))
         .await;
@@ -1070,7 +1082,7 @@ async fn scope_change_rotates_to_a_key_with_the_new_scopes() {
                 .is_some_and(|s| s.current_permissions == ["charge_read", "customer_read"])
         })
         .await;
-    let second = p.status.unwrap().current_key.unwrap();
+    let second = p.status.unwrap().current_key.clone().unwrap();
     assert_ne!(first.id, second.id);
     let key = c
         .sim_keys()
@@ -1097,9 +1109,10 @@ async fn scheduled_rotation_fires_when_next_rotation_at_passes() {
         .unwrap();
     let gap = status
         .next_rotation_at
+        .clone()
         .unwrap()
         .0
-        .duration_since(status.last_rotation_at.unwrap().0)
+        .duration_since(status.last_rotation_at.clone().unwrap().0)
         .as_secs();
     assert!(
         (7200..7200 + 72).contains(&gap),
@@ -1116,7 +1129,7 @@ async fn scheduled_rotation_fires_when_next_rotation_at_passes() {
         .await;
     let status = p.status.unwrap();
     assert_eq!(
-        status.rotation.map(|r| r.trigger),
+        status.rotation.clone().map(|r| r.trigger),
         Some(RotationTrigger::Schedule)
     );
 }
@@ -1256,7 +1269,7 @@ async fn a_crash_after_storing_resumes_without_a_second_key() {
     c.clock.advance(Duration::from_secs(3700));
     c.nudge_policy(POLICY).await;
     let p = c.wait_policy(POLICY, "settled", policy_settled).await;
-    let current = p.status.unwrap().current_key.unwrap();
+    let current = p.status.unwrap().current_key.clone().unwrap();
     let active = c.active_keys();
     assert_eq!(
         active.len(),
@@ -1304,7 +1317,7 @@ async fn webhook_endpoint_is_created_and_rotated_blue_green() {
     let c = Cluster::start().await;
     c.apply_endpoint(&c.endpoint(ENDPOINT)).await;
     let e = c.wait_endpoint(ENDPOINT, "Ready", endpoint_settled).await;
-    let first = e.status.unwrap().current_key.unwrap();
+    let first = e.status.unwrap().current_key.clone().unwrap();
     let eps = c.sim_endpoints();
     assert_eq!(eps.len(), 1, "{eps:#?}");
     assert_eq!(eps[0].id, first.id);
@@ -1352,7 +1365,7 @@ async fn webhook_endpoint_is_created_and_rotated_blue_green() {
     let e = c
         .wait_endpoint(ENDPOINT, "settled after the overlap", endpoint_settled)
         .await;
-    assert_eq!(e.status.unwrap().current_key.unwrap().id, second.id);
+    assert_eq!(e.status.unwrap().current_key.clone().unwrap().id, second.id);
     let eps = c.sim_endpoints();
     assert_eq!(eps.len(), 1, "only the new endpoint: {eps:#?}");
     assert_eq!(eps[0].id, second.id);
@@ -1367,7 +1380,7 @@ async fn webhook_drift_is_repaired_at_the_next_drift_check() {
     let c = Cluster::start().await;
     c.apply_endpoint(&c.endpoint(ENDPOINT)).await;
     let e = c.wait_endpoint(ENDPOINT, "Ready", endpoint_settled).await;
-    let id = e.status.unwrap().current_key.unwrap().id;
+    let id = e.status.unwrap().current_key.clone().unwrap().id;
     let stripe = StripeClient::new(c.sim.stripe_config(&c.account_id).unwrap()).unwrap();
     stripe
         .update_webhook_endpoint(

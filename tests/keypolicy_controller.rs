@@ -119,6 +119,7 @@ async fn annotation_rotation_keeps_the_old_key_until_rollout_and_overlap() {
         .status
         .unwrap()
         .current_key
+        .clone()
         .unwrap();
 
     // The workload cannot finish rolling: the old key must stay valid.
@@ -168,7 +169,7 @@ async fn annotation_rotation_keeps_the_old_key_until_rollout_and_overlap() {
             .is_some_and(|r| r.phase == RotationPhase::Overlapping)
     })
     .await;
-    let expires = p.status.unwrap().previous_key.unwrap().expires_at;
+    let expires = p.status.unwrap().previous_key.clone().unwrap().expires_at;
     assert!(expires.is_some(), "status shows when the old key expires");
     assert_eq!(active_keys(&env).len(), 2, "the overlap holds the old key");
 
@@ -226,6 +227,7 @@ async fn incident_rotation_expires_the_old_key_at_once() {
         .status
         .unwrap()
         .current_key
+        .clone()
         .unwrap();
     env.api.set_workload_stuck(NS, "checkout", true);
     annotate(
@@ -279,6 +281,7 @@ async fn scope_change_rotates_to_a_key_with_the_new_scopes() {
         .status
         .unwrap()
         .current_key
+        .clone()
         .unwrap();
     env.apply_json(&policy("checkout", &["charge_read", "customer_read"]))
         .await
@@ -289,7 +292,7 @@ async fn scope_change_rotates_to_a_key_with_the_new_scopes() {
             .is_some_and(|s| s.current_permissions == ["charge_read", "customer_read"])
     })
     .await;
-    let second = p.status.unwrap().current_key.unwrap();
+    let second = p.status.unwrap().current_key.clone().unwrap();
     assert_ne!(first.id, second.id);
     let key = sim_keys(&env)
         .into_iter()
@@ -308,8 +311,8 @@ async fn scheduled_rotation_fires_when_next_rotation_at_passes() {
     env.apply_json(&p).await.unwrap();
     let p = wait_policy(&env, "checkout", "Ready", ready).await;
     let status = p.status.unwrap();
-    let next = status.next_rotation_at.unwrap().0;
-    let last = status.last_rotation_at.unwrap().0;
+    let next = status.next_rotation_at.clone().unwrap().0;
+    let last = status.last_rotation_at.clone().unwrap().0;
     let gap = next.duration_since(last).as_secs();
     assert!(
         (7200..7200 + 72).contains(&gap),
@@ -325,7 +328,7 @@ async fn scheduled_rotation_fires_when_next_rotation_at_passes() {
     })
     .await;
     assert_eq!(
-        p.status.unwrap().rotation.map(|r| r.trigger),
+        p.status.unwrap().rotation.clone().map(|r| r.trigger),
         Some(stripe_key_operator::api::RotationTrigger::Schedule)
     );
 }
@@ -446,7 +449,7 @@ async fn assert_settled(env: &operator_env::LocalEnv, rotations: usize) {
         ready(p) && p.status.as_ref().unwrap().previous_key.is_none()
     })
     .await;
-    let current = p.status.unwrap().current_key.unwrap();
+    let current = p.status.unwrap().current_key.clone().unwrap();
     let active = active_keys(env);
     assert_eq!(
         active.len(),
@@ -705,6 +708,7 @@ async fn a_store_outage_stops_the_rotation_and_it_resumes_when_the_store_is_back
         .status
         .unwrap()
         .current_key
+        .clone()
         .unwrap();
     env.store.set_unreachable(true);
     annotate(
@@ -835,6 +839,7 @@ async fn a_target_that_never_becomes_ready_cannot_hold_the_old_key_past_the_ceil
         .status
         .unwrap()
         .current_key
+        .clone()
         .unwrap();
     env.api.set_workload_stuck(NS, "checkout", true);
     annotate(&env, "checkout", json!({"stripekeys.io/rotate": "stuck"})).await;
@@ -916,7 +921,10 @@ async fn a_lagging_watch_cache_never_makes_the_controller_redo_a_step() {
         "no replayed create: {mints:#?}"
     );
     let probes = log.iter().filter(|r| r.path.starts_with("/v1/")).count();
-    assert_eq!(probes, 4, "two scope probes per key, each key proven once");
+    assert_eq!(
+        probes, 2,
+        "the account's first key is probed live (two calls, once); later keys are verified from the create's answer"
+    );
     let expiries = log
         .iter()
         .filter(|r| r.method == "POST" && r.path.ends_with("/expire"))

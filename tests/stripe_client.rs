@@ -12,8 +12,11 @@ use harness::*;
 use reqwest::Method;
 use stripe_key_operator::secret::SecretString;
 use stripe_key_operator::sim::{FaultKind, FaultSpec, SimConfig};
+use stripe_key_operator::stripe::verify::{
+    ScopeCheckError, check_scopes, verify_response_scopes, verify_scopes,
+};
 use stripe_key_operator::stripe::{
-    ApiKeyStatus, ApiKeyType, ConnectionErrorKind, CreateApiKeyParams, JweKeyPair,
+    ApiKeyStatus, ApiKeyType, ConnectionErrorKind, CreateApiKeyParams, ExpireOutcome, JweKeyPair,
     ListApiKeysParams, Mode, RotateApiKeyParams, StripeClient, StripeError, UpdateApiKeyParams,
     idempotency_key,
 };
@@ -225,6 +228,10 @@ async fn saved_server_error_is_replayed_for_the_same_key_and_retries_stay_bounde
         .unwrap_err();
     assert_eq!(api_status(&err), 500);
     assert_eq!(err.api().unwrap().attempts, 3);
+    assert!(
+        err.is_idempotent_replay(),
+        "the last answer was the saved one"
+    );
     let log = sim.request_log();
     assert_eq!(log.len(), 3);
     assert_eq!(
@@ -985,5 +992,573 @@ async fn concurrent_request_with_the_same_idempotency_key_gets_409_then_the_save
     assert!(!early.idempotent_replayed);
     let log = sim.request_log();
     assert!(log.iter().any(|e| e.status == Some(409)));
+    assert_eq!(sim.state().account(TEST_ACCT).unwrap().api_keys.len(), 1);
+}
+
+// ------------------------------------------------------------------ issue 17 §2, issue 13 (7, 10)
+
+#[tokio::test]
+async fn every_api_key_answer_carries_permissions_and_connect_permissions() {
+    let sim = start_sim(manual_sim_config()).await;
+    let client = StripeClient::new(fast_config(&sim, TEST_ACCT)).unwrap();
+    let mut params = secret_key_params("perms", &["charge_read", "refund_write"]);
+    params.connect_permissions = Some(vec!["customer_read".into()]);
+    let perms = || Some(vec!["charge_read".to_owned(), "refund_write".to_owned()]);
+    let connect = || Some(vec!["customer_read".to_owned()]);
+
+    let created = client
+        .create_api_key(&params, "perm-create")
+        .await
+        .unwrap()
+        .value;
+    assert_eq!(created.permissions, perms(), "create");
+    assert_eq!(created.connect_permissions, connect(), "create");
+    assert_eq!(
+        verify_response_scopes(
+            &created,
+            &params.permissions,
+            params.connect_permissions.as_deref().unwrap()
+        ),
+        Ok(())
+    );
+    // the same answer judged against a different request is refused, naming the difference
+    let err = verify_response_scopes(&created, &["charge_read".to_owned()], &[]).unwrap_err();
+    assert!(err.contains("not requested [refund_write]"), "{err}");
+    assert!(
+        err.contains("connect_permissions not requested [customer_read]"),
+        "{err}"
+    );
+    assert!(!err.contains(created.plaintext_secret().unwrap().expose()));
+
+    let fetched = client.retrieve_api_key(&created.id).await.unwrap().value;
+    assert_eq!(
+        (fetched.permissions, fetched.connect_permissions),
+        (perms(), connect()),
+        "retrieve"
+    );
+    let listed = client
+        .list_all_api_keys(&ListApiKeysParams::default())
+        .await
+        .unwrap();
+    assert_eq!(listed.items[0].permissions, perms(), "list");
+    assert_eq!(listed.items[0].connect_permissions, connect(), "list");
+    let updated = client
+        .update_api_key(
+            &created.id,
+            &UpdateApiKeyParams {
+                permissions: Some(vec!["balance_read".into()]),
+                ..Default::default()
+            },
+            "perm-update",
+        )
+        .await
+        .unwrap()
+        .value;
+    assert_eq!(
+        updated.permissions,
+        Some(vec!["balance_read".to_owned()]),
+        "update"
+    );
+    let rotated = client
+        .rotate_api_key(
+            &created.id,
+            &RotateApiKeyParams {
+                expire_current_key_in_minutes: Some(5),
+                public_key: Some(test_key_pair().public_key_param(None).unwrap()),
+            },
+            "perm-rotate",
+        )
+        .await
+        .unwrap()
+        .value;
+    assert_ne!(rotated.id, created.id);
+    assert_eq!(
+        rotated.permissions,
+        Some(vec!["balance_read".to_owned()]),
+        "rotate"
+    );
+    assert_eq!(rotated.connect_permissions, connect(), "rotate");
+    let expired = client
+        .expire_api_key(&rotated.id, "perm-expire")
+        .await
+        .unwrap()
+        .value;
+    assert_eq!(expired.status, ApiKeyStatus::Expired);
+    assert_eq!(
+        expired.permissions,
+        Some(vec!["balance_read".to_owned()]),
+        "expire"
+    );
+}
+
+#[tokio::test]
+async fn test_mode_secret_key_without_public_key_is_accepted_unless_the_simulator_is_strict() {
+    let sim = start_sim(sim_config()).await;
+    let client = StripeClient::new(fast_config(&sim, TEST_ACCT)).unwrap();
+    let mut params = secret_key_params("nopk", &["charge_read"]);
+    params.public_key = None;
+    let created = client
+        .create_api_key(&params, "nopk-1")
+        .await
+        .expect("test mode accepts a secret key without public_key")
+        .value;
+    let token = created.plaintext_secret().expect("plaintext in test mode");
+    assert!(token.expose().starts_with("rk_test_"));
+    assert_eq!(
+        call_with_key(&sim, Method::GET, "/v1/charges", token.expose())
+            .await
+            .0,
+        200
+    );
+    // rotate follows the same rule
+    client
+        .rotate_api_key(
+            &created.id,
+            &RotateApiKeyParams {
+                expire_current_key_in_minutes: Some(1),
+                public_key: None,
+            },
+            "nopk-rotate",
+        )
+        .await
+        .expect("test mode rotates without public_key");
+    // live mode still requires it
+    let live = StripeClient::new(fast_config(&sim, LIVE_ACCT)).unwrap();
+    let err = live.create_api_key(&params, "nopk-live").await.unwrap_err();
+    assert_eq!(
+        (api_status(&err), err.code()),
+        (400, Some("parameter_missing"))
+    );
+
+    let mut strict = sim_config();
+    strict.require_public_key_in_test_mode = true;
+    let strict_sim = start_sim(strict).await;
+    let client = StripeClient::new(fast_config(&strict_sim, TEST_ACCT)).unwrap();
+    let err = client.create_api_key(&params, "nopk-2").await.unwrap_err();
+    assert_eq!(api_status(&err), 400);
+    assert_eq!(err.api().unwrap().param.as_deref(), Some("public_key"));
+    assert_eq!(
+        strict_sim
+            .state()
+            .account(TEST_ACCT)
+            .unwrap()
+            .api_keys
+            .len(),
+        0
+    );
+    // with one it works
+    client
+        .create_api_key(&secret_key_params("pk", &["charge_read"]), "nopk-3")
+        .await
+        .unwrap();
+}
+
+async fn mint_test_key(client: &StripeClient, name: &str, permissions: &[&str]) -> SecretString {
+    client
+        .create_api_key(
+            &secret_key_params(name, permissions),
+            &format!("mint-{name}"),
+        )
+        .await
+        .unwrap()
+        .value
+        .plaintext_secret()
+        .unwrap()
+        .clone()
+}
+
+fn strings(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| (*s).to_owned()).collect()
+}
+
+#[tokio::test]
+async fn scope_probes_retry_429_and_500_honour_retry_after_and_still_judge_right() {
+    let sim = start_sim(sim_config()).await;
+    let (client, observer) = client_with_observer(fast_config(&sim, TEST_ACCT));
+    let key = mint_test_key(&client, "probe-ok", &["charge_read"]).await;
+    observer.take();
+    sim.clear_request_log();
+    // the first probe meets a 429 with Retry-After: 1 and then a 500
+    sim.inject_fault(
+        FaultSpec::next(
+            1,
+            FaultKind::RateLimited {
+                retry_after_secs: Some(1),
+            },
+        )
+        .for_path_prefix("/v1/"),
+    );
+    sim.inject_fault(
+        FaultSpec::next(
+            1,
+            FaultKind::ServerError {
+                saved: false,
+                should_retry: None,
+            },
+        )
+        .for_path_prefix("/v1/"),
+    );
+    let started = std::time::Instant::now();
+    check_scopes(&client, &key, &strings(&["charge_read"]))
+        .await
+        .expect("faults are retried, then the scopes are judged right");
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "Retry-After was honoured"
+    );
+    let statuses: Vec<Option<u16>> = sim.request_log().iter().map(|e| e.status).collect();
+    assert_eq!(
+        statuses,
+        vec![Some(429), Some(500), Some(200), Some(403)],
+        "charges: 429, 500, 200; balance: 403"
+    );
+    let records = observer.take();
+    assert_eq!(records.len(), 4, "every probe attempt is reported");
+    assert!(records[0].will_retry && records[1].will_retry && !records[2].will_retry);
+    assert_eq!(records[0].error_code.as_deref(), Some("rate_limit"));
+
+    // a key with the wrong scopes is still judged wrong through the same faults
+    sim.inject_fault(
+        FaultSpec::next(
+            2,
+            FaultKind::ServerError {
+                saved: false,
+                should_retry: None,
+            },
+        )
+        .for_path_prefix("/v1/"),
+    );
+    let err = check_scopes(&client, &key, &strings(&["balance_read"]))
+        .await
+        .unwrap_err();
+    assert!(err.is_scope_verdict(), "{err}");
+    assert!(matches!(err, ScopeCheckError::WrongScopes(_)));
+    assert!(!err.to_string().contains(key.expose()));
+}
+
+#[tokio::test]
+async fn scope_probes_that_meet_only_429_500_or_timeouts_never_report_wrong_scopes() {
+    let mut config = sim_config();
+    config.hang_duration = Duration::from_secs(3);
+    let sim = start_sim(config).await;
+    let mut cfg = fast_config(&sim, TEST_ACCT);
+    cfg.retry.max_retries = 2;
+    cfg.timeout = Duration::from_millis(300);
+    let (client, observer) = client_with_observer(cfg);
+    let key = mint_test_key(&client, "probe-weather", &["charge_read"]).await;
+    let faults = [
+        FaultKind::RateLimited {
+            retry_after_secs: None,
+        },
+        FaultKind::ServerError {
+            saved: false,
+            should_retry: None,
+        },
+        FaultKind::Hang,
+        FaultKind::DropAfterCommit,
+    ];
+    for fault in faults {
+        sim.clear_faults();
+        sim.clear_request_log();
+        observer.take();
+        sim.inject_fault(FaultSpec::ratio(1.0, fault.clone()).for_path_prefix("/v1/"));
+        let err = check_scopes(&client, &key, &strings(&["charge_read"]))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, ScopeCheckError::Transient(_)),
+            "{fault:?}: {err}"
+        );
+        assert!(!err.is_scope_verdict() && err.is_transient());
+        let attempts = observer.take();
+        assert_eq!(
+            attempts.len(),
+            3,
+            "{fault:?}: bounded: max_retries + 1 attempts, then no second probe"
+        );
+        assert!(!attempts[2].will_retry);
+        // the old entry point says so too, instead of "wrong scopes"
+        let old = verify_scopes(&client, &key, &strings(&["charge_read"]))
+            .await
+            .unwrap_err();
+        assert!(old.contains("not a verdict"), "{fault:?}: {old}");
+    }
+    sim.clear_faults();
+    // once Stripe answers again the same key passes
+    check_scopes(&client, &key, &strings(&["charge_read"]))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn scope_probe_obeys_stripe_should_retry_false_and_an_expired_key_is_not_wrong_scopes() {
+    let sim = start_sim(manual_sim_config()).await;
+    let (client, observer) = client_with_observer(fast_config(&sim, TEST_ACCT));
+    let key = mint_test_key(&client, "probe-nr", &["charge_read"]).await;
+    observer.take();
+    sim.inject_fault(
+        FaultSpec::next(
+            1,
+            FaultKind::ServerError {
+                saved: false,
+                should_retry: Some(false),
+            },
+        )
+        .for_path_prefix("/v1/"),
+    );
+    let err = check_scopes(&client, &key, &strings(&["charge_read"]))
+        .await
+        .unwrap_err();
+    assert!(err.is_transient(), "{err}");
+    assert_eq!(
+        observer.take().len(),
+        1,
+        "no retry after Stripe-Should-Retry: false"
+    );
+
+    // the new key itself refused (401 api_key_expired) is KeyRejected, not a scope verdict
+    let id = client
+        .list_all_api_keys(&ListApiKeysParams::default())
+        .await
+        .unwrap()
+        .items[0]
+        .id
+        .clone();
+    client.expire_api_key(&id, "probe-expire").await.unwrap();
+    let err = check_scopes(&client, &key, &strings(&["charge_read"]))
+        .await
+        .unwrap_err();
+    match &err {
+        ScopeCheckError::KeyRejected(m) => assert!(m.contains("api_key_expired"), "{m}"),
+        other => panic!("expected KeyRejected, got {other:?}"),
+    }
+    assert!(!err.is_scope_verdict() && !err.is_transient());
+}
+
+#[tokio::test]
+async fn confirmed_expire_tells_expired_already_expired_and_gone_apart() {
+    let sim = start_sim(manual_sim_config()).await;
+    let client = StripeClient::new(fast_config(&sim, TEST_ACCT)).unwrap();
+    let key = client
+        .create_api_key(&secret_key_params("exp", &["charge_read"]), "exp-mint")
+        .await
+        .unwrap()
+        .value;
+    let outcome = client
+        .expire_api_key_confirmed(&key.id, "exp-1")
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            outcome,
+            ExpireOutcome::Expired {
+                idempotent_replayed: false,
+                ..
+            }
+        ),
+        "{outcome:?}"
+    );
+    // the same step again (a crash and retry) replays the saved answer
+    let outcome = client
+        .expire_api_key_confirmed(&key.id, "exp-1")
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            outcome,
+            ExpireOutcome::Expired {
+                idempotent_replayed: true,
+                ..
+            }
+        ),
+        "{outcome:?}"
+    );
+    // a fresh idempotency key on an expired key: this simulator answers 200 with the key
+    let outcome = client
+        .expire_api_key_confirmed(&key.id, "exp-2")
+        .await
+        .unwrap();
+    assert_eq!(outcome.as_str(), "expired");
+    // an id Stripe does not know is gone only because a full listing confirms it
+    sim.clear_request_log();
+    let outcome = client
+        .expire_api_key_confirmed("apikey_never_existed", "exp-3")
+        .await
+        .unwrap();
+    assert!(matches!(outcome, ExpireOutcome::Gone { .. }), "{outcome:?}");
+    let log = sim.request_log();
+    assert_eq!(
+        log.iter()
+            .map(|e| (e.method.as_str(), e.status))
+            .collect::<Vec<_>>(),
+        vec![("POST", Some(404)), ("GET", Some(200))],
+        "a 404 is confirmed by listing"
+    );
+
+    // a simulator that answers a second expire with 400 resource_already_expired
+    let mut config = manual_sim_config();
+    config.already_expired_error = true;
+    let strict = start_sim(config).await;
+    let client = StripeClient::new(fast_config(&strict, TEST_ACCT)).unwrap();
+    let key = client
+        .create_api_key(&secret_key_params("exp", &["charge_read"]), "exp-mint")
+        .await
+        .unwrap()
+        .value;
+    assert_eq!(
+        client
+            .expire_api_key_confirmed(&key.id, "exp-1")
+            .await
+            .unwrap()
+            .as_str(),
+        "expired"
+    );
+    let raw = client.expire_api_key(&key.id, "exp-2").await.unwrap_err();
+    assert_eq!(
+        (api_status(&raw), raw.code()),
+        (400, Some("resource_already_expired"))
+    );
+    let outcome = client
+        .expire_api_key_confirmed(&key.id, "exp-3")
+        .await
+        .unwrap();
+    assert!(
+        matches!(outcome, ExpireOutcome::AlreadyExpired { .. }),
+        "{outcome:?}"
+    );
+    // a 400 about an active key is not "already expired"
+    let active = client
+        .create_api_key(&secret_key_params("act", &["charge_read"]), "exp-mint-2")
+        .await
+        .unwrap()
+        .value;
+    let err = client
+        .expire_api_key_confirmed(&active.id, "exp-mint-2")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.api().unwrap().error_type.as_deref(),
+        Some("idempotency_error")
+    );
+    assert_eq!(
+        client
+            .retrieve_api_key(&active.id)
+            .await
+            .unwrap()
+            .value
+            .status,
+        ApiKeyStatus::Active
+    );
+}
+
+#[tokio::test]
+async fn expire_with_an_expired_app_key_is_an_error_not_an_expired_key() {
+    let sim = start_sim(sim_config()).await;
+    let client = StripeClient::new(fast_config(&sim, TEST_ACCT)).unwrap();
+    let key = client
+        .create_api_key(&secret_key_params("victim", &["charge_read"]), "app-mint")
+        .await
+        .unwrap()
+        .value;
+    sim.expire_app_key(sim.app_key()).unwrap();
+    let raw = client
+        .expire_api_key(&key.id, "app-exp-1")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (api_status(&raw), raw.code()),
+        (401, Some("api_key_expired"))
+    );
+    assert!(raw.is_caller_key_rejected());
+    assert!(!raw.is_retryable());
+    assert!(!raw.to_string().contains(sim.app_key().expose()));
+    let err = client
+        .expire_api_key_confirmed(&key.id, "app-exp-2")
+        .await
+        .unwrap_err();
+    assert!(err.is_caller_key_rejected(), "{err}");
+    assert_eq!(err.code(), Some("api_key_expired"));
+    let state = sim.state();
+    assert_eq!(
+        state.account(TEST_ACCT).unwrap().api_keys[0].status,
+        "active",
+        "the target key still works: nothing may record it as expired"
+    );
+    assert_eq!(
+        call_with_key(
+            &sim,
+            Method::GET,
+            "/v1/charges",
+            key.plaintext_secret().unwrap().expose()
+        )
+        .await
+        .0,
+        200
+    );
+    // every app call is refused the same way, listing included
+    let err = client
+        .list_api_keys(&ListApiKeysParams::default())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (api_status(&err), err.code()),
+        (401, Some("api_key_expired"))
+    );
+    assert!(
+        sim.expire_app_key(&SecretString::new("sk_test_other"))
+            .is_err()
+    );
+}
+
+#[tokio::test]
+async fn a_saved_server_error_is_marked_as_a_replay_on_the_error() {
+    let sim = start_sim(sim_config()).await;
+    let mut config = fast_config(&sim, TEST_ACCT);
+    config.retry.max_retries = 0;
+    let client = StripeClient::new(config).unwrap();
+    sim.inject_fault(
+        FaultSpec::next(
+            1,
+            FaultKind::ServerError {
+                saved: true,
+                should_retry: None,
+            },
+        )
+        .for_method("POST"),
+    );
+    let key = idempotency_key(UID, 3, "mint");
+    let params = secret_key_params("replayed", &["charge_read"]);
+    let first = client.create_api_key(&params, &key).await.unwrap_err();
+    assert_eq!(api_status(&first), 500);
+    assert!(!first.is_idempotent_replay(), "the first 500 is fresh");
+    let second = client.create_api_key(&params, &key).await.unwrap_err();
+    assert_eq!(api_status(&second), 500);
+    assert!(second.is_idempotent_replay(), "the saved 500 is replayed");
+    assert!(second.api().unwrap().idempotent_replayed);
+    assert!(second.to_string().contains("replay"), "{second}");
+    assert_eq!(
+        sim.request_log()
+            .iter()
+            .map(|e| e.replayed)
+            .collect::<Vec<_>>(),
+        vec![false, true]
+    );
+    // nothing was created, which a listing confirms; a fresh key then mints
+    assert!(
+        client
+            .list_all_api_keys(&ListApiKeysParams {
+                include_expired: Some(true),
+                limit: Some(100)
+            })
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    );
+    let created = client
+        .create_api_key(&params, &idempotency_key(UID, 3, "mint-attempt-2"))
+        .await
+        .unwrap();
+    assert!(!created.idempotent_replayed);
     assert_eq!(sim.state().account(TEST_ACCT).unwrap().api_keys.len(), 1);
 }

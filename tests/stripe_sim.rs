@@ -524,3 +524,106 @@ fn account_flags_parse_id_and_mode() {
     assert!("acct_1:prod".parse::<SimAccount>().is_err());
     assert!("user_1:test".parse::<SimAccount>().is_err());
 }
+
+/// What any Stripe SDK sees on the wire: every API-key object carries `permissions` and
+/// `connect_permissions`, whatever the call.
+#[tokio::test]
+async fn raw_api_key_objects_carry_permissions_on_every_call() {
+    let sim = start_sim(SimConfig::new().with_account(ACCT, Mode::Test)).await;
+    let http = reqwest::Client::new();
+    let base = sim.base_url();
+    let call = |method: reqwest::Method, path: String, idem: &str, body: Option<Value>| {
+        let mut req = http
+            .request(method, format!("{base}{path}"))
+            .bearer_auth(sim.app_key().expose())
+            .header("Stripe-Context", ACCT)
+            .header("Idempotency-Key", idem);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        async move {
+            let r = req.send().await.unwrap();
+            let status = r.status().as_u16();
+            (status, r.json::<Value>().await.unwrap())
+        }
+    };
+    let check = |what: &str, v: &Value, perms: Value| {
+        assert_eq!(v["object"], "v2.iam.api_key", "{what}");
+        assert_eq!(v["permissions"], perms, "{what}: permissions");
+        assert_eq!(
+            v["connect_permissions"],
+            json!(["customer_read"]),
+            "{what}: connect_permissions"
+        );
+    };
+    // a test-mode secret key without public_key, as Stripe's SDKs send it
+    let (status, created) = call(
+        reqwest::Method::POST,
+        "/v2/iam/api_keys".into(),
+        "raw-1",
+        Some(json!({
+            "type": "secret_key", "name": "raw",
+            "permissions": ["charge_read"], "connect_permissions": ["customer_read"],
+        })),
+    )
+    .await;
+    assert_eq!(status, 200, "{created}");
+    check("create", &created, json!(["charge_read"]));
+    let id = created["id"].as_str().unwrap().to_owned();
+    let (_, got) = call(
+        reqwest::Method::GET,
+        format!("/v2/iam/api_keys/{id}"),
+        "-",
+        None,
+    )
+    .await;
+    check("retrieve", &got, json!(["charge_read"]));
+    let (_, list) = call(reqwest::Method::GET, "/v2/iam/api_keys".into(), "-", None).await;
+    check("list", &list["data"][0], json!(["charge_read"]));
+    let (_, upd) = call(
+        reqwest::Method::POST,
+        format!("/v2/iam/api_keys/{id}"),
+        "raw-2",
+        Some(json!({ "permissions": ["balance_read"] })),
+    )
+    .await;
+    check("update", &upd, json!(["balance_read"]));
+    let (status, rot) = call(
+        reqwest::Method::POST,
+        format!("/v2/iam/api_keys/{id}/rotate"),
+        "raw-3",
+        Some(json!({ "expire_current_key_in_minutes": 10 })),
+    )
+    .await;
+    assert_eq!(status, 200, "{rot}");
+    check("rotate", &rot, json!(["balance_read"]));
+    let (_, exp) = call(
+        reqwest::Method::POST,
+        format!("/v2/iam/api_keys/{}/expire", rot["id"].as_str().unwrap()),
+        "raw-4",
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(exp["status"], "expired");
+    check("expire", &exp, json!(["balance_read"]));
+}
+
+#[tokio::test]
+async fn an_expired_app_key_gets_401_api_key_expired_on_every_app_call() {
+    let sim = start_sim(SimConfig::new().with_account(ACCT, Mode::Test)).await;
+    let client = StripeClient::new(fast_config(&sim, ACCT)).unwrap();
+    client
+        .list_api_keys(&Default::default())
+        .await
+        .expect("works before");
+    sim.expire_app_key(sim.app_key()).unwrap();
+    let err = client
+        .list_webhook_endpoints(&ListWebhookEndpointsParams::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.status(), Some(401));
+    assert_eq!(err.code(), Some("api_key_expired"));
+    let log = sim.request_log();
+    assert_eq!(log.last().unwrap().status, Some(401));
+    assert_eq!(log.len(), 2, "a 401 is not retried");
+}

@@ -53,6 +53,7 @@ async fn keys_live_in_openbao_and_a_vault_outage_mid_rotation_recovers() {
         .status
         .unwrap()
         .current_key
+        .clone()
         .unwrap();
     let bundle = store
         .read_bundle(&path())
@@ -121,7 +122,7 @@ async fn keys_live_in_openbao_and_a_vault_outage_mid_rotation_recovers() {
         ready(p) && p.status.as_ref().unwrap().previous_key.is_none()
     })
     .await;
-    let current = p.status.unwrap().current_key.unwrap();
+    let current = p.status.unwrap().current_key.clone().unwrap();
     assert_ne!(current.id, first.id);
     assert_eq!(active_keys(&env).len(), 1);
     assert_eq!(

@@ -1,6 +1,8 @@
 //! `verify-proxy`: every verdict, the forwarded bytes and headers, two secrets, reloading the
-//! mounted Secret under traffic, the replay guard, a bounded load test and the simulator end to
-//! end.
+//! mounted Secret under traffic, the replay guard, a bounded load test, the simulator end to
+//! end, and abuse (issue 14, opening 5): duplicated headers, header checks before the body,
+//! header and body timeouts, the connection and in-flight bounds, and a bounded attack by
+//! slow-loris, slow-body and oversized clients.
 
 #[path = "common/stripe_harness.rs"]
 mod harness;
@@ -919,4 +921,647 @@ async fn the_cli_forwards_a_signed_request_and_stops_on_sigterm() {
         "the secret itself is never logged"
     );
     assert!(!logs.contains("evt_cli"), "bodies are never logged");
+}
+
+// ------------------------------------------------------------------ abuse: issue 14, opening 5
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Reads what the proxy sends on `conn` until it closes the connection or `limit` passes.
+async fn read_answer(conn: &mut TcpStream, limit: Duration) -> String {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    let _ = tokio::time::timeout(limit, async {
+        loop {
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Whether the proxy closed `conn` within `limit` (end of stream or reset).
+async fn closed_within(conn: &mut TcpStream, limit: Duration) -> bool {
+    let mut buf = [0u8; 1024];
+    tokio::time::timeout(limit, async {
+        loop {
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
+/// The head of a `POST /hook` with `headers` (each `name: value`), closing after the answer.
+fn request_head(headers: &[String]) -> Vec<u8> {
+    let mut head = String::from("POST /hook HTTP/1.1\r\nhost: proxy\r\nconnection: close\r\n");
+    for h in headers {
+        head.push_str(h);
+        head.push_str("\r\n");
+    }
+    head.push_str("\r\n");
+    head.into_bytes()
+}
+
+async fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn duplicated_stripe_signature_headers_are_refused_and_nothing_is_forwarded() {
+    let a = secret("a");
+    let s = setup(&[&a], |_| {}).await;
+    let body = event("evt_duplicated");
+    let good = sign(&body, std::slice::from_ref(&a), now());
+    let other = sign(&body, std::slice::from_ref(&secret("other")), now());
+    for (first, second) in [(&good, &other), (&other, &good), (&good, &good)] {
+        let mut conn = TcpStream::connect(s.proxy.addr()).await.unwrap();
+        let mut req = request_head(&[
+            format!("stripe-signature: {first}"),
+            format!("stripe-signature: {second}"),
+            format!("content-length: {}", body.len()),
+        ]);
+        req.extend_from_slice(&body);
+        conn.write_all(&req).await.unwrap();
+        let answer = read_answer(&mut conn, Duration::from_secs(5)).await;
+        assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+        assert!(answer.contains("duplicate_signature"), "{answer}");
+    }
+    assert!(s.log.lock().unwrap().is_empty());
+    assert_eq!(rejected_count(&s, RejectReason::DuplicateSignature), 3);
+    // the same request with one header passes
+    assert_eq!(post(&s, "/hook", body, Some(good)).await.0, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn header_checks_answer_before_a_single_body_byte_is_sent() {
+    let a = secret("a");
+    let s = setup(&[&a], |c| {
+        c.max_body = 4096;
+        c.body_timeout = Duration::from_secs(30);
+    })
+    .await;
+    let body = event("evt_cheap");
+    let stale = sign(&body, std::slice::from_ref(&a), now() - 301);
+    let cases: Vec<(Vec<String>, &str, RejectReason)> = vec![
+        (vec![], "400", RejectReason::MissingSignature),
+        (
+            vec!["stripe-signature: garbage".into()],
+            "400",
+            RejectReason::MalformedSignature,
+        ),
+        (
+            vec![format!("stripe-signature: {stale}")],
+            "400",
+            RejectReason::TimestampOutsideTolerance,
+        ),
+        (
+            vec![format!(
+                "stripe-signature: {}",
+                sign(&body, std::slice::from_ref(&a), now())
+            )],
+            "413",
+            RejectReason::BodyTooLarge,
+        ),
+    ];
+    for (headers, status, reason) in cases {
+        let mut headers = headers;
+        let declared = if reason == RejectReason::BodyTooLarge {
+            4097
+        } else {
+            body.len()
+        };
+        headers.push(format!("content-length: {declared}"));
+        let mut conn = TcpStream::connect(s.proxy.addr()).await.unwrap();
+        conn.write_all(&request_head(&headers)).await.unwrap();
+        // no body is ever sent: the answer must not wait for it
+        let answer = read_answer(&mut conn, Duration::from_secs(3)).await;
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status}")),
+            "{reason:?}: {answer}"
+        );
+        assert!(answer.contains(reason.as_str()), "{reason:?}: {answer}");
+    }
+    assert_eq!(
+        s.proxy.peak_body_bytes_buffered(),
+        0,
+        "no body was buffered"
+    );
+
+    // a replay is also refused from its header alone
+    let sig = sign(&body, std::slice::from_ref(&a), now());
+    assert_eq!(
+        post(&s, "/hook", body.clone(), Some(sig.clone())).await.0,
+        StatusCode::OK
+    );
+    let mut conn = TcpStream::connect(s.proxy.addr()).await.unwrap();
+    conn.write_all(&request_head(&[
+        format!("stripe-signature: {sig}"),
+        format!("content-length: {}", body.len()),
+    ]))
+    .await
+    .unwrap();
+    let answer = read_answer(&mut conn, Duration::from_secs(3)).await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("replayed_event"), "{answer}");
+    assert_eq!(s.log.lock().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn a_slow_body_gets_408_and_an_aborted_body_is_counted_as_client_aborted() {
+    let a = secret("a");
+    let s = setup(&[&a], |c| c.body_timeout = Duration::from_millis(400)).await;
+    let body = event("evt_slow");
+    let head = request_head(&[
+        format!(
+            "stripe-signature: {}",
+            sign(&body, std::slice::from_ref(&a), now())
+        ),
+        format!("content-length: {}", body.len()),
+    ]);
+
+    // the body starts but never completes
+    let mut conn = TcpStream::connect(s.proxy.addr()).await.unwrap();
+    conn.write_all(&head).await.unwrap();
+    conn.write_all(&body[..10]).await.unwrap();
+    let started = Instant::now();
+    let answer = read_answer(&mut conn, Duration::from_secs(5)).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("body_timeout"), "{answer}");
+    assert!(started.elapsed() >= Duration::from_millis(300));
+
+    // the client goes away in the middle of its body
+    let mut conn = TcpStream::connect(s.proxy.addr()).await.unwrap();
+    conn.write_all(&head).await.unwrap();
+    conn.write_all(&body[..10]).await.unwrap();
+    wait_until("the request is in flight", Duration::from_secs(5), || {
+        s.proxy.metrics().requests_in_flight.get() == 1
+    })
+    .await;
+    drop(conn);
+    wait_until("the abort is counted", Duration::from_secs(5), || {
+        rejected_count(&s, RejectReason::ClientAborted) == 1
+    })
+    .await;
+    assert_eq!(rejected_count(&s, RejectReason::BodyTooLarge), 0);
+    assert_eq!(rejected_count(&s, RejectReason::BodyTimeout), 1);
+    assert!(s.log.lock().unwrap().is_empty());
+    wait_until("nothing is in flight", Duration::from_secs(5), || {
+        s.proxy.metrics().requests_in_flight.get() == 0
+            && s.proxy.metrics().body_bytes_buffered.get() == 0
+    })
+    .await;
+    let (status, _) = post(
+        &s,
+        "/hook",
+        body.clone(),
+        Some(sign(&body, std::slice::from_ref(&a), now())),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn slow_headers_and_idle_connections_are_closed_after_the_header_timeout() {
+    let a = secret("a");
+    let s = setup(&[&a], |c| c.header_timeout = Duration::from_millis(500)).await;
+    // connects and sends nothing
+    let mut idle = TcpStream::connect(s.proxy.addr()).await.unwrap();
+    // sends its headers a line at a time, forever (slow-loris)
+    let mut slow = TcpStream::connect(s.proxy.addr()).await.unwrap();
+    slow.write_all(b"POST /hook HTTP/1.1\r\n").await.unwrap();
+    let (mut slow_read, mut slow_write) = slow.into_split();
+    let writer = tokio::spawn(async move {
+        let mut sent = 0;
+        while slow_write.write_all(b"x-slow: 1\r\n").await.is_ok() && sent < 100 {
+            sent += 1;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        sent
+    });
+    let started = Instant::now();
+    assert!(closed_within(&mut idle, Duration::from_secs(3)).await);
+    let mut buf = [0u8; 64];
+    let closed = tokio::time::timeout(Duration::from_secs(3), async {
+        loop {
+            match slow_read.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the slow-loris connection was not closed");
+    assert!(started.elapsed() >= Duration::from_millis(400));
+    let sent = writer.await.unwrap();
+    assert!(sent < 100, "the slow writer was cut off after {sent} lines");
+    wait_until("no connection is open", Duration::from_secs(3), || {
+        s.proxy.metrics().connections_open.get() == 0
+    })
+    .await;
+    assert!(s.log.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn connections_beyond_the_bound_are_refused_until_idle_ones_time_out() {
+    let a = secret("a");
+    let s = setup(&[&a], |c| {
+        c.max_connections = 4;
+        c.header_timeout = Duration::from_millis(800);
+    })
+    .await;
+    let mut idle = Vec::new();
+    for _ in 0..4 {
+        idle.push(TcpStream::connect(s.proxy.addr()).await.unwrap());
+    }
+    wait_until("4 connections are open", Duration::from_secs(3), || {
+        s.proxy.metrics().connections_open.get() == 4
+    })
+    .await;
+    let mut fifth = TcpStream::connect(s.proxy.addr()).await.unwrap();
+    let answer = read_answer(&mut fifth, Duration::from_secs(3)).await;
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer:?}");
+    assert_eq!(s.proxy.metrics().connections_refused.get(), 1);
+    // the idle ones are closed by the header timeout, and deliveries are served again
+    wait_until(
+        "the idle connections are closed",
+        Duration::from_secs(5),
+        || s.proxy.metrics().connections_open.get() == 0,
+    )
+    .await;
+    let body = event("evt_after_flood");
+    let (status, _) = post(
+        &s,
+        "/hook",
+        body.clone(),
+        Some(sign(&body, std::slice::from_ref(&a), now())),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn requests_beyond_the_in_flight_bound_get_503_overloaded() {
+    let a = secret("a");
+    let s = setup(&[&a], |c| {
+        c.max_concurrent_requests = 2;
+        c.body_timeout = Duration::from_secs(20);
+    })
+    .await;
+    let mut slow = Vec::new();
+    for i in 0..2 {
+        let body = event(&format!("evt_holding_{i}"));
+        let mut conn = TcpStream::connect(s.proxy.addr()).await.unwrap();
+        conn.write_all(&request_head(&[
+            format!(
+                "stripe-signature: {}",
+                sign(&body, std::slice::from_ref(&a), now())
+            ),
+            format!("content-length: {}", body.len()),
+        ]))
+        .await
+        .unwrap();
+        conn.write_all(&body[..5]).await.unwrap();
+        slow.push((conn, body));
+    }
+    wait_until("2 requests are in flight", Duration::from_secs(5), || {
+        s.proxy.metrics().requests_in_flight.get() == 2
+    })
+    .await;
+    let body = event("evt_third");
+    let sig = sign(&body, std::slice::from_ref(&a), now());
+    let (status, text) = post(&s, "/hook", body.clone(), Some(sig.clone())).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(text.trim(), "overloaded");
+    // the two finish their bodies and are served
+    for (mut conn, body) in slow {
+        conn.write_all(&body[5..]).await.unwrap();
+        let answer = read_answer(&mut conn, Duration::from_secs(5)).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    }
+    // Stripe retries the refused delivery (a new signature) and it passes
+    let retry = sign(&body, std::slice::from_ref(&a), now() + 1);
+    assert_eq!(post(&s, "/hook", body, Some(retry)).await.0, StatusCode::OK);
+    assert_eq!(s.log.lock().unwrap().len(), 3);
+}
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// A bounded attack (about 4 s, 127.0.0.1): slow-loris clients that send their headers a line
+/// at a time, clients that trickle a declared body, and clients that send oversized bodies
+/// (declared or streamed), while valid deliveries keep arriving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_loris_slow_body_and_oversized_clients_leave_memory_bounded_and_valid_deliveries_served()
+ {
+    const MAX_BODY: usize = 64 * 1024;
+    const IN_FLIGHT: usize = 16;
+    const MAX_CONNECTIONS: usize = 96;
+    const ATTACK: Duration = Duration::from_secs(4);
+    let a = secret("a");
+    let s = Arc::new(
+        setup(&[&a], |c| {
+            c.max_body = MAX_BODY;
+            c.max_concurrent_requests = IN_FLIGHT;
+            c.max_connections = MAX_CONNECTIONS;
+            c.header_timeout = Duration::from_millis(700);
+            c.body_timeout = Duration::from_millis(700);
+        })
+        .await,
+    );
+    let addr = s.proxy.addr();
+    let rss_before = rss_kib();
+    let stop = Instant::now() + ATTACK;
+    let mut attackers = tokio::task::JoinSet::new();
+    // 40 slow-loris clients, reconnecting whenever they are cut off
+    let loris_connections = Arc::new(AtomicUsize::new(0));
+    for _ in 0..40 {
+        let n = loris_connections.clone();
+        attackers.spawn(async move {
+            while Instant::now() < stop {
+                let Ok(mut c) = TcpStream::connect(addr).await else {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                };
+                n.fetch_add(1, Ordering::SeqCst);
+                let mut line: &[u8] = b"POST /hook HTTP/1.1\r\n";
+                while Instant::now() < stop && c.write_all(line).await.is_ok() {
+                    line = b"x-slow: 1\r\n";
+                    tokio::time::sleep(Duration::from_millis(150)).await;
+                }
+            }
+        });
+    }
+    // 6 clients that declare a 60 KB body and trickle it (a fresh, well-formed forged header)
+    let forged = secret("attacker");
+    for i in 0..6 {
+        let forged = forged.clone();
+        attackers.spawn(async move {
+            while Instant::now() < stop {
+                let Ok(mut c) = TcpStream::connect(addr).await else {
+                    continue;
+                };
+                let head = request_head(&[
+                    format!(
+                        "stripe-signature: {}",
+                        sign(
+                            format!("{i}").as_bytes(),
+                            std::slice::from_ref(&forged),
+                            now()
+                        )
+                    ),
+                    "content-length: 60000".into(),
+                ]);
+                if c.write_all(&head).await.is_err() {
+                    continue;
+                }
+                while Instant::now() < stop && c.write_all(&[b'x'; 100]).await.is_ok() {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        });
+    }
+    // 8 oversized clients: half declare 10 MiB, half stream 1 MiB chunked
+    static CHUNK: [u8; 16 * 1024] = [b'z'; 16 * 1024];
+    for i in 0..8 {
+        let forged = forged.clone();
+        attackers.spawn(async move {
+            while Instant::now() < stop {
+                let Ok(mut c) = TcpStream::connect(addr).await else {
+                    continue;
+                };
+                let sig = format!(
+                    "stripe-signature: {}",
+                    sign(b"big", std::slice::from_ref(&forged), now())
+                );
+                if i % 2 == 0 {
+                    let _ = c
+                        .write_all(&request_head(&[sig, "content-length: 10485760".into()]))
+                        .await;
+                    let _ = read_answer(&mut c, Duration::from_secs(2)).await;
+                } else {
+                    let _ = c
+                        .write_all(&request_head(&[sig, "transfer-encoding: chunked".into()]))
+                        .await;
+                    for _ in 0..64 {
+                        if c.write_all(format!("{:x}\r\n", CHUNK.len()).as_bytes())
+                            .await
+                            .is_err()
+                            || c.write_all(&CHUNK).await.is_err()
+                            || c.write_all(b"\r\n").await.is_err()
+                        {
+                            break;
+                        }
+                    }
+                    let _ = read_answer(&mut c, Duration::from_secs(2)).await;
+                }
+            }
+        });
+    }
+    // valid deliveries from 4 clients throughout
+    let mut valid = tokio::task::JoinSet::new();
+    for client in 0..4 {
+        let (s, a) = (s.clone(), a.clone());
+        valid.spawn(async move {
+            let (mut ok, mut errors) = (0usize, Vec::new());
+            let mut i = 0;
+            while Instant::now() < stop {
+                let body = event(&format!("evt_valid_{client}_{i}"));
+                i += 1;
+                let sig = sign(&body, std::slice::from_ref(&a), now());
+                match s
+                    .http
+                    .post(format!("{}/hook", s.proxy.url()))
+                    .header("stripe-signature", sig)
+                    .body(body)
+                    .send()
+                    .await
+                {
+                    Ok(r) if r.status() == StatusCode::OK => ok += 1,
+                    Ok(r) => errors.push(format!("status {}", r.status())),
+                    Err(e) => errors.push(e.to_string()),
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            (ok, errors)
+        });
+    }
+    let (mut rss_peak, mut connections_peak) = (rss_before, 0);
+    while Instant::now() < stop {
+        rss_peak = rss_peak.max(rss_kib());
+        connections_peak = connections_peak.max(s.proxy.metrics().connections_open.get());
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let (mut ok, mut errors) = (0, Vec::new());
+    while let Some(r) = valid.join_next().await {
+        let (o, e) = r.unwrap();
+        ok += o;
+        errors.extend(e);
+    }
+    // every attacker stops by itself shortly after `stop`
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while attackers.join_next().await.is_some() {}
+    })
+    .await
+    .expect("the attackers stop");
+
+    assert!(
+        errors.is_empty(),
+        "{} valid deliveries failed, first: {:?}",
+        errors.len(),
+        errors.first()
+    );
+    assert!(ok >= 20, "only {ok} valid deliveries in {ATTACK:?}");
+    assert_eq!(
+        s.log.lock().unwrap().len(),
+        ok,
+        "only valid deliveries were forwarded"
+    );
+    let peak = s.proxy.peak_body_bytes_buffered();
+    assert!(
+        peak <= (IN_FLIGHT * MAX_BODY) as u64,
+        "{peak} body bytes held at once, bound {}",
+        IN_FLIGHT * MAX_BODY
+    );
+    assert!(connections_peak <= MAX_CONNECTIONS as i64);
+    assert!(
+        loris_connections.load(Ordering::SeqCst) >= 80,
+        "slow-loris connections were not cut off: {} in {ATTACK:?}",
+        loris_connections.load(Ordering::SeqCst)
+    );
+    assert!(rejected_count(&s, RejectReason::BodyTooLarge) > 0);
+    assert!(rejected_count(&s, RejectReason::BodyTimeout) > 0);
+    let grown_mib = rss_peak.saturating_sub(rss_before) / 1024;
+    assert!(
+        grown_mib < 64,
+        "the process grew by {grown_mib} MiB under attack"
+    );
+    // everything is released once the attack is over
+    wait_until("the connections are closed", Duration::from_secs(5), || {
+        s.proxy.metrics().connections_open.get() == 0
+    })
+    .await;
+    assert_eq!(s.proxy.metrics().body_bytes_buffered.get(), 0);
+    assert_eq!(s.proxy.metrics().requests_in_flight.get(), 0);
+    eprintln!(
+        "valid deliveries {ok}, slow-loris connections {}, peak body bytes {peak}, peak \
+         connections {connections_peak}, RSS growth {grown_mib} MiB",
+        loris_connections.load(Ordering::SeqCst)
+    );
+}
+
+#[tokio::test]
+async fn the_metrics_exposition_has_every_documented_metric_and_promtool_accepts_it() {
+    let a = secret("a");
+    let key_dir = tempfile::tempdir().unwrap();
+    std::fs::write(key_dir.path().join("STRIPE_API_KEY"), "rk_test_metrics").unwrap();
+    // confirmation enabled, Stripe unreachable: fail open forwards
+    let unreachable = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    };
+    let s = setup(&[&a], |c| {
+        let mut confirm = stripe_key_operator::webhook::proxy::ConfirmConfig::new(
+            SecretsSource::new(key_dir.path(), "STRIPE_API_KEY"),
+        );
+        confirm.api_base = unreachable.parse().unwrap();
+        c.confirm = Some(confirm);
+    })
+    .await;
+    let body = serde_json::to_vec(&json!({"id": "evt_metrics", "object": "event",
+        "type": "charge.succeeded", "created": now(), "data": {"object": {"id": "ch_1"}}}))
+    .unwrap();
+    post(
+        &s,
+        "/hook",
+        body.clone(),
+        Some(sign(&body, std::slice::from_ref(&a), now())),
+    )
+    .await;
+    post(
+        &s,
+        "/hook",
+        body.clone(),
+        Some(sign(&body, std::slice::from_ref(&secret("x")), now())),
+    )
+    .await;
+    let text = metrics_text(&s).await;
+    for line in [
+        "stripe_key_operator_webhook_proxy_confirmations_total{outcome=\"unavailable_forwarded\"} 1",
+        "stripe_key_operator_webhook_proxy_confirmations_total{outcome=\"forged\"} 0",
+        "stripe_key_operator_webhook_proxy_rejected_total{reason=\"duplicate_signature\"} 0",
+    ] {
+        assert!(text.contains(line), "{line} missing:\n{text}");
+    }
+    for name in [
+        "verified_total",
+        "rejected_total",
+        "failure_events_total",
+        "incidents_total",
+        "incident_report_failures_total",
+        "confirmations_total",
+        "connections_open",
+        "connections_refused_total",
+        "requests_in_flight",
+        "body_bytes_buffered",
+        "forward_duration_seconds",
+        "secrets_loaded",
+        "secret_reloads_total",
+        "replay_cache_entries",
+        "replay_cache_evictions_total",
+    ] {
+        assert!(
+            text.contains(&format!("stripe_key_operator_webhook_proxy_{name}")),
+            "{name} missing:\n{text}"
+        );
+    }
+    let tools = Path::new(env!("CARGO_MANIFEST_DIR")).join(".ci/cache/bin");
+    let path = format!(
+        "{}:{}",
+        tools.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let mut child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .env("PATH", path)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool is on PATH: run `make test` (it installs it with .ci/install-tools.sh)");
+    {
+        use std::io::Write as _;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool rejected the exposition:\n{}{}\n---\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -355,13 +355,13 @@ async fn settings_changed_at_stripe_are_put_back_at_the_next_drift_check() {
 async fn an_endpoint_deleted_at_stripe_is_recreated_with_a_new_secret() {
     let env = env().await;
     let e = create_and_wait(&env).await;
-    let old = e.status.unwrap().current_key.unwrap();
+    let old = e.status.unwrap().current_key.clone().unwrap();
     stripe(&env).delete_webhook_endpoint(&old.id).await.unwrap();
     env.clock.advance(Duration::from_secs(11 * 60));
     nudge_endpoint(&env).await;
     let e = wait(&env, "recreated", |e| settled(e) && current_id(e) != old.id).await;
     let status = e.status.unwrap();
-    let new = status.current_key.unwrap();
+    let new = status.current_key.clone().unwrap();
     assert_ne!(new.fingerprint, old.fingerprint, "a new signing secret");
     assert_eq!(
         status.last_rotation_trigger,
@@ -390,7 +390,7 @@ async fn an_endpoint_deleted_at_stripe_is_recreated_with_a_new_secret() {
 async fn annotation_rotation_is_blue_green_and_both_secrets_verify_during_the_overlap() {
     let env = env().await;
     let e = create_and_wait(&env).await;
-    let first = e.status.unwrap().current_key.unwrap();
+    let first = e.status.unwrap().current_key.clone().unwrap();
     annotate_endpoint(&env, json!({"stripekeys.io/rotate": "2026-11-28T10:00"})).await;
     let e = wait(&env, "Overlapping", in_phase(RotationPhase::Overlapping)).await;
     let status = e.status.unwrap();
@@ -516,6 +516,7 @@ async fn incident_rotation_deletes_the_old_endpoint_at_once() {
         .status
         .unwrap()
         .current_key
+        .clone()
         .unwrap();
     env.api.set_workload_stuck(NS, "checkout", true);
     annotate_endpoint(
@@ -559,6 +560,7 @@ async fn an_api_version_change_rotates_and_a_url_change_updates_in_place() {
         .status
         .unwrap()
         .current_key
+        .clone()
         .unwrap();
 
     let mut m = endpoint_manifest(NAME);
@@ -579,7 +581,7 @@ async fn an_api_version_change_rotates_and_a_url_change_updates_in_place() {
         status.rotation.as_ref().unwrap().trigger,
         RotationTrigger::SpecChange
     );
-    let second = status.current_key.unwrap();
+    let second = status.current_key.clone().unwrap();
     let new_ep = sim_endpoints(&env)
         .into_iter()
         .find(|ep| ep.id == second.id)
@@ -688,7 +690,7 @@ async fn deletion_removes_every_endpoint_and_the_store_entry() {
 /// Secret; nothing created twice.
 async fn assert_settled(env: &LocalEnv) {
     let e = wait(env, "settled", settled).await;
-    let current = e.status.unwrap().current_key.unwrap();
+    let current = e.status.unwrap().current_key.clone().unwrap();
     let eps = sim_endpoints(env);
     assert_eq!(eps.len(), 1, "exactly one endpoint: {eps:#?}");
     assert_eq!(eps[0].id, current.id);
@@ -802,10 +804,12 @@ async fn an_incident_during_a_routine_rotation_deletes_the_old_endpoint_at_once(
         .status
         .unwrap()
         .current_key
+        .clone()
         .unwrap();
     env.api.set_workload_stuck(NS, "checkout", true);
     annotate_endpoint(&env, json!({"stripekeys.io/rotate": "routine-1"})).await;
-    wait(&env, "RollingOut", in_phase(RotationPhase::RollingOut)).await;
+    let rolling = wait(&env, "RollingOut", in_phase(RotationPhase::RollingOut)).await;
+    let second = current_id(&rolling);
     assert_eq!(sim_endpoints(&env).len(), 2, "blue/green while rolling");
     annotate_endpoint(
         &env,
@@ -813,8 +817,14 @@ async fn an_incident_during_a_routine_rotation_deletes_the_old_endpoint_at_once(
     )
     .await;
     let deadline = Instant::now() + Duration::from_secs(20);
-    while sim_endpoints(&env).iter().any(|ep| ep.id == first.id) {
-        assert!(Instant::now() < deadline, "old endpoint not deleted");
+    while sim_endpoints(&env)
+        .iter()
+        .any(|ep| ep.id == first.id || ep.id == second)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "an endpoint whose secret was handed out before the incident still exists"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -833,10 +843,15 @@ async fn an_incident_during_a_routine_rotation_deletes_the_old_endpoint_at_once(
     let e = wait(&env, "settled", settled).await;
     assert_eq!(sim_endpoints(&env).len(), 1);
     assert_eq!(sim_endpoints(&env)[0].id, current_id(&e));
+    assert_ne!(
+        current_id(&e),
+        second,
+        "the incident mints a fresh endpoint"
+    );
     assert_eq!(
         creates(&env),
-        2,
-        "the incident took over the running rotation"
+        3,
+        "initial, the routine rotation's, and one fresh endpoint for the incident"
     );
     assert_eq!(
         e.status.unwrap().last_handled_rotate_request.as_deref(),
@@ -854,9 +869,10 @@ async fn scheduled_rotation_fires_when_next_rotation_at_passes() {
     let status = e.status.unwrap();
     let gap = status
         .next_rotation_at
+        .clone()
         .unwrap()
         .0
-        .duration_since(status.last_rotation_at.unwrap().0)
+        .duration_since(status.last_rotation_at.clone().unwrap().0)
         .as_secs();
     assert!((7200..7200 + 72).contains(&gap), "2h plus jitter: {gap}s");
     env.clock.advance(Duration::from_secs(7300));

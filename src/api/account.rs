@@ -75,6 +75,9 @@ pub struct StripeAccountSpec {
     #[schemars(regex(pattern = r"^acct_[A-Za-z0-9]{1,64}$"))]
     pub context: String,
     /// Base URL of the Stripe API. https, or http to a loopback address (the local simulator).
+    /// The host must be one the operator allows (its `--allowed-api-hosts` setting, by default
+    /// `api.stripe.com` only; loopback only where the operator allows it): the app key is sent
+    /// nowhere else, and an account naming another host is refused.
     #[serde(default = "default_api_base")]
     #[schemars(length(max = 2048))]
     #[x_kube(validation = Rule::new("self.startsWith('https://') || self.matches('^http://(127\\\\.0\\\\.0\\\\.1|localhost|\\\\[::1\\\\])(:[0-9]+)?(/.*)?$')").message("apiBase must be an https URL (http only to a loopback address)"))]
@@ -83,7 +86,9 @@ pub struct StripeAccountSpec {
     #[serde(default = "default_api_version")]
     #[schemars(regex(pattern = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}(\.[a-z]+)?$"))]
     pub api_version: String,
-    /// Where the Stripe App's secret key is kept. Never in a tenant namespace.
+    /// Where the Stripe App's secret key is kept: a Vault path under `<prefix>/_accounts/`, or a
+    /// Secret in the operator's namespace labelled `stripekeys.io/credential: stripe-app`. Never
+    /// in a tenant namespace or a resource's own bundle.
     pub credentials: AccountCredentials,
     /// Where the RSA private key that decrypts live-mode secrets is kept. When absent the operator
     /// generates a 3072-bit key pair and keeps the private key in its secret store.
@@ -124,7 +129,8 @@ pub struct AccountCredentials {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vault: Option<VaultKeyRef>,
     /// A key of a Secret in the operator's own namespace (no namespace field: tenant namespaces
-    /// can never hold the app key).
+    /// can never hold the app key). The Secret must carry the label
+    /// `stripekeys.io/credential: stripe-app`; the operator reads no other Secret as an app key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_ref: Option<SecretKeyRef>,
 }
@@ -133,12 +139,15 @@ pub struct AccountCredentials {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct VaultKeyRef {
-    /// Path of the KV v2 secret relative to the mount, such as `stripe/apps/payments`.
+    /// Path of the KV v2 secret relative to the mount, under the operator's account subtree
+    /// `<prefix>/_accounts/`, such as `stripe-key-operator/_accounts/payments/app-key`. A
+    /// resource's bundle path (`<prefix>/<namespace>/<kind>/<name>`) is refused.
     #[schemars(
         regex(pattern = r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_.-]+)*$"),
         length(max = 512)
     )]
     #[x_kube(validation = Rule::new("!self.contains('..')").message("path must not contain '..'"))]
+    #[x_kube(validation = Rule::new("self.contains('/_accounts/')").message("path must lie under <prefix>/_accounts/, where account keys live (never a resource's bundle path)"))]
     pub path: String,
     /// Key inside the KV secret. Default `secret_key`.
     #[serde(default = "default_vault_key")]

@@ -157,7 +157,71 @@ pub struct KeyStatus {
     /// When it stops working (set once an expiry is scheduled).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<Time>,
+    /// The Stripe account (`acct_...` context) it was minted under: it is retired through that
+    /// account only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<String>,
 }
+
+/// The rotation bookkeeping every credential kind's status carries (flattened into it).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CredentialStatus {
+    /// The generation the operator last acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready`, `Rotating`, `Degraded`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// The credential workloads use now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_key: Option<KeyStatus>,
+    /// The credential being retired after a routine rotation, valid until `expiresAt`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_key: Option<KeyStatus>,
+    /// Credentials that must be retired at Stripe before anything else happens (an incident's
+    /// leaked keys, a key minted with the wrong scopes, a create whose secret was lost). Recorded
+    /// before the first attempt; an entry leaves only once Stripe confirms it is dead.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retiring_keys: Vec<KeyStatus>,
+    /// When the current credential was minted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_rotation_at: Option<Time>,
+    /// When the schedule next rotates the credential (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_rotation_at: Option<Time>,
+    /// Number of the current credential (1 for the first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotation_number: Option<i64>,
+    /// The rotation in progress, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotation: Option<super::RotationState>,
+    /// The last `stripekeys.io/rotate` value fully handled: the same value never rotates twice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_handled_rotate_request: Option<String>,
+    /// The Secret the credential was last published to (a rename of `delivery.secret.name`
+    /// deletes it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub published_secret: Option<String>,
+}
+
+/// Lets a kind's status be used as its [`CredentialStatus`] (`status.current_key`, ...).
+macro_rules! credential_status_deref {
+    ($ty:ty) => {
+        impl std::ops::Deref for $ty {
+            type Target = $crate::api::CredentialStatus;
+            fn deref(&self) -> &Self::Target {
+                &self.credential
+            }
+        }
+        impl std::ops::DerefMut for $ty {
+            fn deref_mut(&mut self) -> &mut Self::Target {
+                &mut self.credential
+            }
+        }
+    };
+}
+pub(crate) use credential_status_deref;
 
 /// What started a rotation.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, schemars::JsonSchema)]

@@ -1,6 +1,6 @@
 //! `StripeKeyPolicy`: a least-privilege restricted key, its delivery and its rotation.
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
@@ -236,40 +236,36 @@ pub struct RotationState {
     /// The Connect permissions being minted, sorted.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub connect_permissions: Vec<String>,
+    /// The `stripekeys.io/rotate` value this rotation handles; it is recorded as handled only
+    /// when the rotation completes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<String>,
+    /// When the rollout began: the rollout ceiling counts from here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout_started_at: Option<Time>,
+    /// How many times the create was retried under a fresh idempotency key because Stripe kept
+    /// replaying a saved server error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<i64>,
+    /// Set while the rotation's create parameters are not fixed yet (an incident that started
+    /// while the spec was refused): they are fixed from the spec before the first create.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unprepared: bool,
 }
 
 /// Observed state of a StripeKeyPolicy.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct StripeKeyPolicyStatus {
-    /// The generation the operator last acted on.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub observed_generation: Option<i64>,
-    /// `Ready`, `Rotating`, `Degraded`.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub conditions: Vec<Condition>,
-    /// The key workloads use now.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub current_key: Option<KeyStatus>,
-    /// The key being retired, valid until `expiresAt`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub previous_key: Option<KeyStatus>,
+    /// The rotation bookkeeping shared by every credential kind.
+    #[serde(flatten)]
+    pub credential: super::CredentialStatus,
     /// Permissions of the current key, sorted (to detect scope changes).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub current_permissions: Vec<String>,
-    /// When the current key was minted.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_rotation_at: Option<Time>,
-    /// When the schedule next rotates the key.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub next_rotation_at: Option<Time>,
-    /// Number of the current key (1 for the first).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rotation_number: Option<i64>,
-    /// The rotation in progress, if any.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rotation: Option<RotationState>,
-    /// The last `stripekeys.io/rotate` value acted on: the same value never rotates twice.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_handled_rotate_request: Option<String>,
+    /// Connect permissions of the current key, sorted (to detect scope changes).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub current_connect_permissions: Vec<String>,
 }
+
+super::common::credential_status_deref!(StripeKeyPolicyStatus);

@@ -2,13 +2,13 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
 use super::common::{
-    AccountRef, GO_DURATION_PATTERN, KeyStatus, RolloutTarget, RotationTrigger, VaultDelivery,
-    cron_rule, duration_rule, rotation_schedule_accessor,
+    AccountRef, GO_DURATION_PATTERN, RolloutTarget, RotationTrigger, VaultDelivery, cron_rule,
+    duration_rule, rotation_schedule_accessor,
 };
 
 /// Default Secret key of the current signing secret.
@@ -194,36 +194,13 @@ pub const DEFAULT_WEBHOOK_OVERLAP: &str = "1h";
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct StripeWebhookEndpointStatus {
-    /// The generation the operator last acted on.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub observed_generation: Option<i64>,
-    /// `Ready`, `Rotating`, `Degraded`.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub conditions: Vec<Condition>,
-    /// The endpoint whose secret workloads use now (`id` is the `we_...` endpoint id).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub current_key: Option<KeyStatus>,
-    /// The endpoint being retired during a blue/green rotation.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub previous_key: Option<KeyStatus>,
-    /// When the current endpoint was created.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_rotation_at: Option<Time>,
-    /// When the schedule next rotates the secret.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub next_rotation_at: Option<Time>,
+    /// The rotation bookkeeping shared by every credential kind (`currentKey.id` is the
+    /// `we_...` endpoint id).
+    #[serde(flatten)]
+    pub credential: super::CredentialStatus,
     /// When Stripe's side was last compared with the spec.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_drift_check_at: Option<Time>,
-    /// Number of the current endpoint (1 for the first).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rotation_number: Option<i64>,
-    /// The rotation in progress, if any.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rotation: Option<super::RotationState>,
-    /// The last `stripekeys.io/rotate` value acted on.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_handled_rotate_request: Option<String>,
     /// What kind of rotation the last trigger was.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_rotation_trigger: Option<RotationTrigger>,
@@ -243,6 +220,8 @@ pub struct StripeWebhookEndpointStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pending_endpoint: Option<WebhookEndpointSettings>,
 }
+
+super::common::credential_status_deref!(StripeWebhookEndpointStatus);
 
 /// The settings an endpoint is created with (no secret: Stripe generates it).
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, KubeSchema)]

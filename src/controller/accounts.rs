@@ -1,5 +1,9 @@
 //! From a `StripeAccount` to a ready Stripe client: the app key, the rate limiter shared by every
 //! reconcile of the account, and (live mode) the RSA key pair that decrypts new secrets.
+//!
+//! Nothing is read or sent before the account passes [`rules::validate_account`] (the check the
+//! admission webhook makes too): its `apiBase` must be an allowed host, its Vault paths must lie
+//! under `<prefix>/_accounts/`, and a `secretRef` Secret must carry the credential label.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -12,6 +16,7 @@ use tokio::sync::Mutex;
 use super::Context;
 use super::error::ReconcileError;
 use crate::api::{Mode, StripeAccount};
+use crate::rules::{self, AccountTrust};
 use crate::secret::SecretString;
 use crate::stripe::{JweKeyPair, StripeClient, StripeConfig};
 use crate::vault::{AccountKey, Cas, StorePath};
@@ -53,15 +58,34 @@ fn missing(message: String) -> ReconcileError {
     }
 }
 
+/// The trust settings of this operator (its allowed API hosts, namespace and store prefix).
+pub fn trust(ctx: &Context) -> AccountTrust {
+    AccountTrust {
+        api_hosts: ctx.config.api_hosts.clone(),
+        operator_namespace: ctx.config.operator_namespace.clone(),
+        store_prefix: ctx.config.store_prefix.clone(),
+    }
+}
+
+fn untrusted(refusal: rules::AccountRefusal) -> ReconcileError {
+    ReconcileError::Account {
+        reason: refusal.reason,
+        message: refusal.message,
+    }
+}
+
 impl Accounts {
-    /// The client for `account`, building it when the account or its app key changed.
+    /// The client for `account`, building it when the account or its app key changed. Refuses
+    /// an account that [`rules::validate_account`] refuses, before reading any credential.
     pub async fn resolve(
         &self,
         ctx: &Context,
         account: &StripeAccount,
     ) -> Result<AccountHandle, ReconcileError> {
         let name = account.name_any();
-        let app_key = load_app_key(ctx, account).await?;
+        let trust = trust(ctx);
+        rules::validate_account(&name, &account.spec, &trust, None).map_err(untrusted)?;
+        let app_key = load_app_key(ctx, account, &trust).await?;
         let key = CacheKey {
             uid: account.uid().unwrap_or_default(),
             generation: account.metadata.generation,
@@ -102,6 +126,7 @@ impl Accounts {
 async fn load_app_key(
     ctx: &Context,
     account: &StripeAccount,
+    trust: &AccountTrust,
 ) -> Result<SecretString, ReconcileError> {
     let creds = &account.spec.credentials;
     if let Some(r) = &creds.secret_ref {
@@ -114,6 +139,15 @@ async fn load_app_key(
                 r.name
             ))
         })?;
+        // The Secret's data is read only once its labels say an administrator meant it as an
+        // app key (never a bundle of the kubernetes store or any other Secret).
+        rules::validate_account(
+            &account.name_any(),
+            &account.spec,
+            trust,
+            Some(secret.labels()),
+        )
+        .map_err(untrusted)?;
         let value = secret
             .data
             .as_ref()

@@ -18,9 +18,11 @@ pub enum ReconcileError {
         message: String,
     },
     #[error(
-        "the new key {key_id} failed scope verification: {message}; it was expired and a new one will be minted"
+        "the new key {key_id} failed scope verification: {message}; it is expired and a new one will be minted"
     )]
     ScopeVerification { key_id: String, message: String },
+    #[error("the scope probes of a new key reached no verdict ({0}); they are retried")]
+    ScopeProbe(String),
     #[error("Stripe returned key {key_id} without a usable secret: {message}")]
     MissingSecret { key_id: String, message: String },
     #[error(
@@ -54,6 +56,7 @@ impl ReconcileError {
             ReconcileError::Store(e) => e.reason().to_string(),
             ReconcileError::Account { reason, .. } => (*reason).to_string(),
             ReconcileError::ScopeVerification { .. } => "ScopeVerificationFailed".into(),
+            ReconcileError::ScopeProbe(_) => "ScopeProbeInconclusive".into(),
             ReconcileError::MissingSecret { .. } => "StripeSecretMissing".into(),
             ReconcileError::SecretNotOwned { .. } => "SecretNotOwned".into(),
             ReconcileError::Finalizer(_) => "FinalizerFailed".into(),

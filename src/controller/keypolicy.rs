@@ -1,48 +1,36 @@
-//! The StripeKeyPolicy controller: mint, store, publish, roll out and rotate restricted keys.
+//! The StripeKeyPolicy controller: an adapter over the [rotation engine](crate::rotation::engine)
+//! for restricted keys.
 //!
-//! Reconcile is a named pipeline (fetch → validate → decide → apply → status). A rotation is a
-//! state machine recorded in `status.rotation` *before* each external side effect:
-//!
-//! ```text
-//! routine:  Minting → Storing → Syncing → RollingOut → Overlapping → Expiring → (idle)
-//! initial:  Minting → Storing → Syncing → RollingOut → (idle)
-//! incident: Minting → Storing → Expiring → Syncing → RollingOut → (idle)
-//! ```
-//!
-//! A restart resumes the recorded phase. The mint carries an idempotency key derived from the
-//! policy UID and the rotation number, so replaying it returns the same key (and its secret)
-//! instead of minting a second one; every other step is idempotent by construction.
+//! What is particular to keys: validation against the account, namespace and guardrails; the
+//! create parameters (permissions, Connect permissions, the account's public key); the proof
+//! that a fresh key has exactly the declared scopes; expiry as retirement; and the Secret
+//! entries `STRIPE_API_KEY` (and `STRIPE_API_KEY_PREVIOUS` during an overlap). The engine does
+//! the rest.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::jiff::{SignedDuration, Timestamp};
-use kube::api::Api;
+use k8s_openapi::jiff::Timestamp;
+use kube::ResourceExt;
 use kube::runtime::controller::Action;
-use kube::runtime::events::EventType;
-use kube::{Resource, ResourceExt};
-use tracing::{info, instrument, warn};
+use tracing::instrument;
 
 use super::Context;
 use super::accounts::AccountHandle;
 use super::error::ReconcileError;
 use super::shared;
 pub use super::shared::Refusal;
-use super::shared::{time, ts_from_chrono};
-use crate::api::conditions::set_condition;
+use super::shared::ts_from_chrono;
 use crate::api::permissions;
 use crate::api::{
-    DEFAULT_KEY_OVERLAP, KeyStatus, ROTATE_ANNOTATION, ROTATE_REASON_ANNOTATION,
-    ROTATE_REASON_INCIDENT, RotationPhase, RotationState, RotationTrigger, StripeAccount,
-    StripeKeyPolicy, StripeKeyPolicyStatus, condition_types,
+    DEFAULT_KEY_OVERLAP, RotationState, StripeAccount, StripeKeyPolicy, StripeKeyPolicyStatus,
 };
-use crate::inject::{self, SecretEntry};
-use crate::rotation::schedule::{Schedule, parse_duration, until};
+use crate::rotation::engine::{self, Credential, Minted, Names, Owned, Run, Verdict};
+use crate::rotation::schedule::{Schedule, parse_duration};
 use crate::rules;
 use crate::secret::SecretString;
 use crate::stripe::{ApiKeyType, CreateApiKeyParams, ListApiKeysParams, idempotency_key};
-use crate::vault::{Cas, CredentialBundle, KeyMaterial, Owner, StorePath};
 
 /// The finalizer that guards the policy's keys at Stripe and its store entry.
 pub const FINALIZER: &str = "stripekeys.io/revoke-keys";
@@ -183,76 +171,8 @@ pub fn validate(
     })
 }
 
-/// A rotation request carried by the annotations, if it was not handled yet.
-pub fn pending_request(policy: &StripeKeyPolicy) -> Option<(String, RotationTrigger)> {
-    let annotations = policy.annotations();
-    let value = annotations.get(ROTATE_ANNOTATION)?.trim().to_string();
-    if value.is_empty() {
-        return None;
-    }
-    let handled = policy
-        .status
-        .as_ref()
-        .and_then(|s| s.last_handled_rotate_request.as_deref());
-    if handled == Some(value.as_str()) {
-        return None;
-    }
-    let incident = annotations
-        .get(ROTATE_REASON_ANNOTATION)
-        .is_some_and(|r| r.trim().eq_ignore_ascii_case(ROTATE_REASON_INCIDENT));
-    Some((
-        value,
-        if incident {
-            RotationTrigger::Incident
-        } else {
-            RotationTrigger::Annotation
-        },
-    ))
-}
-
-/// What the policy needs next.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Next {
-    /// Start a rotation.
-    Start(RotationTrigger),
-    /// Carry on with the recorded phase.
-    Continue(RotationPhase),
-    /// Nothing to do until `next_rotation_at` (if any).
-    Idle,
-}
-
-/// The next rotation of the current key, from the schedule (stable: seeded by UID and number).
-pub fn next_rotation_at(policy: &StripeKeyPolicy, v: &Validated) -> Option<Timestamp> {
-    let status = policy.status.as_ref()?;
-    let last = status.last_rotation_at.as_ref()?.0;
-    let seed = format!(
-        "{}/{}",
-        policy.uid().unwrap_or_default(),
-        status.rotation_number.unwrap_or(0)
-    );
-    v.schedule.as_ref()?.next_rotation(last, &seed).ok()
-}
-
-/// Decides the next step. Pure.
-pub fn decide(policy: &StripeKeyPolicy, v: &Validated, now: Timestamp) -> Next {
-    let status = policy.status.clone().unwrap_or_default();
-    if let Some(rotation) = &status.rotation {
-        return Next::Continue(rotation.phase);
-    }
-    if status.current_key.is_none() {
-        return Next::Start(RotationTrigger::Initial);
-    }
-    if let Some((_, trigger)) = pending_request(policy) {
-        return Next::Start(trigger);
-    }
-    if status.current_permissions != v.permissions {
-        return Next::Start(RotationTrigger::SpecChange);
-    }
-    if next_rotation_at(policy, v).is_some_and(|at| at <= now) {
-        return Next::Start(RotationTrigger::Schedule);
-    }
-    Next::Idle
-}
+/// The restricted-key adapter of the rotation engine.
+pub struct KeyPolicy;
 
 /// Reconciles one policy (the entry point the `Controller` calls).
 #[instrument(skip(policy, ctx), fields(namespace = %policy.namespace().unwrap_or_default(), name = %policy.name_any()))]
@@ -260,7 +180,7 @@ pub async fn reconcile(
     policy: Arc<StripeKeyPolicy>,
     ctx: Arc<Context>,
 ) -> Result<Action, ReconcileError> {
-    shared::reconcile_with_finalizer(policy, ctx, CONTROLLER, FINALIZER, apply, cleanup).await
+    engine::reconcile::<KeyPolicy>(policy, ctx).await
 }
 
 /// What the controller does after a failed reconcile: record it, back off, try again.
@@ -272,354 +192,12 @@ pub fn error_policy(
     shared::requeue_after_error(&ctx, CONTROLLER, &policy.metadata, error)
 }
 
-struct Run<'a> {
-    ctx: &'a Context,
-    policy: StripeKeyPolicy,
-    api: Api<StripeKeyPolicy>,
-    ns: String,
-    name: String,
-    uid: String,
-    /// The secret minted in this reconcile (key id, secret): the store step uses it instead of
-    /// replaying the create. After a crash it is gone and the replay brings it back.
-    minted: Option<(String, SecretString)>,
-}
-
-impl Run<'_> {
-    fn status(&self) -> StripeKeyPolicyStatus {
-        self.policy.status.clone().unwrap_or_default()
-    }
-
-    /// Writes the status (server-side apply, one field manager) when it differs from what the
-    /// object has, so an unchanged policy causes no write.
-    async fn write_status(&mut self, status: StripeKeyPolicyStatus) -> Result<(), ReconcileError> {
-        shared::write_status(self.ctx, &self.api, &mut self.policy, status).await
-    }
-
-    /// Who acts, for the audit log: this policy and what triggered the current rotation.
-    fn actor(&self, status: &StripeKeyPolicyStatus) -> crate::audit::Actor {
-        shared::audit_actor(KIND, &self.ns, &self.name, status.rotation.as_ref())
-    }
-
-    async fn event(&self, type_: EventType, reason: &str, note: String) {
-        self.ctx
-            .publish_event(
-                &self.policy.object_ref(&()),
-                type_,
-                reason,
-                "Reconcile",
-                note,
-            )
-            .await;
-    }
-
-    fn store_path(&self) -> Result<StorePath, ReconcileError> {
-        Ok(StorePath::credential(
-            &self.ctx.config.store_prefix,
-            &self.ns,
-            STORE_KIND,
-            &self.name,
-        )?)
-    }
-
-    fn owner(&self) -> Owner {
-        Owner {
-            namespace: self.ns.clone(),
-            kind: KIND.into(),
-            name: self.name.clone(),
-            uid: self.uid.clone(),
-        }
-    }
-}
-
-async fn apply(policy: Arc<StripeKeyPolicy>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
-    let ns = policy.namespace().unwrap_or_default();
-    let name = policy.name_any();
-    let mut run = Run {
-        ctx: &ctx,
-        policy: (*policy).clone(),
-        api: Api::namespaced(ctx.client.clone(), &ns),
-        uid: policy.uid().unwrap_or_default(),
-        minted: None,
-        ns,
-        name,
-    };
-    // fetch
-    let accounts: Api<StripeAccount> = Api::all(ctx.client.clone());
-    let account = accounts.get_opt(&policy.spec.account_ref.name).await?;
-    let labels = shared::fetch_namespace_labels(&ctx, &run.ns).await?;
-    let guardrails = ctx.guardrails().await?;
-    // validate
-    let now = ctx.clock.now();
-    let validated = match validate(&policy, account.as_ref(), &labels, &guardrails, now) {
-        Ok(v) => v,
-        Err(refusal) => return refuse(&mut run, refusal).await,
-    };
-    let account = account.expect("validate refuses a missing account");
-    let handle = match ctx.accounts.resolve(&ctx, &account).await {
-        Ok(h) => h,
-        Err(e) => {
-            let mut status = run.status();
-            set_condition(
-                &mut status.conditions,
-                condition_types::READY,
-                false,
-                &e.reason(),
-                e.to_string(),
-                policy.metadata.generation,
-                now,
-            );
-            run.write_status(status).await?;
-            return Err(e);
-        }
-    };
-    let observer = ctx.call_observer(run.actor(&run.status()));
-    let handle = AccountHandle {
-        client: handle.client.with_observer(observer),
-        ..handle
-    };
-    let result = drive(&mut run, &validated, &handle).await;
-    if let Err(e) = &result {
-        record_failure(&mut run, e).await?;
-    }
-    result
-}
-
-/// Shows a failed step in status and as a Warning Event: `Ready=False` while no key is published,
-/// `Degraded=True` when the published key still works.
-async fn record_failure(run: &mut Run<'_>, error: &ReconcileError) -> Result<(), ReconcileError> {
-    if matches!(error, ReconcileError::Crash(_)) {
-        return Ok(());
-    }
-    let now = run.ctx.clock.now();
-    let mut status = run.status();
-    let reason = error.reason();
-    let type_ = if status.current_key.is_some() {
-        condition_types::DEGRADED
-    } else {
-        condition_types::READY
-    };
-    let failing = type_ == condition_types::DEGRADED;
-    let changed =
-        crate::api::conditions::find(&status.conditions, type_).is_none_or(|c| c.reason != reason);
-    set_condition(
-        &mut status.conditions,
-        type_,
-        failing,
-        &reason,
-        error.to_string(),
-        run.policy.metadata.generation,
-        now,
-    );
-    run.ctx
-        .metrics
-        .rotation_failures
-        .get_or_create(&crate::metrics::ErrorLabels {
-            controller: CONTROLLER.into(),
-            reason: reason.clone(),
-        })
-        .inc();
-    run.write_status(status).await?;
-    if changed {
-        run.event(EventType::Warning, &reason, error.to_string())
-            .await;
-    }
-    Ok(())
-}
-
-async fn drive(
-    run: &mut Run<'_>,
-    validated: &Validated,
-    handle: &AccountHandle,
-) -> Result<Action, ReconcileError> {
-    let ctx = run.ctx;
-    let validated = validated.clone();
-    // decide and act, a bounded number of steps per reconcile
-    for _ in 0..8 {
-        let now = ctx.clock.now();
-        match decide(&run.policy, &validated, now) {
-            Next::Idle => return idle(run, &validated).await,
-            Next::Start(trigger) => start_rotation(run, &validated, trigger).await?,
-            Next::Continue(phase) => {
-                // An incident reported while a routine rotation runs takes over that rotation.
-                if let Some((value, RotationTrigger::Incident)) = pending_request(&run.policy) {
-                    escalate_to_incident(run, value).await?;
-                    continue;
-                }
-                match step(run, &validated, handle, phase).await? {
-                    StepOutcome::Continue => {}
-                    StepOutcome::Wait(after) => return Ok(Action::requeue(after)),
-                }
-            }
-        }
-    }
-    Ok(Action::requeue(Duration::from_secs(1)))
-}
-
-async fn refuse(run: &mut Run<'_>, refusal: Refusal) -> Result<Action, ReconcileError> {
-    let now = run.ctx.clock.now();
-    let mut status = run.status();
-    let changed = crate::api::conditions::find(&status.conditions, condition_types::READY)
-        .is_none_or(|c| {
-            c.reason != refusal.reason || c.message != refusal.message || c.status != "False"
-        });
-    set_condition(
-        &mut status.conditions,
-        condition_types::READY,
-        false,
-        refusal.reason,
-        refusal.message.clone(),
-        run.policy.metadata.generation,
-        now,
-    );
-    status.observed_generation = run.policy.metadata.generation;
-    run.write_status(status).await?;
-    if changed {
-        run.event(EventType::Warning, refusal.reason, refusal.message)
-            .await;
-    }
-    // The account, namespace and guardrail watches bring the policy back when they change.
-    Ok(Action::requeue(Duration::from_secs(300)))
-}
-
-async fn start_rotation(
-    run: &mut Run<'_>,
-    v: &Validated,
-    trigger: RotationTrigger,
-) -> Result<(), ReconcileError> {
-    let now = run.ctx.clock.now();
-    let mut status = run.status();
-    let number = status.rotation_number.unwrap_or(0) + 1;
-    if let Some((value, _)) = pending_request(&run.policy)
-        && matches!(
-            trigger,
-            RotationTrigger::Annotation | RotationTrigger::Incident
-        )
-    {
-        status.last_handled_rotate_request = Some(value);
-    }
-    status.rotation = Some(RotationState {
-        phase: RotationPhase::Minting,
-        number,
-        trigger,
-        started_at: time(now),
-        idempotency_key: idempotency_key(&run.uid, number as u64, "mint"),
-        new_key: None,
-        rolled_out_at: None,
-        permissions: v.permissions.clone(),
-        connect_permissions: v.connect_permissions.clone(),
-    });
-    let reason = if trigger == RotationTrigger::Incident {
-        "IncidentRotation"
-    } else {
-        "Rotating"
-    };
-    set_condition(
-        &mut status.conditions,
-        condition_types::ROTATING,
-        true,
-        reason,
-        format!("rotation {number} ({trigger:?}) started"),
-        run.policy.metadata.generation,
-        now,
-    );
-    status.observed_generation = run.policy.metadata.generation;
-    run.write_status(status).await?;
-    if trigger == RotationTrigger::Incident {
-        run.event(
-            EventType::Warning,
-            "IncidentRotation",
-            format!("incident rotation {number} started: the current key will be expired at once"),
-        )
-        .await;
-    } else if trigger != RotationTrigger::Initial {
-        run.event(
-            EventType::Normal,
-            "RotationStarted",
-            format!("rotation {number} ({trigger:?}) started"),
-        )
-        .await;
-    }
-    info!(number, ?trigger, "rotation started");
-    Ok(())
-}
-
-async fn escalate_to_incident(run: &mut Run<'_>, value: String) -> Result<(), ReconcileError> {
-    let now = run.ctx.clock.now();
-    let mut status = run.status();
-    let Some(rotation) = status.rotation.as_mut() else {
-        return Ok(());
-    };
-    rotation.trigger = RotationTrigger::Incident;
-    // The new key is in the store already (and maybe published): the old one goes now; an
-    // incident that found the rotation syncing publishes and rolls the new key after expiry.
-    if matches!(
-        rotation.phase,
-        RotationPhase::Syncing | RotationPhase::RollingOut | RotationPhase::Overlapping
-    ) {
-        rotation.phase = RotationPhase::Expiring;
-    }
-    let number = rotation.number;
-    status.last_handled_rotate_request = Some(value);
-    set_condition(
-        &mut status.conditions,
-        condition_types::ROTATING,
-        true,
-        "IncidentRotation",
-        format!("rotation {number} escalated to an incident"),
-        run.policy.metadata.generation,
-        now,
-    );
-    run.write_status(status).await?;
-    run.event(
-        EventType::Warning,
-        "IncidentRotation",
-        format!("rotation {number} escalated to an incident: the previous key is expired at once"),
-    )
-    .await;
-    Ok(())
-}
-
-enum StepOutcome {
-    Continue,
-    Wait(Duration),
-}
-
-async fn step(
-    run: &mut Run<'_>,
-    v: &Validated,
-    handle: &AccountHandle,
-    phase: RotationPhase,
-) -> Result<StepOutcome, ReconcileError> {
-    match phase {
-        RotationPhase::Minting => mint(run, handle).await,
-        RotationPhase::Storing => store(run, handle).await,
-        RotationPhase::Syncing => sync_secret_step(run).await,
-        RotationPhase::RollingOut => roll_out(run, v).await,
-        RotationPhase::Overlapping => overlap(run, v).await,
-        RotationPhase::Expiring => expire_previous(run, handle).await,
-        RotationPhase::Idle => {
-            let mut status = run.status();
-            status.rotation = None;
-            run.write_status(status).await?;
-            Ok(StepOutcome::Continue)
-        }
-    }
-}
-
-fn rotation_of(status: &StripeKeyPolicyStatus) -> RotationState {
-    status
-        .rotation
-        .clone()
-        .expect("called only while a rotation is recorded")
-}
-
-/// Creates the key (or replays the create: same idempotency key, same parameters, same key) and
-/// reveals its secret.
-async fn create_key(
-    run: &Run<'_>,
+/// The create parameters of the rotation's key (a replay sends exactly these).
+fn create_params(
+    run: &Run<'_, KeyPolicy>,
     handle: &AccountHandle,
     rotation: &RotationState,
-) -> Result<(crate::stripe::ApiKey, SecretString), ReconcileError> {
+) -> Result<CreateApiKeyParams, ReconcileError> {
     let public_key = match &handle.keys {
         Some(keys) => Some(
             keys.public_key_param(None)
@@ -627,7 +205,7 @@ async fn create_key(
         ),
         None => None,
     };
-    let params = CreateApiKeyParams {
+    Ok(CreateApiKeyParams {
         key_type: ApiKeyType::SecretKey,
         name: key_name(&run.ns, &run.name),
         note: Some(format!(
@@ -639,703 +217,235 @@ async fn create_key(
             .then(|| rotation.connect_permissions.clone()),
         expires_at: None,
         public_key,
-    };
-    let response = handle
-        .client
-        .create_api_key(&params, &rotation.idempotency_key)
-        .await?;
-    let key = response.value;
-    let secret = match &handle.keys {
-        Some(keys) => key
-            .reveal_secret(keys)
-            .map_err(crate::stripe::StripeError::from)?,
-        None => key.plaintext_secret().cloned(),
-    };
-    let secret = secret.ok_or_else(|| ReconcileError::MissingSecret {
-        key_id: key.id.clone(),
-        message: "the create response carried neither a token nor an encrypted secret".into(),
-    })?;
-    Ok((key, secret))
+    })
 }
 
-async fn mint(run: &mut Run<'_>, handle: &AccountHandle) -> Result<StepOutcome, ReconcileError> {
-    let mut status = run.status();
-    let mut rotation = rotation_of(&status);
-    let (key, secret) = create_key(run, handle, &rotation).await?;
-    if let Err(message) =
-        crate::stripe::verify::verify_scopes(&handle.client, &secret, &rotation.permissions).await
-    {
-        // Never publish a key whose scopes are wrong: expire it and start over with a new number.
-        let _ = handle
-            .client
-            .expire_api_key(
-                &key.id,
-                &idempotency_key(&run.uid, rotation.number as u64, "expire-unverified"),
-            )
-            .await;
-        rotation.number += 1;
-        rotation.idempotency_key = idempotency_key(&run.uid, rotation.number as u64, "mint");
-        status.rotation_number = Some(rotation.number - 1);
-        status.rotation = Some(rotation);
-        run.write_status(status).await?;
-        return Err(ReconcileError::ScopeVerification {
-            key_id: key.id,
-            message,
-        });
-    }
-    run.ctx
-        .metrics
-        .keys_minted
-        .get_or_create(&crate::metrics::ControllerLabels {
-            controller: CONTROLLER.into(),
-        })
-        .inc();
-    run.ctx.crash_point("minted")?;
-    rotation.new_key = Some(KeyStatus {
-        id: key.id.clone(),
-        fingerprint: secret.fingerprint(),
-        created: ts_from_chrono(key.created),
-        expires_at: None,
-    });
-    rotation.phase = RotationPhase::Storing;
-    status.rotation = Some(rotation);
-    run.write_status(status).await?;
-    run.event(
-        EventType::Normal,
-        "KeyMinted",
-        format!(
-            "minted key {} (fingerprint {})",
-            key.id,
-            secret.fingerprint()
-        ),
-    )
-    .await;
-    run.minted = Some((key.id, secret));
-    Ok(StepOutcome::Continue)
-}
+#[async_trait::async_trait]
+impl Credential for KeyPolicy {
+    type Resource = StripeKeyPolicy;
+    type Status = StripeKeyPolicyStatus;
+    type Spec = Validated;
 
-async fn store(run: &mut Run<'_>, handle: &AccountHandle) -> Result<StepOutcome, ReconcileError> {
-    let mut status = run.status();
-    let mut rotation = rotation_of(&status);
-    let new_key = rotation
-        .new_key
-        .clone()
-        .expect("Storing records the new key");
-    let path = run.store_path()?;
-    // Write the bundle unless an earlier attempt already did (the store is the source of truth).
-    for attempt in 0..3 {
-        let existing = run.ctx.store.read_bundle(&path).await?;
-        if existing
-            .as_ref()
-            .is_some_and(|b| b.value.current.key_id == new_key.id)
-        {
-            break;
-        }
-        let secret = match run.minted.take() {
-            Some((id, secret)) if id == new_key.id => secret,
-            _ => create_key(run, handle, &rotation).await?.1,
-        };
-        if secret.fingerprint() != new_key.fingerprint {
-            return Err(ReconcileError::MissingSecret {
-                key_id: new_key.id.clone(),
-                message: "the replayed create returned a different secret".into(),
-            });
-        }
-        let material = KeyMaterial::new(secret, new_key.id.clone());
-        let incident = rotation.trigger == RotationTrigger::Incident;
-        let bundle = match &existing {
-            Some(b) if !incident => CredentialBundle {
-                rotation: rotation.number as u64,
-                ..b.value.rotated(material)
-            },
-            _ => CredentialBundle {
-                rotation: rotation.number as u64,
-                ..CredentialBundle::initial(run.owner(), material)
-            },
-        };
-        let cas = Cas::after_read(existing.as_ref().map(|b| b.version));
-        match run.ctx.store.write_bundle(&path, &bundle, cas).await {
-            Ok(_) => {
-                run.ctx.audit.record(
-                    crate::audit::AuditEntry::store_write(run.actor(&status), path.as_str())
-                        .key(&new_key.id, &new_key.fingerprint)
-                        .success(),
-                );
-                run.ctx.crash_point("stored")?;
-                break;
-            }
-            Err(e) if e.is_conflict() && attempt < 2 => continue,
-            Err(e) => return Err(e.into()),
-        }
-    }
-    let now = run.ctx.clock.now();
-    if rotation.trigger != RotationTrigger::Initial {
-        status.previous_key = status.current_key.take();
-    }
-    status.current_key = Some(new_key);
-    status.current_permissions = rotation.permissions.clone();
-    status.last_rotation_at = Some(time(now));
-    status.rotation_number = Some(rotation.number);
-    rotation.phase = if rotation.trigger == RotationTrigger::Incident {
-        RotationPhase::Expiring
-    } else {
-        RotationPhase::Syncing
-    };
-    status.rotation = Some(rotation);
-    run.write_status(status).await?;
-    Ok(StepOutcome::Continue)
-}
-
-/// Writes the Secret from the store's bundle, when it differs from what the cluster holds.
-async fn sync_secret(run: &Run<'_>) -> Result<bool, ReconcileError> {
-    let path = run.store_path()?;
-    let Some(bundle) = run.ctx.store.read_bundle(&path).await? else {
-        return Ok(false);
-    };
-    let bundle = bundle.value;
-    let delivery = &run.policy.spec.delivery.secret;
-    let status = run.status();
-    // The previous key is published only while status says it is still valid.
-    let previous = bundle.previous.as_ref().filter(|p| {
-        status
-            .previous_key
-            .as_ref()
-            .is_some_and(|k| k.id == p.key_id)
-    });
-    let mut entries = vec![SecretEntry {
-        key: delivery.key_name(),
-        value: &bundle.current.secret,
-    }];
-    if let Some(p) = previous {
-        entries.push(SecretEntry {
-            key: delivery.previous_key_name(),
-            value: &p.secret,
-        });
-    }
-    let owner = run
-        .policy
-        .controller_owner_ref(&())
-        .expect("a policy from the API has a name and uid");
-    let desired = inject::build_secret(
-        &delivery.name,
-        &run.ns,
-        owner,
-        &bundle.current.key_id,
-        &bundle.current.fingerprint,
-        &entries,
-    );
-    let written = shared::write_secret_if_changed(run.ctx, &run.ns, &run.uid, &desired).await?;
-    if written {
-        run.ctx.audit.record(
-            crate::audit::AuditEntry::secret_sync(run.actor(&status), &run.ns, &delivery.name)
-                .key(&bundle.current.key_id, &bundle.current.fingerprint)
-                .detail("previous_published", previous.is_some())
-                .success(),
-        );
-    }
-    Ok(written)
-}
-
-async fn sync_secret_step(run: &mut Run<'_>) -> Result<StepOutcome, ReconcileError> {
-    sync_secret(run).await?;
-    run.ctx.crash_point("synced")?;
-    let mut status = run.status();
-    let mut rotation = rotation_of(&status);
-    rotation.phase = RotationPhase::RollingOut;
-    status.rotation = Some(rotation);
-    run.write_status(status).await?;
-    let fp = run
-        .status()
-        .current_key
-        .map(|k| k.fingerprint)
-        .unwrap_or_default();
-    run.event(
-        EventType::Normal,
-        "SecretSynced",
-        format!(
-            "Secret {} holds the key with fingerprint {fp}",
-            run.policy.spec.delivery.secret.name
-        ),
-    )
-    .await;
-    Ok(StepOutcome::Continue)
-}
-
-/// Patches every target with the current fingerprint (when it differs) and reports the ones
-/// that have not finished rolling.
-async fn roll_targets(run: &Run<'_>, fingerprint: &str) -> Result<Vec<String>, ReconcileError> {
-    let reference = run.policy.object_ref(&());
-    let source = shared::RolloutSource {
+    const NAMES: Names = Names {
         kind: KIND,
-        name: &run.name,
-        namespace: &run.ns,
-        reference: &reference,
+        controller: CONTROLLER,
+        finalizer: FINALIZER,
+        store_kind: STORE_KIND,
+        noun: "key",
+        minted_reason: "KeyMinted",
+        retired_reason: "KeyExpired",
+        orphan_reason: "OrphanKeyExpired",
+        ready_reason: "KeyReady",
+        missing_reason: "KeyMissing",
     };
-    shared::roll_targets(
-        run.ctx,
-        &source,
-        &run.policy.spec.delivery.rollout_targets,
-        fingerprint,
-    )
-    .await
-}
 
-async fn roll_out(run: &mut Run<'_>, v: &Validated) -> Result<StepOutcome, ReconcileError> {
-    let now = run.ctx.clock.now();
-    let mut status = run.status();
-    let mut rotation = rotation_of(&status);
-    let fp = status
-        .current_key
-        .as_ref()
-        .map(|k| k.fingerprint.clone())
-        .unwrap_or_default();
-    let pending = roll_targets(run, &fp).await?;
-    let elapsed =
-        Duration::try_from(now.duration_since(rotation.started_at.0)).unwrap_or(Duration::ZERO);
-    if !pending.is_empty() && elapsed < run.ctx.config.rollout_ceiling {
-        return Ok(StepOutcome::Wait(run.ctx.config.rollout_poll));
+    fn account_name(obj: &StripeKeyPolicy) -> &str {
+        &obj.spec.account_ref.name
     }
-    if !pending.is_empty() {
-        let message = format!(
-            "rollout did not finish within {}: {}; the rotation continues",
-            humantime::format_duration(run.ctx.config.rollout_ceiling),
-            pending.join("; ")
-        );
-        set_condition(
-            &mut status.conditions,
-            condition_types::DEGRADED,
-            true,
-            "RolloutStuck",
-            message.clone(),
-            run.policy.metadata.generation,
-            now,
-        );
-        run.event(EventType::Warning, "RolloutStuck", message).await;
-    } else {
-        set_condition(
-            &mut status.conditions,
-            condition_types::DEGRADED,
-            false,
-            "RolloutComplete",
-            "every rollout target runs the current key",
-            run.policy.metadata.generation,
-            now,
-        );
-    }
-    rotation.rolled_out_at = Some(time(now));
-    rotation.phase = match rotation.trigger {
-        RotationTrigger::Initial | RotationTrigger::Incident => RotationPhase::Idle,
-        _ if status.previous_key.is_none() => RotationPhase::Idle,
-        _ => RotationPhase::Overlapping,
-    };
-    if rotation.phase == RotationPhase::Overlapping
-        && let Some(prev) = status.previous_key.as_mut()
-    {
-        // The old key's end is known now: the overlap runs from the end of the rollout.
-        let overlap = SignedDuration::try_from(v.overlap).unwrap_or(SignedDuration::ZERO);
-        prev.expires_at = Some(time(now.checked_add(overlap).unwrap_or(now)));
-    }
-    if rotation.phase == RotationPhase::Idle {
-        finish(run, status, rotation).await?;
-    } else {
-        status.rotation = Some(rotation);
-        run.write_status(status).await?;
-    }
-    Ok(StepOutcome::Continue)
-}
 
-async fn overlap(run: &mut Run<'_>, v: &Validated) -> Result<StepOutcome, ReconcileError> {
-    let now = run.ctx.clock.now();
-    let mut status = run.status();
-    let mut rotation = rotation_of(&status);
-    let rolled = rotation.rolled_out_at.as_ref().map(|t| t.0).unwrap_or(now);
-    let ends = rolled
-        .checked_add(SignedDuration::try_from(v.overlap).unwrap_or(SignedDuration::ZERO))
-        .unwrap_or(now);
-    if now < ends {
-        if let Some(prev) = status.previous_key.as_mut()
-            && prev.expires_at.is_none()
-        {
-            prev.expires_at = Some(time(ends));
-            run.write_status(status).await?;
-        }
-        return Ok(StepOutcome::Wait(
-            until(now, ends).max(Duration::from_secs(1)),
-        ));
+    fn validate(
+        obj: &StripeKeyPolicy,
+        account: Option<&StripeAccount>,
+        namespace_labels: &BTreeMap<String, String>,
+        guardrails: &[crate::api::StripeGuardrail],
+        now: Timestamp,
+    ) -> Result<Validated, Refusal> {
+        validate(obj, account, namespace_labels, guardrails, now)
     }
-    rotation.phase = RotationPhase::Expiring;
-    status.rotation = Some(rotation);
-    run.write_status(status).await?;
-    Ok(StepOutcome::Continue)
-}
 
-async fn expire_key(
-    run: &Run<'_>,
-    handle: &AccountHandle,
-    key_id: &str,
-    number: i64,
-) -> Result<(), ReconcileError> {
-    match handle
-        .client
-        .expire_api_key(
-            key_id,
-            &idempotency_key(&run.uid, number as u64, &format!("expire-{key_id}")),
-        )
-        .await
-    {
-        Ok(_) => Ok(()),
-        Err(e) if e.is_not_found() => Ok(()),
-        Err(e)
-            if e.code() == Some("api_key_expired")
-                || e.status() == Some(400) && e.code() == Some("resource_already_expired") =>
-        {
-            Ok(())
-        }
-        Err(e) => Err(e.into()),
+    fn schedule(spec: &Validated) -> Option<&Schedule> {
+        spec.schedule.as_ref()
     }
-}
 
-async fn expire_previous(
-    run: &mut Run<'_>,
-    handle: &AccountHandle,
-) -> Result<StepOutcome, ReconcileError> {
-    let mut status = run.status();
-    let mut rotation = rotation_of(&status);
-    if let Some(previous) = status.previous_key.clone() {
-        expire_key(run, handle, &previous.id, rotation.number).await?;
-        run.ctx.crash_point("expired")?;
-        run.event(
-            if rotation.trigger == RotationTrigger::Incident {
-                EventType::Warning
-            } else {
-                EventType::Normal
-            },
-            "KeyExpired",
-            format!(
-                "expired key {} (fingerprint {}) at Stripe",
-                previous.id, previous.fingerprint
-            ),
-        )
-        .await;
+    fn overlap(spec: &Validated) -> Duration {
+        spec.overlap
     }
-    // Drop the previous key from the store (one CAS write) and from the status.
-    let path = run.store_path()?;
-    for attempt in 0..3 {
-        let Some(existing) = run.ctx.store.read_bundle(&path).await? else {
-            break;
+
+    fn revoke_on_delete(obj: &StripeKeyPolicy) -> bool {
+        obj.spec
+            .rotation
+            .as_ref()
+            .and_then(|r| r.revoke_on_delete)
+            .unwrap_or(true)
+    }
+
+    fn needs_new_credential(
+        _obj: &StripeKeyPolicy,
+        status: &StripeKeyPolicyStatus,
+        spec: &Validated,
+    ) -> bool {
+        scopes_changed(status, spec)
+    }
+
+    fn prepare(
+        _obj: &StripeKeyPolicy,
+        spec: &Validated,
+        _status: &mut StripeKeyPolicyStatus,
+        rotation: &mut RotationState,
+    ) {
+        rotation.permissions = spec.permissions.clone();
+        rotation.connect_permissions = spec.connect_permissions.clone();
+    }
+
+    async fn create(
+        run: &Run<'_, Self>,
+        handle: &AccountHandle,
+        rotation: &RotationState,
+    ) -> Result<Minted, ReconcileError> {
+        let params = create_params(run, handle, rotation)?;
+        let response = handle
+            .client
+            .create_api_key(&params, &engine::create_key(&run.uid, rotation))
+            .await?;
+        let key = response.value;
+        let secret = match &handle.keys {
+            Some(keys) => key
+                .reveal_secret(keys)
+                .map_err(crate::stripe::StripeError::from)?,
+            None => key.plaintext_secret().cloned(),
         };
-        if existing.value.previous.is_none() {
-            break;
+        let secret = secret.ok_or_else(|| ReconcileError::MissingSecret {
+            key_id: key.id.clone(),
+            message: "the create response carried neither a token nor an encrypted secret".into(),
+        })?;
+        Ok(Minted {
+            id: key.id.clone(),
+            secret,
+            created: ts_from_chrono(key.created),
+            key: Some(Box::new(key)),
+        })
+    }
+
+    /// The create's answer says what the key may do: its `permissions` (and Connect
+    /// permissions) must equal the declared sets exactly. Live probes (one allowed and one
+    /// refused call with the new key) run in addition for the first key of each account since
+    /// the operator started (the permission catalogue changes only with the binary), so the
+    /// bulk path costs one Stripe call per key. Only a clear verdict condemns a key; bad
+    /// weather is an error that retries.
+    async fn verify(
+        run: &Run<'_, Self>,
+        handle: &AccountHandle,
+        rotation: &RotationState,
+        minted: &Minted,
+    ) -> Result<Verdict, ReconcileError> {
+        use crate::stripe::verify::{ScopeCheckError, check_scopes, verify_response_scopes};
+        let Some(key) = minted.key.as_deref() else {
+            return Ok(Verdict::Wrong("no key object to verify".into()));
+        };
+        if let Err(message) =
+            verify_response_scopes(key, &rotation.permissions, &rotation.connect_permissions)
+        {
+            return Ok(Verdict::Wrong(message));
         }
-        match run
-            .ctx
-            .store
-            .write_bundle(
-                &path,
-                &existing.value.without_previous(),
-                Cas::Version(existing.version),
+        let account = run.context.clone().unwrap_or_default();
+        if run.ctx.scope_probes_done(&account) {
+            return Ok(Verdict::Good);
+        }
+        match check_scopes(&handle.client, &minted.secret, &rotation.permissions).await {
+            Ok(()) => {
+                run.ctx.record_scope_probe(&account);
+                Ok(Verdict::Good)
+            }
+            Err(ScopeCheckError::WrongScopes(message)) => Ok(Verdict::Wrong(message)),
+            Err(e) => Err(ReconcileError::ScopeProbe(e.to_string())),
+        }
+    }
+
+    async fn retire(
+        run: &Run<'_, Self>,
+        handle: &AccountHandle,
+        id: &str,
+        number: i64,
+    ) -> Result<(), crate::stripe::StripeError> {
+        handle
+            .client
+            .expire_api_key_confirmed(
+                id,
+                &idempotency_key(&run.uid, number as u64, &format!("expire-{id}")),
             )
             .await
-        {
-            Ok(_) => {
-                run.ctx.audit.record(
-                    crate::audit::AuditEntry::store_write(run.actor(&status), path.as_str())
-                        .key(
-                            &existing.value.current.key_id,
-                            &existing.value.current.fingerprint,
-                        )
-                        .detail("previous_dropped", true)
-                        .success(),
-                );
-                break;
-            }
-            Err(e) if e.is_conflict() && attempt < 2 => continue,
-            Err(e) => return Err(e.into()),
+            .map(|_| ())
+    }
+
+    async fn list_owned(
+        run: &Run<'_, Self>,
+        handle: &AccountHandle,
+    ) -> Result<Vec<Owned>, ReconcileError> {
+        let name = key_name(&run.ns, &run.name);
+        let note_marker = format!("policy-uid={} ", run.uid);
+        let keys = handle
+            .client
+            .list_all_api_keys(&ListApiKeysParams {
+                include_expired: Some(false),
+                limit: Some(100),
+            })
+            .await?;
+        Ok(keys
+            .items
+            .into_iter()
+            .filter(|k| {
+                k.name.as_deref() == Some(name.as_str())
+                    && k.note
+                        .as_deref()
+                        .is_some_and(|n| n.starts_with(&note_marker))
+            })
+            .map(|k| Owned {
+                active: k.status == crate::stripe::ApiKeyStatus::Active,
+                id: k.id,
+            })
+            .collect())
+    }
+
+    fn publish(
+        obj: &StripeKeyPolicy,
+        current: &SecretString,
+        previous: Option<&SecretString>,
+    ) -> Vec<(String, SecretString)> {
+        let delivery = &obj.spec.delivery.secret;
+        let mut entries = vec![(delivery.key_name().to_string(), current.clone())];
+        if let Some(p) = previous {
+            entries.push((delivery.previous_key_name().to_string(), p.clone()));
         }
+        entries
     }
-    status.previous_key = None;
-    sweep_orphans(run, handle, &status).await?;
-    if rotation.trigger == RotationTrigger::Incident && rotation.rolled_out_at.is_none() {
-        // Incident: the old key is dead; now publish and roll the new one.
-        rotation.phase = RotationPhase::Syncing;
-        status.rotation = Some(rotation);
-        run.write_status(status).await?;
-        return Ok(StepOutcome::Continue);
+
+    fn secret_name(obj: &StripeKeyPolicy) -> String {
+        obj.spec.delivery.secret.name.clone()
     }
-    run.write_status(status.clone()).await?;
-    sync_secret(run).await?;
-    finish(run, status, rotation).await?;
-    Ok(StepOutcome::Continue)
+
+    fn rollout_targets(obj: &StripeKeyPolicy) -> &[crate::api::RolloutTarget] {
+        &obj.spec.delivery.rollout_targets
+    }
+
+    fn on_stored(status: &mut StripeKeyPolicyStatus, rotation: &RotationState) {
+        status.current_permissions = rotation.permissions.clone();
+        status.current_connect_permissions = rotation.connect_permissions.clone();
+    }
 }
 
-/// Keys named like this policy's that status does not know (a create whose answer was lost
-/// beyond the idempotency window) are expired.
-async fn sweep_orphans(
-    run: &Run<'_>,
-    handle: &AccountHandle,
-    status: &StripeKeyPolicyStatus,
-) -> Result<(), ReconcileError> {
-    let name = key_name(&run.ns, &run.name);
-    let known: Vec<&str> = [
-        status.current_key.as_ref(),
-        status.previous_key.as_ref(),
-        status.rotation.as_ref().and_then(|r| r.new_key.as_ref()),
-    ]
-    .into_iter()
-    .flatten()
-    .map(|k| k.id.as_str())
-    .collect();
-    let keys = handle
-        .client
-        .list_all_api_keys(&ListApiKeysParams {
-            include_expired: Some(false),
-            limit: Some(100),
-        })
-        .await?;
-    let note_marker = format!("policy-uid={} ", run.uid);
-    for key in keys.items {
-        let ours = key.name.as_deref() == Some(name.as_str())
-            && key
-                .note
-                .as_deref()
-                .is_some_and(|n| n.starts_with(&note_marker));
-        if ours
-            && key.status == crate::stripe::ApiKeyStatus::Active
-            && !known.contains(&key.id.as_str())
-        {
-            expire_key(run, handle, &key.id, status.rotation_number.unwrap_or(0)).await?;
-            run.event(
-                EventType::Warning,
-                "OrphanKeyExpired",
-                format!(
-                    "expired orphaned key {} that this policy minted but never published",
-                    key.id
-                ),
-            )
-            .await;
-        }
-    }
-    Ok(())
-}
-
-async fn finish(
-    run: &mut Run<'_>,
-    mut status: StripeKeyPolicyStatus,
-    rotation: RotationState,
-) -> Result<(), ReconcileError> {
-    let now = run.ctx.clock.now();
-    status.rotation = None;
-    set_condition(
-        &mut status.conditions,
-        condition_types::ROTATING,
-        false,
-        "RotationComplete",
-        format!(
-            "rotation {} ({:?}) complete",
-            rotation.number, rotation.trigger
-        ),
-        run.policy.metadata.generation,
-        now,
-    );
-    run.write_status(status).await?;
-    run.ctx
-        .metrics
-        .rotations
-        .get_or_create(&crate::metrics::RotationLabels {
-            kind: KIND.into(),
-            trigger: format!("{:?}", rotation.trigger),
-        })
-        .inc();
-    run.event(
-        EventType::Normal,
-        "RotationComplete",
-        format!(
-            "rotation {} ({:?}) complete",
-            rotation.number, rotation.trigger
-        ),
-    )
-    .await;
-    Ok(())
-}
-
-/// Steady state: make sure the Secret and the targets match, keep status current, requeue for
-/// the next rotation. Writes nothing when nothing changed.
-async fn idle(run: &mut Run<'_>, v: &Validated) -> Result<Action, ReconcileError> {
-    let now = run.ctx.clock.now();
-    if sync_secret(run).await? {
-        run.event(
-            EventType::Normal,
-            "SecretRepaired",
-            format!(
-                "Secret {} was missing or changed and was written again",
-                run.policy.spec.delivery.secret.name
-            ),
-        )
-        .await;
-    }
-    let mut status = run.status();
-    let fp = status
-        .current_key
-        .as_ref()
-        .map(|k| k.fingerprint.clone())
-        .unwrap_or_default();
-    let pending = roll_targets(run, &fp).await?;
-    let next = next_rotation_at(&run.policy, v);
-    status.next_rotation_at = next.map(time);
-    status.observed_generation = run.policy.metadata.generation;
-    let key_id = status
-        .current_key
-        .as_ref()
-        .map(|k| k.id.clone())
-        .unwrap_or_default();
-    set_condition(
-        &mut status.conditions,
-        condition_types::READY,
-        true,
-        "KeyReady",
-        format!("key {key_id} (fingerprint {fp}) is published"),
-        run.policy.metadata.generation,
-        now,
-    );
-    if status.rotation.is_none()
-        && crate::api::conditions::find(&status.conditions, condition_types::ROTATING).is_none()
-    {
-        set_condition(
-            &mut status.conditions,
-            condition_types::ROTATING,
-            false,
-            "Idle",
-            "no rotation in progress",
-            run.policy.metadata.generation,
-            now,
-        );
-    }
-    if pending.is_empty() {
-        set_condition(
-            &mut status.conditions,
-            condition_types::DEGRADED,
-            false,
-            "RolloutComplete",
-            "every rollout target runs the current key",
-            run.policy.metadata.generation,
-            now,
-        );
-    }
-    run.write_status(status.clone()).await?;
-    let labels = crate::metrics::ObjectLabels {
-        kind: KIND.into(),
-        namespace: run.ns.clone(),
-        name: run.name.clone(),
-    };
-    if let Some(created) = status.last_rotation_at.as_ref() {
-        let age = now.duration_since(created.0).as_secs_f64().max(0.0);
-        run.ctx
-            .metrics
-            .key_age_seconds
-            .get_or_create(&labels)
-            .set(age);
-    }
-    let wait = match next {
-        Some(at) => {
-            let d = until(now, at);
-            run.ctx
-                .metrics
-                .next_rotation_seconds
-                .get_or_create(&labels)
-                .set(d.as_secs_f64());
-            d.min(run.ctx.config.resync)
-        }
-        None => run.ctx.config.resync,
-    };
-    if !pending.is_empty() {
-        return Ok(Action::requeue(run.ctx.config.rollout_poll));
-    }
-    Ok(Action::requeue(wait.max(Duration::from_millis(200))))
-}
-
-async fn cleanup(
-    policy: Arc<StripeKeyPolicy>,
-    ctx: Arc<Context>,
-) -> Result<Action, ReconcileError> {
-    let ns = policy.namespace().unwrap_or_default();
-    let run = Run {
-        ctx: &ctx,
-        policy: (*policy).clone(),
-        api: Api::namespaced(ctx.client.clone(), &ns),
-        uid: policy.uid().unwrap_or_default(),
-        minted: None,
-        name: policy.name_any(),
-        ns,
-    };
-    let status = run.status();
-    let revoke = policy
-        .spec
-        .rotation
-        .as_ref()
-        .and_then(|r| r.revoke_on_delete)
-        .unwrap_or(true);
-    let accounts: Api<StripeAccount> = Api::all(ctx.client.clone());
-    if revoke {
-        match accounts.get_opt(&policy.spec.account_ref.name).await? {
-            Some(account) => {
-                let handle = ctx.accounts.resolve(&ctx, &account).await?;
-                let observer = ctx.call_observer(
-                    crate::audit::Actor::resource(KIND, Some(&run.ns), &run.name)
-                        .triggered_by("Delete"),
-                );
-                let handle = AccountHandle {
-                    client: handle.client.with_observer(observer),
-                    ..handle
-                };
-                let ids: Vec<KeyStatus> = [
-                    status.current_key.clone(),
-                    status.previous_key.clone(),
-                    status.rotation.as_ref().and_then(|r| r.new_key.clone()),
-                ]
-                .into_iter()
-                .flatten()
-                .collect();
-                for k in &ids {
-                    expire_key(&run, &handle, &k.id, status.rotation_number.unwrap_or(0)).await?;
-                    run.event(
-                        EventType::Normal,
-                        "KeyExpired",
-                        format!(
-                            "expired key {} (fingerprint {}) because the policy is deleted",
-                            k.id, k.fingerprint
-                        ),
-                    )
-                    .await;
-                }
-                let empty = StripeKeyPolicyStatus::default();
-                sweep_orphans(&run, &handle, &empty).await?;
-            }
-            None => {
-                warn!("the StripeAccount is gone: the policy's keys cannot be expired at Stripe")
-            }
-        }
-    }
-    let path = run.store_path()?;
-    ctx.store.delete(&path).await?;
-    ctx.audit.record(
-        crate::audit::AuditEntry::store_delete(
-            crate::audit::Actor::resource(KIND, Some(&run.ns), &run.name).triggered_by("Delete"),
-            path.as_str(),
-        )
-        .success(),
-    );
-    ctx.metrics.forget_object(&crate::metrics::ObjectLabels {
-        kind: KIND.into(),
-        namespace: run.ns.clone(),
-        name: run.name.clone(),
-    });
-    info!("policy deleted: keys expired and store entry removed");
-    Ok(Action::await_change())
+/// Whether the declared scopes (permissions or Connect permissions) differ from the current
+/// key's. Pure.
+pub fn scopes_changed(status: &StripeKeyPolicyStatus, v: &Validated) -> bool {
+    status.current_permissions != v.permissions
+        || status.current_connect_permissions != v.connect_permissions
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::{RotationPhase, RotationTrigger};
+    use crate::rotation::engine::Next;
+
+    /// The engine's decision for this resource, as the controller computes it.
+    fn decide(p: &StripeKeyPolicy, v: &Validated, now: Timestamp) -> Next {
+        let status = p.status.clone().unwrap_or_default();
+        engine::decide(
+            p.annotations(),
+            &status,
+            status.current_key.is_some() && scopes_changed(&status, v),
+            engine::next_rotation_at::<KeyPolicy>(p, v).is_some_and(|at| at <= now),
+        )
+    }
     use crate::api::StripeKeyPolicySpec;
     use serde_json::json;
 
@@ -1437,7 +547,7 @@ mod tests {
         let v = validate(&fresh, Some(&open), &labels, &[], now()).unwrap();
         assert_eq!(
             decide(&fresh, &v, now()),
-            Next::Start(RotationTrigger::Initial)
+            Next::Start(RotationTrigger::Initial, None)
         );
 
         let steady = json!({"currentKey": {"id": "ak_1", "fingerprint": "f"}, "currentPermissions": ["charge_read", "refund_write"],
@@ -1447,7 +557,7 @@ mod tests {
         let later: Timestamp = "2026-07-01T00:00:00Z".parse().unwrap();
         assert_eq!(
             decide(&p, &v, later),
-            Next::Start(RotationTrigger::Schedule)
+            Next::Start(RotationTrigger::Schedule, None)
         );
 
         let p = policy(
@@ -1457,17 +567,14 @@ mod tests {
         );
         assert_eq!(
             decide(&p, &v, now()),
-            Next::Start(RotationTrigger::Annotation)
+            Next::Start(RotationTrigger::Annotation, Some("1".into()))
         );
         let p = policy(
             spec(),
             Some(steady.clone()),
             json!({"stripekeys.io/rotate": "2", "stripekeys.io/rotate-reason": "incident"}),
         );
-        assert_eq!(
-            decide(&p, &v, now()),
-            Next::Start(RotationTrigger::Incident)
-        );
+        assert_eq!(decide(&p, &v, now()), Next::Escalate("2".into()));
         let mut handled = steady.clone();
         handled["lastHandledRotateRequest"] = json!("2");
         let p = policy(
@@ -1487,7 +594,7 @@ mod tests {
         let v2 = validate(&p, Some(&open), &labels, &[], now()).unwrap();
         assert_eq!(
             decide(&p, &v2, now()),
-            Next::Start(RotationTrigger::SpecChange)
+            Next::Start(RotationTrigger::SpecChange, None)
         );
 
         let mut rotating = steady;

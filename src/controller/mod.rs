@@ -6,7 +6,7 @@ pub mod clock;
 pub mod crd_check;
 pub mod error;
 pub mod keypolicy;
-mod shared;
+pub mod shared;
 pub mod webhook;
 
 use std::net::SocketAddr;
@@ -158,15 +158,45 @@ pub struct RunConfig {
     /// they wait for a token.
     #[arg(long, env = "MAX_CONCURRENT_RECONCILES", default_value_t = DEFAULT_CONCURRENCY, value_parser = clap::value_parser!(u16).range(1..))]
     pub max_concurrent_reconciles: u16,
+    /// Hosts a StripeAccount's `apiBase` may name (`host` or `host:port`, comma-separated): the
+    /// operator sends an app key nowhere else.
+    #[arg(
+        long,
+        env = "ALLOWED_API_HOSTS",
+        value_delimiter = ',',
+        default_value = crate::rules::STRIPE_API_HOST
+    )]
+    pub allowed_api_hosts: Vec<String>,
+    /// Also allow loopback API bases (`http://127.0.0.1:...`): for a local simulator only.
+    #[arg(long, env = "ALLOW_LOOPBACK_API", default_value_t = false, action = clap::ArgAction::Set)]
+    pub allow_loopback_api: bool,
+    /// The operator's ServiceAccount name (the chart sets it from the pod spec): requests made
+    /// as `system:serviceaccount:<namespace>:<name>` are exempt from the literal-keys webhook.
+    /// Unset: nobody is exempt.
+    #[arg(long, env = "SERVICE_ACCOUNT_NAME")]
+    pub service_account_name: Option<String>,
 }
 
 /// Reconciles each controller runs at once unless configured otherwise.
 pub const DEFAULT_CONCURRENCY: u16 = 16;
 
 impl RunConfig {
+    /// The account trust settings of these flags (allowed API hosts, namespace, store prefix).
+    pub fn account_trust(&self) -> Result<crate::rules::AccountTrust, RunError> {
+        Ok(crate::rules::AccountTrust {
+            api_hosts: crate::rules::ApiHosts::new(
+                &self.allowed_api_hosts,
+                self.allow_loopback_api,
+            )
+            .map_err(RunError::Settings)?,
+            operator_namespace: self.namespace.clone(),
+            store_prefix: StorePrefix::new(&self.vault_prefix)?,
+        })
+    }
+
     /// The admission webhook settings of these flags.
-    pub fn webhook_config(&self) -> crate::webhook::server::WebhookConfig {
-        crate::webhook::server::WebhookConfig {
+    pub fn webhook_config(&self) -> Result<crate::webhook::server::WebhookConfig, RunError> {
+        Ok(crate::webhook::server::WebhookConfig {
             addr: self.webhook_addr,
             cert_mode: self.webhook_cert_mode,
             cert_dir: self.webhook_cert_dir.clone(),
@@ -174,8 +204,14 @@ impl RunConfig {
             service: self.webhook_service.clone(),
             config_name: self.webhook_config_name.clone().filter(|n| !n.is_empty()),
             include_test_keys: self.webhook_include_test_keys,
+            exempt_username: self
+                .service_account_name
+                .as_deref()
+                .filter(|n| !n.is_empty())
+                .map(|sa| crate::webhook::admission::service_account_username(&self.namespace, sa)),
+            account_trust: self.account_trust()?,
             check_interval: Duration::from_secs(60),
-        }
+        })
     }
 }
 
@@ -200,6 +236,8 @@ pub struct ControllerConfig {
     pub crash_hook: Option<Arc<CrashHook>>,
     /// Reconciles each controller runs at once.
     pub concurrency: u16,
+    /// Hosts a StripeAccount's `apiBase` may name (default: Stripe's API host only).
+    pub api_hosts: crate::rules::ApiHosts,
 }
 
 /// A test hook that simulates a crash right after a side effect and before its status write.
@@ -246,6 +284,7 @@ impl ControllerConfig {
             resync: Duration::from_secs(600),
             crash_hook: None,
             concurrency: DEFAULT_CONCURRENCY,
+            api_hosts: crate::rules::ApiHosts::stripe_only(),
         }
     }
 }
@@ -263,6 +302,8 @@ pub struct Context {
     /// The tamper-evident audit log (disabled unless set with [`Context::with_audit`]).
     pub audit: crate::audit::AuditLog,
     recorder: Recorder,
+    /// Stripe accounts (contexts) whose scope catalogue was proven by live probes since start.
+    probed_accounts: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 /// Reports each Stripe HTTP attempt of one reconcile to the metrics and the audit log.
@@ -335,7 +376,24 @@ impl Context {
             config,
             stripe_observer,
             audit: crate::audit::AuditLog::disabled(),
+            probed_accounts: Default::default(),
         }
+    }
+
+    /// Whether a key of Stripe account `context` passed live scope probes since start.
+    pub fn scope_probes_done(&self, context: &str) -> bool {
+        self.probed_accounts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(context)
+    }
+
+    /// Records that a key of `context` passed live scope probes.
+    pub fn record_scope_probe(&self, context: &str) {
+        self.probed_accounts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(context.to_string());
     }
 
     /// Sets the audit log.
@@ -571,6 +629,8 @@ pub enum RunError {
     Store(#[from] crate::vault::StoreError),
     #[error("opening the audit log: {0}")]
     Audit(String),
+    #[error("invalid setting: {0}")]
+    Settings(String),
 }
 
 /// Lists one object through each `Api` to prove the CRD of `kind` is served. 404: not installed.
@@ -670,6 +730,7 @@ pub async fn run_with_client(
         .filter(|n| !n.is_empty())
         .cloned()
         .collect();
+    let webhook_config = config.webhook_config()?;
     check_crds(&client, &namespaces).await?;
     crd_check::check_crd_schemas(&client).await?;
     let metrics = Metrics::new();
@@ -689,7 +750,7 @@ pub async fn run_with_client(
     // Every replica serves admission (the API server picks any ready endpoint), so the
     // webhook starts before leader election.
     let webhook_task = match crate::webhook::server::start(
-        &config.webhook_config(),
+        &webhook_config,
         client.clone(),
         shutdown.clone(),
     )
@@ -754,6 +815,7 @@ pub async fn run_with_client(
             Arc::new(clock::SystemClock),
             ControllerConfig {
                 concurrency: config.max_concurrent_reconciles,
+                api_hosts: webhook_config.account_trust.api_hosts.clone(),
                 ..ControllerConfig::new(&config.namespace, prefix)
             },
             None,

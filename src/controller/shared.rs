@@ -121,19 +121,22 @@ fn workload_resource(kind: WorkloadKind) -> ApiResource {
     ApiResource::from_gvk_with_plural(&gvk, kind.plural())
 }
 
-/// The workloads `targets` name, resolved (selectors listed).
+/// The workloads `targets` name, resolved (selectors listed), and the named ones that do not
+/// exist (as that kind).
 async fn resolve_targets(
     ctx: &Context,
     ns: &str,
     targets: &[RolloutTarget],
-) -> Result<Vec<(WorkloadKind, DynamicObject)>, ReconcileError> {
+) -> Result<(Vec<(WorkloadKind, DynamicObject)>, Vec<String>), ReconcileError> {
     let mut out = Vec::new();
+    let mut missing = Vec::new();
     for t in targets {
         let ar = workload_resource(t.kind);
         let api: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), ns, &ar);
         if let Some(name) = &t.name {
-            if let Some(obj) = api.get_opt(name).await? {
-                out.push((t.kind, obj));
+            match api.get_opt(name).await? {
+                Some(obj) => out.push((t.kind, obj)),
+                None => missing.push(format!("{:?} {name}", t.kind)),
             }
         } else if let Some(selector) = &t.selector {
             let selector = kube::core::Selector::try_from(selector.clone()).map_err(|e| {
@@ -148,7 +151,44 @@ async fn resolve_targets(
             out.extend(list.items.into_iter().map(|o| (t.kind, o)));
         }
     }
-    Ok(out)
+    Ok((out, missing))
+}
+
+/// Where the rollout targets stand.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub(crate) struct RolloutReport {
+    /// Targets still rolling, with what they wait for.
+    pub pending: Vec<String>,
+    /// Named targets that do not exist (or not as the declared kind).
+    pub missing: Vec<String>,
+}
+
+impl RolloutReport {
+    /// Every target exists and runs the current credential.
+    pub fn is_complete(&self) -> bool {
+        self.pending.is_empty() && self.missing.is_empty()
+    }
+}
+
+/// Deletes the Secret `name` when this resource (`owner_uid`) controls it. Returns whether it
+/// deleted.
+pub(crate) async fn delete_owned_secret(
+    ctx: &Context,
+    ns: &str,
+    owner_uid: &str,
+    name: &str,
+) -> Result<bool, ReconcileError> {
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    match secrets.get_opt(name).await? {
+        Some(existing) if inject::may_write_secret(Some(&existing), owner_uid) => {
+            match secrets.delete(name, &Default::default()).await {
+                Ok(_) => Ok(true),
+                Err(kube::Error::Api(s)) if s.code == 404 => Ok(false),
+                Err(e) => Err(e.into()),
+            }
+        }
+        _ => Ok(false),
+    }
 }
 
 /// The source whose secret the targets consume.
@@ -170,9 +210,9 @@ pub(crate) async fn roll_targets(
     source: &RolloutSource<'_>,
     targets: &[RolloutTarget],
     fingerprint: &str,
-) -> Result<Vec<String>, ReconcileError> {
+) -> Result<RolloutReport, ReconcileError> {
     let key = inject::rollout_annotation_key(source.kind, source.name);
-    let resolved = resolve_targets(ctx, source.namespace, targets).await?;
+    let (resolved, missing) = resolve_targets(ctx, source.namespace, targets).await?;
     let mut pending = Vec::new();
     for (kind, obj) in resolved {
         let name = obj.name_any();
@@ -222,7 +262,7 @@ pub(crate) async fn roll_targets(
             pending.push(format!("{kind:?} {name}: {why}"));
         }
     }
-    Ok(pending)
+    Ok(RolloutReport { pending, missing })
 }
 
 /// Refusal message for `delivery.vault.subPath`, which is not written yet: refused rather than
@@ -247,7 +287,7 @@ pub(crate) fn audit_actor(
 
 /// A resource whose status carries a rotation state machine: a StripeKeyPolicy or a
 /// StripeWebhookEndpoint.
-pub(crate) trait RotatingResource:
+pub trait RotatingResource:
     Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
     + Clone
     + DeserializeOwned
@@ -255,6 +295,7 @@ pub(crate) trait RotatingResource:
 {
     type Status: Serialize + PartialEq;
     fn status_slot(&mut self) -> &mut Option<Self::Status>;
+    fn status_ref(&self) -> Option<&Self::Status>;
     fn rotation(status: &Self::Status) -> Option<&crate::api::RotationState>;
     fn current_key(status: &Self::Status) -> Option<&crate::api::KeyStatus>;
 }
@@ -263,6 +304,9 @@ impl RotatingResource for crate::api::StripeKeyPolicy {
     type Status = crate::api::StripeKeyPolicyStatus;
     fn status_slot(&mut self) -> &mut Option<Self::Status> {
         &mut self.status
+    }
+    fn status_ref(&self) -> Option<&Self::Status> {
+        self.status.as_ref()
     }
     fn rotation(status: &Self::Status) -> Option<&crate::api::RotationState> {
         status.rotation.as_ref()
@@ -276,6 +320,9 @@ impl RotatingResource for crate::api::StripeWebhookEndpoint {
     type Status = crate::api::StripeWebhookEndpointStatus;
     fn status_slot(&mut self) -> &mut Option<Self::Status> {
         &mut self.status
+    }
+    fn status_ref(&self) -> Option<&Self::Status> {
+        self.status.as_ref()
     }
     fn rotation(status: &Self::Status) -> Option<&crate::api::RotationState> {
         status.rotation.as_ref()

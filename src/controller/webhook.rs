@@ -1,56 +1,45 @@
-//! The StripeWebhookEndpoint controller: create the endpoint at Stripe, keep Stripe's side as
-//! declared, publish its signing secret, and rotate the secret blue/green.
+//! The StripeWebhookEndpoint controller: an adapter over the
+//! [rotation engine](crate::rotation::engine) for webhook endpoints and their signing secrets.
 //!
-//! Stripe has no API that rolls a signing secret, so every rotation creates a second endpoint
-//! with the same settings, publishes both secrets, rolls the targets, waits for the overlap and
-//! deletes the old endpoint. The rotation is the same state machine as the key policy's,
-//! recorded in `status.rotation` *before* each external side effect:
+//! Stripe has no API that rolls a signing secret, so every rotation is blue/green: a second
+//! endpoint with the same settings is created and **disabled at once** (Stripe's create takes no
+//! `disabled`), its secret is published and the targets roll, and only then is it enabled; the
+//! old endpoint carries every event meanwhile, so no receiver ever sees an event signed with a
+//! secret it does not hold yet. After the overlap the old endpoint is deleted. In an incident
+//! the old endpoint goes at once and the new one stays enabled: Stripe retries rejected
+//! deliveries for days, so nothing is lost once receivers load the secret.
 //!
-//! ```text
-//! routine:  Minting → Storing → Syncing → RollingOut → Overlapping → Expiring → (idle)
-//! initial:  Minting → Storing → Syncing → RollingOut → (idle)
-//! recreate: Minting → Storing → Syncing → RollingOut → (idle)   (the endpoint vanished at Stripe)
-//! incident: Minting → Storing → Expiring → Syncing → RollingOut → (idle)
-//! ```
-//!
-//! "Minting" creates the endpoint with an idempotency key derived from the resource UID and the
-//! rotation number and with the exact parameters recorded in `status.pendingEndpoint`, so a
-//! replay after a crash returns the same endpoint and its secret instead of creating another.
-//!
-//! In the idle state the controller compares Stripe's side with the spec every
-//! `spec.driftCheckInterval` (and after every spec change) and puts back what was changed at
-//! Stripe.
+//! The create sends the exact parameters recorded in `status.pendingEndpoint`, so a replay
+//! after a crash returns the same endpoint and secret. While idle the controller compares
+//! Stripe's side with the spec every `spec.driftCheckInterval` (and after every spec change)
+//! and puts back what was changed at Stripe; an endpoint deleted at Stripe is recreated.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
-use kube::api::Api;
+use kube::ResourceExt;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
-use kube::{Resource, ResourceExt};
 use tracing::{info, instrument, warn};
 
 use super::Context;
 use super::accounts::AccountHandle;
 use super::error::ReconcileError;
 use super::shared::{self, Refusal, time, ts_from_unix};
-use crate::api::conditions::set_condition;
 use crate::api::{
-    DEFAULT_WEBHOOK_OVERLAP, KeyStatus, ROTATE_ANNOTATION, ROTATE_REASON_ANNOTATION,
-    ROTATE_REASON_INCIDENT, RotationPhase, RotationState, RotationTrigger, StripeAccount,
-    StripeWebhookEndpoint, StripeWebhookEndpointStatus, WebhookEndpointSettings, condition_types,
+    DEFAULT_WEBHOOK_OVERLAP, RotationState, RotationTrigger, StripeAccount, StripeWebhookEndpoint,
+    StripeWebhookEndpointStatus, WebhookEndpointSettings,
 };
-use crate::inject::{self, SecretEntry};
-use crate::rotation::schedule::{Schedule, parse_duration, until};
+use crate::rotation::engine::{self, Credential, Minted, Names, Owned, Run};
+use crate::rotation::schedule::{Schedule, parse_duration};
 use crate::rules;
 use crate::secret::SecretString;
 use crate::stripe::{
     CreateWebhookEndpointParams, UpdateWebhookEndpointParams, WebhookEndpoint,
     WebhookEndpointStatus, idempotency_key,
 };
-use crate::vault::{Cas, CredentialBundle, KeyMaterial, Owner, StorePath};
 
 /// The finalizer that guards the resource's endpoints at Stripe and its store entry.
 pub const FINALIZER: &str = "stripekeys.io/delete-endpoints";
@@ -271,56 +260,6 @@ pub fn drift(
     (!fields.is_empty()).then_some((params, fields))
 }
 
-/// A rotation request carried by the annotations, if it was not handled yet.
-pub fn pending_request(endpoint: &StripeWebhookEndpoint) -> Option<(String, RotationTrigger)> {
-    let annotations = endpoint.annotations();
-    let value = annotations.get(ROTATE_ANNOTATION)?.trim().to_string();
-    if value.is_empty() {
-        return None;
-    }
-    let handled = endpoint
-        .status
-        .as_ref()
-        .and_then(|s| s.last_handled_rotate_request.as_deref());
-    if handled == Some(value.as_str()) {
-        return None;
-    }
-    let incident = annotations
-        .get(ROTATE_REASON_ANNOTATION)
-        .is_some_and(|r| r.trim().eq_ignore_ascii_case(ROTATE_REASON_INCIDENT));
-    Some((
-        value,
-        if incident {
-            RotationTrigger::Incident
-        } else {
-            RotationTrigger::Annotation
-        },
-    ))
-}
-
-/// What the endpoint needs next.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Next {
-    /// Start a rotation.
-    Start(RotationTrigger),
-    /// Carry on with the recorded phase.
-    Continue(RotationPhase),
-    /// Nothing to rotate: keep Stripe's side and the Secret as declared.
-    Idle,
-}
-
-/// The next scheduled rotation of the current endpoint (stable: seeded by UID and number).
-pub fn next_rotation_at(endpoint: &StripeWebhookEndpoint, v: &Validated) -> Option<Timestamp> {
-    let status = endpoint.status.as_ref()?;
-    let last = status.last_rotation_at.as_ref()?.0;
-    let seed = format!(
-        "{}/{}",
-        endpoint.uid().unwrap_or_default(),
-        status.rotation_number.unwrap_or(0)
-    );
-    v.schedule.as_ref()?.next_rotation(last, &seed).ok()
-}
-
 /// Whether the spec asks for settings Stripe cannot update on the current endpoint.
 pub fn immutable_settings_changed(endpoint: &StripeWebhookEndpoint) -> bool {
     let Some(status) = endpoint.status.as_ref() else {
@@ -354,27 +293,6 @@ pub fn drift_check_due(
     )
 }
 
-/// Decides the next step. Pure.
-pub fn decide(endpoint: &StripeWebhookEndpoint, v: &Validated, now: Timestamp) -> Next {
-    let status = endpoint.status.clone().unwrap_or_default();
-    if let Some(rotation) = &status.rotation {
-        return Next::Continue(rotation.phase);
-    }
-    if status.current_key.is_none() {
-        return Next::Start(RotationTrigger::Initial);
-    }
-    if let Some((_, trigger)) = pending_request(endpoint) {
-        return Next::Start(trigger);
-    }
-    if immutable_settings_changed(endpoint) {
-        return Next::Start(RotationTrigger::SpecChange);
-    }
-    if next_rotation_at(endpoint, v).is_some_and(|at| at <= now) {
-        return Next::Start(RotationTrigger::Schedule);
-    }
-    Next::Idle
-}
-
 /// The comma-separated list of valid secrets, newest first.
 pub fn secrets_list(current: &SecretString, previous: Option<&SecretString>) -> SecretString {
     match previous {
@@ -383,13 +301,16 @@ pub fn secrets_list(current: &SecretString, previous: Option<&SecretString>) -> 
     }
 }
 
+/// The webhook-endpoint adapter of the rotation engine.
+pub struct Endpoint;
+
 /// Reconciles one endpoint (the entry point the `Controller` calls).
 #[instrument(skip(endpoint, ctx), fields(namespace = %endpoint.namespace().unwrap_or_default(), name = %endpoint.name_any()))]
 pub async fn reconcile(
     endpoint: Arc<StripeWebhookEndpoint>,
     ctx: Arc<Context>,
 ) -> Result<Action, ReconcileError> {
-    shared::reconcile_with_finalizer(endpoint, ctx, CONTROLLER, FINALIZER, apply, cleanup).await
+    engine::reconcile::<Endpoint>(endpoint, ctx).await
 }
 
 /// What the controller does after a failed reconcile: record it, back off, try again.
@@ -401,887 +322,248 @@ pub fn error_policy(
     shared::requeue_after_error(&ctx, CONTROLLER, &endpoint.metadata, error)
 }
 
-struct Run<'a> {
-    ctx: &'a Context,
-    endpoint: StripeWebhookEndpoint,
-    api: Api<StripeWebhookEndpoint>,
-    ns: String,
-    name: String,
-    uid: String,
-    /// The endpoint created in this reconcile and its signing secret: the store step uses them
-    /// instead of replaying the create. After a crash they are gone and the replay brings them
-    /// back.
-    created: Option<(WebhookEndpoint, SecretString)>,
-}
-
-impl Run<'_> {
-    fn new<'c>(ctx: &'c Context, endpoint: &StripeWebhookEndpoint) -> Run<'c> {
-        let ns = endpoint.namespace().unwrap_or_default();
-        Run {
-            ctx,
-            endpoint: endpoint.clone(),
-            api: Api::namespaced(ctx.client.clone(), &ns),
-            uid: endpoint.uid().unwrap_or_default(),
-            name: endpoint.name_any(),
-            ns,
-            created: None,
-        }
-    }
-
-    fn status(&self) -> StripeWebhookEndpointStatus {
-        self.endpoint.status.clone().unwrap_or_default()
-    }
-
-    fn generation(&self) -> Option<i64> {
-        self.endpoint.metadata.generation
-    }
-
-    /// Writes the status when it differs from what the object has (no write otherwise).
-    async fn write_status(
-        &mut self,
-        status: StripeWebhookEndpointStatus,
-    ) -> Result<(), ReconcileError> {
-        shared::write_status(self.ctx, &self.api, &mut self.endpoint, status).await
-    }
-
-    /// Who acts, for the audit log: this endpoint and what triggered the current rotation.
-    fn actor(&self) -> crate::audit::Actor {
-        let rotation = self
-            .endpoint
-            .status
-            .as_ref()
-            .and_then(|s| s.rotation.as_ref());
-        shared::audit_actor(KIND, &self.ns, &self.name, rotation)
-    }
-
-    async fn event(&self, type_: EventType, reason: &str, note: String) {
-        self.ctx
-            .publish_event(
-                &self.endpoint.object_ref(&()),
-                type_,
-                reason,
-                "Reconcile",
-                note,
-            )
-            .await;
-    }
-
-    fn store_path(&self) -> Result<StorePath, ReconcileError> {
-        Ok(StorePath::credential(
-            &self.ctx.config.store_prefix,
-            &self.ns,
-            STORE_KIND,
-            &self.name,
-        )?)
-    }
-
-    fn owner(&self) -> Owner {
-        Owner {
-            namespace: self.ns.clone(),
-            kind: KIND.into(),
-            name: self.name.clone(),
-            uid: self.uid.clone(),
-        }
-    }
-
-    fn labels(&self) -> crate::metrics::ObjectLabels {
-        crate::metrics::ObjectLabels {
-            kind: KIND.into(),
-            namespace: self.ns.clone(),
-            name: self.name.clone(),
-        }
-    }
-
-    fn set(
-        &self,
-        status: &mut StripeWebhookEndpointStatus,
-        type_: &str,
-        ok: bool,
-        reason: &str,
-        message: String,
-    ) {
-        set_condition(
-            &mut status.conditions,
-            type_,
-            ok,
-            reason,
-            message,
-            self.generation(),
-            self.ctx.clock.now(),
-        );
-    }
-}
-
-async fn apply(
-    endpoint: Arc<StripeWebhookEndpoint>,
-    ctx: Arc<Context>,
-) -> Result<Action, ReconcileError> {
-    let mut run = Run::new(&ctx, &endpoint);
-    // fetch
-    let accounts: Api<StripeAccount> = Api::all(ctx.client.clone());
-    let account = accounts.get_opt(&endpoint.spec.account_ref.name).await?;
-    let labels = shared::fetch_namespace_labels(&ctx, &run.ns).await?;
-    let guardrails = ctx.guardrails().await?;
-    // validate
-    let now = ctx.clock.now();
-    let validated = match validate(&endpoint, account.as_ref(), &labels, &guardrails, now) {
-        Ok(v) => v,
-        Err(refusal) => return refuse(&mut run, refusal).await,
-    };
-    let account = account.expect("validate refuses a missing account");
-    let handle = match ctx.accounts.resolve(&ctx, &account).await {
-        Ok(h) => h,
-        Err(e) => {
-            let mut status = run.status();
-            run.set(
-                &mut status,
-                condition_types::READY,
-                false,
-                &e.reason(),
-                e.to_string(),
-            );
-            run.write_status(status).await?;
-            return Err(e);
-        }
-    };
-    let actor = run.actor();
-    let handle = AccountHandle {
-        client: handle.client.with_observer(ctx.call_observer(actor)),
-        ..handle
-    };
-    let result = drive(&mut run, &validated, &handle).await;
-    if let Err(e) = &result {
-        record_failure(&mut run, e).await?;
-    }
-    result
-}
-
-/// Shows a failed step in status and as a Warning Event: `Ready=False` while no secret is
-/// published, `Degraded=True` when the published one still works.
-async fn record_failure(run: &mut Run<'_>, error: &ReconcileError) -> Result<(), ReconcileError> {
-    if matches!(error, ReconcileError::Crash(_)) {
-        return Ok(());
-    }
-    let mut status = run.status();
-    let reason = error.reason();
-    let type_ = if status.current_key.is_some() {
-        condition_types::DEGRADED
-    } else {
-        condition_types::READY
-    };
-    let failing = type_ == condition_types::DEGRADED;
-    let changed =
-        crate::api::conditions::find(&status.conditions, type_).is_none_or(|c| c.reason != reason);
-    run.set(&mut status, type_, failing, &reason, error.to_string());
-    run.ctx
-        .metrics
-        .rotation_failures
-        .get_or_create(&crate::metrics::ErrorLabels {
-            controller: CONTROLLER.into(),
-            reason: reason.clone(),
-        })
-        .inc();
-    run.write_status(status).await?;
-    if changed {
-        run.event(EventType::Warning, &reason, error.to_string())
-            .await;
-    }
-    Ok(())
-}
-
-async fn drive(
-    run: &mut Run<'_>,
-    v: &Validated,
-    handle: &AccountHandle,
-) -> Result<Action, ReconcileError> {
-    // decide and act, a bounded number of steps per reconcile
-    for _ in 0..10 {
-        let now = run.ctx.clock.now();
-        match decide(&run.endpoint, v, now) {
-            Next::Idle => match idle(run, v, handle).await? {
-                IdleOutcome::Settled(action) => return Ok(action),
-                IdleOutcome::Recreate => {
-                    start_rotation(run, RotationTrigger::Recreate).await?;
-                }
-            },
-            Next::Start(trigger) => start_rotation(run, trigger).await?,
-            Next::Continue(phase) => {
-                // An incident reported while a routine rotation runs takes over that rotation.
-                if let Some((value, RotationTrigger::Incident)) = pending_request(&run.endpoint) {
-                    escalate_to_incident(run, value).await?;
-                    continue;
-                }
-                match step(run, v, handle, phase).await? {
-                    StepOutcome::Continue => {}
-                    StepOutcome::Wait(after) => return Ok(Action::requeue(after)),
-                }
-            }
-        }
-    }
-    Ok(Action::requeue(Duration::from_secs(1)))
-}
-
-async fn refuse(run: &mut Run<'_>, refusal: Refusal) -> Result<Action, ReconcileError> {
-    let mut status = run.status();
-    let changed = crate::api::conditions::find(&status.conditions, condition_types::READY)
-        .is_none_or(|c| {
-            c.reason != refusal.reason || c.message != refusal.message || c.status != "False"
-        });
-    run.set(
-        &mut status,
-        condition_types::READY,
-        false,
-        refusal.reason,
-        refusal.message.clone(),
-    );
-    status.observed_generation = run.generation();
-    run.write_status(status).await?;
-    if changed {
-        run.event(EventType::Warning, refusal.reason, refusal.message)
-            .await;
-    }
-    // The account and guardrail watches bring the endpoint back when they change.
-    Ok(Action::requeue(Duration::from_secs(300)))
-}
-
-async fn start_rotation(run: &mut Run<'_>, trigger: RotationTrigger) -> Result<(), ReconcileError> {
-    let now = run.ctx.clock.now();
-    let mut status = run.status();
-    let number = status.rotation_number.unwrap_or(0) + 1;
-    if let Some((value, _)) = pending_request(&run.endpoint)
+/// Whether a rotation's new endpoint waits, disabled, until receivers hold its secret: a routine
+/// rotation has an old endpoint that carries every event meanwhile; an incident (whose old
+/// endpoint is gone), a first endpoint and a recreated one have none.
+pub fn starts_disabled(trigger: RotationTrigger, has_current: bool) -> bool {
+    has_current
         && matches!(
             trigger,
-            RotationTrigger::Annotation | RotationTrigger::Incident
+            RotationTrigger::Annotation | RotationTrigger::Schedule | RotationTrigger::SpecChange
         )
-    {
-        status.last_handled_rotate_request = Some(value);
-    }
-    // The settings are fixed now: a replay of the create sends exactly these.
-    status.pending_endpoint = Some(desired_settings(&run.endpoint, number));
-    status.rotation = Some(RotationState {
-        phase: RotationPhase::Minting,
-        number,
-        trigger,
-        started_at: time(now),
-        idempotency_key: idempotency_key(&run.uid, number as u64, "create-endpoint"),
-        new_key: None,
-        rolled_out_at: None,
-        permissions: Vec::new(),
-        connect_permissions: Vec::new(),
-    });
-    status.last_rotation_trigger = Some(trigger);
-    let reason = if trigger == RotationTrigger::Incident {
-        "IncidentRotation"
-    } else {
-        "Rotating"
-    };
-    run.set(
-        &mut status,
-        condition_types::ROTATING,
-        true,
-        reason,
-        format!("rotation {number} ({trigger:?}) started"),
-    );
-    status.observed_generation = run.generation();
-    run.write_status(status).await?;
-    match trigger {
-        RotationTrigger::Incident => {
-            run.event(
-                EventType::Warning,
-                "IncidentRotation",
-                format!(
-                    "incident rotation {number} started: the current endpoint will be deleted at once"
-                ),
-            )
-            .await
-        }
-        RotationTrigger::Recreate => {
-            run.event(
-                EventType::Warning,
-                "EndpointMissing",
-                format!(
-                    "the endpoint was deleted at Stripe: rotation {number} creates a new one with a new signing secret"
-                ),
-            )
-            .await
-        }
-        RotationTrigger::Initial => {}
-        _ => {
-            run.event(
-                EventType::Normal,
-                "RotationStarted",
-                format!("rotation {number} ({trigger:?}) started"),
-            )
-            .await
-        }
-    }
-    info!(number, ?trigger, "rotation started");
-    Ok(())
 }
 
-async fn escalate_to_incident(run: &mut Run<'_>, value: String) -> Result<(), ReconcileError> {
-    let mut status = run.status();
-    let Some(rotation) = status.rotation.as_mut() else {
-        return Ok(());
-    };
-    rotation.trigger = RotationTrigger::Incident;
-    // The new secret is stored (and maybe published) already: the old endpoint goes now, and
-    // the Secret is written again without its secret.
-    if matches!(
-        rotation.phase,
-        RotationPhase::Syncing | RotationPhase::RollingOut | RotationPhase::Overlapping
-    ) {
-        rotation.phase = RotationPhase::Expiring;
-    }
-    let number = rotation.number;
-    status.last_handled_rotate_request = Some(value);
-    status.last_rotation_trigger = Some(RotationTrigger::Incident);
-    run.set(
-        &mut status,
-        condition_types::ROTATING,
-        true,
-        "IncidentRotation",
-        format!("rotation {number} escalated to an incident"),
-    );
-    run.write_status(status).await?;
-    run.event(
-        EventType::Warning,
-        "IncidentRotation",
-        format!(
-            "rotation {number} escalated to an incident: the previous endpoint is deleted at once"
-        ),
-    )
-    .await;
-    Ok(())
-}
-
-enum StepOutcome {
-    Continue,
-    Wait(Duration),
-}
-
-async fn step(
-    run: &mut Run<'_>,
-    v: &Validated,
-    handle: &AccountHandle,
-    phase: RotationPhase,
-) -> Result<StepOutcome, ReconcileError> {
-    match phase {
-        RotationPhase::Minting => create(run, handle).await,
-        RotationPhase::Storing => store(run, handle).await,
-        RotationPhase::Syncing => sync_secret_step(run).await,
-        RotationPhase::RollingOut => roll_out(run).await,
-        RotationPhase::Overlapping => overlap(run, v).await,
-        RotationPhase::Expiring => delete_previous(run, handle).await,
-        RotationPhase::Idle => {
-            let mut status = run.status();
-            status.rotation = None;
-            run.write_status(status).await?;
-            Ok(StepOutcome::Continue)
-        }
-    }
-}
-
-fn rotation_of(status: &StripeWebhookEndpointStatus) -> RotationState {
-    status
-        .rotation
-        .clone()
-        .expect("called only while a rotation is recorded")
-}
-
-/// Creates the endpoint (or replays the create: same idempotency key, same parameters, same
-/// endpoint and secret).
-async fn create_endpoint(
-    run: &Run<'_>,
+async fn set_disabled(
+    run: &Run<'_, Endpoint>,
     handle: &AccountHandle,
     rotation: &RotationState,
-) -> Result<(WebhookEndpoint, SecretString), ReconcileError> {
-    let status = run.status();
-    let settings = status
-        .pending_endpoint
-        .clone()
-        .unwrap_or_else(|| desired_settings(&run.endpoint, rotation.number));
-    let response = handle
-        .client
-        .create_webhook_endpoint(&create_params(&settings), &rotation.idempotency_key)
-        .await?;
-    let mut endpoint = response.value;
-    let secret = endpoint
-        .secret
-        .take()
-        .ok_or_else(|| ReconcileError::MissingSecret {
-            key_id: endpoint.id.clone(),
-            message: "the create response carried no signing secret".into(),
-        })?;
-    Ok((endpoint, secret))
-}
-
-async fn create(run: &mut Run<'_>, handle: &AccountHandle) -> Result<StepOutcome, ReconcileError> {
-    let mut status = run.status();
-    let mut rotation = rotation_of(&status);
-    let (endpoint, secret) = create_endpoint(run, handle, &rotation).await?;
-    run.ctx
-        .metrics
-        .keys_minted
-        .get_or_create(&crate::metrics::ControllerLabels {
-            controller: CONTROLLER.into(),
-        })
-        .inc();
-    run.ctx.crash_point("minted")?;
-    rotation.new_key = Some(KeyStatus {
-        id: endpoint.id.clone(),
-        fingerprint: secret.fingerprint(),
-        created: ts_from_unix(endpoint.created),
-        expires_at: None,
-    });
-    rotation.phase = RotationPhase::Storing;
-    status.rotation = Some(rotation);
-    run.write_status(status).await?;
-    run.event(
-        EventType::Normal,
-        "EndpointCreated",
-        format!(
-            "created webhook endpoint {} (secret fingerprint {})",
-            endpoint.id,
-            secret.fingerprint()
-        ),
-    )
-    .await;
-    run.created = Some((endpoint, secret));
-    Ok(StepOutcome::Continue)
-}
-
-async fn store(run: &mut Run<'_>, handle: &AccountHandle) -> Result<StepOutcome, ReconcileError> {
-    let mut status = run.status();
-    let mut rotation = rotation_of(&status);
-    let mut new_key = rotation
-        .new_key
-        .clone()
-        .expect("Storing records the new endpoint");
-    let path = run.store_path()?;
-    // Write the bundle unless an earlier attempt already did (the store is the source of truth).
-    for attempt in 0..3 {
-        let existing = run.ctx.store.read_bundle(&path).await?;
-        if existing
-            .as_ref()
-            .is_some_and(|b| b.value.current.key_id == new_key.id)
-        {
-            break;
-        }
-        let (endpoint, secret) = match run.created.take() {
-            Some((endpoint, secret)) if endpoint.id == new_key.id => (endpoint, secret),
-            _ => create_endpoint(run, handle, &rotation).await?,
-        };
-        if endpoint.id != new_key.id || secret.fingerprint() != new_key.fingerprint {
-            // The replay came after Stripe forgot the idempotency key (more than 24 h) and made
-            // a second endpoint: the first one's secret is lost, so keep the second and delete
-            // the first.
-            warn!(
-                lost = %new_key.id,
-                kept = %endpoint.id,
-                "the replayed create returned another endpoint; deleting the one whose secret is lost"
-            );
-            delete_endpoint(handle, &new_key.id).await?;
-            new_key = KeyStatus {
-                id: endpoint.id.clone(),
-                fingerprint: secret.fingerprint(),
-                created: ts_from_unix(endpoint.created),
-                expires_at: None,
-            };
-            rotation.new_key = Some(new_key.clone());
-        }
-        let material = KeyMaterial::new(secret, new_key.id.clone());
-        let keeps_previous = matches!(
-            rotation.trigger,
-            RotationTrigger::Annotation | RotationTrigger::Schedule | RotationTrigger::SpecChange
-        );
-        let bundle = match &existing {
-            Some(b) if keeps_previous => CredentialBundle {
-                rotation: rotation.number as u64,
-                ..b.value.rotated(material)
-            },
-            _ => CredentialBundle {
-                rotation: rotation.number as u64,
-                ..CredentialBundle::initial(run.owner(), material)
-            },
-        };
-        let cas = Cas::after_read(existing.as_ref().map(|b| b.version));
-        match run.ctx.store.write_bundle(&path, &bundle, cas).await {
-            Ok(_) => {
-                run.ctx.audit.record(
-                    crate::audit::AuditEntry::store_write(run.actor(), path.as_str())
-                        .key(&bundle.current.key_id, &bundle.current.fingerprint)
-                        .success(),
-                );
-                run.ctx.crash_point("stored")?;
-                break;
-            }
-            Err(e) if e.is_conflict() && attempt < 2 => continue,
-            Err(e) => return Err(e.into()),
-        }
-    }
-    let now = run.ctx.clock.now();
-    match rotation.trigger {
-        RotationTrigger::Initial => {}
-        // The old endpoint is gone at Stripe: nothing to retire.
-        RotationTrigger::Recreate => status.previous_key = None,
-        _ => status.previous_key = status.current_key.take(),
-    }
-    let settings = status.pending_endpoint.take();
-    status.current_api_version = settings.as_ref().and_then(|s| s.api_version.clone());
-    status.current_connect = Some(settings.is_some_and(|s| s.connect));
-    status.current_key = Some(new_key);
-    status.last_rotation_at = Some(time(now));
-    status.rotation_number = Some(rotation.number);
-    rotation.phase = if rotation.trigger == RotationTrigger::Incident {
-        RotationPhase::Expiring
-    } else {
-        RotationPhase::Syncing
-    };
-    status.rotation = Some(rotation);
-    run.write_status(status).await?;
-    Ok(StepOutcome::Continue)
-}
-
-/// Writes the Secret from the store's bundle, when it differs from what the cluster holds.
-async fn sync_secret(run: &Run<'_>) -> Result<bool, ReconcileError> {
-    let path = run.store_path()?;
-    let Some(bundle) = run.ctx.store.read_bundle(&path).await? else {
-        return Ok(false);
-    };
-    let bundle = bundle.value;
-    let delivery = &run.endpoint.spec.delivery.secret;
-    let status = run.status();
-    // The previous secret is published only while status says its endpoint still exists.
-    let previous = bundle.previous.as_ref().filter(|p| {
-        status
-            .previous_key
-            .as_ref()
-            .is_some_and(|k| k.id == p.key_id)
-    });
-    let all = secrets_list(&bundle.current.secret, previous.map(|p| &p.secret));
-    let entries = [
-        SecretEntry {
-            key: delivery.key_name(),
-            value: &bundle.current.secret,
-        },
-        SecretEntry {
-            key: delivery.all_key_name(),
-            value: &all,
-        },
-    ];
-    let owner = run
-        .endpoint
-        .controller_owner_ref(&())
-        .expect("an endpoint from the API has a name and uid");
-    let desired = inject::build_secret(
-        &delivery.name,
-        &run.ns,
-        owner,
-        &bundle.current.key_id,
-        &bundle.current.fingerprint,
-        &entries,
-    );
-    let written = shared::write_secret_if_changed(run.ctx, &run.ns, &run.uid, &desired).await?;
-    if written {
-        run.ctx.audit.record(
-            crate::audit::AuditEntry::secret_sync(run.actor(), &run.ns, &delivery.name)
-                .key(&bundle.current.key_id, &bundle.current.fingerprint)
-                .success(),
-        );
-    }
-    Ok(written)
-}
-
-async fn sync_secret_step(run: &mut Run<'_>) -> Result<StepOutcome, ReconcileError> {
-    sync_secret(run).await?;
-    run.ctx.crash_point("synced")?;
-    let mut status = run.status();
-    let mut rotation = rotation_of(&status);
-    rotation.phase = RotationPhase::RollingOut;
-    status.rotation = Some(rotation);
-    run.write_status(status).await?;
-    let fp = run
-        .status()
-        .current_key
-        .map(|k| k.fingerprint)
-        .unwrap_or_default();
-    run.event(
-        EventType::Normal,
-        "SecretSynced",
-        format!(
-            "Secret {} holds the signing secret with fingerprint {fp}",
-            run.endpoint.spec.delivery.secret.name
-        ),
-    )
-    .await;
-    Ok(StepOutcome::Continue)
-}
-
-async fn roll_targets(run: &Run<'_>, fingerprint: &str) -> Result<Vec<String>, ReconcileError> {
-    let reference = run.endpoint.object_ref(&());
-    let source = shared::RolloutSource {
-        kind: KIND,
-        name: &run.name,
-        namespace: &run.ns,
-        reference: &reference,
-    };
-    shared::roll_targets(
-        run.ctx,
-        &source,
-        &run.endpoint.spec.delivery.rollout_targets,
-        fingerprint,
-    )
-    .await
-}
-
-fn current_fingerprint(status: &StripeWebhookEndpointStatus) -> String {
-    status
-        .current_key
-        .as_ref()
-        .map(|k| k.fingerprint.clone())
-        .unwrap_or_default()
-}
-
-async fn roll_out(run: &mut Run<'_>) -> Result<StepOutcome, ReconcileError> {
-    let now = run.ctx.clock.now();
-    let mut status = run.status();
-    let mut rotation = rotation_of(&status);
-    let fp = current_fingerprint(&status);
-    let pending = roll_targets(run, &fp).await?;
-    let elapsed =
-        Duration::try_from(now.duration_since(rotation.started_at.0)).unwrap_or(Duration::ZERO);
-    if !pending.is_empty() && elapsed < run.ctx.config.rollout_ceiling {
-        return Ok(StepOutcome::Wait(run.ctx.config.rollout_poll));
-    }
-    if !pending.is_empty() {
-        let message = format!(
-            "rollout did not finish within {}: {}; the rotation continues",
-            humantime::format_duration(run.ctx.config.rollout_ceiling),
-            pending.join("; ")
-        );
-        run.set(
-            &mut status,
-            condition_types::DEGRADED,
-            true,
-            "RolloutStuck",
-            message.clone(),
-        );
-        run.event(EventType::Warning, "RolloutStuck", message).await;
-    } else {
-        run.set(
-            &mut status,
-            condition_types::DEGRADED,
-            false,
-            "RolloutComplete",
-            "every rollout target runs the current secret".into(),
-        );
-    }
-    rotation.rolled_out_at = Some(time(now));
-    // Initial and recreated endpoints have nothing to retire; an incident deletes the old
-    // endpoint before publishing (or right now, if it escalated after the publish).
-    rotation.phase = match (&status.previous_key, rotation.trigger) {
-        (None, _) => RotationPhase::Idle,
-        (Some(_), RotationTrigger::Incident) => RotationPhase::Expiring,
-        (Some(_), _) => RotationPhase::Overlapping,
-    };
-    if rotation.phase == RotationPhase::Idle {
-        finish(run, status, rotation).await?;
-    } else {
-        status.rotation = Some(rotation);
-        run.write_status(status).await?;
-    }
-    Ok(StepOutcome::Continue)
-}
-
-async fn overlap(run: &mut Run<'_>, v: &Validated) -> Result<StepOutcome, ReconcileError> {
-    let now = run.ctx.clock.now();
-    let mut status = run.status();
-    let mut rotation = rotation_of(&status);
-    let rolled = rotation.rolled_out_at.as_ref().map(|t| t.0).unwrap_or(now);
-    let ends = rolled
-        .checked_add(SignedDuration::try_from(v.overlap).unwrap_or(SignedDuration::ZERO))
-        .unwrap_or(now);
-    if now < ends {
-        if let Some(prev) = status.previous_key.as_mut()
-            && prev.expires_at.is_none()
-        {
-            prev.expires_at = Some(time(ends));
-            run.write_status(status).await?;
-        }
-        return Ok(StepOutcome::Wait(
-            until(now, ends).max(Duration::from_secs(1)),
-        ));
-    }
-    rotation.phase = RotationPhase::Expiring;
-    status.rotation = Some(rotation);
-    run.write_status(status).await?;
-    Ok(StepOutcome::Continue)
-}
-
-/// Deletes an endpoint; one that is gone already counts as deleted.
-async fn delete_endpoint(handle: &AccountHandle, id: &str) -> Result<(), ReconcileError> {
-    match handle.client.delete_webhook_endpoint(id).await {
-        Ok(_) => Ok(()),
-        Err(e) if e.is_not_found() => Ok(()),
-        Err(e) => Err(e.into()),
-    }
-}
-
-async fn delete_previous(
-    run: &mut Run<'_>,
-    handle: &AccountHandle,
-) -> Result<StepOutcome, ReconcileError> {
-    let mut status = run.status();
-    let mut rotation = rotation_of(&status);
-    if let Some(previous) = status.previous_key.clone() {
-        delete_endpoint(handle, &previous.id).await?;
-        run.ctx.crash_point("expired")?;
-        run.event(
-            if rotation.trigger == RotationTrigger::Incident {
-                EventType::Warning
-            } else {
-                EventType::Normal
-            },
-            "EndpointDeleted",
-            format!(
-                "deleted webhook endpoint {} (secret fingerprint {}) at Stripe",
-                previous.id, previous.fingerprint
-            ),
-        )
-        .await;
-    }
-    // Drop the previous secret from the store (one CAS write) and from the status.
-    let path = run.store_path()?;
-    for attempt in 0..3 {
-        let Some(existing) = run.ctx.store.read_bundle(&path).await? else {
-            break;
-        };
-        if existing.value.previous.is_none() {
-            break;
-        }
-        match run
-            .ctx
-            .store
-            .write_bundle(
-                &path,
-                &existing.value.without_previous(),
-                Cas::Version(existing.version),
-            )
-            .await
-        {
-            Ok(_) => {
-                run.ctx.audit.record(
-                    crate::audit::AuditEntry::store_write(run.actor(), path.as_str())
-                        .key(
-                            &existing.value.current.key_id,
-                            &existing.value.current.fingerprint,
-                        )
-                        .detail("previous_dropped", true)
-                        .success(),
-                );
-                break;
-            }
-            Err(e) if e.is_conflict() && attempt < 2 => continue,
-            Err(e) => return Err(e.into()),
-        }
-    }
-    status.previous_key = None;
-    sweep_orphans(run, handle, &status).await?;
-    if rotation.trigger == RotationTrigger::Incident && rotation.rolled_out_at.is_none() {
-        // Incident: the old endpoint is gone; now publish and roll the new secret.
-        rotation.phase = RotationPhase::Syncing;
-        status.rotation = Some(rotation);
-        run.write_status(status).await?;
-        return Ok(StepOutcome::Continue);
-    }
-    run.write_status(status.clone()).await?;
-    sync_secret(run).await?;
-    finish(run, status, rotation).await?;
-    Ok(StepOutcome::Continue)
-}
-
-/// Endpoints marked with this resource's UID that status does not know (a create whose answer
-/// was lost beyond the idempotency window) are deleted. Endpoints without the operator's
-/// metadata are never touched.
-async fn sweep_orphans(
-    run: &Run<'_>,
-    handle: &AccountHandle,
-    status: &StripeWebhookEndpointStatus,
+    id: &str,
+    disabled: bool,
 ) -> Result<(), ReconcileError> {
-    let known: Vec<&str> = [
-        status.current_key.as_ref(),
-        status.previous_key.as_ref(),
-        status.rotation.as_ref().and_then(|r| r.new_key.as_ref()),
-    ]
-    .into_iter()
-    .flatten()
-    .map(|k| k.id.as_str())
-    .collect();
-    let endpoints = handle.client.list_all_webhook_endpoints(100).await?;
-    for ep in endpoints.items {
-        let ours = ep.metadata.get(META_MANAGED_BY).map(String::as_str)
-            == Some(crate::api::MANAGED_BY)
-            && ep.metadata.get(META_UID) == Some(&run.uid);
-        if ours && !known.contains(&ep.id.as_str()) {
-            delete_endpoint(handle, &ep.id).await?;
+    let params = UpdateWebhookEndpointParams {
+        disabled: Some(disabled),
+        ..UpdateWebhookEndpointParams::default()
+    };
+    let step = if disabled { "disable" } else { "enable" };
+    handle
+        .client
+        .update_webhook_endpoint(
+            id,
+            &params,
+            &idempotency_key(&run.uid, rotation.number as u64, &format!("{step}-{id}")),
+        )
+        .await?;
+    Ok(())
+}
+
+#[async_trait::async_trait]
+impl Credential for Endpoint {
+    type Resource = StripeWebhookEndpoint;
+    type Status = StripeWebhookEndpointStatus;
+    type Spec = Validated;
+
+    const NAMES: Names = Names {
+        kind: KIND,
+        controller: CONTROLLER,
+        finalizer: FINALIZER,
+        store_kind: STORE_KIND,
+        noun: "webhook endpoint",
+        minted_reason: "EndpointCreated",
+        retired_reason: "EndpointDeleted",
+        orphan_reason: "OrphanEndpointDeleted",
+        ready_reason: "EndpointReady",
+        missing_reason: "EndpointMissing",
+    };
+
+    fn account_name(obj: &StripeWebhookEndpoint) -> &str {
+        &obj.spec.account_ref.name
+    }
+
+    fn validate(
+        obj: &StripeWebhookEndpoint,
+        account: Option<&StripeAccount>,
+        namespace_labels: &BTreeMap<String, String>,
+        guardrails: &[crate::api::StripeGuardrail],
+        now: Timestamp,
+    ) -> Result<Validated, Refusal> {
+        validate(obj, account, namespace_labels, guardrails, now)
+    }
+
+    fn schedule(spec: &Validated) -> Option<&Schedule> {
+        spec.schedule.as_ref()
+    }
+
+    fn overlap(spec: &Validated) -> Duration {
+        spec.overlap
+    }
+
+    fn revoke_on_delete(_obj: &StripeWebhookEndpoint) -> bool {
+        true
+    }
+
+    fn needs_new_credential(
+        obj: &StripeWebhookEndpoint,
+        _status: &StripeWebhookEndpointStatus,
+        _spec: &Validated,
+    ) -> bool {
+        immutable_settings_changed(obj)
+    }
+
+    fn prepare(
+        obj: &StripeWebhookEndpoint,
+        _spec: &Validated,
+        status: &mut StripeWebhookEndpointStatus,
+        rotation: &mut RotationState,
+    ) {
+        // The settings are fixed now: a replay of the create sends exactly these.
+        status.pending_endpoint = Some(desired_settings(obj, rotation.number));
+        status.last_rotation_trigger = Some(rotation.trigger);
+    }
+
+    async fn create(
+        run: &Run<'_, Self>,
+        handle: &AccountHandle,
+        rotation: &RotationState,
+    ) -> Result<Minted, ReconcileError> {
+        let settings = run
+            .status()
+            .pending_endpoint
+            .clone()
+            .unwrap_or_else(|| desired_settings(&run.obj, rotation.number));
+        let response = handle
+            .client
+            .create_webhook_endpoint(
+                &create_params(&settings),
+                &engine::create_key(&run.uid, rotation),
+            )
+            .await?;
+        let mut endpoint = response.value;
+        let secret = endpoint
+            .secret
+            .take()
+            .ok_or_else(|| ReconcileError::MissingSecret {
+                key_id: endpoint.id.clone(),
+                message: "the create response carried no signing secret".into(),
+            })?;
+        Ok(Minted {
+            id: endpoint.id,
+            secret,
+            created: ts_from_unix(endpoint.created),
+            key: None,
+        })
+    }
+
+    async fn before_publish(
+        run: &Run<'_, Self>,
+        handle: &AccountHandle,
+        rotation: &RotationState,
+        id: &str,
+    ) -> Result<(), ReconcileError> {
+        if starts_disabled(rotation.trigger, run.status().current_key.is_some()) {
+            set_disabled(run, handle, rotation, id, true).await?;
+        }
+        Ok(())
+    }
+
+    async fn after_rollout(
+        run: &Run<'_, Self>,
+        handle: &AccountHandle,
+        rotation: &RotationState,
+        id: &str,
+    ) -> Result<(), ReconcileError> {
+        if starts_disabled(rotation.trigger, run.status().previous_key.is_some()) {
+            set_disabled(run, handle, rotation, id, false).await?;
             run.event(
-                EventType::Warning,
-                "OrphanEndpointDeleted",
-                format!(
-                    "deleted orphaned webhook endpoint {} that this resource created but never published",
-                    ep.id
-                ),
+                EventType::Normal,
+                "EndpointEnabled",
+                format!("webhook endpoint {id} enabled: every receiver holds its secret"),
             )
             .await;
         }
+        Ok(())
     }
-    Ok(())
-}
 
-async fn finish(
-    run: &mut Run<'_>,
-    mut status: StripeWebhookEndpointStatus,
-    rotation: RotationState,
-) -> Result<(), ReconcileError> {
-    status.rotation = None;
-    let message = format!(
-        "rotation {} ({:?}) complete",
-        rotation.number, rotation.trigger
-    );
-    run.set(
-        &mut status,
-        condition_types::ROTATING,
-        false,
-        "RotationComplete",
-        message.clone(),
-    );
-    run.write_status(status).await?;
-    run.ctx
-        .metrics
-        .rotations
-        .get_or_create(&crate::metrics::RotationLabels {
-            kind: KIND.into(),
-            trigger: format!("{:?}", rotation.trigger),
-        })
-        .inc();
-    run.event(EventType::Normal, "RotationComplete", message)
-        .await;
-    Ok(())
-}
+    async fn retire(
+        _run: &Run<'_, Self>,
+        handle: &AccountHandle,
+        id: &str,
+        _number: i64,
+    ) -> Result<(), crate::stripe::StripeError> {
+        handle.client.delete_webhook_endpoint(id).await.map(|_| ())
+    }
 
-enum IdleOutcome {
-    Settled(Action),
-    /// The current endpoint is gone at Stripe.
-    Recreate,
+    async fn list_owned(
+        run: &Run<'_, Self>,
+        handle: &AccountHandle,
+    ) -> Result<Vec<Owned>, ReconcileError> {
+        let endpoints = handle.client.list_all_webhook_endpoints(100).await?;
+        Ok(endpoints
+            .items
+            .into_iter()
+            .filter(|ep| {
+                ep.metadata.get(META_MANAGED_BY).map(String::as_str) == Some(crate::api::MANAGED_BY)
+                    && ep.metadata.get(META_UID) == Some(&run.uid)
+            })
+            .map(|ep| Owned {
+                id: ep.id,
+                active: true,
+            })
+            .collect())
+    }
+
+    fn publish(
+        obj: &StripeWebhookEndpoint,
+        current: &SecretString,
+        previous: Option<&SecretString>,
+    ) -> Vec<(String, SecretString)> {
+        let delivery = &obj.spec.delivery.secret;
+        vec![
+            (delivery.key_name().to_string(), current.clone()),
+            (
+                delivery.all_key_name().to_string(),
+                secrets_list(current, previous),
+            ),
+        ]
+    }
+
+    fn secret_name(obj: &StripeWebhookEndpoint) -> String {
+        obj.spec.delivery.secret.name.clone()
+    }
+
+    fn rollout_targets(obj: &StripeWebhookEndpoint) -> &[crate::api::RolloutTarget] {
+        &obj.spec.delivery.rollout_targets
+    }
+
+    fn on_stored(status: &mut StripeWebhookEndpointStatus, _rotation: &RotationState) {
+        let settings = status.pending_endpoint.take();
+        status.current_api_version = settings.as_ref().and_then(|s| s.api_version.clone());
+        status.current_connect = Some(settings.is_some_and(|s| s.connect));
+    }
+
+    async fn idle_check(
+        run: &mut Run<'_, Self>,
+        handle: &AccountHandle,
+        _spec: &Validated,
+        now: Timestamp,
+    ) -> Result<Option<RotationTrigger>, ReconcileError> {
+        check_drift(run, handle, now).await
+    }
+
+    fn idle_check_due(
+        obj: &StripeWebhookEndpoint,
+        spec: &Validated,
+        now: Timestamp,
+    ) -> Option<Timestamp> {
+        drift_check_due(obj, spec, now)
+    }
 }
 
 /// Compares the endpoint at Stripe with the spec and puts back what drifted.
 async fn check_drift(
-    run: &mut Run<'_>,
+    run: &mut Run<'_, Endpoint>,
     handle: &AccountHandle,
     now: Timestamp,
-) -> Result<Option<IdleOutcome>, ReconcileError> {
+) -> Result<Option<RotationTrigger>, ReconcileError> {
     let mut status = run.status();
     let Some(current) = status.current_key.clone() else {
         return Ok(None);
@@ -1290,11 +572,11 @@ async fn check_drift(
         Ok(r) => r.value,
         Err(e) if e.is_not_found() => {
             warn!(endpoint = %current.id, "the endpoint was deleted at Stripe");
-            return Ok(Some(IdleOutcome::Recreate));
+            return Ok(Some(RotationTrigger::Recreate));
         }
         Err(e) => return Err(e.into()),
     };
-    let desired = desired_settings(&run.endpoint, status.rotation_number.unwrap_or(1));
+    let desired = desired_settings(&run.obj, status.rotation_number.unwrap_or(1));
     if let Some((params, fields)) = drift(&desired, &actual) {
         // A fresh key per check: a repeat of the same drift must be applied again, not replayed.
         let key = idempotency_key(
@@ -1338,170 +620,22 @@ async fn check_drift(
     Ok(None)
 }
 
-/// Steady state: keep Stripe's side (on the drift schedule), the Secret and the targets as
-/// declared, keep status current, requeue for the next check or rotation. Writes nothing when
-/// nothing changed.
-async fn idle(
-    run: &mut Run<'_>,
-    v: &Validated,
-    handle: &AccountHandle,
-) -> Result<IdleOutcome, ReconcileError> {
-    let now = run.ctx.clock.now();
-    if drift_check_due(&run.endpoint, v, now).is_some_and(|at| at <= now)
-        && let Some(outcome) = check_drift(run, handle, now).await?
-    {
-        return Ok(outcome);
-    }
-    if sync_secret(run).await? {
-        run.event(
-            EventType::Normal,
-            "SecretRepaired",
-            format!(
-                "Secret {} was missing or changed and was written again",
-                run.endpoint.spec.delivery.secret.name
-            ),
-        )
-        .await;
-    }
-    let mut status = run.status();
-    let fp = current_fingerprint(&status);
-    let pending = roll_targets(run, &fp).await?;
-    let next = next_rotation_at(&run.endpoint, v);
-    status.next_rotation_at = next.map(time);
-    status.observed_generation = run.generation();
-    let id = status
-        .current_key
-        .as_ref()
-        .map(|k| k.id.clone())
-        .unwrap_or_default();
-    run.set(
-        &mut status,
-        condition_types::READY,
-        true,
-        "EndpointReady",
-        format!("webhook endpoint {id} (secret fingerprint {fp}) is published"),
-    );
-    if status.rotation.is_none()
-        && crate::api::conditions::find(&status.conditions, condition_types::ROTATING).is_none()
-    {
-        run.set(
-            &mut status,
-            condition_types::ROTATING,
-            false,
-            "Idle",
-            "no rotation in progress".into(),
-        );
-    }
-    if pending.is_empty() {
-        run.set(
-            &mut status,
-            condition_types::DEGRADED,
-            false,
-            "RolloutComplete",
-            "every rollout target runs the current secret".into(),
-        );
-    }
-    run.write_status(status.clone()).await?;
-    let labels = run.labels();
-    if let Some(created) = status.last_rotation_at.as_ref() {
-        let age = now.duration_since(created.0).as_secs_f64().max(0.0);
-        run.ctx
-            .metrics
-            .key_age_seconds
-            .get_or_create(&labels)
-            .set(age);
-    }
-    let mut wait = run.ctx.config.resync;
-    if let Some(at) = next {
-        let d = until(now, at);
-        run.ctx
-            .metrics
-            .next_rotation_seconds
-            .get_or_create(&labels)
-            .set(d.as_secs_f64());
-        wait = wait.min(d);
-    }
-    if let Some(at) = drift_check_due(&run.endpoint, v, now) {
-        wait = wait.min(until(now, at));
-    }
-    if !pending.is_empty() {
-        return Ok(IdleOutcome::Settled(Action::requeue(
-            run.ctx.config.rollout_poll,
-        )));
-    }
-    Ok(IdleOutcome::Settled(Action::requeue(
-        wait.max(Duration::from_millis(200)),
-    )))
-}
-
-async fn cleanup(
-    endpoint: Arc<StripeWebhookEndpoint>,
-    ctx: Arc<Context>,
-) -> Result<Action, ReconcileError> {
-    let run = Run::new(&ctx, &endpoint);
-    let status = run.status();
-    let accounts: Api<StripeAccount> = Api::all(ctx.client.clone());
-    match accounts.get_opt(&endpoint.spec.account_ref.name).await? {
-        Some(account) => {
-            let handle = ctx.accounts.resolve(&ctx, &account).await?;
-            let observer = ctx.call_observer(
-                crate::audit::Actor::resource(KIND, Some(&ns_of(&endpoint)), endpoint.name_any())
-                    .triggered_by("Delete"),
-            );
-            let handle = AccountHandle {
-                client: handle.client.with_observer(observer),
-                ..handle
-            };
-            let ours: Vec<KeyStatus> = [
-                status.current_key.clone(),
-                status.previous_key.clone(),
-                status.rotation.as_ref().and_then(|r| r.new_key.clone()),
-            ]
-            .into_iter()
-            .flatten()
-            .collect();
-            for k in &ours {
-                delete_endpoint(&handle, &k.id).await?;
-                run.event(
-                    EventType::Normal,
-                    "EndpointDeleted",
-                    format!(
-                        "deleted webhook endpoint {} (secret fingerprint {}) because the resource is deleted",
-                        k.id, k.fingerprint
-                    ),
-                )
-                .await;
-            }
-            // A create in flight whose answer was never recorded is found by its metadata.
-            let empty = StripeWebhookEndpointStatus::default();
-            sweep_orphans(&run, &handle, &empty).await?;
-        }
-        None => {
-            warn!("the StripeAccount is gone: the endpoints cannot be deleted at Stripe")
-        }
-    }
-    let path = run.store_path()?;
-    ctx.store.delete(&path).await?;
-    ctx.audit.record(
-        crate::audit::AuditEntry::store_delete(
-            crate::audit::Actor::resource(KIND, Some(&ns_of(&endpoint)), endpoint.name_any())
-                .triggered_by("Delete"),
-            path.as_str(),
-        )
-        .success(),
-    );
-    ctx.metrics.forget_object(&run.labels());
-    info!("webhook endpoint resource deleted: endpoints and store entry removed");
-    Ok(Action::await_change())
-}
-
-fn ns_of(endpoint: &StripeWebhookEndpoint) -> String {
-    endpoint.namespace().unwrap_or_default()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::RotationTrigger;
+    use crate::rotation::engine::Next;
+
+    /// The engine's decision for this resource, as the controller computes it.
+    fn decide(p: &StripeWebhookEndpoint, v: &Validated, now: Timestamp) -> Next {
+        let status = p.status.clone().unwrap_or_default();
+        engine::decide(
+            p.annotations(),
+            &status,
+            status.current_key.is_some() && immutable_settings_changed(p),
+            engine::next_rotation_at::<Endpoint>(p, v).is_some_and(|at| at <= now),
+        )
+    }
     use crate::api::StripeWebhookEndpointSpec;
     use serde_json::json;
 
@@ -1706,7 +840,7 @@ mod tests {
         let v = validate(&fresh, Some(&open), &labels, &[], now()).unwrap();
         assert_eq!(
             decide(&fresh, &v, now()),
-            Next::Start(RotationTrigger::Initial)
+            Next::Start(RotationTrigger::Initial, None)
         );
         let steady = json!({"currentKey": {"id": "we_1", "fingerprint": "f"}, "currentConnect": false,
                             "lastRotationAt": "2026-05-31T00:00:00Z", "rotationNumber": 1,
@@ -1716,7 +850,7 @@ mod tests {
         let later: Timestamp = "2026-07-01T00:00:00Z".parse().unwrap();
         assert_eq!(
             decide(&e, &v, later),
-            Next::Start(RotationTrigger::Schedule)
+            Next::Start(RotationTrigger::Schedule, None)
         );
         let e = endpoint(
             spec(),
@@ -1725,30 +859,27 @@ mod tests {
         );
         assert_eq!(
             decide(&e, &v, now()),
-            Next::Start(RotationTrigger::Annotation)
+            Next::Start(RotationTrigger::Annotation, Some("1".into()))
         );
         let e = endpoint(
             spec(),
             Some(steady.clone()),
             json!({"stripekeys.io/rotate": "2", "stripekeys.io/rotate-reason": "incident"}),
         );
-        assert_eq!(
-            decide(&e, &v, now()),
-            Next::Start(RotationTrigger::Incident)
-        );
+        assert_eq!(decide(&e, &v, now()), Next::Escalate("2".into()));
         let mut versioned = spec();
         versioned["apiVersion"] = json!("2024-06-20");
         let e = endpoint(versioned, Some(steady.clone()), json!(null));
         assert_eq!(
             decide(&e, &v, now()),
-            Next::Start(RotationTrigger::SpecChange)
+            Next::Start(RotationTrigger::SpecChange, None)
         );
         let mut connect = spec();
         connect["connect"] = json!(true);
         let e = endpoint(connect, Some(steady.clone()), json!(null));
         assert_eq!(
             decide(&e, &v, now()),
-            Next::Start(RotationTrigger::SpecChange)
+            Next::Start(RotationTrigger::SpecChange, None)
         );
         // A url change is not a rotation: the drift check applies it.
         let mut moved = spec();

@@ -19,6 +19,7 @@ use crate::api::FIELD_MANAGER;
 use crate::controller::clock::ManualClock;
 use crate::controller::{Context, ControllerConfig, CrashHook, run_controllers};
 use crate::metrics::Metrics;
+use crate::rules::{ApiHosts, CREDENTIAL_LABEL, CREDENTIAL_LABEL_VALUE};
 use crate::sim::{SimConfig, SimHandle, Simulator};
 use crate::stripe::{CallObserver, Mode};
 use crate::vault::{MemoryStore, StorePrefix};
@@ -47,6 +48,10 @@ pub struct EnvOptions {
     pub audit: Option<crate::audit::AuditLog>,
     /// The secret store the operator uses instead of the in-memory one (e.g. a Vault store).
     pub store: Option<Arc<dyn crate::vault::SecretStore>>,
+    /// Let StripeAccounts name any loopback API base (the simulator listens on 127.0.0.1).
+    /// `false`: only the simulator's own `127.0.0.1:<port>` is allowed, as a production
+    /// operator allows only Stripe's host.
+    pub allow_loopback_api: bool,
 }
 
 impl Default for EnvOptions {
@@ -62,6 +67,7 @@ impl Default for EnvOptions {
             stripe_observer: None,
             audit: None,
             store: None,
+            allow_loopback_api: true,
         }
     }
 }
@@ -123,7 +129,8 @@ impl LocalEnv {
         let key = env.sim.app_key().expose().to_string();
         env.apply_json(&json!({
             "apiVersion": "v1", "kind": "Secret",
-            "metadata": {"name": APP_KEY_SECRET, "namespace": OPERATOR_NAMESPACE},
+            "metadata": {"name": APP_KEY_SECRET, "namespace": OPERATOR_NAMESPACE,
+                         "labels": {CREDENTIAL_LABEL: CREDENTIAL_LABEL_VALUE}},
             "stringData": {"secret_key": key},
         }))
         .await?;
@@ -157,6 +164,7 @@ impl LocalEnv {
         config.resync = self.options.resync;
         config.stripe_timeout = Some(self.options.stripe_timeout);
         config.crash_hook = Some(self.crash.clone());
+        config.api_hosts = self.api_hosts();
         let store: Arc<dyn crate::vault::SecretStore> = match &self.options.store {
             Some(store) => store.clone(),
             None => self.store.clone(),
@@ -180,6 +188,24 @@ impl LocalEnv {
             async move { run_controllers(ctx, &[], stop).await }
         });
         self.operator = Some((stop, task, ctx));
+    }
+
+    /// The API hosts the operator allows: Stripe's, plus any loopback address (the default) or
+    /// only the simulator's `host:port`.
+    pub fn api_hosts(&self) -> ApiHosts {
+        if self.options.allow_loopback_api {
+            return ApiHosts::stripe_only().with_loopback();
+        }
+        let sim = url::Url::parse(&self.sim.base_url())
+            .ok()
+            .and_then(|u| Some(format!("{}:{}", u.host_str()?, u.port_or_known_default()?)));
+        ApiHosts::new(
+            [crate::rules::STRIPE_API_HOST.to_string()]
+                .into_iter()
+                .chain(sim),
+            false,
+        )
+        .unwrap_or_else(|_| ApiHosts::stripe_only())
     }
 
     /// The context of the running operator.

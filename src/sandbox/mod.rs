@@ -310,6 +310,7 @@ pub async fn run(args: SandboxArgs) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_default()
         .current_key
+        .clone()
         .context("no current key")?;
     let second_state = key_status(&env, &second.id).unwrap_or_default();
     if second_state != "expired" {

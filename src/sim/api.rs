@@ -74,11 +74,22 @@ pub(crate) fn error_reply(
     }
 }
 
+/// Settings that choose between answers Stripe's documentation leaves open.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Behaviour {
+    /// Test mode requires `public_key` for secret keys like live mode does.
+    pub strict_public_key: bool,
+    /// Expiring an already expired key is a 400 `resource_already_expired` instead of a 200
+    /// showing the key as it is.
+    pub reexpire_error: bool,
+}
+
 /// Per-request context.
 pub(crate) struct Ctx<'a> {
     pub request_id: &'a str,
     pub app_id: &'a str,
     pub now: DateTime<Utc>,
+    pub behaviour: Behaviour,
 }
 
 /// A parsed API request.
@@ -93,7 +104,7 @@ fn rfc3339(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Secs, true)
 }
 
-fn redacted(token: &str) -> String {
+pub(crate) fn redacted(token: &str) -> String {
     let prefix_len = token
         .find('_')
         .and_then(|i| token[i + 1..].find('_').map(|j| i + j + 2));
@@ -132,6 +143,8 @@ pub(crate) fn render_key(
         "livemode": mode == Mode::Live,
         "ip_allowlist": [],
         "managed_by": { "type": "application", "application": { "id": app_id } },
+        "permissions": k.permissions,
+        "connect_permissions": k.connect_permissions,
     });
     if k.key_type == "publishable_key" {
         v["publishable_key"] = json!({ "token": k.token });
@@ -393,6 +406,13 @@ impl Handler<'_, '_> {
         }
     }
 
+    /// Secret keys need `public_key` in live mode; in test mode only when the strict setting
+    /// is on (the notes leave test mode unconfirmed; the secret comes back in plaintext there).
+    fn public_key_required(&self, key_type: &str) -> bool {
+        key_type == "secret_key"
+            && (self.acct.mode == Mode::Live || self.ctx.behaviour.strict_public_key)
+    }
+
     fn find_key(&self, id: &str) -> Option<usize> {
         self.acct.keys.iter().position(|k| k.id == id)
     }
@@ -474,7 +494,7 @@ impl Handler<'_, '_> {
                 }
             },
         };
-        let pk = match self.public_key(&m, key_type == "secret_key") {
+        let pk = match self.public_key(&m, self.public_key_required(&key_type)) {
             Ok(pk) => pk,
             Err(r) => return r,
         };
@@ -642,7 +662,15 @@ impl Handler<'_, '_> {
         }
         let now = self.ctx.now;
         let key = &mut self.acct.keys[i];
-        if !key.is_expired(now) {
+        if key.is_expired(now) {
+            if self.ctx.behaviour.reexpire_error {
+                return self.invalid(
+                    "resource_already_expired",
+                    format!("The API key '{id}' has already expired."),
+                    "id",
+                );
+            }
+        } else {
             key.expires_at = Some(now);
         }
         let key = &self.acct.keys[i];
@@ -681,8 +709,8 @@ impl Handler<'_, '_> {
                 }
             },
         };
-        let is_secret = self.acct.keys[i].key_type == "secret_key";
-        let pk = match self.public_key(&m, is_secret) {
+        let required = self.public_key_required(&self.acct.keys[i].key_type);
+        let pk = match self.public_key(&m, required) {
             Ok(pk) => pk,
             Err(r) => return r,
         };
@@ -1148,6 +1176,12 @@ pub(crate) fn scope_route(method: &str, path: &str) -> Option<&'static str> {
         ("POST", "/v1/refunds") => Some("refund_write"),
         ("GET", "/v1/balance") => Some("balance_read"),
         ("GET", "/v1/payment_intents") => Some("payment_intent_read"),
+        ("GET", p)
+            if p.strip_prefix("/v1/events/")
+                .is_some_and(|id| !id.contains('/')) =>
+        {
+            Some("event_read")
+        }
         _ => None,
     }
 }
@@ -1243,6 +1277,25 @@ pub(crate) fn handle_scoped_call(
     }
     let livemode = mode == Mode::Live;
     let path = req.path.trim_end_matches('/');
+    if needed == "event_read" {
+        // `GET /v1/events/{id}`: the events this account created (what the simulator delivered)
+        let id = path.strip_prefix("/v1/events/").unwrap_or_default();
+        return match acct.events.get(id) {
+            Some(event) => (Some(ai), Reply::ok(event.clone())),
+            None => (
+                Some(ai),
+                error_reply(
+                    404,
+                    "invalid_request_error",
+                    Some("resource_missing"),
+                    format!("No such event: '{id}'"),
+                    Some("id"),
+                    ctx.request_id,
+                    Some(mode),
+                ),
+            ),
+        };
+    }
     let body = match needed {
         "balance_read" => {
             json!({ "object": "balance", "available": [], "pending": [], "livemode": livemode })

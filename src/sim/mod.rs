@@ -6,7 +6,9 @@
 //! per-account rate limits (25/s test, 100/s live), live-mode JWE secrets, a clock that tests can
 //! advance, and a scope-enforcing surface where minted keys are checked against their
 //! permissions (`GET /v1/charges`, `GET /v1/customers`, `POST /v1/refunds`, `GET /v1/balance`,
-//! `GET /v1/payment_intents`).
+//! `GET /v1/payment_intents`, and `GET /v1/events/{id}` with `event_read`, which serves the
+//! events the simulator delivered for the key's account, the last 10 000 per account; an unknown
+//! id is a 404 `resource_missing`, as at Stripe).
 //!
 //! Control it in-process through [`SimHandle`] or over HTTP under `/_sim/` (no auth):
 //!
@@ -22,6 +24,15 @@
 //! Fault JSON example: `{"fault":{"kind":"rate_limited","retry_after_secs":1},"count":3,
 //! "method":"POST","path_prefix":"/v2/"}`; kinds: `rate_limited`, `server_error`
 //! (`saved`, `should_retry`), `latency` (`millis`), `hang`, `drop_after_commit`.
+//!
+//! Where Stripe's answer is *unconfirmed* the simulator has a setting ([`SimConfig`]):
+//! `public_key` is required for secret keys in live mode and optional in test mode unless
+//! `require_public_key_in_test_mode`; expiring an already expired key answers 200 (the key as
+//! it is) unless `already_expired_error` (400 `resource_already_expired`). Every API-key object
+//! carries `permissions` and `connect_permissions`. A call made with an expired app key
+//! ([`SimHandle::expire_app_key`]) gets 401 `api_key_expired`. Injected `server_error` faults
+//! with `saved: true` (and any 5xx the handlers produce) are saved under the idempotency key and
+//! replayed with `Idempotent-Replayed: true`, as Stripe does.
 //!
 //! Known simplifications: signatures of delivered events use the real clock (so receivers can
 //! verify them) unless a `timestamp` is given; expiry is exact (real Stripe was observed to keep
@@ -120,6 +131,14 @@ pub struct SimConfig {
     pub hang_duration: Duration,
     /// The app's id, shown in `managed_by` and `application`.
     pub application_id: String,
+    /// Require `public_key` when creating or rotating a secret key in test mode too (live
+    /// mode always requires it). Stripe's texts disagree about test mode (*unconfirmed*), so
+    /// the default accepts its absence and this setting makes test mode strict.
+    pub require_public_key_in_test_mode: bool,
+    /// Answer an expire of an already expired key with 400 `resource_already_expired` instead
+    /// of 200 with the key as it is (Stripe's answer is *unconfirmed*; clients must handle
+    /// both).
+    pub already_expired_error: bool,
 }
 
 impl Default for SimConfig {
@@ -133,6 +152,8 @@ impl Default for SimConfig {
             rate_limit_live: 100,
             hang_duration: Duration::from_secs(30),
             application_id: format!("ca_sim{}", state::random_alnum(16)),
+            require_public_key_in_test_mode: false,
+            already_expired_error: false,
         }
     }
 }
@@ -238,6 +259,10 @@ impl Simulator {
             started: Instant::now(),
             hang: config.hang_duration,
             http,
+            behaviour: api::Behaviour {
+                strict_public_key: config.require_public_key_in_test_mode,
+                reexpire_error: config.already_expired_error,
+            },
         });
         let (tx, rx) = tokio::sync::watch::channel(false);
         let router = server::router(shared.clone());
@@ -314,6 +339,26 @@ impl SimHandle {
             StripeConfig::new(self.app_key().clone(), acct.id.clone(), acct.mode)
                 .with_api_base(self.base_url()),
         )
+    }
+
+    /// Expires one of the app keys: from now on every API call made with it is answered 401
+    /// `api_key_expired` (as Stripe answers a call made with an expired key).
+    pub fn expire_app_key(&self, key: &SecretString) -> Result<(), SimError> {
+        if !self
+            .config
+            .app_keys
+            .iter()
+            .any(|k| k.expose() == key.expose())
+        {
+            return Err(SimError::NotFound(
+                "that app key is not one of this simulator's".into(),
+            ));
+        }
+        self.shared
+            .lock()
+            .expired_app_keys
+            .insert(crate::secret::fingerprint(key.expose().as_bytes()));
+        Ok(())
     }
 
     /// The simulator's clock.
@@ -421,6 +466,13 @@ pub struct SimArgs {
     /// Requests per second per live-mode account.
     #[arg(long, default_value_t = 100)]
     pub rate_limit_live: u32,
+    /// Require `public_key` for secret keys in test mode too (live mode always does).
+    #[arg(long)]
+    pub require_public_key_in_test_mode: bool,
+    /// Answer an expire of an already expired key with 400 `resource_already_expired`
+    /// (default: 200 with the key as it is).
+    #[arg(long)]
+    pub already_expired_error: bool,
 }
 
 /// Runs the simulator until interrupted (Ctrl-C / SIGTERM).
@@ -432,6 +484,8 @@ pub async fn run_cli(args: SimArgs) -> anyhow::Result<()> {
         accounts: args.accounts,
         rate_limit_test: args.rate_limit_test,
         rate_limit_live: args.rate_limit_live,
+        require_public_key_in_test_mode: args.require_public_key_in_test_mode,
+        already_expired_error: args.already_expired_error,
         ..SimConfig::default()
     };
     if args.manual_clock {

@@ -21,8 +21,8 @@ use tower::ServiceExt as _;
 
 use super::SimError;
 use super::api::{
-    ApiRequest, Ctx, Reply, error_reply, handle_app_call, handle_scoped_call, scope_route,
-    unrecognized,
+    ApiRequest, Behaviour, Ctx, Reply, error_reply, handle_app_call, handle_scoped_call, redacted,
+    scope_route, unrecognized,
 };
 use super::state::{
     FaultKind, FaultRule, FaultSpec, RequestLogEntry, SavedResponse, SimState, State, random_alnum,
@@ -37,6 +37,7 @@ pub(crate) struct Shared {
     pub started: Instant,
     pub hang: Duration,
     pub http: reqwest::Client,
+    pub behaviour: Behaviour,
 }
 
 impl Shared {
@@ -296,6 +297,7 @@ async fn api(
             request_id: &request_id,
             app_id: &shared.app_id,
             now,
+            behaviour: shared.behaviour,
         };
         if let Some(needed) = scope_route(&m, &path) {
             let ai = bearer
@@ -317,8 +319,26 @@ async fn api(
             }
         } else if path.starts_with("/v2/") || path.starts_with("/v1/webhook_endpoints") {
             let authed = bearer.as_deref().is_some_and(|b| shared.app_key_matches(b));
+            let app_key_expired = authed
+                && bearer.as_deref().is_some_and(|b| {
+                    st.expired_app_keys
+                        .contains(&crate::secret::fingerprint(b.as_bytes()))
+                });
             let ai = context.as_deref().and_then(|c| st.account_index(c));
             match (bearer.as_deref(), authed, ai) {
+                // The app's own key expired: Stripe's 401 `api_key_expired`, whatever the call.
+                (Some(b), true, _) if app_key_expired => Answer::from_reply(
+                    error_reply(
+                        401,
+                        "invalid_request_error",
+                        Some("api_key_expired"),
+                        format!("Expired API Key provided: {}", redacted(b)),
+                        None,
+                        &request_id,
+                        None,
+                    ),
+                    &request_id,
+                ),
                 (None, _, _) => Answer::from_reply(
                     error_reply(
                         401,
@@ -499,20 +519,23 @@ pub(crate) async fn deliver(
     endpoint_id: &str,
     req: SendEventRequest,
 ) -> Result<DeliveryOutcome, SimError> {
-    let (url, secrets, livemode, api_version, enabled, disabled) = {
+    let (account_index, url, secrets, livemode, api_version, enabled, disabled) = {
         let st = shared.lock();
         let now = st.clock.now();
-        let (acct, ep) = st
+        let (acct, ep, account_index) = st
             .accounts
             .iter()
-            .find_map(|a| {
+            .enumerate()
+            .find_map(|(i, a)| {
                 a.endpoints
                     .iter()
                     .find(|e| e.id == endpoint_id)
-                    .map(|e| (a, e))
+                    .map(|e| (i, a, e))
             })
+            .map(|(i, a, e)| (a, e, i))
             .ok_or_else(|| SimError::NotFound(format!("webhook endpoint {endpoint_id}")))?;
         (
+            account_index,
             ep.url.clone(),
             ep.valid_secrets(now)
                 .into_iter()
@@ -558,6 +581,10 @@ pub(crate) async fn deliver(
         "data": { "object": req.data.unwrap_or_else(|| json!({})) },
     });
     let payload = serde_json::to_vec(&event).unwrap_or_default();
+    // Stripe creates the event first: it can be retrieved with `GET /v1/events/{id}`
+    if let Some(acct) = shared.lock().accounts.get_mut(account_index) {
+        acct.events.insert(event_id.clone(), event);
+    }
     let signature = crate::webhook::signature::sign(&payload, &secrets, timestamp);
     let result = shared
         .http

@@ -356,6 +356,35 @@ pub(crate) struct Account {
     pub endpoints: Vec<EndpointRecord>,
     pub idempotency: HashMap<String, SavedResponse>,
     pub bucket: TokenBucket,
+    /// Events created for this account (what `GET /v1/events/{id}` serves).
+    pub events: EventStore,
+}
+
+/// Most events kept per account; the oldest is forgotten first (Stripe keeps 30 days).
+pub(crate) const MAX_EVENTS_PER_ACCOUNT: usize = 10_000;
+
+/// The events an account created, bounded by [`MAX_EVENTS_PER_ACCOUNT`].
+#[derive(Debug, Default)]
+pub(crate) struct EventStore {
+    by_id: HashMap<String, serde_json::Value>,
+    order: std::collections::VecDeque<String>,
+}
+
+impl EventStore {
+    pub(crate) fn insert(&mut self, id: String, event: serde_json::Value) {
+        if self.by_id.insert(id.clone(), event).is_none() {
+            self.order.push_back(id);
+        }
+        while self.order.len() > MAX_EVENTS_PER_ACCOUNT {
+            if let Some(old) = self.order.pop_front() {
+                self.by_id.remove(&old);
+            }
+        }
+    }
+
+    pub(crate) fn get(&self, id: &str) -> Option<&serde_json::Value> {
+        self.by_id.get(id)
+    }
 }
 
 #[derive(Debug)]
@@ -369,6 +398,8 @@ pub(crate) struct State {
     pub log: Vec<RequestLogEntry>,
     /// (Stripe-Context, Idempotency-Key) of POSTs being processed right now.
     pub in_flight: std::collections::HashSet<(String, String)>,
+    /// Fingerprints of app keys that have expired: calls with them get 401 `api_key_expired`.
+    pub expired_app_keys: std::collections::HashSet<String>,
 }
 
 impl State {
@@ -394,6 +425,7 @@ impl State {
                         endpoints: Vec::new(),
                         idempotency: HashMap::new(),
                         bucket: TokenBucket::new(f64::from(rate.max(1)), rate.max(1), now),
+                        events: EventStore::default(),
                     }
                 })
                 .collect(),
@@ -403,6 +435,7 @@ impl State {
             next_fault_id: 1,
             log: Vec::new(),
             in_flight: std::collections::HashSet::new(),
+            expired_app_keys: std::collections::HashSet::new(),
         }
     }
 

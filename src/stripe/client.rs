@@ -49,6 +49,43 @@ pub struct ApiResponse<T> {
     pub idempotent_replayed: bool,
 }
 
+/// What is true after [`StripeClient::expire_api_key_confirmed`]: in every case the key no
+/// longer authenticates (subject to Stripe's observed expiry grace of seconds to minutes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExpireOutcome {
+    /// Stripe answered the expire with the key in status `expired` (this call expired it, or
+    /// an earlier call with the same idempotency key did and this is the saved answer).
+    Expired {
+        /// `Request-Id` of the expire answer.
+        request_id: Option<String>,
+        /// The answer was Stripe's saved answer (`Idempotent-Replayed`).
+        idempotent_replayed: bool,
+    },
+    /// The key had expired before this call (Stripe refused the expire and a read shows the
+    /// key `expired`).
+    AlreadyExpired {
+        /// `Request-Id` of the confirming read.
+        request_id: Option<String>,
+    },
+    /// Stripe does not know the id, and a listing of every key (expired ones included)
+    /// confirms that no key with this id exists in the account.
+    Gone {
+        /// `Request-Id` of the confirming listing's last page.
+        request_id: Option<String>,
+    },
+}
+
+impl ExpireOutcome {
+    /// A short label for logs, audit and metrics: `expired`, `already_expired`, `gone`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ExpireOutcome::Expired { .. } => "expired",
+            ExpireOutcome::AlreadyExpired { .. } => "already_expired",
+            ExpireOutcome::Gone { .. } => "gone",
+        }
+    }
+}
+
 /// All items of a paginated list, with the request id of every page.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Paged<T> {
@@ -137,7 +174,7 @@ fn encode_segment(id: &str) -> String {
     out
 }
 
-fn error_chain(e: &reqwest::Error) -> String {
+pub(crate) fn error_chain(e: &reqwest::Error) -> String {
     let mut message = e.to_string();
     let mut source = std::error::Error::source(e);
     while let Some(s) = source {
@@ -148,7 +185,7 @@ fn error_chain(e: &reqwest::Error) -> String {
     message
 }
 
-fn classify(e: &reqwest::Error) -> ConnectionErrorKind {
+pub(crate) fn classify(e: &reqwest::Error) -> ConnectionErrorKind {
     if e.is_timeout() {
         ConnectionErrorKind::Timeout
     } else if e.is_connect() {
@@ -372,6 +409,10 @@ impl StripeClient {
     }
 
     /// `POST /v2/iam/api_keys/{id}/expire`: the key stops working now.
+    ///
+    /// Errors are Stripe's answer as is; prefer [`StripeClient::expire_api_key_confirmed`],
+    /// which tells "the key is expired" from "Stripe refused the app's own key" (401
+    /// `api_key_expired`) and never takes a bare 404 for success.
     pub async fn expire_api_key(
         &self,
         id: &str,
@@ -385,6 +426,67 @@ impl StripeClient {
             Some(idempotency_key),
         )
         .await
+    }
+
+    /// Expires key `id` and says what is now true, confirming anything ambiguous with a read:
+    ///
+    /// - 200 whose key reads `expired` → [`ExpireOutcome::Expired`] (200 with a key still
+    ///   `active` is re-read once; still active → [`StripeError::Unconfirmed`]);
+    /// - a 400 (e.g. `resource_already_expired`) → retrieve: `expired` →
+    ///   [`ExpireOutcome::AlreadyExpired`], otherwise the 400 is returned;
+    /// - 404 → list every key, expired ones included: absent → [`ExpireOutcome::Gone`], listed
+    ///   as expired → [`ExpireOutcome::AlreadyExpired`], listed as active →
+    ///   [`StripeError::Unconfirmed`];
+    /// - 401 (the app's own key is invalid or expired, code `api_key_expired`) and every other
+    ///   error → `Err`: the key may still work, so the caller must retry later, never record it
+    ///   as expired ([`StripeError::is_caller_key_rejected`] tells this case apart).
+    pub async fn expire_api_key_confirmed(
+        &self,
+        id: &str,
+        idempotency_key: &str,
+    ) -> Result<ExpireOutcome, StripeError> {
+        match self.expire_api_key(id, idempotency_key).await {
+            Ok(resp) if resp.value.status == ApiKeyStatus::Expired => Ok(ExpireOutcome::Expired {
+                request_id: resp.request_id,
+                idempotent_replayed: resp.idempotent_replayed,
+            }),
+            Ok(resp) => {
+                let again = self.retrieve_api_key(id).await?;
+                if again.value.status == ApiKeyStatus::Expired {
+                    Ok(ExpireOutcome::Expired {
+                        request_id: resp.request_id,
+                        idempotent_replayed: resp.idempotent_replayed,
+                    })
+                } else {
+                    Err(StripeError::Unconfirmed(format!(
+                        "expire of API key {id} answered {} [request {}] but the key still reads \
+                         active",
+                        resp.status,
+                        resp.request_id.as_deref().unwrap_or("unknown")
+                    )))
+                }
+            }
+            Err(e) if e.status() == Some(400) => match self.retrieve_api_key(id).await {
+                Ok(k) if k.value.status == ApiKeyStatus::Expired => {
+                    Ok(ExpireOutcome::AlreadyExpired {
+                        request_id: k.request_id,
+                    })
+                }
+                _ => Err(e),
+            },
+            Err(e) if e.is_not_found() => {
+                let all = self
+                    .list_all_api_keys(&ListApiKeysParams {
+                        include_expired: Some(true),
+                        limit: Some(100),
+                    })
+                    .await?;
+                let request_id = all.request_ids.last().cloned().flatten();
+                let listed = all.items.iter().find(|k| k.id == id).map(|k| k.status);
+                outcome_after_not_found(id, listed, request_id, e.request_id())
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// `POST /v2/iam/api_keys/{id}/rotate`: returns a new key (new id, same properties); the old
@@ -743,6 +845,7 @@ impl StripeClient {
                         retry_after,
                     );
                     api.attempts = attempt;
+                    api.idempotent_replayed = replayed;
                     let retry = api.is_retryable() && can_retry;
                     record.error_code = api.code.clone();
                     record.error_type = api.error_type.clone();
@@ -757,6 +860,29 @@ impl StripeClient {
                 }
             }
         }
+    }
+}
+
+/// Decides what a 404 to an expire means, given how a full listing (expired keys included)
+/// shows the key: absent → gone, expired → already expired, anything else → not confirmed.
+fn outcome_after_not_found(
+    id: &str,
+    listed: Option<ApiKeyStatus>,
+    list_request_id: Option<String>,
+    not_found_request_id: Option<&str>,
+) -> Result<ExpireOutcome, StripeError> {
+    match listed {
+        None => Ok(ExpireOutcome::Gone {
+            request_id: list_request_id,
+        }),
+        Some(ApiKeyStatus::Expired) => Ok(ExpireOutcome::AlreadyExpired {
+            request_id: list_request_id,
+        }),
+        Some(status) => Err(StripeError::Unconfirmed(format!(
+            "expire of API key {id} answered 404 [request {}] but a listing still shows the key \
+             ({status:?})",
+            not_found_request_id.unwrap_or("unknown")
+        ))),
     }
 }
 
@@ -799,6 +925,30 @@ mod tests {
         assert!(k.len() <= MAX_IDEMPOTENCY_KEY_LEN);
         assert_ne!(k, idempotency_key(&long, 2, "mint"));
         assert!(idempotency_key("with space", 1, "s").starts_with("sko:h:"));
+    }
+
+    #[test]
+    fn a_404_on_expire_is_gone_only_when_the_listing_agrees() {
+        let gone = outcome_after_not_found("apikey_1", None, Some("req_l".into()), Some("req_e"));
+        assert_eq!(
+            gone.unwrap(),
+            ExpireOutcome::Gone {
+                request_id: Some("req_l".into())
+            }
+        );
+        let expired = outcome_after_not_found("apikey_1", Some(ApiKeyStatus::Expired), None, None);
+        assert_eq!(expired.unwrap().as_str(), "already_expired");
+        for status in [ApiKeyStatus::Active, ApiKeyStatus::Unknown] {
+            let err =
+                outcome_after_not_found("apikey_1", Some(status), None, Some("req_e")).unwrap_err();
+            assert!(matches!(err, StripeError::Unconfirmed(_)), "{err}");
+            assert!(err.is_retryable());
+            let text = err.to_string();
+            assert!(
+                text.contains("apikey_1") && text.contains("req_e"),
+                "{text}"
+            );
+        }
     }
 
     #[test]

@@ -29,6 +29,11 @@ pub struct ApiError {
     pub retry_after: Option<Duration>,
     /// How many HTTP attempts were made before giving up.
     pub attempts: u32,
+    /// `Idempotent-Replayed: true` on the (last) answer: this error is Stripe's saved answer to
+    /// an earlier request with the same idempotency key, not a fresh attempt. A saved 5xx is
+    /// replayed for as long as Stripe keeps the key (at least 24 h): to try again, confirm that
+    /// nothing was created and use a new idempotency key.
+    pub idempotent_replayed: bool,
 }
 
 impl ApiError {
@@ -62,6 +67,9 @@ impl fmt::Display for ApiError {
         }
         if self.attempts > 1 {
             write!(f, " after {} attempts", self.attempts)?;
+        }
+        if self.idempotent_replayed {
+            f.write_str(" (a replay of the saved answer for this idempotency key)")?;
         }
         Ok(())
     }
@@ -138,6 +146,11 @@ pub enum StripeError {
     /// A live-mode secret could not be decrypted.
     #[error(transparent)]
     Jwe(#[from] JweError),
+    /// Stripe answered, but the answer and a confirming read disagree with the outcome the
+    /// call should have (e.g. an expire answered 200 while the key still reads active, or 404
+    /// for a key that a listing still shows active). Retry later.
+    #[error("Stripe's answer could not be confirmed: {0}")]
+    Unconfirmed(String),
 }
 
 impl StripeError {
@@ -146,7 +159,7 @@ impl StripeError {
     pub fn is_retryable(&self) -> bool {
         match self {
             StripeError::Api(e) => e.is_retryable(),
-            StripeError::Connection { .. } => true,
+            StripeError::Connection { .. } | StripeError::Unconfirmed(_) => true,
             StripeError::Decode { .. }
             | StripeError::InvalidRequest(_)
             | StripeError::Config(_)
@@ -185,9 +198,23 @@ impl StripeError {
         }
     }
 
-    /// True for 404 (`resource_missing`): during cleanup this counts as success.
+    /// True for 404 (`resource_missing`). Not proof that a key is gone: see
+    /// [`StripeClient::expire_api_key_confirmed`](super::StripeClient::expire_api_key_confirmed).
     pub fn is_not_found(&self) -> bool {
         self.status() == Some(404)
+    }
+
+    /// True when Stripe refused the *caller's own* key (401: invalid, expired — code
+    /// `api_key_expired` — or revoked). This never says anything about the key a call acted
+    /// on: the app's credentials need fixing and nothing at Stripe changed.
+    pub fn is_caller_key_rejected(&self) -> bool {
+        self.status() == Some(401)
+    }
+
+    /// Whether this error is Stripe's saved answer to an earlier request with the same
+    /// idempotency key (`Idempotent-Replayed: true`).
+    pub fn is_idempotent_replay(&self) -> bool {
+        self.api().is_some_and(|e| e.idempotent_replayed)
     }
 
     /// A low-cardinality label for metrics: the error code, `http_<status>`, a connection kind,
@@ -203,6 +230,7 @@ impl StripeError {
             StripeError::InvalidRequest(_) => "invalid_request".to_owned(),
             StripeError::Config(_) => "config".to_owned(),
             StripeError::Jwe(_) => "jwe".to_owned(),
+            StripeError::Unconfirmed(_) => "unconfirmed".to_owned(),
         }
     }
 }
@@ -246,6 +274,7 @@ pub(crate) fn map_error_response(
         should_retry,
         retry_after,
         attempts: 1,
+        idempotent_replayed: false,
     }
 }
 
@@ -311,6 +340,24 @@ mod tests {
         assert_eq!(conn.metric_label(), "timeout");
         assert!(!StripeError::InvalidRequest("x".into()).is_retryable());
         assert_eq!(mk(500, None).metric_label(), "http_500");
+    }
+
+    #[test]
+    fn a_401_is_about_the_callers_key_and_a_replay_says_so() {
+        let body = br#"{"error":{"type":"invalid_request_error","code":"api_key_expired"}}"#;
+        let e = StripeError::Api(Box::new(map_error_response(401, body, None, None, None)));
+        assert!(e.is_caller_key_rejected());
+        assert!(!e.is_not_found());
+        let e404 = StripeError::Api(Box::new(map_error_response(404, b"{}", None, None, None)));
+        assert!(!e404.is_caller_key_rejected());
+
+        let mut saved = map_error_response(500, b"{}", Some("req_1".into()), None, None);
+        assert!(!StripeError::Api(Box::new(saved.clone())).is_idempotent_replay());
+        saved.idempotent_replayed = true;
+        let e = StripeError::Api(Box::new(saved));
+        assert!(e.is_idempotent_replay());
+        assert!(e.to_string().contains("replay of the saved answer"), "{e}");
+        assert!(!StripeError::InvalidRequest("x".into()).is_idempotent_replay());
     }
 
     #[test]

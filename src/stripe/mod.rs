@@ -20,7 +20,9 @@ pub mod retry;
 pub mod types;
 pub mod verify;
 
-pub use client::{ApiResponse, CallObserver, CallRecord, Paged, StripeClient, idempotency_key};
+pub use client::{
+    ApiResponse, CallObserver, CallRecord, ExpireOutcome, Paged, StripeClient, idempotency_key,
+};
 pub use config::{Mode, StripeConfig};
 pub use error::{ApiError, ConnectionErrorKind, StripeError};
 pub use jwe::{JweError, JweKeyPair};

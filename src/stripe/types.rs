@@ -87,6 +87,15 @@ pub struct ApiKey {
     /// Present for secret keys.
     #[serde(default)]
     pub secret_key: Option<SecretKeyToken>,
+    /// What the key may do (permission names such as `charge_read`), as Stripe reports it.
+    /// `None` when the answer carried no `permissions` field (or `null`): then the key's scopes
+    /// cannot be verified from the answer (see
+    /// [`verify_response_scopes`](super::verify::verify_response_scopes)).
+    #[serde(default)]
+    pub permissions: Option<Vec<String>>,
+    /// Connect permission names, when Stripe reports them.
+    #[serde(default)]
+    pub connect_permissions: Option<Vec<String>>,
 }
 
 impl ApiKey {
@@ -226,7 +235,8 @@ pub struct CreateApiKeyParams {
     /// Hard expiry of the key.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<DateTime<Utc>>,
-    /// Required for secret keys: the RSA public key to encrypt the live secret to.
+    /// The RSA public key the live secret is encrypted to. Required for secret keys in live
+    /// mode; whether test mode requires it is unconfirmed (send one for secret keys anyway).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub public_key: Option<PublicKeyParam>,
 }
@@ -254,7 +264,7 @@ pub struct RotateApiKeyParams {
     /// Minutes the current key keeps working (max 10080). `None`: it dies at once.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub expire_current_key_in_minutes: Option<u32>,
-    /// Required for secret keys.
+    /// The RSA key the new live secret is encrypted to: required for secret keys in live mode.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub public_key: Option<PublicKeyParam>,
 }
@@ -453,6 +463,31 @@ mod tests {
         assert_eq!(key.plaintext_secret().unwrap().expose(), "rk_test_abcdef");
         assert!(!format!("{key:?}").contains("rk_test_abcdef"));
         assert_eq!(key.managed_by.unwrap().application.unwrap().id, "ca_1");
+        assert_eq!(
+            key.permissions, None,
+            "an answer without permissions says so"
+        );
+        assert_eq!(key.connect_permissions, None);
+    }
+
+    #[test]
+    fn api_key_carries_permissions_and_connect_permissions() {
+        let json = r#"{"id":"apikey_1","object":"v2.iam.api_key","type":"secret_key",
+            "status":"active","created":"2026-11-28T10:00:00Z","livemode":false,
+            "permissions":["charge_read","refund_write"],"connect_permissions":["charge_read"]}"#;
+        let key: ApiKey = serde_json::from_str(json).unwrap();
+        assert_eq!(
+            key.permissions.as_deref(),
+            Some(&["charge_read".to_owned(), "refund_write".to_owned()][..])
+        );
+        assert_eq!(
+            key.connect_permissions.as_deref(),
+            Some(&["charge_read".to_owned()][..])
+        );
+        // `null` is "not reported", not "no permissions"
+        let json = json.replace(r#"["charge_read","refund_write"]"#, "null");
+        let key: ApiKey = serde_json::from_str(&json).unwrap();
+        assert_eq!(key.permissions, None);
     }
 
     #[test]

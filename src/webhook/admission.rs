@@ -16,6 +16,13 @@
 //!   not depend on the account (permissions, guardrails on permissions, rotation) is still
 //!   checked.
 //! - A lookup that fails refuses the request: the webhook fails closed, like `failurePolicy: Fail`.
+//! - A StripeAccount is judged by [`rules::validate_account`], the check the controllers make
+//!   before they read an app key: allowed API host, Vault paths under `<prefix>/_accounts/`, a
+//!   labelled Secret in the operator's namespace (a Secret that does not exist yet is allowed with
+//!   a warning; the controller checks its label before reading it).
+//! - The literal-keys webhook exempts requests by who makes them (the operator's own service
+//!   account, [`LiteralKeysPolicy::exempt_username`]), never by a label on the object: any tenant
+//!   can set a label.
 //! - A malformed review is refused with a message saying what is wrong, echoing the request's
 //!   `uid` when one can be read. Nothing here panics on input.
 
@@ -23,7 +30,7 @@ use std::collections::BTreeMap;
 
 use async_trait::async_trait;
 use base64::Engine;
-use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::api::core::v1::{Namespace, Secret};
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use kube::api::{Api, ListParams};
@@ -32,12 +39,12 @@ use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview
 use serde_json::Value;
 
 use crate::api::{
-    DEFAULT_WEBHOOK_OVERLAP, MANAGED_BY, MANAGED_BY_LABEL, StripeAccount, StripeAccountSpec,
-    StripeGuardrail, StripeKeyPolicy, StripeWebhookEndpoint,
+    DEFAULT_WEBHOOK_OVERLAP, StripeAccount, StripeAccountSpec, StripeGuardrail, StripeKeyPolicy,
+    StripeWebhookEndpoint,
 };
 use crate::controller::keypolicy::{self, Refusal};
 use crate::rotation::schedule::{Schedule, parse_duration};
-use crate::rules;
+use crate::rules::{self, AccountTrust};
 use crate::scan::{self, Finding};
 
 /// The path of the webhook of the four `stripekeys.io` kinds.
@@ -73,6 +80,13 @@ pub trait Lookups: Send + Sync {
     ) -> Result<BTreeMap<String, String>, LookupError>;
     /// Every StripeGuardrail in the cluster.
     async fn guardrails(&self) -> Result<Vec<StripeGuardrail>, LookupError>;
+    /// The labels of Secret `namespace/name` (metadata only, never its data), or `None` when
+    /// it does not exist.
+    async fn secret_labels(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Option<BTreeMap<String, String>>, LookupError>;
 }
 
 /// [`Lookups`] through the Kubernetes API (one GET or LIST per call, no cache).
@@ -121,6 +135,18 @@ impl Lookups for KubeLookups {
             .await
             .map_err(lookup_error("the StripeGuardrails".into()))?
             .items)
+    }
+
+    async fn secret_labels(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Option<BTreeMap<String, String>>, LookupError> {
+        let meta = Api::<Secret>::namespaced(self.client.clone(), namespace)
+            .get_metadata_opt(name)
+            .await
+            .map_err(lookup_error(format!("Secret {namespace}/{name}")))?;
+        Ok(meta.map(|m| m.labels().clone()))
     }
 }
 
@@ -225,8 +251,13 @@ fn missing_account_warning(name: &str) -> String {
     )
 }
 
-/// Judges a review of one of the four `stripekeys.io` kinds (path [`STRIPE_OBJECTS_PATH`]).
-pub async fn review_stripe_object(body: &[u8], lookups: &dyn Lookups) -> AdmissionResponse {
+/// Judges a review of one of the four `stripekeys.io` kinds (path [`STRIPE_OBJECTS_PATH`]);
+/// StripeAccounts against the operator's `trust` settings.
+pub async fn review_stripe_object(
+    body: &[u8],
+    lookups: &dyn Lookups,
+    trust: &AccountTrust,
+) -> AdmissionResponse {
     let req = match parse_review(body) {
         Ok(r) => r,
         Err(resp) => return *resp,
@@ -253,7 +284,7 @@ pub async fn review_stripe_object(body: &[u8], lookups: &dyn Lookups) -> Admissi
             judge_endpoint(obj, &namespace, lookups).await
         }
         ("stripekeys.io", "StripeGuardrail") => judge_guardrail(obj).map(|()| None),
-        ("stripekeys.io", "StripeAccount") => judge_account(obj).map(|()| None),
+        ("stripekeys.io", "StripeAccount") => judge_account(obj, trust, lookups).await,
         (group, kind) => Err(format!(
             "this webhook judges the stripekeys.io kinds only, not {group}/{kind}; check the ValidatingWebhookConfiguration's rules"
         )),
@@ -430,12 +461,34 @@ fn judge_guardrail(obj: &DynamicObject) -> Result<(), String> {
     Ok(())
 }
 
-fn judge_account(obj: &DynamicObject) -> Result<(), String> {
+async fn judge_account(
+    obj: &DynamicObject,
+    trust: &AccountTrust,
+    lookups: &dyn Lookups,
+) -> Verdict {
     let a: StripeAccount = typed(obj, "StripeAccount")?;
-    if kube::core::Selector::try_from(a.spec.namespace_selector.clone()).is_err() {
-        return Err("StripeAccount namespaceSelector is not a valid label selector".into());
+    let name = a.name_any();
+    // Everything that needs no lookup first: a refused host or path never causes a Secret read.
+    rules::validate_account(&name, &a.spec, trust, None).map_err(|r| r.message)?;
+    let Some(r) = &a.spec.credentials.secret_ref else {
+        return Ok(None);
+    };
+    let labels = lookups
+        .secret_labels(&trust.operator_namespace, &r.name)
+        .await
+        .map_err(|e| e.to_string())?;
+    match labels {
+        Some(labels) => rules::validate_account(&name, &a.spec, trust, Some(&labels))
+            .map(|()| None)
+            .map_err(|r| r.message),
+        None => Ok(Some(format!(
+            "Secret {}/{} does not exist (yet): it must carry the label {}={} or the operator will not read it",
+            trust.operator_namespace,
+            r.name,
+            rules::CREDENTIAL_LABEL,
+            rules::CREDENTIAL_LABEL_VALUE
+        ))),
     }
-    Ok(())
 }
 
 /// Where a finding was made, for the message (`container "api" env STRIPE_KEY`).
@@ -560,17 +613,28 @@ fn scan_object(kind: &str, obj: &DynamicObject, include_test: bool) -> Vec<Locat
     out
 }
 
-/// Whether the object carries the operator's managed-by label.
-pub fn is_operator_managed(obj: &DynamicObject) -> bool {
-    obj.labels().get(MANAGED_BY_LABEL).map(String::as_str) == Some(MANAGED_BY)
+/// The username Kubernetes gives requests made with a service account's token.
+pub fn service_account_username(namespace: &str, service_account: &str) -> String {
+    format!("system:serviceaccount:{namespace}:{service_account}")
+}
+
+/// What the literal-keys webhook refuses and who is exempt.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LiteralKeysPolicy {
+    /// Refuse `sk_test_`/`rk_test_` keys too.
+    pub include_test_keys: bool,
+    /// The one requester exempt from the check: the operator's own service account
+    /// (`system:serviceaccount:<namespace>:<name>`), which writes the Secrets it manages.
+    /// `None`: nobody is exempt. Decided by `userInfo.username` only, never by labels.
+    pub exempt_username: Option<String>,
 }
 
 /// Judges a review of a Pod, a workload, a ConfigMap or a Secret (path [`LITERAL_KEYS_PATH`]):
 /// refuses literal Stripe secret material (`sk_live_`, `rk_live_`, `whsec_`, and with
-/// `include_test` also `sk_test_`, `rk_test_`) unless the object is managed by the operator.
-/// The message names where each finding is, masked (prefix and last four characters only), and
-/// points to StripeKeyPolicy.
-pub fn review_literal_keys(body: &[u8], include_test: bool) -> AdmissionResponse {
+/// `include_test_keys` also `sk_test_`, `rk_test_`) unless the request comes from the operator's
+/// own service account. The message names where each finding is, masked (prefix and last four
+/// characters only), and points to StripeKeyPolicy.
+pub fn review_literal_keys(body: &[u8], policy: &LiteralKeysPolicy) -> AdmissionResponse {
     let req = match parse_review(body) {
         Ok(r) => r,
         Err(resp) => return *resp,
@@ -585,11 +649,13 @@ pub fn review_literal_keys(body: &[u8], include_test: bool) -> AdmissionResponse
             "the AdmissionReview carries no object to judge".into(),
         );
     };
-    if is_operator_managed(obj) {
+    if let Some(exempt) = &policy.exempt_username
+        && req.user_info.username.as_deref() == Some(exempt.as_str())
+    {
         return AdmissionResponse::from(&req);
     }
     let kind = req.kind.kind.clone();
-    let findings = scan_object(&kind, obj, include_test);
+    let findings = scan_object(&kind, obj, policy.include_test_keys);
     if findings.is_empty() {
         return AdmissionResponse::from(&req);
     }

@@ -20,7 +20,9 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::admission::{self, KubeLookups, LITERAL_KEYS_PATH, Lookups, STRIPE_OBJECTS_PATH};
+use super::admission::{
+    self, KubeLookups, LITERAL_KEYS_PATH, LiteralKeysPolicy, Lookups, STRIPE_OBJECTS_PATH,
+};
 use super::tls::{self, CertMode, CertStore, SelfSignedConfig, TlsError};
 
 /// Largest AdmissionReview accepted: an object and its old version, each up to etcd's 1.5 MiB.
@@ -28,10 +30,19 @@ pub const MAX_REVIEW_BYTES: usize = 4 * 1024 * 1024;
 /// How long a TLS handshake may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// What the handlers judge with, besides the cluster lookups.
+#[derive(Clone, Debug)]
+pub struct AdmissionSettings {
+    /// The literal-keys webhook: test keys too, and the one exempt requester.
+    pub literal_keys: LiteralKeysPolicy,
+    /// Which API hosts and credential places a StripeAccount may name.
+    pub account_trust: crate::rules::AccountTrust,
+}
+
 #[derive(Clone)]
 struct AppState {
     lookups: Arc<dyn Lookups>,
-    include_test_keys: bool,
+    settings: Arc<AdmissionSettings>,
 }
 
 fn review_response(resp: AdmissionResponse) -> Response {
@@ -46,18 +57,25 @@ fn review_response(resp: AdmissionResponse) -> Response {
 }
 
 async fn stripe_objects(State(state): State<AppState>, body: Bytes) -> Response {
-    review_response(admission::review_stripe_object(&body, state.lookups.as_ref()).await)
+    review_response(
+        admission::review_stripe_object(
+            &body,
+            state.lookups.as_ref(),
+            &state.settings.account_trust,
+        )
+        .await,
+    )
 }
 
 async fn literal_keys(State(state): State<AppState>, body: Bytes) -> Response {
     review_response(admission::review_literal_keys(
         &body,
-        state.include_test_keys,
+        &state.settings.literal_keys,
     ))
 }
 
 /// The webhook routes, for a server or a test.
-pub fn router(lookups: Arc<dyn Lookups>, include_test_keys: bool) -> Router {
+pub fn router(lookups: Arc<dyn Lookups>, settings: AdmissionSettings) -> Router {
     Router::new()
         .route(STRIPE_OBJECTS_PATH, post(stripe_objects))
         .route(LITERAL_KEYS_PATH, post(literal_keys))
@@ -65,7 +83,7 @@ pub fn router(lookups: Arc<dyn Lookups>, include_test_keys: bool) -> Router {
         .layer(DefaultBodyLimit::max(MAX_REVIEW_BYTES))
         .with_state(AppState {
             lookups,
-            include_test_keys,
+            settings: Arc::new(settings),
         })
 }
 
@@ -188,6 +206,11 @@ pub struct WebhookConfig {
     pub config_name: Option<String>,
     /// Refuse `sk_test_`/`rk_test_` keys too.
     pub include_test_keys: bool,
+    /// The requester exempt from the literal-keys webhook (the operator's service account
+    /// username); `None`: nobody.
+    pub exempt_username: Option<String>,
+    /// Which API hosts and credential places a StripeAccount may name.
+    pub account_trust: crate::rules::AccountTrust,
     /// How often the certificate is checked (renewal, file reload, `caBundle` drift).
     pub check_interval: Duration,
 }
@@ -202,7 +225,13 @@ pub async fn start(
 ) -> Result<Option<(SocketAddr, JoinHandle<()>)>, WebhookError> {
     let router = router(
         Arc::new(KubeLookups::new(client.clone())),
-        config.include_test_keys,
+        AdmissionSettings {
+            literal_keys: LiteralKeysPolicy {
+                include_test_keys: config.include_test_keys,
+                exempt_username: config.exempt_username.clone(),
+            },
+            account_trust: config.account_trust.clone(),
+        },
     );
     let certs = match config.cert_mode {
         CertMode::Disabled => return Ok(None),

@@ -607,8 +607,30 @@ def ns_labels(name: str, **extra: str) -> dict[str, str]:
     return {"kubernetes.io/metadata.name": name, **extra}
 
 
-def reaches(webhook: dict, group: str, resource: str, namespace: dict[str, str], obj: dict[str, str]) -> bool:
-    """Whether the API server would call `webhook` for a CREATE of `resource` in `namespace`."""
+MATCH_CONDITION = re.compile(r"^request\.userInfo\.username != '([^']+)'$")
+
+
+def conditions_match(webhook: dict, username: str) -> bool:
+    """The webhook's matchConditions for a request by `username`. Only the one shape the chart
+    renders is understood; anything else fails the test instead of being guessed at."""
+    for c in webhook.get("matchConditions", []):
+        m = MATCH_CONDITION.match(c["expression"])
+        assert m, f"unexpected matchCondition {c}"
+        if username == m.group(1):
+            return False
+    return True
+
+
+def reaches(
+    webhook: dict,
+    group: str,
+    resource: str,
+    namespace: dict[str, str],
+    obj: dict[str, str],
+    username: str = "alice",
+) -> bool:
+    """Whether the API server would call `webhook` for a CREATE of `resource` in `namespace`
+    by `username`."""
     ruled = any(
         group in r["apiGroups"] and resource in r["resources"] and "CREATE" in r["operations"]
         for r in webhook["rules"]
@@ -617,6 +639,7 @@ def reaches(webhook: dict, group: str, resource: str, namespace: dict[str, str],
         ruled
         and selector_matches(webhook.get("namespaceSelector"), namespace)
         and selector_matches(webhook.get("objectSelector"), obj)
+        and conditions_match(webhook, username)
     )
 
 
@@ -659,13 +682,55 @@ def test_webhook_down_never_blocks_unrelated_namespaces_or_the_operator_itself()
         assert reaches(keys, "", "pods", opted_in, {})
         assert reaches(keys, "", "secrets", opted_in, {"app": "api"})
         assert reaches(keys, "apps", "deployments", opted_in, {})
-        # Secrets the operator manages are never sent to the literal-keys webhook.
+        # The operator's own writes are never sent to the literal-keys webhook: decided by who
+        # asks, so an outage never blocks the Secrets it manages...
+        operator = f"system:serviceaccount:{NAMESPACE}:{FULLNAME}"
         managed = {"app.kubernetes.io/managed-by": "stripe-key-operator"}
-        assert not reaches(keys, "", "secrets", opted_in, managed)
+        assert not reaches(keys, "", "secrets", opted_in, managed, username=operator)
+        assert not reaches(keys, "", "secrets", opted_in, {}, username=operator)
+        # ...and never by a label: a tenant's labelled object is still judged.
+        for group, resource in [("", "configmaps"), ("", "secrets"), ("apps", "deployments")]:
+            assert reaches(keys, group, resource, opted_in, managed), (name, resource)
         # The opt-in label the chart uses is the one the operator names in its messages.
         assert keys["namespaceSelector"]["matchLabels"] == {"stripekeys.io/no-literal-keys": "enforce"}
         assert 'LITERAL_KEYS_LABEL: &str = "stripekeys.io/no-literal-keys"' in OPERATOR_SRC
         assert 'LITERAL_KEYS_ENFORCE: &str = "enforce"' in OPERATOR_SRC
+
+
+def test_literal_keys_exemption_is_the_operators_identity_never_a_label():
+    for name in ("webhook-and-scheduling", "webhook-cert-manager"):
+        objs = rendered(name)
+        keys = webhooks_of(name)["no-literal-keys.validate.stripekeys.io"]
+        assert "objectSelector" not in keys, "no object selector: any tenant can set a label"
+        pod = one(objs, "Deployment")["spec"]["template"]["spec"]
+        sa = pod["serviceAccountName"]
+        expected = f"request.userInfo.username != 'system:serviceaccount:{NAMESPACE}:{sa}'"
+        assert keys["matchConditions"] == [{"name": "not-the-operator", "expression": expected}]
+        # The operator is told the same identity (namespace + service account from the pod).
+        env = env_of(objs)
+        assert env["SERVICE_ACCOUNT_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "spec.serviceAccountName"}}
+        assert env["POD_NAMESPACE"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+        # The operator's own admission code decides by userInfo too, not by the managed-by label.
+        assert "user_info.username" in OPERATOR_SRC
+        assert "MANAGED_BY_LABEL" not in OPERATOR_SRC
+    # A named, pre-existing service account is the one exempted.
+    values = {"webhook": {"enabled": True}, "serviceAccount": {"create": False, "name": "payments-sko"}}
+    vwc = one(objects_of(render(values)), "ValidatingWebhookConfiguration")
+    keys = next(w for w in vwc["webhooks"] if w["name"].startswith("no-literal-keys."))
+    assert keys["matchConditions"][0]["expression"].endswith(f":{NAMESPACE}:payments-sko'")
+
+
+def test_stripe_api_hosts_default_to_stripe_only_and_reach_the_operator():
+    env = {k: v.get("value") for k, v in env_of(rendered("defaults")).items()}
+    assert env["ALLOWED_API_HOSTS"] == "api.stripe.com"
+    assert env["ALLOW_LOOPBACK_API"] == "false"
+    values = {"stripeApi": {"allowedHosts": ["api.stripe.com", "stripe-egress.internal:8443"], "allowLoopback": True}}
+    env = {k: v.get("value") for k, v in env_of(objects_of(render(values))).items()}
+    assert env["ALLOWED_API_HOSTS"] == "api.stripe.com,stripe-egress.internal:8443"
+    assert env["ALLOW_LOOPBACK_API"] == "true"
+    # The operator's flag defaults to the same host.
+    src = (REPO / "src" / "rules.rs").read_text()
+    assert 'STRIPE_API_HOST: &str = "api.stripe.com"' in src
 
 
 def test_webhook_in_namespaced_mode_sees_only_the_watched_namespaces():

@@ -1,5 +1,14 @@
-//! Incident response: too many failed verifications in a window record a Warning Event on the
-//! `StripeWebhookEndpoint` and, when enabled, ask the operator for an incident rotation.
+//! What the proxy reports on a `StripeWebhookEndpoint`.
+//!
+//! Two different things, on purpose:
+//! - **Failed verifications** (forged, stale or replayed signatures) prove nothing about the
+//!   secret: a signature that does not verify shows that the sender does *not* hold it. They are
+//!   counted, and a burst of them records one Warning Event per window
+//!   ([`FAILURES_EVENT_REASON`]), never a rotation.
+//! - **A forgery with a valid signature** (a delivery that verifies but that Stripe did not send,
+//!   see [`super::confirm`]) proves that someone else holds the secret: an incident. It records a
+//!   Warning Event ([`INCIDENT_EVENT_REASON`]) and, when enabled, asks the operator for an
+//!   incident rotation (the rotate annotations with reason `incident`), at most once per window.
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -14,8 +23,11 @@ use crate::api::{
     ROTATE_ANNOTATION, ROTATE_REASON_ANNOTATION, ROTATE_REASON_INCIDENT, StripeWebhookEndpoint,
 };
 
-/// The Event reason recorded on the endpoint.
-pub const INCIDENT_EVENT_REASON: &str = "WebhookVerificationFailures";
+/// The Event reason of a burst of failed verifications (never a rotation).
+pub const FAILURES_EVENT_REASON: &str = "WebhookVerificationFailures";
+
+/// The Event reason of an incident: a validly signed delivery that Stripe did not send.
+pub const INCIDENT_EVENT_REASON: &str = "WebhookForgeryDetected";
 
 /// The field manager of the annotation patch.
 pub const PROXY_FIELD_MANAGER: &str = "stripe-key-operator-verify-proxy";
@@ -53,7 +65,8 @@ impl fmt::Display for EndpointRef {
     }
 }
 
-/// Counts failures in a sliding window and fires at most once per window.
+/// Counts failures in a sliding window and fires at most once per window (the Warning Event of
+/// failed verifications).
 #[derive(Debug)]
 pub struct IncidentTracker {
     threshold: usize,
@@ -142,14 +155,53 @@ impl IncidentReporter {
         &self.endpoint
     }
 
-    /// Records the Warning Event and, when enabled, requests an incident rotation.
-    pub async fn report(&self, failures: u32, window: Duration) -> Result<(), kube::Error> {
+    async fn reference(
+        &self,
+        api: &Api<StripeWebhookEndpoint>,
+    ) -> Result<k8s_openapi::api::core::v1::ObjectReference, kube::Error> {
+        use kube::Resource;
+        api.get(&self.endpoint.name)
+            .await
+            .map(|ep| ep.object_ref(&()))
+    }
+
+    /// Records a Warning Event for `failures` failed verifications within `window`. Never
+    /// requests a rotation: a signature that does not verify proves that its sender does not
+    /// hold the secret.
+    pub async fn report_failures(
+        &self,
+        failures: u32,
+        window: Duration,
+    ) -> Result<(), kube::Error> {
         let api: Api<StripeWebhookEndpoint> =
             Api::namespaced(self.client.clone(), &self.endpoint.namespace);
-        let reference = api.get(&self.endpoint.name).await.map(|ep| {
-            use kube::Resource;
-            ep.object_ref(&())
-        })?;
+        let reference = self.reference(&api).await?;
+        let event = Event {
+            type_: EventType::Warning,
+            reason: FAILURES_EVENT_REASON.into(),
+            note: Some(format!(
+                "{failures} webhook requests failed verification (signatures that match no \
+                 secret, stale timestamps or replays) within {}; no rotation requested: a \
+                 signature that does not verify shows the sender does not hold the secret",
+                humantime::format_duration(window)
+            )),
+            action: "VerifyWebhook".into(),
+            secondary: None,
+        };
+        self.recorder.publish(&event, &reference).await
+    }
+
+    /// Records an incident: a delivery signed with a loaded secret (`secret_fingerprint`) that
+    /// Stripe did not send (`evidence`). With `rotate`, also sets the rotate annotations with
+    /// reason `incident`, which makes the operator replace the secret and revoke the old one.
+    pub async fn report_incident(
+        &self,
+        evidence: &str,
+        secret_fingerprint: &str,
+    ) -> Result<(), kube::Error> {
+        let api: Api<StripeWebhookEndpoint> =
+            Api::namespaced(self.client.clone(), &self.endpoint.namespace);
+        let reference = self.reference(&api).await?;
         if self.rotate {
             let value = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
             let patch = json!({"metadata": {"annotations": {
@@ -175,8 +227,8 @@ impl IncidentReporter {
             type_: EventType::Warning,
             reason: INCIDENT_EVENT_REASON.into(),
             note: Some(format!(
-                "{failures} webhook requests failed signature verification within {}; {action}",
-                humantime::format_duration(window)
+                "a webhook delivery signed with secret {secret_fingerprint} was not sent by \
+                 Stripe ({evidence}): the signing secret is known to someone else; {action}"
             )),
             action: if self.rotate {
                 "RequestRotation".into()

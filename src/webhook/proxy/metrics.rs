@@ -31,6 +31,14 @@ pub struct ForwardLabels {
     pub outcome: String,
 }
 
+/// Label of event confirmations.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    /// `confirmed`, `cached`, `forged`, `unavailable_forwarded` (fail open) or
+    /// `unavailable_refused` (fail closed).
+    pub outcome: String,
+}
+
 /// Label of secret reloads.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReloadLabels {
@@ -55,10 +63,22 @@ pub struct ProxyMetrics {
     pub replay_cache_entries: Gauge,
     /// Unexpired signatures dropped from the full replay guard.
     pub replay_cache_evictions: Counter,
-    /// Incidents declared.
+    /// Incidents declared: validly signed deliveries that Stripe did not send.
     pub incidents: Counter,
-    /// Incidents that could not be recorded in Kubernetes.
+    /// Incidents and failure Events that could not be recorded in Kubernetes.
     pub incident_report_failures: Counter,
+    /// Warning Events recorded for bursts of failed verifications (never a rotation).
+    pub failure_events: Counter,
+    /// Event confirmations with Stripe, by outcome.
+    pub confirmations: Family<OutcomeLabels, Counter>,
+    /// Connections open now.
+    pub connections_open: Gauge,
+    /// Connections refused because `--max-connections` were open.
+    pub connections_refused: Counter,
+    /// Requests past the header checks now (buffering, verifying, confirming or forwarding).
+    pub requests_in_flight: Gauge,
+    /// Request body bytes held in memory now.
+    pub body_bytes_buffered: Gauge,
     registry: Arc<Registry>,
 }
 
@@ -125,16 +145,58 @@ impl ProxyMetrics {
         let incidents = Counter::default();
         registry.register(
             "incidents",
-            "Incidents declared after too many failed verifications",
+            "Incidents declared: validly signed deliveries that Stripe did not send",
             incidents.clone(),
         );
         let incident_report_failures = Counter::default();
         registry.register(
             "incident_report_failures",
-            "Incidents that could not be recorded on the StripeWebhookEndpoint",
+            "Incidents and failure Events that could not be recorded on the StripeWebhookEndpoint",
             incident_report_failures.clone(),
         );
+        let failure_events = Counter::default();
+        registry.register(
+            "failure_events",
+            "Warning Events recorded for bursts of failed verifications (these never rotate)",
+            failure_events.clone(),
+        );
+        let confirmations = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "confirmations",
+            "Verified deliveries checked against Stripe's copy of the event, by outcome",
+            confirmations.clone(),
+        );
+        let connections_open = Gauge::default();
+        registry.register(
+            "connections_open",
+            "Client connections open now",
+            connections_open.clone(),
+        );
+        let connections_refused = Counter::default();
+        registry.register(
+            "connections_refused",
+            "Connections refused because --max-connections were open",
+            connections_refused.clone(),
+        );
+        let requests_in_flight = Gauge::default();
+        registry.register(
+            "requests_in_flight",
+            "Requests past the header checks now (bounded by --max-concurrent-requests)",
+            requests_in_flight.clone(),
+        );
+        let body_bytes_buffered = Gauge::default();
+        registry.register(
+            "body_bytes_buffered",
+            "Request body bytes held in memory now",
+            body_bytes_buffered.clone(),
+        );
         Self {
+            failure_events,
+            confirmations,
+            connections_open,
+            connections_refused,
+            requests_in_flight,
+            body_bytes_buffered,
             verified,
             rejected,
             forward_duration,

@@ -7,6 +7,11 @@
 //! on `event.id`, as Stripe asks of every receiver. An entry lives until its timestamp leaves the
 //! tolerance window (the timestamp check refuses the request from then on), and the number of
 //! entries is bounded: when full, the oldest entry is evicted first.
+//!
+//! The guard is **per replica** and in memory: a captured request replayed to another replica of
+//! the application, or after the proxy restarts, passes it within the tolerance. It narrows the
+//! window; the application's deduplication on `event.id` (which Stripe's own retries require
+//! anyway) is what holds across replicas.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -56,6 +61,14 @@ impl ReplayCache {
             self.order.push_back((*sig, expires_at));
         }
         true
+    }
+
+    /// Whether any of `signatures` was accepted and has not expired at `now`: the replay check
+    /// that needs no body (nothing is recorded).
+    pub fn contains_any(&self, signatures: &[[u8; 32]], now: i64) -> bool {
+        signatures
+            .iter()
+            .any(|s| self.expiry.get(s).is_some_and(|&e| e >= now))
     }
 
     /// Drops expired entries from the front (entries are mostly in expiry order).
