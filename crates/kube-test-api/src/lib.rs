@@ -5,7 +5,9 @@
 //! patches, the `/status` subresource, finalizers, owner-reference garbage collection,
 //! namespaces, CustomResourceDefinitions with structural-schema and CEL validation, and workloads
 //! whose status rolls out) over plain HTTP on `127.0.0.1`, so a real kube-rs `Controller` runs
-//! against it end to end without a cluster.
+//! against it end to end without a cluster. It also answers what kubectl asks for (`Table`
+//! answers with printer columns, OpenAPI v3 documents, Events through both `v1` and
+//! `events.k8s.io/v1`, `fieldValidation=Strict`), so a person can look at it with kubectl.
 //!
 //! Connect a kube client with:
 //!
