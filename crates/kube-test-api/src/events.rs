@@ -107,6 +107,22 @@ pub(crate) fn field_selector_to_core(selector: &str) -> String {
 pub(crate) fn answer_to_events_v1(mut v: Value) -> Value {
     match v.get("kind").and_then(Value::as_str) {
         Some("Event") => return to_events_v1(v),
+        Some("Table") => {
+            // `includeObject=Object` rows carry whole Events.
+            for row in v
+                .get_mut("rows")
+                .and_then(Value::as_array_mut)
+                .into_iter()
+                .flatten()
+            {
+                if let Some(obj) = row.get_mut("object")
+                    && obj.get("kind").and_then(Value::as_str) == Some("Event")
+                {
+                    *obj = to_events_v1(std::mem::take(obj));
+                }
+            }
+            return v;
+        }
         Some("EventList") => {
             v["apiVersion"] = EVENTS_V1.into();
             if let Some(items) = v.get_mut("items").and_then(Value::as_array_mut) {
@@ -272,6 +288,17 @@ mod tests {
         assert_eq!(core["reportingComponent"], "stripe-key-operator");
         assert!(core.get("note").is_none() && core.get("regarding").is_none());
         assert_eq!(to_events_v1(core), ev);
+    }
+
+    #[test]
+    fn table_rows_with_whole_objects_are_converted_too() {
+        let table = json!({"kind": "Table", "apiVersion": "meta.k8s.io/v1", "rows": [
+            {"cells": ["1m"], "object": {"apiVersion": "v1", "kind": "Event", "message": "m"}},
+            {"cells": ["2m"], "object": {"kind": "PartialObjectMetadata", "metadata": {}}}]});
+        let out = answer_to_events_v1(table);
+        assert_eq!(out["rows"][0]["object"]["note"], "m");
+        assert_eq!(out["rows"][0]["object"]["apiVersion"], "events.k8s.io/v1");
+        assert_eq!(out["rows"][1]["object"]["kind"], "PartialObjectMetadata");
     }
 
     #[test]
