@@ -65,7 +65,12 @@ pub fn rotation_patch(request: &str, incident: bool, reason: Option<&str>) -> Va
 pub async fn run(args: RotateArgs) -> anyhow::Result<()> {
     crate::controller::install_crypto_provider();
     let (kind, plural, name) = parse_target(&args.target)?;
-    let client = kube::Client::try_default().await?;
+    let client = kube::Client::try_default().await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot reach the Kubernetes API ({}); set KUBECONFIG or run inside a cluster",
+            one_line(&e.to_string())
+        )
+    })?;
     let ar = ApiResource::from_gvk_with_plural(
         &GroupVersionKind::gvk(crate::api::GROUP, crate::api::VERSION, kind),
         plural,
@@ -81,7 +86,18 @@ pub async fn run(args: RotateArgs) -> anyhow::Result<()> {
             args.reason.as_deref(),
         )),
     )
-    .await?;
+    .await
+    .map_err(|e| {
+        anyhow::anyhow!(kube_error_line(
+            &e,
+            &ObjectName {
+                kind,
+                plural,
+                name: &name,
+                namespace: &args.namespace,
+            }
+        ))
+    })?;
     println!(
         "{kind} {}/{name}: {} rotation requested ({ROTATE_ANNOTATION}={request})",
         args.namespace,
@@ -90,9 +106,134 @@ pub async fn run(args: RotateArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The object a CLI call was about, for its error message.
+#[derive(Debug, Clone, Copy)]
+pub struct ObjectName<'a> {
+    /// `StripeKeyPolicy`.
+    pub kind: &'a str,
+    /// `stripekeypolicies`.
+    pub plural: &'a str,
+    /// The object's name.
+    pub name: &'a str,
+    /// The object's namespace.
+    pub namespace: &'a str,
+}
+
+/// A failed API call on `obj` as one line in kubectl's words, such as
+/// `stripekeypolicy "nope" not found in namespace "shop"`, instead of kube's debug form of
+/// the whole `Status`.
+pub fn kube_error_line(err: &kube::Error, obj: &ObjectName<'_>) -> String {
+    let kind = obj.kind.to_ascii_lowercase();
+    let (name, ns) = (obj.name, obj.namespace);
+    match err {
+        kube::Error::Api(s) if s.code == 404 => {
+            let names_object = s.details.as_ref().is_some_and(|d| !d.name.is_empty());
+            if names_object {
+                format!("{kind} {name:?} not found in namespace {ns:?}")
+            } else {
+                format!(
+                    "the server does not serve {}.{}: install the CRDs first (kubectl apply --server-side -f crds/, or the Helm chart)",
+                    obj.plural,
+                    crate::api::GROUP
+                )
+            }
+        }
+        kube::Error::Api(s) if s.code == 401 || s.code == 403 => format!(
+            "not allowed to patch {kind} {name:?} in namespace {ns:?}: {}",
+            one_line(&s.message)
+        ),
+        kube::Error::Api(s) => {
+            let reason = if s.reason.is_empty() {
+                s.code.to_string()
+            } else {
+                s.reason.clone()
+            };
+            format!(
+                "{kind} {name:?} in namespace {ns:?}: {} ({reason})",
+                one_line(&s.message)
+            )
+        }
+        other => format!(
+            "{kind} {name:?} in namespace {ns:?}: {}",
+            one_line(&other.to_string())
+        ),
+    }
+}
+
+/// Folds a multi-line message onto one line.
+fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn api_error(code: u16, reason: &str, message: &str, name: Option<&str>) -> kube::Error {
+        kube::Error::Api(Box::new(kube::core::Status {
+            code,
+            reason: reason.into(),
+            message: message.into(),
+            details: name.map(|n| kube::core::response::StatusDetails {
+                name: n.into(),
+                group: "stripekeys.io".into(),
+                kind: "stripekeypolicies".into(),
+                uid: String::new(),
+                causes: Vec::new(),
+                retry_after_seconds: 0,
+            }),
+            ..kube::core::Status::failure(message, reason)
+        }))
+    }
+
+    const NOPE: ObjectName<'static> = ObjectName {
+        kind: "StripeKeyPolicy",
+        plural: "stripekeypolicies",
+        name: "nope",
+        namespace: "shop",
+    };
+
+    #[test]
+    fn api_errors_read_as_one_kubectl_line() {
+        let e = api_error(
+            404,
+            "NotFound",
+            "stripekeypolicies.stripekeys.io \"nope\" not found",
+            Some("nope"),
+        );
+        assert_eq!(
+            kube_error_line(&e, &NOPE),
+            "stripekeypolicy \"nope\" not found in namespace \"shop\""
+        );
+        let e = api_error(
+            404,
+            "NotFound",
+            "the server could not find the requested resource",
+            None,
+        );
+        assert!(
+            kube_error_line(&e, &NOPE).contains("install the CRDs first"),
+            "{}",
+            kube_error_line(&e, &NOPE)
+        );
+        let e = api_error(
+            403,
+            "Forbidden",
+            "stripekeypolicies.stripekeys.io \"nope\" is forbidden: User \"bob\" cannot patch\nresource",
+            Some("nope"),
+        );
+        let line = kube_error_line(&e, &NOPE);
+        assert!(
+            line.starts_with("not allowed to patch stripekeypolicy \"nope\""),
+            "{line}"
+        );
+        for line in [
+            line,
+            kube_error_line(&api_error(500, "", "boom", None), &NOPE),
+        ] {
+            assert!(!line.contains('\n') && !line.contains("Status {"), "{line}");
+        }
+    }
 
     #[test]
     fn targets_parse_with_long_and_short_kinds() {

@@ -215,3 +215,111 @@ fn reconcile_concurrency_is_bounded_by_default_and_never_zero() {
         "{zero}"
     );
 }
+
+#[tokio::test]
+async fn crds_older_than_the_binary_stop_the_operator_with_what_to_run() {
+    let (_server, client) = server(false).await;
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for crd in stripe_key_operator::api::crds() {
+        let mut crd = serde_json::to_value(&crd).unwrap();
+        if crd["spec"]["names"]["kind"] == "StripeKeyPolicy" {
+            // As if installed by an earlier release: no status.rotation yet.
+            crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
+                ["properties"]
+                .as_object_mut()
+                .unwrap()
+                .remove("rotation")
+                .expect("the current schema has status.rotation");
+        }
+        api.create(
+            &PostParams::default(),
+            &serde_json::from_value(crd).unwrap(),
+        )
+        .await
+        .unwrap();
+    }
+    let err = run_with_client(config(free_port(), "a"), client, CancellationToken::new())
+        .await
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, RunError::CrdSchema(_)), "{text}");
+    assert!(
+        text.contains("stripekeypolicies.stripekeys.io")
+            && text.contains("status.rotation (object)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("kubectl apply --server-side -f crds/"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn crds_with_other_descriptions_but_the_same_fields_pass_the_schema_check() {
+    let (_server, client) = server(false).await;
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for crd in stripe_key_operator::api::crds() {
+        let mut crd = serde_json::to_value(&crd).unwrap();
+        crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["description"] =
+            "worded differently by another release".into();
+        api.create(
+            &PostParams::default(),
+            &serde_json::from_value(crd).unwrap(),
+        )
+        .await
+        .unwrap();
+    }
+    stripe_key_operator::controller::crd_check::check_crd_schemas(&client)
+        .await
+        .expect("only the structure counts");
+}
+
+/// `stripe-key-operator rotate` against the Kubernetes API for tests, through a kubeconfig.
+async fn rotate_cli(server: &TestApiServer, args: &[&str]) -> std::process::Output {
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(&kubeconfig, server.kubeconfig_yaml()).unwrap();
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_stripe-key-operator"))
+        .arg("rotate")
+        .args(args)
+        .env("KUBECONFIG", &kubeconfig)
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .output()
+        .await
+        .expect("the binary runs")
+}
+
+#[tokio::test]
+async fn rotate_of_a_missing_policy_says_so_in_one_kubectl_like_line() {
+    let (server, client) = server(true).await;
+    let ns: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+    ns.create(
+        &PostParams::default(),
+        &serde_json::from_value(serde_json::json!({"metadata": {"name": "shop"}})).unwrap(),
+    )
+    .await
+    .unwrap();
+    let out = rotate_cli(&server, &["stripekeypolicy/nope", "-n", "shop"]).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert_eq!(
+        stderr.trim_end(),
+        "error: stripekeypolicy \"nope\" not found in namespace \"shop\"",
+        "one line, no debug form of the Status"
+    );
+
+    // Without the CRDs: what to install, still one line.
+    let (bare, _) = server_without_namespace().await;
+    let out = rotate_cli(&bare, &["skp/nope", "-n", "shop"]).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("install the CRDs first"), "{stderr}");
+    assert!(!stderr.contains("Status {"), "{stderr}");
+}
+
+async fn server_without_namespace() -> (TestApiServer, kube::Client) {
+    let server = TestApiServer::start().await.unwrap();
+    let client = kube::Client::try_from(kube::Config::new(server.url().parse().unwrap())).unwrap();
+    (server, client)
+}

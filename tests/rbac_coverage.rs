@@ -601,7 +601,7 @@ async fn policy_key(cluster: &Cluster, name: &str) -> Option<String> {
     settled_key(Some((
         &s.conditions,
         s.rotation.is_some(),
-        s.current_key.map(|k| k.id),
+        s.current_key.clone().map(|k| k.id),
     )))
 }
 
@@ -614,7 +614,7 @@ async fn endpoint_key(cluster: &Cluster, name: &str) -> Option<String> {
     settled_key(Some((
         &s.conditions,
         s.rotation.is_some(),
-        s.current_key.map(|k| k.id),
+        s.current_key.clone().map(|k| k.id),
     )))
 }
 

@@ -49,6 +49,19 @@ pub const DEFAULT_API_BASE: &str = "https://api.stripe.com";
         json_path = ".status.conditions[?(@.type==\"Ready\")].status"
     ),
     printcolumn(
+        name = "Reason",
+        type_ = "string",
+        description = "Why the account is (not) Ready, such as CredentialsUnavailable.",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].reason"
+    ),
+    printcolumn(
+        name = "Encryption Key",
+        type_ = "string",
+        description = "Fingerprint of the public key live-mode secrets are encrypted to.",
+        json_path = ".status.encryptionKeyFingerprint",
+        priority = "1"
+    ),
+    printcolumn(
         name = "Age",
         type_ = "date",
         json_path = ".metadata.creationTimestamp"

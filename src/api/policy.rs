@@ -42,9 +42,11 @@ pub const DEFAULT_PREVIOUS_API_KEY_KEY: &str = "STRIPE_API_KEY_PREVIOUS";
         type_ = "date",
         json_path = ".status.lastRotationAt"
     ),
+    // A `date` column prints future times as `<invalid>`: the time itself reads better.
     printcolumn(
         name = "Next Rotation",
-        type_ = "date",
+        type_ = "string",
+        description = "When the schedule next rotates the key (RFC 3339, UTC).",
         json_path = ".status.nextRotationAt"
     ),
     printcolumn(

@@ -3,6 +3,7 @@
 
 pub mod accounts;
 pub mod clock;
+pub mod crd_check;
 pub mod error;
 pub mod keypolicy;
 pub mod shared;
@@ -659,6 +660,8 @@ pub enum RunError {
         #[source]
         source: kube::Error,
     },
+    #[error(transparent)]
+    CrdSchema(#[from] crd_check::CrdSchemaError),
     #[error("binding the HTTP endpoints on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -776,6 +779,7 @@ pub async fn run_with_client(
         .collect();
     let webhook_config = config.webhook_config()?;
     check_crds(&client, &namespaces).await?;
+    crd_check::check_crd_schemas(&client).await?;
     let metrics = Metrics::new();
     let health = Health::default();
     let (addr, http_task) = crate::http::serve(

@@ -409,9 +409,13 @@ pub async fn run(args: SandboxArgs) -> anyhow::Result<()> {
         println!();
         println!("The sandbox stays up. In another terminal:");
         println!("  export KUBECONFIG={}", path.display());
-        println!("  kubectl get stripekeypolicies -A");
-        println!("  kubectl apply --server-side --validate=false -f examples/stripekeypolicy.yaml");
-        println!("(no OpenAPI document is served, hence --validate=false). Ctrl-C stops it.");
+        println!("  kubectl get stripekeypolicies,stripewebhookendpoints -A");
+        println!("  kubectl get events -n shop");
+        println!("  kubectl explain stripekeypolicy.spec.rotation");
+        println!("  kubectl apply --server-side -f examples/stripekeypolicy.yaml");
+        println!(
+            "(JSON only: `kubectl create secret|deployment|namespace` send protobuf and are refused; `kubectl apply -f` works). Ctrl-C stops it."
+        );
         crate::controller::shutdown_signal().await;
         let _ = std::fs::remove_file(&path);
     }

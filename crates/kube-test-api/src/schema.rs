@@ -529,9 +529,10 @@ fn validate_node(v: &Value, schema: &Value, path: &str, root: bool, errors: &mut
             if let Some(min) = schema.get("minItems").and_then(Value::as_u64)
                 && (items.len() as u64) < min
             {
+                // The apiserver reports the item count, not the list (`Invalid value: 0`).
                 errors.push(FieldError::invalid(
                     path,
-                    v.clone(),
+                    Value::from(items.len()),
                     format!("{path} in body should have at least {min} items"),
                 ));
             }

@@ -57,7 +57,7 @@ fn parse_query(uri: &Uri) -> HashMap<String, String> {
     out
 }
 
-fn percent_decode(s: &str) -> String {
+pub(crate) fn percent_decode(s: &str) -> String {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -365,6 +365,30 @@ pub(crate) async fn handle(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    if let Some(r) = crate::openapi::serve(&shared, &uri) {
+        return r;
+    }
+    if let Some(r) = crate::events::serve_view(
+        shared.clone(),
+        method.clone(),
+        &uri,
+        headers.clone(),
+        body.clone(),
+    )
+    .await
+    {
+        return r;
+    }
+    handle_inner(shared, method, uri, headers, body).await
+}
+
+pub(crate) async fn handle_inner(
+    shared: Arc<Shared>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let query = parse_query(&uri);
     let route = {
         let st = shared.lock();
@@ -509,10 +533,11 @@ async fn resource(
             shared
                 .lock()
                 .count(if watch { "watch" } else { "list" }, &counted);
+            let table = crate::table::requested(&headers, &query);
             if watch {
-                return watch_response(shared, rt, t, query, meta_only);
+                return watch_response(shared, rt, t, query, meta_only, table);
             }
-            list(&shared, &rt, &t, &query, meta_only)
+            list(&shared, &rt, &t, &query, meta_only, table)
         }
         (&Method::GET, Some(name)) => {
             let mut st = shared.lock();
@@ -520,12 +545,19 @@ async fn resource(
             let obj = st
                 .get(&key, &ns, name)
                 .ok_or_else(|| ApiError::not_found(&rt, name))?;
+            if let Some(include) = crate::table::requested(&headers, &query) {
+                let meta = json!({"resourceVersion": st.rv.to_string()});
+                let table =
+                    crate::table::table(&rt, &t.version, &[obj], include, meta, chrono::Utc::now());
+                return Ok(json_response(200, &table));
+            }
             Ok(json_response(200, &render(obj, &rt, &t.version, meta_only)))
         }
         (&Method::POST, None) => {
             let obj = parse_body(&body)?;
             let mut st = shared.lock();
             st.count("create", &counted);
+            crate::strict::check(&rt, &t.version, &obj, &query, false)?;
             let created = st.create(&key, &ns, obj, &opts, Managed::Update(manager()))?;
             if let Some(r) = &recorded {
                 shared.record_all(record::owner_reference_checks(&st, r, &rt, None, &created));
@@ -542,6 +574,7 @@ async fn resource(
             let mut st = shared.lock();
             st.count("update", &counted);
             let old = st.get(&key, &ns, name).cloned();
+            crate::strict::check(&rt, &t.version, &obj, &query, false)?;
             let updated = st.update(&key, &ns, name, obj, &opts, Managed::Update(manager()))?;
             if let Some(r) = &recorded {
                 let checks = record::owner_reference_checks(&st, r, &rt, old.as_ref(), &updated);
@@ -567,6 +600,13 @@ async fn resource(
             let mut st = shared.lock();
             st.count("patch", &counted);
             let old = st.get(&key, &ns, name).cloned();
+            let apply = ctype == "application/apply-patch+yaml";
+            if (apply || ctype.ends_with("merge-patch+json"))
+                && let Ok(patch) = serde_json::from_slice::<Value>(&body)
+                    .or_else(|_| serde_yaml::from_slice::<Value>(&body))
+            {
+                crate::strict::check(&rt, &t.version, &patch, &query, apply)?;
+            }
             let (code, out) = patch(
                 &mut st,
                 &rt,
@@ -810,6 +850,7 @@ fn list(
     t: &Target,
     query: &HashMap<String, String>,
     meta_only: bool,
+    table: Option<crate::table::Include>,
 ) -> Result<Response, ApiError> {
     let sel = selectors(query)?;
     let limit: usize = query
@@ -857,6 +898,25 @@ fn list(
         matching.retain(|(k, _)| *k > after);
     }
     let total = matching.len();
+    let mut metadata = json!({"resourceVersion": rv.to_string()});
+    if total > limit
+        && let Some((k, _)) = matching.get(limit - 1)
+    {
+        metadata["continue"] = util::hex(&format!("{rv}\u{0}{}\u{0}{}", k.0, k.1)).into();
+        metadata["remainingItemCount"] = ((total - limit) as u64).into();
+    }
+    if let Some(include) = table {
+        let objects: Vec<&Value> = matching.iter().take(limit).map(|(_, o)| *o).collect();
+        let table = crate::table::table(
+            rt,
+            &t.version,
+            &objects,
+            include,
+            metadata,
+            chrono::Utc::now(),
+        );
+        return Ok(json_response(200, &table));
+    }
     let page: Vec<Value> = matching
         .iter()
         .take(limit)
@@ -869,13 +929,6 @@ fn list(
             r
         })
         .collect();
-    let mut metadata = json!({"resourceVersion": rv.to_string()});
-    if total > limit
-        && let Some((k, _)) = matching.get(limit - 1)
-    {
-        metadata["continue"] = util::hex(&format!("{rv}\u{0}{}\u{0}{}", k.0, k.1)).into();
-        metadata["remainingItemCount"] = ((total - limit) as u64).into();
-    }
     let (api_version, kind) = if meta_only {
         (
             "meta.k8s.io/v1".to_string(),
@@ -903,9 +956,25 @@ struct WatchFilter {
     rt: ResourceType,
     version: String,
     meta_only: bool,
+    /// `kubectl get -w`: each event carries a one-row Table.
+    table: Option<crate::table::Include>,
 }
 
 impl WatchFilter {
+    fn view(&self, obj: &Value) -> Value {
+        match self.table {
+            Some(include) => crate::table::table(
+                &self.rt,
+                &self.version,
+                &[obj],
+                include,
+                json!({}),
+                chrono::Utc::now(),
+            ),
+            None => render(obj, &self.rt, &self.version, self.meta_only),
+        }
+    }
+
     /// Turns a change into the event this watch sees (or none).
     fn translate(&self, rec: &Record) -> Option<Bytes> {
         if rec.key != self.key {
@@ -927,10 +996,7 @@ impl WatchFilter {
             ("MODIFIED", true, false) => "DELETED",
             _ => return None,
         };
-        Some(event_line(
-            etype,
-            &render(&rec.obj, &self.rt, &self.version, self.meta_only),
-        ))
+        Some(event_line(etype, &self.view(&rec.obj)))
     }
 
     fn bookmark(&self, rv: u64, initial_end: bool) -> Bytes {
@@ -959,6 +1025,7 @@ fn watch_response(
     t: Target,
     query: HashMap<String, String>,
     meta_only: bool,
+    table: Option<crate::table::Include>,
 ) -> Result<Response, ApiError> {
     let sel = selectors(&query)?;
     let bookmarks = query
@@ -978,6 +1045,7 @@ fn watch_response(
         rt,
         version: t.version.clone(),
         meta_only,
+        table,
     };
     let mut initial: Vec<Bytes> = Vec::new();
     let (mut rx, start_rv) = {
@@ -988,10 +1056,7 @@ fn watch_response(
                 for ((o_ns, _), o) in m {
                     if filter.namespace.as_ref().is_none_or(|n| n == o_ns) && filter.sel.matches(o)
                     {
-                        initial.push(event_line(
-                            "ADDED",
-                            &render(o, &filter.rt, &filter.version, meta_only),
-                        ));
+                        initial.push(event_line("ADDED", &filter.view(o)));
                     }
                 }
             }
