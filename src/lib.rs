@@ -2,6 +2,7 @@
 //! stores them in Vault, injects them into workloads and rotates them.
 #![forbid(unsafe_code)]
 
+pub mod admission;
 pub mod api;
 pub mod audit;
 pub mod controller;

@@ -14,18 +14,18 @@ use kube::api::{Api, PostParams};
 use rand::Rng;
 use rand::distr::Alphanumeric;
 use serde_json::{Value, json};
+use stripe_key_operator::admission::server::{self, AdmissionSettings, WebhookConfig};
+use stripe_key_operator::admission::tls::{
+    self, CertMode, CertStore, Injection, SelfSignedConfig, ServingCert,
+};
+use stripe_key_operator::admission::{
+    self, LITERAL_KEYS_PATH, LiteralKeysPolicy, LookupError, Lookups, STRIPE_OBJECTS_PATH,
+};
 use stripe_key_operator::api::{StripeAccount, StripeGuardrail};
 use stripe_key_operator::rules::{
     AccountTrust, ApiHosts, CREDENTIAL_LABEL, CREDENTIAL_LABEL_VALUE,
 };
 use stripe_key_operator::vault::StorePrefix;
-use stripe_key_operator::webhook::admission::{
-    self, LITERAL_KEYS_PATH, LiteralKeysPolicy, LookupError, Lookups, STRIPE_OBJECTS_PATH,
-};
-use stripe_key_operator::webhook::server::{self, AdmissionSettings, WebhookConfig};
-use stripe_key_operator::webhook::tls::{
-    self, CertMode, CertStore, Injection, SelfSignedConfig, ServingCert,
-};
 use tokio_util::sync::CancellationToken;
 
 // ---------------------------------------------------------------------------------------------

@@ -1060,6 +1060,70 @@ async fn incident_rotation_expires_the_old_key_at_once() {
     c.wait_rolled(POLICY_ANNOTATION, &current.fingerprint).await;
 }
 
+/// The reported incident story, as a user meets it on a real cluster: a routine rotation is
+/// overlapping (K2 published, K1 previous), K2 leaks, an incident is declared. K1 and K2 are both
+/// expired and one fresh key takes their place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs a real cluster"]
+async fn an_incident_during_an_overlap_expires_both_keys_and_leaves_one_fresh_key() {
+    let c = Cluster::start().await;
+    c.apply_policy(&c.policy(POLICY, &["charge_read"])).await;
+    let k1 = c
+        .wait_policy(POLICY, "Ready", policy_ready)
+        .await
+        .status
+        .unwrap()
+        .current_key
+        .clone()
+        .unwrap();
+    c.wait_rolled(POLICY_ANNOTATION, &k1.fingerprint).await;
+    c.annotate_policy(POLICY, json!({"stripekeys.io/rotate": "r1"}))
+        .await;
+    let p = c
+        .wait_policy(
+            POLICY,
+            "Overlapping",
+            policy_in_phase(RotationPhase::Overlapping),
+        )
+        .await;
+    let k2 = p.status.unwrap().current_key.clone().unwrap();
+    assert_ne!(k1.id, k2.id);
+    assert_eq!(c.active_keys().len(), 2, "both valid during the overlap");
+
+    c.annotate_policy(
+        POLICY,
+        json!({"stripekeys.io/rotate": "r2", "stripekeys.io/rotate-reason": "incident"}),
+    )
+    .await;
+    let p = c
+        .wait_policy(POLICY, "the incident handled", |p| {
+            policy_settled(p)
+                && p.status
+                    .as_ref()
+                    .unwrap()
+                    .last_handled_rotate_request
+                    .as_deref()
+                    == Some("r2")
+        })
+        .await;
+    let k3 = p.status.unwrap().current_key.clone().unwrap();
+    assert_eq!(c.key_status(&k1.id), "expired", "K1 expired");
+    assert_eq!(
+        c.key_status(&k2.id),
+        "expired",
+        "K2, the leaked key, expired"
+    );
+    let active = c.active_keys();
+    assert_eq!(active.len(), 1, "one fresh key: {active:#?}");
+    assert_eq!(active[0].id, k3.id);
+    let (cur, prev) = policy_secret_fingerprints(&c).await;
+    assert_eq!(cur, k3.fingerprint);
+    assert!(prev.is_none(), "no leaked key is published");
+    c.wait_rolled(POLICY_ANNOTATION, &k3.fingerprint).await;
+    c.wait_event("StripeKeyPolicy", POLICY, "Warning", "IncidentRotation")
+        .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "needs a real cluster"]
 async fn scope_change_rotates_to_a_key_with_the_new_scopes() {

@@ -273,6 +273,9 @@ fn run_config(objs: &[Value], pod: &str) -> (RunConfig, u16) {
         format!("127.0.0.1:{webhook_port}"),
         "--audit-log".into(),
         "off".into(),
+        // The Stripe simulator listens on loopback; production allows only Stripe's host.
+        "--allow-loopback-api".into(),
+        "true".into(),
     ];
     let store = env_value(objs, "STORE").expect("STORE");
     // Vault keeps bundles outside Kubernetes: for the Kubernetes API the operator behaves as with
@@ -403,7 +406,8 @@ impl Cluster {
         apply(
             a,
             &json!({"apiVersion": "v1", "kind": "Secret",
-            "metadata": {"name": APP_KEY_SECRET, "namespace": NAMESPACE},
+            "metadata": {"name": APP_KEY_SECRET, "namespace": NAMESPACE,
+                         "labels": {"stripekeys.io/credential": "stripe-app"}},
             "stringData": {"secret_key": cluster.sim.app_key().expose()}}),
         )
         .await;

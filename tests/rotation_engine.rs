@@ -525,7 +525,7 @@ async fn scope_probes_in_bad_weather_never_expire_a_good_key() {
 }
 
 #[tokio::test]
-async fn renaming_the_secret_deletes_the_old_one() {
+async fn renaming_the_secret_leaves_no_key_in_the_old_one() {
     let env = env().await;
     env.apply_json(&policy("checkout", &["charge_read"]))
         .await
@@ -546,15 +546,32 @@ async fn renaming_the_secret_deletes_the_old_one() {
     .await
     .unwrap();
     wait_until(
-        "the new Secret written and the old one deleted",
+        "the new Secret written and the old one emptied",
         async || {
             env.secret(NS, "checkout-key-v2").await.unwrap().is_some()
                 && env
                     .secret(NS, "checkout-stripe-key")
                     .await
                     .unwrap()
-                    .is_none()
+                    .is_none_or(|s| s.data.as_ref().is_none_or(|d| d.is_empty()))
         },
     )
     .await;
+    let old = env
+        .secret(NS, "checkout-stripe-key")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        old.metadata
+            .labels
+            .unwrap()
+            .get("stripekeys.io/superseded")
+            .map(String::as_str),
+        Some("true")
+    );
+    assert!(
+        old.metadata.owner_references.is_some_and(|o| !o.is_empty()),
+        "it goes with the policy"
+    );
 }

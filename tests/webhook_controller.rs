@@ -982,3 +982,98 @@ async fn a_rotation_leaves_audit_lines_for_every_call_and_phase_with_its_trigger
             .unwrap();
     assert_eq!(summary.lines, entries.len());
 }
+
+/// Blue/green: the new endpoint sends nothing before receivers hold its secret. It is created,
+/// disabled at once, published and rolled, and only then enabled; the old endpoint carries every
+/// event meanwhile.
+#[tokio::test]
+async fn a_routine_rotation_keeps_the_new_endpoint_disabled_until_the_targets_rolled() {
+    let env = env().await;
+    let first = current_id(&create_and_wait(&env).await);
+    let status_of = |id: &str| {
+        sim_endpoints(&env)
+            .into_iter()
+            .find(|ep| ep.id == id)
+            .map(|ep| ep.status)
+    };
+    assert_eq!(status_of(&first).as_deref(), Some("enabled"));
+    env.api.set_workload_stuck(NS, "checkout", true);
+    annotate_endpoint(&env, json!({"stripekeys.io/rotate": "routine-1"})).await;
+    let rolling = wait(&env, "RollingOut", in_phase(RotationPhase::RollingOut)).await;
+    let second = current_id(&rolling);
+    assert_ne!(second, first);
+    let (cur, _) = secret_values(&env).await;
+    assert_eq!(
+        cur.fingerprint(),
+        rolling
+            .status
+            .as_ref()
+            .unwrap()
+            .current_key
+            .as_ref()
+            .unwrap()
+            .fingerprint,
+        "the new secret is published"
+    );
+    assert_eq!(
+        status_of(&second).as_deref(),
+        Some("disabled"),
+        "no event is signed with a secret the receivers may not hold yet"
+    );
+    assert_eq!(
+        status_of(&first).as_deref(),
+        Some("enabled"),
+        "the old endpoint carries the events"
+    );
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(
+        status_of(&second).as_deref(),
+        Some("disabled"),
+        "still rolling"
+    );
+
+    env.api.set_workload_stuck(NS, "checkout", false);
+    wait(&env, "Overlapping", in_phase(RotationPhase::Overlapping)).await;
+    assert_eq!(
+        status_of(&second).as_deref(),
+        Some("enabled"),
+        "enabled once every target rolled"
+    );
+    assert_eq!(
+        status_of(&first).as_deref(),
+        Some("enabled"),
+        "both during the overlap"
+    );
+    let reasons = event_reasons(&env, NAME).await;
+    assert!(
+        reasons.contains(&("Normal".into(), "EndpointEnabled".into())),
+        "{reasons:?}"
+    );
+}
+
+/// In an incident the new endpoint stays enabled: the old one is gone at once, and Stripe
+/// retries what receivers reject until they load the new secret.
+#[tokio::test]
+async fn an_incident_keeps_the_new_endpoint_enabled() {
+    let env = env().await;
+    let first = current_id(&create_and_wait(&env).await);
+    env.api.set_workload_stuck(NS, "checkout", true);
+    annotate_endpoint(
+        &env,
+        json!({"stripekeys.io/rotate": "incident-1", "stripekeys.io/rotate-reason": "incident"}),
+    )
+    .await;
+    let rolling = wait(&env, "RollingOut", in_phase(RotationPhase::RollingOut)).await;
+    let second = current_id(&rolling);
+    let eps = sim_endpoints(&env);
+    assert!(
+        eps.iter().all(|ep| ep.id != first),
+        "the old endpoint is deleted at once"
+    );
+    assert_eq!(
+        eps.iter()
+            .find(|ep| ep.id == second)
+            .map(|ep| ep.status.as_str()),
+        Some("enabled")
+    );
+}

@@ -251,6 +251,16 @@ pub struct RotationState {
     /// while the spec was refused): they are fixed from the spec before the first create.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub unprepared: bool,
+    /// When the create was first sent under the current idempotency key. A create retried more
+    /// than Stripe's idempotency window (24 h) later cannot be a replay: whatever this resource
+    /// owns at Stripe and status does not know is an orphan, retired before creating again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub create_sent_at: Option<Time>,
+    /// Set when this rotation replaced one whose create may have made a credential that was
+    /// never recorded: what this resource owns at Stripe and status does not know is retired
+    /// before the next create.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub sweep_first: bool,
 }
 
 /// Observed state of a StripeKeyPolicy.

@@ -109,6 +109,9 @@ impl Accounts {
         if let Some(timeout) = ctx.config.stripe_timeout {
             config.timeout = timeout;
         }
+        if let Some(retry) = &ctx.config.stripe_retry {
+            config.retry = retry.clone();
+        }
         let client = StripeClient::new(config)?;
         // Stripe requires a public key on every secret-key create (test mode too); live mode
         // returns the secret only encrypted to it.

@@ -30,7 +30,7 @@ use crate::rotation::engine::{self, Credential, Minted, Names, Owned, Run, Verdi
 use crate::rotation::schedule::{Schedule, parse_duration};
 use crate::rules;
 use crate::secret::SecretString;
-use crate::stripe::{ApiKeyType, CreateApiKeyParams, ListApiKeysParams, idempotency_key};
+use crate::stripe::{ApiKeyType, CreateApiKeyParams, ListApiKeysParams};
 
 /// The finalizer that guards the policy's keys at Stripe and its store entry.
 pub const FINALIZER: &str = "stripekeys.io/revoke-keys";
@@ -352,17 +352,16 @@ impl Credential for KeyPolicy {
     }
 
     async fn retire(
-        run: &Run<'_, Self>,
+        _run: &Run<'_, Self>,
         handle: &AccountHandle,
         id: &str,
-        number: i64,
+        idempotency_key: &str,
     ) -> Result<(), crate::stripe::StripeError> {
+        // Confirmed: a 404 counts only when a listing agrees the key is gone; a 401 (the app's
+        // own key) is an error, never "already expired".
         handle
             .client
-            .expire_api_key_confirmed(
-                id,
-                &idempotency_key(&run.uid, number as u64, &format!("expire-{id}")),
-            )
+            .expire_api_key_confirmed(id, idempotency_key)
             .await
             .map(|_| ())
     }

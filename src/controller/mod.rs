@@ -133,8 +133,8 @@ pub struct RunConfig {
     /// operator keeps in the Secret `<webhook-service>-tls` and injects into the
     /// ValidatingWebhookConfiguration), `files` (`tls.crt`/`tls.key` in `--webhook-cert-dir`,
     /// e.g. from cert-manager, reloaded on change) or `disabled` (no webhook server).
-    #[arg(long, env = "WEBHOOK_CERT_MODE", value_enum, default_value_t = crate::webhook::tls::CertMode::Disabled)]
-    pub webhook_cert_mode: crate::webhook::tls::CertMode,
+    #[arg(long, env = "WEBHOOK_CERT_MODE", value_enum, default_value_t = crate::admission::tls::CertMode::Disabled)]
+    pub webhook_cert_mode: crate::admission::tls::CertMode,
     /// Directory of `tls.crt` and `tls.key` (`--webhook-cert-mode=files`).
     #[arg(long, env = "WEBHOOK_CERT_DIR")]
     pub webhook_cert_dir: Option<std::path::PathBuf>,
@@ -195,8 +195,8 @@ impl RunConfig {
     }
 
     /// The admission webhook settings of these flags.
-    pub fn webhook_config(&self) -> Result<crate::webhook::server::WebhookConfig, RunError> {
-        Ok(crate::webhook::server::WebhookConfig {
+    pub fn webhook_config(&self) -> Result<crate::admission::server::WebhookConfig, RunError> {
+        Ok(crate::admission::server::WebhookConfig {
             addr: self.webhook_addr,
             cert_mode: self.webhook_cert_mode,
             cert_dir: self.webhook_cert_dir.clone(),
@@ -208,7 +208,7 @@ impl RunConfig {
                 .service_account_name
                 .as_deref()
                 .filter(|n| !n.is_empty())
-                .map(|sa| crate::webhook::admission::service_account_username(&self.namespace, sa)),
+                .map(|sa| crate::admission::service_account_username(&self.namespace, sa)),
             account_trust: self.account_trust()?,
             check_interval: Duration::from_secs(60),
         })
@@ -224,6 +224,8 @@ pub struct ControllerConfig {
     pub store_prefix: StorePrefix,
     /// Timeout of one Stripe HTTP attempt (`None`: the client's default).
     pub stripe_timeout: Option<Duration>,
+    /// Retry behaviour of Stripe calls (`None`: the client's default).
+    pub stripe_retry: Option<crate::stripe::RetryPolicy>,
     /// Requeue delay after a failed reconcile.
     pub error_backoff: Duration,
     /// How long a rollout target may hold the old key before the rotation goes on without it.
@@ -278,6 +280,7 @@ impl ControllerConfig {
             operator_namespace: operator_namespace.into(),
             store_prefix,
             stripe_timeout: None,
+            stripe_retry: None,
             error_backoff: Duration::from_secs(15),
             rollout_ceiling: Duration::from_secs(3600),
             rollout_poll: Duration::from_secs(5),
@@ -304,6 +307,8 @@ pub struct Context {
     recorder: Recorder,
     /// Stripe accounts (contexts) whose scope catalogue was proven by live probes since start.
     probed_accounts: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Consecutive failed reconciles per object (UID): the error requeue backs off on them.
+    failures: std::sync::Mutex<std::collections::HashMap<String, u32>>,
 }
 
 /// Reports each Stripe HTTP attempt of one reconcile to the metrics and the audit log.
@@ -377,7 +382,25 @@ impl Context {
             stripe_observer,
             audit: crate::audit::AuditLog::disabled(),
             probed_accounts: Default::default(),
+            failures: Default::default(),
         }
+    }
+
+    /// Records a failed reconcile of `uid`; returns how many failed in a row before this one.
+    pub fn record_failure(&self, uid: &str) -> u32 {
+        let mut f = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        let n = f.entry(uid.to_string()).or_insert(0);
+        let before = *n;
+        *n = n.saturating_add(1);
+        before
+    }
+
+    /// Forgets the failures of `uid` (it reconciled).
+    pub fn record_success(&self, uid: &str) {
+        self.failures
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(uid);
     }
 
     /// Whether a key of Stripe account `context` passed live scope probes since start.
@@ -671,7 +694,7 @@ pub enum RunError {
     #[error(transparent)]
     Leader(#[from] crate::leader::LeaderError),
     #[error("admission webhook: {0}")]
-    Webhook(#[from] crate::webhook::server::WebhookError),
+    Webhook(#[from] crate::admission::server::WebhookError),
     #[error("secret store: {0}")]
     Store(#[from] crate::vault::StoreError),
     #[error("opening the audit log: {0}")]
@@ -796,20 +819,17 @@ pub async fn run_with_client(
     tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
     // Every replica serves admission (the API server picks any ready endpoint), so the
     // webhook starts before leader election.
-    let webhook_task = match crate::webhook::server::start(
-        &webhook_config,
-        client.clone(),
-        shutdown.clone(),
-    )
-    .await
-    {
-        Ok(t) => t.map(|(_, task)| task),
-        Err(e) => {
-            shutdown.cancel();
-            let _ = http_task.await;
-            return Err(e.into());
-        }
-    };
+    let webhook_task =
+        match crate::admission::server::start(&webhook_config, client.clone(), shutdown.clone())
+            .await
+        {
+            Ok(t) => t.map(|(_, task)| task),
+            Err(e) => {
+                shutdown.cancel();
+                let _ = http_task.await;
+                return Err(e.into());
+            }
+        };
     // Ready means "started and able to serve": a standby replica is ready too, so rolling
     // updates and node drains never wait on the leader. Leadership is the `leader` metric.
     health.set_ready(true);

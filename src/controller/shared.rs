@@ -170,26 +170,45 @@ impl RolloutReport {
     }
 }
 
-/// Deletes the Secret `name` when this resource (`owner_uid`) controls it. Returns whether it
-/// deleted.
-pub(crate) async fn delete_owned_secret(
+/// Empties the Secret `name` when this resource (`owner_uid`) controls it: its data is removed
+/// and it is labelled superseded; the owner reference stays, so it goes with its owner. Emptying rather than
+/// deleting keeps the operator without `delete` on Secrets, which RBAC cannot narrow to the
+/// Secrets it owns. Returns whether it emptied one.
+pub(crate) async fn empty_owned_secret(
     ctx: &Context,
     ns: &str,
     owner_uid: &str,
     name: &str,
 ) -> Result<bool, ReconcileError> {
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
-    match secrets.get_opt(name).await? {
-        Some(existing) if inject::may_write_secret(Some(&existing), owner_uid) => {
-            match secrets.delete(name, &Default::default()).await {
-                Ok(_) => Ok(true),
-                Err(kube::Error::Api(s)) if s.code == 404 => Ok(false),
-                Err(e) => Err(e.into()),
-            }
-        }
-        _ => Ok(false),
+    let Some(existing) = secrets.get_opt(name).await? else {
+        return Ok(false);
+    };
+    if !inject::may_write_secret(Some(&existing), owner_uid)
+        || existing.data.as_ref().is_none_or(|d| d.is_empty())
+    {
+        return Ok(false);
     }
+    // A merge patch that nulls every key removes them on any API server (whatever its
+    // server-side-apply field bookkeeping), and labels the Secret superseded.
+    let data: serde_json::Map<String, serde_json::Value> = existing
+        .data
+        .iter()
+        .flatten()
+        .map(|(k, _)| (k.clone(), serde_json::Value::Null))
+        .collect();
+    let body = json!({
+        "metadata": {"labels": {SUPERSEDED_LABEL: "true"}},
+        "data": data,
+    });
+    secrets
+        .patch(name, &PatchParams::default(), &Patch::Merge(&body))
+        .await?;
+    Ok(true)
 }
+
+/// The label on a synced Secret whose resource now publishes to another Secret.
+pub const SUPERSEDED_LABEL: &str = "stripekeys.io/superseded";
 
 /// The source whose secret the targets consume.
 pub(crate) struct RolloutSource<'a> {
@@ -440,6 +459,9 @@ where
         .reconcile_duration
         .get_or_create(&labels)
         .observe(started.elapsed().as_secs_f64());
+    if result.is_ok() {
+        ctx.record_success(obj.meta().uid.as_deref().unwrap_or_default());
+    }
     result
 }
 
@@ -480,5 +502,19 @@ pub(crate) fn requeue_after_error(
             reason,
         })
         .inc();
-    kube::runtime::controller::Action::requeue(ctx.config.error_backoff)
+    // Exponential with jitter, capped: a resource that keeps failing (Stripe down, a Secret it
+    // does not own) costs less and less, and resources that failed together do not retry in step.
+    let uid = meta.uid.as_deref().unwrap_or_default();
+    let failures = ctx.record_failure(uid);
+    let seed = uid.bytes().fold(0xcbf29ce484222325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
+    });
+    let base = ctx.config.error_backoff;
+    let cap = base.max(ERROR_BACKOFF_CAP);
+    kube::runtime::controller::Action::requeue(crate::rotation::engine::backoff(
+        base, cap, failures, seed,
+    ))
 }
+
+/// The longest wait between retries of a failing reconcile.
+pub const ERROR_BACKOFF_CAP: std::time::Duration = std::time::Duration::from_secs(300);

@@ -345,15 +345,31 @@ async fn set_disabled(
         ..UpdateWebhookEndpointParams::default()
     };
     let step = if disabled { "disable" } else { "enable" };
-    handle
-        .client
-        .update_webhook_endpoint(
-            id,
-            &params,
-            &idempotency_key(&run.uid, rotation.number as u64, &format!("{step}-{id}")),
+    let key = |suffix: String| {
+        idempotency_key(
+            &run.uid,
+            rotation.number as u64,
+            &format!("{step}-{id}{suffix}"),
         )
-        .await?;
-    Ok(())
+    };
+    match handle
+        .client
+        .update_webhook_endpoint(id, &params, &key(String::new()))
+        .await
+    {
+        Ok(_) => Ok(()),
+        // A saved server error is replayed for a day; setting `disabled` twice is harmless, so
+        // ask again under a fresh key.
+        Err(e) if e.status().is_some_and(|s| s >= 500) && e.is_idempotent_replay() => {
+            let fresh = format!("-{}", run.ctx.clock.now().as_millisecond());
+            handle
+                .client
+                .update_webhook_endpoint(id, &params, &key(fresh))
+                .await?;
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 #[async_trait::async_trait]
@@ -487,7 +503,7 @@ impl Credential for Endpoint {
         _run: &Run<'_, Self>,
         handle: &AccountHandle,
         id: &str,
-        _number: i64,
+        _idempotency_key: &str,
     ) -> Result<(), crate::stripe::StripeError> {
         handle.client.delete_webhook_endpoint(id).await.map(|_| ())
     }

@@ -189,11 +189,14 @@ pub trait Credential: Sized + Send + Sync + 'static {
         Ok(())
     }
     /// Retires one credential at Stripe (expire a key, delete an endpoint).
+    /// Retires one credential at Stripe (expire a key, delete an endpoint), with the
+    /// idempotency key the engine chose (retiring twice is harmless, so a fresh one is used when
+    /// Stripe keeps replaying a saved error for the first).
     async fn retire(
         run: &Run<'_, Self>,
         handle: &AccountHandle,
         id: &str,
-        number: i64,
+        idempotency_key: &str,
     ) -> Result<(), StripeError>;
     /// The credentials at Stripe this resource owns.
     async fn list_owned(
@@ -436,7 +439,10 @@ pub fn escalate(
     let mut doomed: Vec<KeyStatus> = Vec::new();
     doomed.extend(status.current_key.take());
     doomed.extend(status.previous_key.take());
+    let mut sweep_first = false;
     if let Some(r) = status.rotation.take() {
+        // A create sent but never recorded may have made a credential: find it before minting.
+        sweep_first = r.sweep_first || (r.new_key.is_none() && r.create_sent_at.is_some());
         doomed.extend(r.new_key);
     }
     for k in doomed {
@@ -458,6 +464,8 @@ pub fn escalate(
         rollout_started_at: None,
         attempt: None,
         unprepared: true,
+        create_sent_at: None,
+        sweep_first,
     }
 }
 
@@ -754,6 +762,8 @@ async fn start<C: Credential>(
         rollout_started_at: None,
         attempt: None,
         unprepared: false,
+        create_sent_at: None,
+        sweep_first: false,
     };
     C::prepare(&run.obj, spec, &mut status, &mut rotation);
     status.rotation = Some(rotation);
@@ -915,7 +925,18 @@ async fn retire_one<C: Credential>(
             ),
         });
     }
-    match C::retire(run, handle, &key.id, number).await {
+    let key_for = |step: String| idempotency_key(&run.uid, number as u64, &step);
+    let first = C::retire(run, handle, &key.id, &key_for(format!("expire-{}", key.id))).await;
+    let result = match first {
+        // A saved server error would be replayed for a day: retiring is idempotent by nature,
+        // so ask again under a fresh key.
+        Err(e) if e.status().is_some_and(|s| s >= 500) && saved_replay(&e) => {
+            let fresh = format!("expire-{}-{}", key.id, run.ctx.clock.now().as_millisecond());
+            C::retire(run, handle, &key.id, &key_for(fresh)).await
+        }
+        other => other,
+    };
+    match result {
         Ok(()) => Ok(()),
         Err(e) if already_dead(&e) => Ok(()),
         Err(e) if e.is_not_found() => {
@@ -1045,6 +1066,7 @@ async fn prove<C: Credential>(
                 r.idempotency_key = idempotency_key(&run.uid, r.number as u64, "mint");
                 r.attempt = None;
                 r.new_key = None;
+                r.create_sent_at = None;
                 r.phase = RotationPhase::Minting;
             }
             run.write_status(status).await?;
@@ -1060,6 +1082,26 @@ async fn mint<C: Credential>(
     run: &mut Run<'_, C>,
     handle: &AccountHandle,
 ) -> Result<StepOutcome, ReconcileError> {
+    let now = run.ctx.clock.now();
+    let rotation = rotation_of::<C>(&run.status());
+    let window = SignedDuration::from_hours(24);
+    let stale = rotation
+        .create_sent_at
+        .as_ref()
+        .is_some_and(|t| now.duration_since(t.0) >= window);
+    if stale || rotation.sweep_first {
+        // The first create can no longer be replayed (or belonged to an abandoned rotation):
+        // what it made is an orphan now.
+        sweep_orphans(run, handle).await?;
+    }
+    if rotation.create_sent_at.is_none() || stale || rotation.sweep_first {
+        let mut status = run.status();
+        if let Some(r) = status.rotation.as_mut() {
+            r.create_sent_at = Some(time(now));
+            r.sweep_first = false;
+        }
+        run.write_status(status).await?;
+    }
     let rotation = rotation_of::<C>(&run.status());
     let minted = create(run, handle, &rotation).await?;
     prove(run, handle, &rotation, &minted).await?;
@@ -1235,12 +1277,14 @@ pub async fn sync_secret<C: Credential>(run: &mut Run<'_, C>) -> Result<bool, Re
     }
     if status.published_secret.as_deref() != Some(name.as_str()) {
         if let Some(old) = status.published_secret.clone()
-            && shared::delete_owned_secret(run.ctx, &run.ns, &run.uid, &old).await?
+            && shared::empty_owned_secret(run.ctx, &run.ns, &run.uid, &old).await?
         {
             run.event(
                 EventType::Normal,
                 "SecretRenamed",
-                format!("delivery.secret.name changed: Secret {old} deleted, {name} written"),
+                format!(
+                    "delivery.secret.name changed: {name} written; the old Secret {old} holds no secret any more and goes with this resource"
+                ),
             )
             .await;
         }
@@ -1798,6 +1842,8 @@ mod tests {
             rollout_started_at: None,
             attempt: None,
             unprepared: false,
+            create_sent_at: None,
+            sweep_first: false,
         }
     }
 

@@ -42,6 +42,8 @@ pub struct EnvOptions {
     pub error_backoff: Duration,
     pub resync: Duration,
     pub stripe_timeout: Duration,
+    /// Retry behaviour of the operator's Stripe calls (`None`: the client's default).
+    pub stripe_retry: Option<crate::stripe::RetryPolicy>,
     /// Sees every Stripe call (besides the metrics and the audit log).
     pub stripe_observer: Option<Arc<dyn CallObserver>>,
     /// The audit log the operator writes (disabled when `None`).
@@ -64,6 +66,7 @@ impl Default for EnvOptions {
             error_backoff: Duration::from_millis(500),
             resync: Duration::from_secs(60),
             stripe_timeout: Duration::from_secs(5),
+            stripe_retry: None,
             stripe_observer: None,
             audit: None,
             store: None,
@@ -154,6 +157,19 @@ impl LocalEnv {
 
     /// Starts the controllers with a fresh context (a restart after a crash starts cold too).
     pub fn start_operator(&mut self) {
+        let ctx = self.new_context();
+        let stop = CancellationToken::new();
+        let task = tokio::spawn({
+            let ctx = ctx.clone();
+            let stop = stop.clone();
+            async move { run_controllers(ctx, &[], stop).await }
+        });
+        self.operator = Some((stop, task, ctx));
+    }
+
+    /// A fresh operator context (cold caches, as after a restart) with no controller running:
+    /// for tests that call the reconcile functions themselves, step by step.
+    pub fn new_context(&self) -> Arc<Context> {
         let mut config = ControllerConfig::new(
             OPERATOR_NAMESPACE,
             StorePrefix::new("stripe-key-operator").expect("valid prefix"),
@@ -163,6 +179,7 @@ impl LocalEnv {
         config.error_backoff = self.options.error_backoff;
         config.resync = self.options.resync;
         config.stripe_timeout = Some(self.options.stripe_timeout);
+        config.stripe_retry = self.options.stripe_retry.clone();
         config.crash_hook = Some(self.crash.clone());
         config.api_hosts = self.api_hosts();
         let store: Arc<dyn crate::vault::SecretStore> = match &self.options.store {
@@ -180,14 +197,7 @@ impl LocalEnv {
         if let Some(audit) = &self.options.audit {
             ctx = ctx.with_audit(audit.clone());
         }
-        let ctx = Arc::new(ctx);
-        let stop = CancellationToken::new();
-        let task = tokio::spawn({
-            let ctx = ctx.clone();
-            let stop = stop.clone();
-            async move { run_controllers(ctx, &[], stop).await }
-        });
-        self.operator = Some((stop, task, ctx));
+        Arc::new(ctx)
     }
 
     /// The API hosts the operator allows: Stripe's, plus any loopback address (the default) or

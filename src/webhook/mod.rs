@@ -1,9 +1,6 @@
-//! Webhooks: verification of Stripe's `Stripe-Signature` header (and a signer for tests and the
-//! simulator), the verifying sidecar proxy (`verify-proxy`), and the Kubernetes validating
-//! admission webhooks with their TLS server.
+//! Stripe webhooks: verification of Stripe's `Stripe-Signature` header (and a signer for tests and
+//! the simulator) and the verifying sidecar proxy (`verify-proxy`). Kubernetes admission webhooks
+//! are a different thing that shares the word: they live in [`crate::admission`].
 
-pub mod admission;
 pub mod proxy;
-pub mod server;
 pub mod signature;
-pub mod tls;

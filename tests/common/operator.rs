@@ -40,6 +40,32 @@ pub async fn env_with(options: EnvOptions) -> LocalEnv {
     env
 }
 
+/// The same environment with no controller running: the test calls the reconcile functions
+/// itself (see [`LocalEnv::new_context`]).
+pub async fn env_without_operator(options: EnvOptions) -> LocalEnv {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_test_writer()
+        .try_init();
+    let env = LocalEnv::start(options)
+        .await
+        .expect("local environment starts");
+    env.apply_json(&json!({"apiVersion": "v1", "kind": "Namespace",
+        "metadata": {"name": NS, "labels": {"stripekeys.io/account": ACCOUNT}}}))
+        .await
+        .unwrap();
+    env.apply_json(&env.account_manifest(
+        ACCOUNT,
+        json!({"matchLabels": {"stripekeys.io/account": ACCOUNT}}),
+    ))
+    .await
+    .unwrap();
+    env.apply_json(&deployment("checkout")).await.unwrap();
+    env
+}
+
 pub async fn env() -> LocalEnv {
     env_with(EnvOptions::default()).await
 }

@@ -33,10 +33,20 @@ fails on a request no rule allows and on a rule (verb) no request uses. */}}
 - apiGroups: ["stripekeys.io"]
   resources: ["stripeguardrails"]
   verbs: ["list", "watch"]
-# Namespace labels (an account's namespaceSelector), read one namespace at a time.
+# The CRDs this binary writes: compared with the installed schema at start.
+- apiGroups: ["apiextensions.k8s.io"]
+  resources: ["customresourcedefinitions"]
+  resourceNames:
+    - stripeaccounts.stripekeys.io
+    - stripeguardrails.stripekeys.io
+    - stripekeypolicies.stripekeys.io
+    - stripewebhookendpoints.stripekeys.io
+  verbs: ["get"]
+# Namespace labels (an account's namespaceSelector): read one namespace at a time, and watched
+# (metadata only) so that a relabelled namespace is re-judged at once.
 - apiGroups: [""]
   resources: ["namespaces"]
-  verbs: ["get"]
+  verbs: ["get", "list", "watch"]
 {{- end }}
 
 {{/* Secrets next to the workloads: the synced Secrets. */}}

@@ -557,13 +557,13 @@ NAMESPACED_KIND_UNUSED = [
 CLUSTER_RULES = [
     ("stripekeys.io", "stripeaccounts", ["get", "list", "watch"]),
     ("stripekeys.io", "stripeguardrails", ["list", "watch"]),
-    ("", "namespaces", ["get"]),
+    ("", "namespaces", ["get", "list", "watch"]),
 ]
 CLUSTER_UNUSED = [
     ("stripekeys.io", "stripeaccounts/status", ["get", "patch", "update"]),
     ("stripekeys.io", "stripeguardrails/status", ["get", "patch", "update"]),
     ("stripekeys.io", "stripeguardrails", ["get"]),
-    ("", "namespaces", ["list", "watch"]),
+    ("", "namespaces", ["create", "update", "patch", "delete"]),
 ]
 # The operator's own Secrets in the release namespace, by store (webhook off).
 SELF_SECRET_VERBS = {
@@ -671,10 +671,19 @@ def test_namespaced_mode_renders_no_cluster_role_beyond_the_cluster_scoped_kinds
     cluster_roles = [r for r in roles(rendered(name)) if r["kind"] == "ClusterRole"]
     assert [r["metadata"]["name"] for r in cluster_roles] == [f"{FULLNAME}-cluster-scoped"]
     resources = {res for rule in cluster_roles[0]["rules"] for res in rule["resources"]}
-    assert resources == {"stripeaccounts", "stripeguardrails", "namespaces"}
+    assert resources == {
+        "stripeaccounts",
+        "stripeguardrails",
+        "namespaces",
+        "customresourcedefinitions",
+    }
     for rule in cluster_roles[0]["rules"]:
         if rule["resources"] == ["namespaces"]:
+            # Read and watched (labels only matter); never written.
+            assert rule["verbs"] == ["get", "list", "watch"]
+        if rule["resources"] == ["customresourcedefinitions"]:
             assert rule["verbs"] == ["get"]
+            assert len(rule["resourceNames"]) == 4
 
 
 @pytest.mark.parametrize("name", sorted(VALUE_SETS))

@@ -235,6 +235,12 @@ pub(crate) async fn serve_view(
     let watch = uri
         .query()
         .is_some_and(|q| q.split('&').any(|p| p == "watch=true" || p == "watch=1"));
+    // Authorization (and so the request log) sees the group the client asked for.
+    let mut headers = headers;
+    headers.insert(
+        crate::server::VIEW_GROUP_HEADER,
+        header::HeaderValue::from_static("events.k8s.io"),
+    );
     let resp = crate::server::handle_inner(shared, method, core_uri, headers, body).await;
     let (mut parts, body) = resp.into_parts();
     parts.headers.remove(header::CONTENT_LENGTH);

@@ -20,9 +20,9 @@
 //! or point `kubectl --kubeconfig` at a file holding [`TestApiServer::kubeconfig_yaml`].
 //! See the crate README for what is emulated and where it differs from the real apiserver.
 
-mod record;
 mod events;
 mod openapi;
+mod record;
 pub mod schema;
 mod server;
 mod store;

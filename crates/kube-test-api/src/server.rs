@@ -358,6 +358,10 @@ fn parse_body(body: &Bytes) -> Result<Value, ApiError> {
         .map_err(|e| ApiError::bad_request(format!("the request body is not valid JSON: {e}")))
 }
 
+/// Set on a request that another API view (events.k8s.io over core Events) forwards: the group
+/// the client asked for, which authorization and the request log see.
+pub(crate) const VIEW_GROUP_HEADER: &str = "x-kube-test-api-view-group";
+
 pub(crate) async fn handle(
     shared: Arc<Shared>,
     method: Method,
@@ -379,6 +383,8 @@ pub(crate) async fn handle(
     {
         return r;
     }
+    let mut headers = headers;
+    headers.remove(VIEW_GROUP_HEADER);
     handle_inner(shared, method, uri, headers, body).await
 }
 
@@ -475,7 +481,11 @@ async fn resource(
     .map(|verb| RecordedRequest {
         user: record::user_of(&headers),
         verb: verb.into(),
-        group: rt.group.clone(),
+        group: headers
+            .get(VIEW_GROUP_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+            .unwrap_or_else(|| rt.group.clone()),
         resource: rt.plural.clone(),
         subresource: t.subresource.clone().unwrap_or_default(),
         namespace: t.namespace.clone().unwrap_or_default(),

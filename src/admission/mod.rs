@@ -1,5 +1,7 @@
-//! Validating admission: the rules of the four `stripekeys.io` kinds at apply time, and an
-//! opt-in refusal of literal Stripe secret material in Pods, workloads, ConfigMaps and Secrets.
+//! Kubernetes validating admission: the rules of the four `stripekeys.io` kinds at apply time,
+//! and an opt-in refusal of literal Stripe secret material in Pods, workloads, ConfigMaps and
+//! Secrets; with its HTTPS server ([`server`]) and certificates ([`tls`]). (Stripe's webhooks,
+//! which share only the word, are [`crate::webhook`].)
 //!
 //! The handlers are pure functions of the AdmissionReview and of a few lookups ([`Lookups`]:
 //! the referenced StripeAccount, the namespace's labels, the StripeGuardrails), so they are
@@ -25,6 +27,9 @@
 //!   can set a label.
 //! - A malformed review is refused with a message saying what is wrong, echoing the request's
 //!   `uid` when one can be read. Nothing here panics on input.
+
+pub mod server;
+pub mod tls;
 
 use std::collections::BTreeMap;
 

@@ -20,10 +20,8 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::admission::{
-    self, KubeLookups, LITERAL_KEYS_PATH, LiteralKeysPolicy, Lookups, STRIPE_OBJECTS_PATH,
-};
 use super::tls::{self, CertMode, CertStore, SelfSignedConfig, TlsError};
+use super::{KubeLookups, LITERAL_KEYS_PATH, LiteralKeysPolicy, Lookups, STRIPE_OBJECTS_PATH};
 
 /// Largest AdmissionReview accepted: an object and its old version, each up to etcd's 1.5 MiB.
 pub const MAX_REVIEW_BYTES: usize = 4 * 1024 * 1024;
@@ -58,17 +56,13 @@ fn review_response(resp: AdmissionResponse) -> Response {
 
 async fn stripe_objects(State(state): State<AppState>, body: Bytes) -> Response {
     review_response(
-        admission::review_stripe_object(
-            &body,
-            state.lookups.as_ref(),
-            &state.settings.account_trust,
-        )
-        .await,
+        super::review_stripe_object(&body, state.lookups.as_ref(), &state.settings.account_trust)
+            .await,
     )
 }
 
 async fn literal_keys(State(state): State<AppState>, body: Bytes) -> Response {
-    review_response(admission::review_literal_keys(
+    review_response(super::review_literal_keys(
         &body,
         &state.settings.literal_keys,
     ))
