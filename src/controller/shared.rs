@@ -26,6 +26,53 @@ pub struct Refusal {
     pub message: String,
 }
 
+/// What every credential kind checks first: the account exists, serves the namespace, and the
+/// delivery asks for nothing unsupported. Returns the account. Pure.
+pub(crate) fn validate_placement<'a>(
+    account: Option<&'a crate::api::StripeAccount>,
+    account_name: &str,
+    namespace: &str,
+    namespace_labels: &BTreeMap<String, String>,
+    sub_path: bool,
+) -> Result<&'a crate::api::StripeAccount, Refusal> {
+    let Some(account) = account else {
+        return Err(Refusal {
+            reason: "AccountNotFound",
+            message: format!("StripeAccount {account_name:?} does not exist"),
+        });
+    };
+    if !crate::rules::account_allows_namespace(account, namespace_labels) {
+        return Err(Refusal {
+            reason: "NamespaceNotAllowed",
+            message: format!(
+                "StripeAccount {account_name:?} does not serve namespace {namespace:?} (its namespaceSelector does not select it)"
+            ),
+        });
+    }
+    if sub_path {
+        return Err(Refusal {
+            reason: "InvalidSpec",
+            message: SUB_PATH_UNSUPPORTED.into(),
+        });
+    }
+    Ok(account)
+}
+
+/// Refuses a spec the guardrails do not allow, naming every violation.
+pub(crate) fn refuse_violations(violations: &[crate::rules::Violation]) -> Result<(), Refusal> {
+    if violations.is_empty() {
+        return Ok(());
+    }
+    Err(Refusal {
+        reason: "GuardrailViolation",
+        message: violations
+            .iter()
+            .map(|v| v.message.clone())
+            .collect::<Vec<_>>()
+            .join("; "),
+    })
+}
+
 pub(crate) fn time(t: Timestamp) -> Time {
     Time(t)
 }

@@ -84,30 +84,16 @@ pub fn validate(
         reason: "InvalidSpec",
         message,
     };
-    let Some(account) = account else {
-        return Err(Refusal {
-            reason: "AccountNotFound",
-            message: format!("StripeAccount {:?} does not exist", spec.account_ref.name),
-        });
-    };
-    if !rules::account_allows_namespace(account, namespace_labels) {
-        return Err(Refusal {
-            reason: "NamespaceNotAllowed",
-            message: format!(
-                "StripeAccount {:?} does not serve namespace {:?} (its namespaceSelector does not select it)",
-                spec.account_ref.name,
-                endpoint.namespace().unwrap_or_default()
-            ),
-        });
-    }
-    if spec
-        .delivery
-        .vault
-        .as_ref()
-        .is_some_and(|v| v.sub_path.is_some())
-    {
-        return Err(invalid(super::shared::SUB_PATH_UNSUPPORTED.into()));
-    }
+    let account = shared::validate_placement(
+        account,
+        &spec.account_ref.name,
+        &endpoint.namespace().unwrap_or_default(),
+        namespace_labels,
+        spec.delivery
+            .vault
+            .as_ref()
+            .is_some_and(|v| v.sub_path.is_some()),
+    )?;
     let url = url::Url::parse(&spec.url)
         .map_err(|e| invalid(format!("url {:?} is not a URL: {e}", spec.url)))?;
     if url.scheme() != "https" {
@@ -162,16 +148,7 @@ pub fn validate(
             webhook_host: Some(&host),
         },
     );
-    if !violations.is_empty() {
-        return Err(Refusal {
-            reason: "GuardrailViolation",
-            message: violations
-                .iter()
-                .map(|v| v.message.clone())
-                .collect::<Vec<_>>()
-                .join("; "),
-        });
-    }
+    shared::refuse_violations(&violations)?;
     Ok(Validated {
         schedule,
         overlap,
