@@ -1058,11 +1058,8 @@ async fn prove<C: Credential>(
             let mut status = run.status();
             status.retiring_keys.push(run.key_status(minted));
             if let Some(r) = status.rotation.as_mut() {
-                r.number = next_number(&CredentialStatus {
-                    rotation: Some(r.clone()),
-                    ..CredentialStatus::default()
-                })
-                .max(r.number + 1);
+                // A new number: a new idempotency key, never the condemned key's replay.
+                r.number += 1;
                 r.idempotency_key = idempotency_key(&run.uid, r.number as u64, "mint");
                 r.attempt = None;
                 r.new_key = None;
@@ -1164,9 +1161,12 @@ async fn store<C: Credential>(
             // credential: the first one's secret is lost, so it is retired and the new one
             // adopted (once proven).
             warn!(lost = %new_key.id, kept = %minted.id, "the replayed create returned another credential; adopting it");
-            prove(run, handle, &rotation, &minted).await?;
+            // The lost one is recorded for retirement first, whatever the proof says.
             let mut status = run.status();
             status.retiring_keys.push(new_key);
+            run.write_status(status).await?;
+            prove(run, handle, &rotation, &minted).await?;
+            let mut status = run.status();
             if let Some(r) = status.rotation.as_mut() {
                 r.new_key = Some(run.key_status(&minted));
             }
@@ -1806,7 +1806,6 @@ async fn cleanup<C: Credential>(
         .success(),
     );
     ctx.metrics.forget_object(&run.labels());
-    run.minted = None;
     info!("resource deleted: credentials retired and store entry removed");
     Ok(Action::await_change())
 }
