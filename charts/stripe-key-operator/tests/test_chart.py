@@ -729,7 +729,7 @@ def test_webhook_configuration_is_patchable_only_by_its_own_name():
 # Admission webhooks
 # ---------------------------------------------------------------------------------------------
 
-OPERATOR_SRC = (REPO / "src" / "webhook" / "admission.rs").read_text()
+OPERATOR_SRC = (REPO / "src" / "admission" / "mod.rs").read_text()
 
 
 def webhooks_of(name: str) -> dict[str, dict]:
