@@ -37,6 +37,23 @@ fn p_started_floor(
     env.clock.now() - k8s_openapi::jiff::SignedDuration::from_secs(60)
 }
 
+/// Applies the `checkout` policy with `permissions` and returns its first key once Ready.
+async fn first_key(
+    env: &stripe_key_operator::sandbox::env::LocalEnv,
+    permissions: &[&str],
+) -> stripe_key_operator::api::KeyStatus {
+    env.apply_json(&policy("checkout", permissions))
+        .await
+        .unwrap();
+    wait_policy(env, "checkout", "Ready", ready)
+        .await
+        .status
+        .unwrap()
+        .current_key
+        .clone()
+        .unwrap()
+}
+
 async fn wait_until(what: &str, mut f: impl AsyncFnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while !f().await {
@@ -73,16 +90,7 @@ async fn current_secret(
 #[tokio::test]
 async fn an_incident_during_an_overlap_expires_both_keys_and_leaves_one_fresh_key() {
     let env = env().await;
-    env.apply_json(&policy("checkout", &["charge_read"]))
-        .await
-        .unwrap();
-    let k1 = wait_policy(&env, "checkout", "Ready", ready)
-        .await
-        .status
-        .unwrap()
-        .current_key
-        .clone()
-        .unwrap();
+    let k1 = first_key(&env, &["charge_read"]).await;
     annotate(&env, "checkout", json!({"stripekeys.io/rotate": "r1"})).await;
     let p = wait_policy(
         &env,
@@ -130,16 +138,7 @@ async fn an_incident_during_an_overlap_expires_both_keys_and_leaves_one_fresh_ke
 async fn an_incident_while_a_rollout_is_stuck_expires_every_key_handed_out_and_a_second_incident_does_it_again()
  {
     let env = env().await;
-    env.apply_json(&policy("checkout", &["charge_read"]))
-        .await
-        .unwrap();
-    let k1 = wait_policy(&env, "checkout", "Ready", ready)
-        .await
-        .status
-        .unwrap()
-        .current_key
-        .clone()
-        .unwrap();
+    let k1 = first_key(&env, &["charge_read"]).await;
     env.api.set_workload_stuck(NS, "checkout", true);
     annotate(&env, "checkout", json!({"stripekeys.io/rotate": "r1"})).await;
     let p = wait_policy(
@@ -196,16 +195,7 @@ async fn an_incident_while_a_rollout_is_stuck_expires_every_key_handed_out_and_a
 #[tokio::test]
 async fn a_refused_spec_never_freezes_a_revocation() {
     let env = env().await;
-    env.apply_json(&policy("checkout", &["charge_read", "customer_read"]))
-        .await
-        .unwrap();
-    let k1 = wait_policy(&env, "checkout", "Ready", ready)
-        .await
-        .status
-        .unwrap()
-        .current_key
-        .clone()
-        .unwrap();
+    let k1 = first_key(&env, &["charge_read", "customer_read"]).await;
     env.api.set_workload_stuck(NS, "checkout", true);
     annotate(&env, "checkout", json!({"stripekeys.io/rotate": "r1"})).await;
     let p = wait_policy(
@@ -270,16 +260,7 @@ async fn a_refused_spec_never_freezes_a_revocation() {
 #[tokio::test]
 async fn an_overlap_that_ends_while_the_namespace_is_refused_still_expires_the_old_key() {
     let env = env().await;
-    env.apply_json(&policy("checkout", &["charge_read"]))
-        .await
-        .unwrap();
-    let k1 = wait_policy(&env, "checkout", "Ready", ready)
-        .await
-        .status
-        .unwrap()
-        .current_key
-        .clone()
-        .unwrap();
+    let k1 = first_key(&env, &["charge_read"]).await;
     annotate(&env, "checkout", json!({"stripekeys.io/rotate": "r1"})).await;
     wait_policy(
         &env,
@@ -309,16 +290,7 @@ async fn an_overlap_that_ends_while_the_namespace_is_refused_still_expires_the_o
 #[tokio::test]
 async fn changing_only_connect_permissions_rotates_the_key() {
     let env = env().await;
-    env.apply_json(&policy("checkout", &["charge_read"]))
-        .await
-        .unwrap();
-    let k1 = wait_policy(&env, "checkout", "Ready", ready)
-        .await
-        .status
-        .unwrap()
-        .current_key
-        .clone()
-        .unwrap();
+    let k1 = first_key(&env, &["charge_read"]).await;
     let mut p = policy("checkout", &["charge_read"]);
     p["spec"]["connectPermissions"] = json!(["charge_read"]);
     env.apply_json(&p).await.unwrap();

@@ -436,20 +436,9 @@ pub fn escalate(
     now: Timestamp,
 ) -> RotationState {
     let number = next_number(status);
-    let mut doomed: Vec<KeyStatus> = Vec::new();
-    doomed.extend(status.current_key.take());
-    doomed.extend(status.previous_key.take());
-    let mut sweep_first = false;
-    if let Some(r) = status.rotation.take() {
-        // A create sent but never recorded may have made a credential: find it before minting.
-        sweep_first = r.sweep_first || (r.new_key.is_none() && r.create_sent_at.is_some());
-        doomed.extend(r.new_key);
-    }
-    for k in doomed {
-        if !status.retiring_keys.iter().any(|r| r.id == k.id) {
-            status.retiring_keys.push(k);
-        }
-    }
+    // A create sent but never recorded may have made a credential: find it before minting.
+    let sweep_first = retire_everything(status)
+        .is_some_and(|r| r.sweep_first || (r.new_key.is_none() && r.create_sent_at.is_some()));
     RotationState {
         phase: RotationPhase::Minting,
         number,
@@ -467,6 +456,23 @@ pub fn escalate(
         create_sent_at: None,
         sweep_first,
     }
+}
+
+/// Moves every credential handed out (current, previous, the one a rotation minted) to the
+/// retirement list, once each, and takes the rotation out of status. Returns that rotation.
+fn retire_everything(status: &mut CredentialStatus) -> Option<RotationState> {
+    let rotation = status.rotation.take();
+    let handed_out = [
+        status.current_key.take(),
+        status.previous_key.take(),
+        rotation.as_ref().and_then(|r| r.new_key.clone()),
+    ];
+    for k in handed_out.into_iter().flatten() {
+        if !status.retiring_keys.iter().any(|r| r.id == k.id) {
+            status.retiring_keys.push(k);
+        }
+    }
+    rotation
 }
 
 /// The number of the next rotation: one past every number used so far, so an abandoned
@@ -1738,17 +1744,7 @@ async fn cleanup<C: Credential>(
                     ..handle
                 };
                 let mut status = run.status();
-                let mut all: Vec<KeyStatus> = Vec::new();
-                all.extend(status.current_key.take());
-                all.extend(status.previous_key.take());
-                if let Some(r) = status.rotation.take() {
-                    all.extend(r.new_key);
-                }
-                for k in all {
-                    if !status.retiring_keys.iter().any(|r| r.id == k.id) {
-                        status.retiring_keys.push(k);
-                    }
-                }
+                retire_everything(&mut status);
                 // Retire in memory only: the object is going away, so nothing is written back.
                 let number = status.rotation_number.unwrap_or(0);
                 for k in status.retiring_keys.clone() {
