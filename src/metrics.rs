@@ -40,6 +40,9 @@ pub struct ObjectLabels {
 /// Labels of Stripe API calls.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StripeCallLabels {
+    /// The Stripe account (`Stripe-Context`, `acct_...`) the call was made for: rate limits
+    /// are per account.
+    pub account: String,
     pub method: String,
     /// The path with ids replaced by `{id}` (bounded cardinality).
     pub route: String,
@@ -65,8 +68,21 @@ pub struct Metrics {
     pub rotation_failures: Family<ErrorLabels, Counter>,
     pub key_age_seconds: Family<ObjectLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     pub next_rotation_seconds: Family<ObjectLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    /// Unix time the current key was minted (`status.lastRotationAt`). A timestamp, not an age:
+    /// `time() - x` keeps growing in Prometheus even when the operator stops reconciling, which
+    /// is exactly when an age alert matters.
+    pub key_created_timestamp_seconds:
+        Family<ObjectLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    /// Unix time the schedule next rotates the current key (`status.nextRotationAt`, jitter
+    /// included); absent without a schedule.
+    pub next_rotation_timestamp_seconds:
+        Family<ObjectLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    /// 1 while `Degraded=True, reason=RolloutStuck` (a rollout target did not finish within
+    /// the rollout ceiling), else 0.
+    pub rollout_stuck: Family<ObjectLabels, Gauge>,
     pub stripe_requests: Family<StripeCallLabels, Counter>,
     pub store_requests: Family<StoreCallLabels, Counter>,
+    pub store_request_duration: Family<StoreCallLabels, Histogram>,
     pub leader: Gauge,
     registry: Arc<Registry>,
 }
@@ -137,6 +153,26 @@ impl Metrics {
             "Seconds until the next scheduled rotation",
             next_rotation_seconds.clone(),
         );
+        let key_created_timestamp_seconds =
+            Family::<ObjectLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        registry.register(
+            "key_created_timestamp_seconds",
+            "Unix time the current key was minted",
+            key_created_timestamp_seconds.clone(),
+        );
+        let next_rotation_timestamp_seconds =
+            Family::<ObjectLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        registry.register(
+            "next_rotation_timestamp_seconds",
+            "Unix time the schedule next rotates the current key",
+            next_rotation_timestamp_seconds.clone(),
+        );
+        let rollout_stuck = Family::<ObjectLabels, Gauge>::default();
+        registry.register(
+            "rollout_stuck",
+            "1 while a rollout target did not finish within the rollout ceiling (Degraded=True, reason=RolloutStuck)",
+            rollout_stuck.clone(),
+        );
         let stripe_requests = Family::<StripeCallLabels, Counter>::default();
         registry.register(
             "stripe_requests",
@@ -148,6 +184,14 @@ impl Metrics {
             "store_requests",
             "Secret-store calls, by outcome",
             store_requests.clone(),
+        );
+        let store_request_duration = Family::<StoreCallLabels, Histogram>::new_with_constructor(
+            duration_histogram as fn() -> Histogram,
+        );
+        registry.register(
+            "store_request_duration_seconds",
+            "Duration of secret-store calls, by outcome",
+            store_request_duration.clone(),
         );
         let leader = Gauge::default();
         registry.register(
@@ -164,8 +208,12 @@ impl Metrics {
             rotation_failures,
             key_age_seconds,
             next_rotation_seconds,
+            key_created_timestamp_seconds,
+            next_rotation_timestamp_seconds,
+            rollout_stuck,
             stripe_requests,
             store_requests,
+            store_request_duration,
             leader,
             registry: Arc::new(registry),
         }
@@ -190,8 +238,50 @@ impl Metrics {
     pub fn forget_object(&self, labels: &ObjectLabels) {
         self.key_age_seconds.remove(labels);
         self.next_rotation_seconds.remove(labels);
+        self.key_created_timestamp_seconds.remove(labels);
+        self.next_rotation_timestamp_seconds.remove(labels);
+        self.rollout_stuck.remove(labels);
+    }
+
+    /// Mirrors what a status about to be written says into the per-object gauges the alerts
+    /// read: when the current key was minted, when it is next due, and whether its rollout is
+    /// stuck. Called on every status write, so it follows mints, rotations and rollouts
+    /// without the engine recording each one.
+    pub fn observe_status(&self, labels: &ObjectLabels, status: &crate::api::CredentialStatus) {
+        fn unix(t: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time) -> f64 {
+            t.0.as_millisecond() as f64 / 1000.0
+        }
+        match &status.last_rotation_at {
+            Some(t) => {
+                self.key_created_timestamp_seconds
+                    .get_or_create(labels)
+                    .set(unix(t));
+            }
+            None => {
+                self.key_created_timestamp_seconds.remove(labels);
+            }
+        }
+        match &status.next_rotation_at {
+            Some(t) => {
+                self.next_rotation_timestamp_seconds
+                    .get_or_create(labels)
+                    .set(unix(t));
+            }
+            None => {
+                self.next_rotation_timestamp_seconds.remove(labels);
+            }
+        }
+        let stuck =
+            crate::api::conditions::find(&status.conditions, crate::api::condition_types::DEGRADED)
+                .is_some_and(|c| c.status == "True" && c.reason == ROLLOUT_STUCK_REASON);
+        self.rollout_stuck
+            .get_or_create(labels)
+            .set(i64::from(stuck));
     }
 }
+
+/// The `Degraded` reason of a rollout that did not finish within the rollout ceiling.
+pub const ROLLOUT_STUCK_REASON: &str = "RolloutStuck";
 
 /// Converts an OpenMetrics exposition (as prometheus-client writes it) to the Prometheus text
 /// format 0.0.4.
@@ -240,6 +330,87 @@ mod tests {
         );
         assert!(text.contains("stripe_key_operator_reconciliations_total{controller=\"x\"} 1"));
         assert!(!text.contains("# EOF"));
+    }
+
+    fn time(s: &str) -> k8s_openapi::apimachinery::pkg::apis::meta::v1::Time {
+        k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(s.parse().unwrap())
+    }
+
+    fn degraded(
+        reason: &str,
+        status: &str,
+    ) -> k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+        k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+            type_: "Degraded".into(),
+            status: status.into(),
+            reason: reason.into(),
+            message: String::new(),
+            observed_generation: None,
+            last_transition_time: time("2026-01-01T00:00:00Z"),
+        }
+    }
+
+    #[test]
+    fn status_writes_drive_the_key_time_and_rollout_stuck_gauges() {
+        let m = Metrics::new();
+        let labels = ObjectLabels {
+            kind: "StripeKeyPolicy".into(),
+            namespace: "payments".into(),
+            name: "api".into(),
+        };
+        let mut status = crate::api::CredentialStatus {
+            last_rotation_at: Some(time("2026-01-01T00:00:00Z")),
+            next_rotation_at: Some(time("2026-01-31T00:00:00Z")),
+            conditions: vec![degraded("RolloutStuck", "True")],
+            ..Default::default()
+        };
+        m.observe_status(&labels, &status);
+        let sel = r#"{kind="StripeKeyPolicy",namespace="payments",name="api"}"#;
+        let text = m.encode();
+        assert!(
+            text.contains(&format!(
+                "stripe_key_operator_key_created_timestamp_seconds{sel} 1767225600.0"
+            )),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!(
+                "stripe_key_operator_next_rotation_timestamp_seconds{sel} 1769817600.0"
+            )),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("stripe_key_operator_rollout_stuck{sel} 1")),
+            "{text}"
+        );
+
+        // The rollout finishes and the schedule is removed: stuck drops to 0, the due time goes.
+        status.conditions = vec![degraded("RolloutComplete", "False")];
+        status.next_rotation_at = None;
+        m.observe_status(&labels, &status);
+        let text = m.encode();
+        assert!(
+            text.contains(&format!("stripe_key_operator_rollout_stuck{sel} 0")),
+            "{text}"
+        );
+        assert!(
+            !text.contains(&format!(
+                "stripe_key_operator_next_rotation_timestamp_seconds{sel}"
+            )),
+            "{text}"
+        );
+        // A RolloutStuck reason on a condition that is not True is not stuck.
+        status.conditions = vec![degraded("RolloutStuck", "False")];
+        m.observe_status(&labels, &status);
+        assert!(
+            m.encode()
+                .contains(&format!("stripe_key_operator_rollout_stuck{sel} 0"))
+        );
+
+        // Deletion forgets every per-object series.
+        m.forget_object(&labels);
+        let text = m.encode();
+        assert!(!text.contains(r#"name="api""#), "{text}");
     }
 
     #[test]

@@ -24,6 +24,7 @@ fn populated_metrics() -> Metrics {
         .inc();
     m.stripe_requests
         .get_or_create(&StripeCallLabels {
+            account: "acct_1".into(),
             method: "POST".into(),
             route: "/v2/iam/api_keys".into(),
             code: "200".into(),

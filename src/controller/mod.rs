@@ -342,6 +342,7 @@ impl CallObserver for CallTelemetry {
         self.metrics
             .stripe_requests
             .get_or_create(&crate::metrics::StripeCallLabels {
+                account: record.account.clone(),
                 method: record.method.clone(),
                 route: stripe_route(&record.path),
                 code,

@@ -275,6 +275,7 @@ impl<'a, C: Credential> Run<'a, C> {
 
     /// Writes the status when it differs from what the object has (no write otherwise).
     pub async fn write_status(&mut self, status: C::Status) -> Result<(), ReconcileError> {
+        self.ctx.metrics.observe_status(&self.labels(), &status);
         shared::write_status(self.ctx, &self.api, &mut self.obj, status).await
     }
 

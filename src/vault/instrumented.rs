@@ -1,7 +1,8 @@
-//! A [`SecretStore`] decorator that counts every call by operation and outcome
-//! (`stripe_key_operator_store_requests_total`).
+//! A [`SecretStore`] decorator that counts and times every call by operation and outcome
+//! (`stripe_key_operator_store_requests_total`, `stripe_key_operator_store_request_duration_seconds`).
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use async_trait::async_trait;
 
@@ -9,7 +10,7 @@ use super::{Cas, Record, SecretStore, StoreError, StoreHealth, StorePath, Versio
 use crate::metrics::{Metrics, StoreCallLabels};
 use crate::secret::SecretString;
 
-/// Wraps a store and counts its calls.
+/// Wraps a store and counts and times its calls.
 pub struct InstrumentedStore {
     inner: Arc<dyn SecretStore>,
     metrics: Metrics,
@@ -28,18 +29,20 @@ impl InstrumentedStore {
         Self { inner, metrics }
     }
 
-    fn count<T>(&self, operation: &str, result: &Result<T, StoreError>) {
+    fn count<T>(&self, operation: &str, started: Instant, result: &Result<T, StoreError>) {
         let outcome = match result {
             Ok(_) => "success".to_string(),
             Err(e) => e.reason().to_string(),
         };
+        let labels = StoreCallLabels {
+            operation: operation.into(),
+            outcome,
+        };
         self.metrics
-            .store_requests
-            .get_or_create(&StoreCallLabels {
-                operation: operation.into(),
-                outcome,
-            })
-            .inc();
+            .store_request_duration
+            .get_or_create(&labels)
+            .observe(started.elapsed().as_secs_f64());
+        self.metrics.store_requests.get_or_create(&labels).inc();
     }
 }
 
@@ -55,8 +58,9 @@ impl SecretStore for InstrumentedStore {
         record: &Record,
         cas: Cas,
     ) -> Result<u64, StoreError> {
+        let started = Instant::now();
         let result = self.inner.write_record(path, record, cas).await;
-        self.count("write", &result);
+        self.count("write", started, &result);
         result
     }
 
@@ -65,26 +69,30 @@ impl SecretStore for InstrumentedStore {
         path: &StorePath,
         version: Option<u64>,
     ) -> Result<Option<Versioned<Record>>, StoreError> {
+        let started = Instant::now();
         let result = self.inner.read_record(path, version).await;
-        self.count("read", &result);
+        self.count("read", started, &result);
         result
     }
 
     async fn list_versions(&self, path: &StorePath) -> Result<Vec<VersionInfo>, StoreError> {
+        let started = Instant::now();
         let result = self.inner.list_versions(path).await;
-        self.count("list_versions", &result);
+        self.count("list_versions", started, &result);
         result
     }
 
     async fn delete(&self, path: &StorePath) -> Result<(), StoreError> {
+        let started = Instant::now();
         let result = self.inner.delete(path).await;
-        self.count("delete", &result);
+        self.count("delete", started, &result);
         result
     }
 
     async fn health(&self) -> Result<StoreHealth, StoreError> {
+        let started = Instant::now();
         let result = self.inner.health().await;
-        self.count("health", &result);
+        self.count("health", started, &result);
         result
     }
 
@@ -93,8 +101,9 @@ impl SecretStore for InstrumentedStore {
         path: &str,
         field: &str,
     ) -> Result<Option<SecretString>, StoreError> {
+        let started = Instant::now();
         let result = self.inner.read_external_field(path, field).await;
-        self.count("read_external", &result);
+        self.count("read_external", started, &result);
         result
     }
 }
@@ -127,5 +136,12 @@ mod tests {
             "{text}"
         );
         assert!(text.contains(r#"stripe_key_operator_store_requests_total{operation="read",outcome="VaultUnreachable"} 1"#), "{text}");
+        // Each call is timed under the same labels (the dashboard's store latency).
+        for outcome in ["success", "VaultUnreachable"] {
+            let count = format!(
+                r#"stripe_key_operator_store_request_duration_seconds_count{{operation="read",outcome="{outcome}"}} 1"#
+            );
+            assert!(text.contains(&count), "{count} missing in:\n{text}");
+        }
     }
 }
