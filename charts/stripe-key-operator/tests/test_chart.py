@@ -54,6 +54,8 @@ K8S_VERSIONS = [OLDEST_K8S, NEWEST_K8S]
 # Kinds without an upstream schema in kubernetes-validate: skipped explicitly, by name.
 NO_UPSTREAM_SCHEMA = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    # validated against tests/alerts/prometheusrule.schema.json and by promtool instead
+    ("monitoring.coreos.com/v1", "PrometheusRule"),
     ("cert-manager.io/v1", "Certificate"),
     ("cert-manager.io/v1", "Issuer"),
 }
@@ -67,6 +69,7 @@ REQUIRED_VALUE_SETS = {
     "vault-kubernetes-auth",
     "kubernetes-store",
     "servicemonitor",
+    "monitoring",
 }
 
 
@@ -1058,3 +1061,213 @@ def test_readme_table_documents_every_value():
         assert owner in rows, f"README.md has no row for {owner}"
     unknown = rows - set(leaves) - nodes
     assert not unknown, f"README rows for values that do not exist: {unknown}"
+
+
+# ---------------------------------------------------------------------------------------------
+# PrometheusRule (alerts, promtool) and the Grafana dashboard
+# ---------------------------------------------------------------------------------------------
+
+ALERTS_DIR = CHART / "tests" / "alerts"
+ALERTS_TEST = ALERTS_DIR / "alerts.test.yaml"
+DASHBOARD = CHART / "dashboards" / "stripe-key-operator.json"
+ALERT_NAMES = {
+    "StripeKeyOperatorKeyOverdue",
+    "StripeKeyOperatorRotationFailing",
+    "StripeKeyOperatorRolloutStuck",
+    "StripeKeyOperatorOldKeyStillInUse",
+    "StripeKeyOperatorNoLeader",
+    "StripeKeyOperatorWebhookForgeries",
+    "StripeKeyOperatorWebhookSignedForgery",
+}
+
+
+def promtool() -> str:
+    """promtool from .ci/cache/bin (what .ci/install-tools.sh installs), else PATH; never skipped."""
+    local = REPO / ".ci" / "cache" / "bin" / "promtool"
+    if local.exists():
+        return str(local)
+    found = shutil.which("promtool")
+    if not found:
+        pytest.fail("promtool is not installed: run `bash .ci/install-tools.sh` (or `make tools`); the alert tests need it")
+    return found
+
+
+def prometheus_rule(values: dict | None) -> dict:
+    return one(objects_of(render(values)), "PrometheusRule")
+
+
+def rules_of(rule: dict) -> dict[str, dict]:
+    return {r["alert"]: r for g in rule["spec"]["groups"] for r in g["rules"]}
+
+
+def run_promtool_tests(rule: dict, tmp_path: Path) -> subprocess.CompletedProcess:
+    """Writes the rendered groups as a plain rules file next to a copy of the promtool test file
+    and runs `promtool check rules` (must pass) and then `promtool test rules`."""
+    rules_file = tmp_path / "rules.yaml"
+    rules_file.write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}, sort_keys=False))
+    shutil.copy(ALERTS_TEST, tmp_path / ALERTS_TEST.name)
+    check = subprocess.run([promtool(), "check", "rules", str(rules_file)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert f"SUCCESS: {len(rules_of(rule))} rules found" in check.stdout, check.stdout
+    return subprocess.run([promtool(), "test", "rules", str(tmp_path / ALERTS_TEST.name)], capture_output=True, text=True)
+
+
+def test_monitoring_objects_are_opt_in():
+    kinds = {o["kind"] for o in rendered("defaults")}
+    assert "PrometheusRule" not in kinds
+    assert not [o for o in rendered("defaults") if o["kind"] == "ConfigMap"]
+
+
+def test_rendered_rules_pass_promtool_check_and_unit_tests(tmp_path):
+    rule = prometheus_rule({"prometheusRule": {"enabled": True}})
+    assert set(rules_of(rule)) == ALERT_NAMES
+    proc = run_promtool_tests(rule, tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "SUCCESS" in proc.stdout, proc.stdout
+
+
+def test_promtool_tests_catch_a_changed_threshold(tmp_path):
+    """The promtool cases are tight: a margin one hour shorter makes the key "just inside the
+    margin" fire, and promtool says so."""
+    rule = prometheus_rule({"prometheusRule": {"enabled": True, "keyOverdue": {"marginSeconds": 3600}}})
+    proc = run_promtool_tests(rule, tmp_path)
+    assert proc.returncode != 0, proc.stdout
+    assert "alertname: StripeKeyOperatorKeyOverdue" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+
+
+def test_every_alert_has_a_firing_and_a_silent_promtool_case():
+    cases = yaml.safe_load(ALERTS_TEST.read_text())
+    assert cases["rule_files"] == ["rules.yaml"]
+    fires: set[str] = set()
+    silent: set[str] = set()
+    for group in cases["tests"]:
+        for t in group.get("alert_rule_test", []):
+            (fires if t["exp_alerts"] else silent).add(t["alertname"])
+    assert fires == ALERT_NAMES, f"alerts never shown firing: {ALERT_NAMES - fires}"
+    assert silent == ALERT_NAMES, f"alerts never shown silent: {ALERT_NAMES - silent}"
+
+
+def github_anchor(heading: str) -> str:
+    return re.sub(r"[^a-z0-9 _-]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_alert_has_severity_summary_description_and_a_runbook_in_the_readme():
+    rule = prometheus_rule({"prometheusRule": {"enabled": True}})
+    readme = (CHART / "README.md").read_text()
+    anchors = {github_anchor(h) for h in re.findall(r"^#{2,4} (.+)$", readme, flags=re.M)}
+    base = yaml.safe_load((CHART / "values.yaml").read_text())["prometheusRule"]["runbookBaseUrl"]
+    for name, r in rules_of(rule).items():
+        assert r["labels"]["severity"] in {"critical", "warning"}, name
+        assert r["annotations"]["summary"] and r["annotations"]["description"], name
+        url = r["annotations"]["runbook_url"]
+        page, _, anchor = url.partition("#")
+        assert page == base and anchor == name.lower(), url
+        assert anchor in anchors, f"README.md has no runbook heading for {name} (#{anchor})"
+        # the runbook section says what it means, what to check and what to do
+        section = readme.split(f"### {name}\n", 1)[1].split("\n### ", 1)[0].split("\n## ", 1)[0]
+        for word in ("**Means**", "**Check**", "**Do**"):
+            assert word in section, f"runbook of {name} lacks {word}"
+
+
+def test_prometheus_rule_values_reach_the_rules():
+    objs = rendered("monitoring")
+    rule = one(objs, "PrometheusRule")
+    meta = rule["metadata"]
+    assert meta["namespace"] == "monitoring"
+    assert meta["labels"]["release"] == "kube-prometheus-stack"
+    assert meta["annotations"]["owner"] == "payments-platform"
+    rules = rules_of(rule)
+    assert "StripeKeyOperatorRolloutStuck" not in rules, "disabled alerts are left out"
+    assert set(rules) == ALERT_NAMES - {"StripeKeyOperatorRolloutStuck"}
+    for name, r in rules.items():
+        assert r["labels"]["team"] == "payments", name
+        assert r["annotations"]["runbook_url"] == f"https://runbooks.example.com/stripe-key-operator#{name.lower()}"
+    overdue = rules["StripeKeyOperatorKeyOverdue"]
+    assert overdue["labels"]["severity"] == "critical"
+    assert overdue["expr"].strip().endswith("> 3600")
+    # every operator series is selected by operatorSelector, every proxy series by proxySelector
+    for name, r in rules.items():
+        for metric, matchers in re.findall(r"(stripe_key_operator_[a-z_]+)(\{[^}]*\})?", r["expr"]):
+            expected = 'container="verify-proxy"' if "webhook_proxy" in metric else 'job="stripe-keys", cluster="prod"'
+            assert expected in matchers, (name, metric, matchers)
+    forgeries = rules["StripeKeyOperatorWebhookForgeries"]["expr"]
+    assert 'reason=~"no_matching_signature"' in forgeries and "[10m]" in forgeries and "> 0.5" in forgeries
+    # the default selector is the job the chart's ServiceMonitor gives the operator's series
+    default = rules_of(prometheus_rule({"prometheusRule": {"enabled": True}}))
+    svc = one(rendered("defaults"), "Service", f"{FULLNAME}-metrics")["metadata"]["name"]
+    assert f'job="{svc}"' in default["StripeKeyOperatorNoLeader"]["expr"]
+
+
+def test_rendered_prometheus_rules_match_the_crd_shape(tmp_path):
+    for values in ({"prometheusRule": {"enabled": True}}, load_values("monitoring")):
+        manifest = tmp_path / "rule.json"
+        manifest.write_text(json.dumps(prometheus_rule(values)))
+        proc = check_jsonschema("--schemafile", str(ALERTS_DIR / "prometheusrule.schema.json"), str(manifest))
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    # the schema is strict enough to refuse a misspelt field
+    bad = prometheus_rule({"prometheusRule": {"enabled": True}})
+    bad["spec"]["groups"][0]["rules"][0]["labells"] = {}
+    manifest.write_text(json.dumps(bad))
+    assert check_jsonschema("--schemafile", str(ALERTS_DIR / "prometheusrule.schema.json"), str(manifest)).returncode == 1
+
+
+def test_servicemonitor_keeps_the_per_object_namespace_label():
+    """The per-object series carry the policy's namespace; without honorLabels Prometheus
+    renames it exported_namespace and the alerts would name the operator's namespace."""
+    endpoint = one(rendered("servicemonitor"), "ServiceMonitor")["spec"]["endpoints"][0]
+    assert endpoint["honorLabels"] is True
+
+
+def test_dashboard_configmap_carries_the_sidecar_label_and_the_dashboard_file():
+    objs = rendered("monitoring")
+    cm = one(objs, "ConfigMap", f"{FULLNAME}-dashboards")
+    assert cm["metadata"]["namespace"] == "grafana"
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "stripe"
+    assert cm["metadata"]["annotations"]["grafana_folder"] == "Payments"
+    assert json.loads(cm["data"]["stripe-key-operator.json"]) == json.loads(DASHBOARD.read_text())
+    default = one(objects_of(render({"dashboards": {"enabled": True}})), "ConfigMap")
+    assert default["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert default["metadata"]["namespace"] == NAMESPACE
+
+
+def dashboard_panels() -> list[dict]:
+    dash = json.loads(DASHBOARD.read_text())
+    out = []
+    for p in dash["panels"]:
+        out.append(p)
+        out.extend(p.get("panels", []))
+    return [p for p in out if p["type"] != "row"]
+
+
+def test_dashboard_uses_the_datasource_and_namespace_variables():
+    dash = json.loads(DASHBOARD.read_text())
+    variables = {v["name"]: v for v in dash["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    assert variables["namespace"]["datasource"]["uid"] == "${datasource}"
+    assert variables["namespace"]["includeAll"] and variables["namespace"]["multi"]
+    panels = dashboard_panels()
+    ids = [p["id"] for p in json.loads(DASHBOARD.read_text())["panels"]]
+    assert len(ids) == len(set(ids)), "panel ids must be unique"
+    for p in panels:
+        assert p["datasource"]["uid"] == "${datasource}", p["title"]
+        assert p["targets"], p["title"]
+        for t in p["targets"]:
+            assert t["datasource"]["uid"] == "${datasource}", p["title"]
+            assert "stripe_key_operator_" in t["expr"], (p["title"], t["expr"])
+    # per-object panels follow the namespace variable
+    per_object = [t["expr"] for p in panels for t in p["targets"] if re.search(r"key_created|old_key_in_use|rollout_stuck|webhook_proxy", t["expr"])]
+    assert per_object and all('namespace=~"$namespace"' in e for e in per_object), per_object
+
+
+def test_dashboard_shows_what_the_issue_asks_for():
+    exprs = "\n".join(t["expr"] for p in dashboard_panels() for t in p["targets"])
+    for needle in (
+        "stripe_key_operator_key_created_timestamp_seconds",  # keys by age
+        "sum by (trigger) (increase(stripe_key_operator_rotations_total",  # rotations by trigger
+        "stripe_key_operator_rotation_failures_total",  # failures
+        "sum by (account) (rate(stripe_key_operator_stripe_requests_total[",  # Stripe requests per account
+        'stripe_key_operator_stripe_requests_total{code="429"}',  # 429s
+        "stripe_key_operator_store_request_duration_seconds_bucket",  # store latency
+        "stripe_key_operator_old_key_in_use",  # old keys held
+    ):
+        assert needle in exprs, needle
