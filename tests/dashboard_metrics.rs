@@ -1,0 +1,411 @@
+//! Every metric the Grafana dashboard (`charts/stripe-key-operator/dashboards/`) and the alert
+//! rules (`charts/stripe-key-operator/templates/prometheusrule.yaml`) query is one that the
+//! operator or verify-proxy exports: a renamed or removed metric fails here instead of leaving
+//! a blank panel or an alert that can never fire.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use stripe_key_operator::metrics::Metrics;
+use stripe_key_operator::webhook::proxy::ProxyMetrics;
+
+const PREFIX: &str = "stripe_key_operator_";
+
+/// Metrics that another branch adds and that are merged before this one. Only consulted when
+/// the registries lack the name; remove an entry once its metric is exported.
+const ADDED_BY_A_PARALLEL_BRANCH: &[&str] = &[
+    // usage-aware expiry (issue 16 §1): 1 while an old key is held because Stripe's
+    // `last_used` says it is still used
+    "stripe_key_operator_old_key_in_use",
+];
+
+/// The series names a Prometheus scrape of `encoded` (OpenMetrics, as prometheus-client writes
+/// it) can contain: each family's name as its type suffixes it, from the `# TYPE` lines (so an
+/// empty family counts too), plus every sample line's name.
+fn exported_series(encoded: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for line in encoded.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest
+                .split_once(' ')
+                .expect("a TYPE line has a name and a type");
+            let suffixes: &[&str] = match kind {
+                "counter" => &["_total", "_created"],
+                "histogram" | "gaugehistogram" => &["_bucket", "_sum", "_count", "_created"],
+                "summary" => &["", "_sum", "_count", "_created"],
+                "info" => &["_info"],
+                _ => &[""],
+            };
+            out.extend(suffixes.iter().map(|s| format!("{name}{s}")));
+        } else if !line.starts_with('#') && !line.is_empty() {
+            let end = line.find(['{', ' ']).unwrap_or(line.len());
+            out.insert(line[..end].to_string());
+        }
+    }
+    out
+}
+
+/// Every `stripe_key_operator_*` name in a PromQL expression (or a template of them).
+fn referenced(text: &str) -> BTreeSet<String> {
+    let re = regex::Regex::new(r"\bstripe_key_operator_[a-zA-Z0-9_:]+").unwrap();
+    re.find_iter(text).map(|m| m.as_str().to_string()).collect()
+}
+
+/// The names in `queries` that none of `exported` (nor the parallel-branch list) has.
+fn unknown(queries: &BTreeSet<String>, exported: &BTreeSet<String>) -> Vec<String> {
+    queries
+        .iter()
+        .filter(|n| !exported.contains(*n) && !ADDED_BY_A_PARALLEL_BRANCH.contains(&n.as_str()))
+        .cloned()
+        .collect()
+}
+
+/// The operator's metrics with one sample in every labelled family: prometheus-client encodes
+/// nothing at all (not even `# TYPE`) for a family without a label set. A family added to
+/// `Metrics` must get its sample here before a query may use it (the failure says so).
+fn operator_metrics() -> Metrics {
+    use stripe_key_operator::metrics::*;
+    let m = Metrics::new();
+    let controller = ControllerLabels {
+        controller: "stripekeypolicy".into(),
+    };
+    let error = ErrorLabels {
+        controller: "stripekeypolicy".into(),
+        reason: "StripeUnavailable".into(),
+    };
+    let object = ObjectLabels {
+        kind: "StripeKeyPolicy".into(),
+        namespace: "shop".into(),
+        name: "api".into(),
+    };
+    let store = StoreCallLabels {
+        operation: "read".into(),
+        outcome: "success".into(),
+    };
+    m.reconciliations.get_or_create(&controller).inc();
+    m.reconcile_errors.get_or_create(&error).inc();
+    m.reconcile_duration.get_or_create(&controller).observe(0.1);
+    m.keys_minted.get_or_create(&controller).inc();
+    m.rotations
+        .get_or_create(&RotationLabels {
+            kind: "StripeKeyPolicy".into(),
+            trigger: "Schedule".into(),
+        })
+        .inc();
+    m.rotation_failures.get_or_create(&error).inc();
+    m.key_age_seconds.get_or_create(&object).set(60.0);
+    m.next_rotation_seconds.get_or_create(&object).set(60.0);
+    m.key_created_timestamp_seconds
+        .get_or_create(&object)
+        .set(1.7e9);
+    m.next_rotation_timestamp_seconds
+        .get_or_create(&object)
+        .set(1.7e9);
+    m.rollout_stuck.get_or_create(&object).set(0);
+    m.stripe_requests
+        .get_or_create(&StripeCallLabels {
+            account: "acct_1".into(),
+            method: "GET".into(),
+            route: "/v1/account".into(),
+            code: "200".into(),
+        })
+        .inc();
+    m.store_requests.get_or_create(&store).inc();
+    m.store_request_duration.get_or_create(&store).observe(0.01);
+    m
+}
+
+/// verify-proxy's metrics, one sample in every labelled family.
+fn proxy_metrics() -> ProxyMetrics {
+    use stripe_key_operator::webhook::proxy::metrics::*;
+    let m = ProxyMetrics::new();
+    m.verified
+        .get_or_create(&SecretLabels {
+            secret_index: "0".into(),
+        })
+        .inc();
+    m.rejected
+        .get_or_create(&ReasonLabels {
+            reason: "no_matching_signature".into(),
+        })
+        .inc();
+    m.forward_duration
+        .get_or_create(&ForwardLabels {
+            outcome: "2xx".into(),
+        })
+        .observe(0.01);
+    m.secret_reloads
+        .get_or_create(&ReloadLabels {
+            outcome: "applied".into(),
+        })
+        .inc();
+    m.confirmations
+        .get_or_create(&OutcomeLabels {
+            outcome: "confirmed".into(),
+        })
+        .inc();
+    m
+}
+
+/// Every series name the operator and verify-proxy export.
+fn everything_exported() -> BTreeSet<String> {
+    let mut names = exported_series(&operator_metrics().encode());
+    names.extend(exported_series(&proxy_metrics().encode()));
+    names
+}
+
+/// Every `# TYPE` family of an encoding.
+fn families(encoded: &str) -> BTreeSet<String> {
+    encoded
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|r| r.split_once(' ').map(|(n, _)| n.to_string()))
+        .collect()
+}
+
+fn chart() -> &'static Path {
+    Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/charts/stripe-key-operator"
+    ))
+}
+
+/// Every `expr` of every panel target in the dashboard.
+fn dashboard_exprs() -> Vec<(String, String)> {
+    let text = std::fs::read_to_string(chart().join("dashboards/stripe-key-operator.json"))
+        .expect("the dashboard JSON");
+    let dash: serde_json::Value = serde_json::from_str(&text).expect("the dashboard is JSON");
+    let mut out = Vec::new();
+    let mut stack: Vec<&serde_json::Value> = dash["panels"].as_array().unwrap().iter().collect();
+    while let Some(panel) = stack.pop() {
+        if let Some(nested) = panel["panels"].as_array() {
+            stack.extend(nested);
+        }
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expr = target["expr"].as_str().expect("every target has an expr");
+            out.push((
+                panel["title"].as_str().unwrap_or("?").to_string(),
+                expr.into(),
+            ));
+        }
+    }
+    for var in dash["templating"]["list"].as_array().into_iter().flatten() {
+        if let Some(q) = var["definition"].as_str() {
+            out.push((format!("variable {}", var["name"]), q.to_string()));
+        }
+    }
+    out
+}
+
+/// Every `expr:` block of the PrometheusRule template (Helm template text around PromQL).
+fn rule_exprs() -> Vec<String> {
+    let text = std::fs::read_to_string(chart().join("templates/prometheusrule.yaml"))
+        .expect("the PrometheusRule template");
+    let mut out = Vec::new();
+    let mut lines = text.lines().peekable();
+    while let Some(line) = lines.next() {
+        if line.trim() == "expr: |" {
+            let indent = line.len() - line.trim_start().len();
+            let mut expr = String::new();
+            while let Some(next) = lines.peek() {
+                if next.len() - next.trim_start().len() <= indent {
+                    break;
+                }
+                expr.push_str(next.trim());
+                expr.push('\n');
+                lines.next();
+            }
+            out.push(expr);
+        } else if let Some(inline) = line.trim().strip_prefix("expr: ") {
+            out.push(inline.to_string());
+        }
+    }
+    out
+}
+
+#[test]
+fn every_family_gets_a_sample_and_suffixes_follow_the_type() {
+    // prometheus-client writes nothing for a family without a label set, so the populated
+    // registries above must not miss one: compare with the families `Metrics` registers, read
+    // from its source.
+    let fresh = Metrics::new().encode();
+    assert!(!fresh.contains("stripe_key_operator_rotations"), "{fresh}");
+    let src =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/src/metrics.rs")).unwrap();
+    let registered = regex::Regex::new(r#"registry\.register\(\s*"([a-z0-9_]+)""#).unwrap();
+    let declared: BTreeSet<String> = registered
+        .captures_iter(&src)
+        .map(|c| format!("{PREFIX}{}", &c[1]))
+        .collect();
+    assert!(declared.len() >= 15, "{declared:?}");
+    assert_eq!(
+        families(&operator_metrics().encode()),
+        declared,
+        "give every family of src/metrics.rs a sample in operator_metrics()"
+    );
+    let src = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/src/webhook/proxy/metrics.rs"
+    ))
+    .unwrap();
+    let declared: BTreeSet<String> = registered
+        .captures_iter(&src)
+        .map(|c| format!("{PREFIX}webhook_proxy_{}", &c[1]))
+        .collect();
+    assert_eq!(
+        families(&proxy_metrics().encode()),
+        declared,
+        "give every family of src/webhook/proxy/metrics.rs a sample in proxy_metrics()"
+    );
+
+    let names = everything_exported();
+    for name in [
+        "stripe_key_operator_rotations_total",
+        "stripe_key_operator_store_request_duration_seconds_bucket",
+        "stripe_key_operator_store_request_duration_seconds_count",
+        "stripe_key_operator_key_created_timestamp_seconds",
+        "stripe_key_operator_leader",
+        "stripe_key_operator_webhook_proxy_incidents_total",
+    ] {
+        assert!(names.contains(name), "{name} missing from {names:?}");
+    }
+    // No suffix a type does not have: a gauge has no _total, a counter's bare name is no series,
+    // a histogram's bare name neither.
+    for name in [
+        "stripe_key_operator_leader_total",
+        "stripe_key_operator_rotations",
+        "stripe_key_operator_key_age_seconds_bucket",
+        "stripe_key_operator_store_request_duration_seconds",
+    ] {
+        assert!(!names.contains(name), "{name}");
+    }
+    // Every sample name is one the TYPE lines predicted.
+    let encoded = operator_metrics().encode();
+    let mut typed = String::new();
+    for line in encoded.lines().filter(|l| l.starts_with("# TYPE ")) {
+        typed.push_str(line);
+        typed.push('\n');
+    }
+    let predicted = exported_series(&typed);
+    for line in encoded.lines().filter(|l| !l.starts_with('#')) {
+        let name = &line[..line.find(['{', ' ']).unwrap_or(line.len())];
+        assert!(
+            predicted.contains(name),
+            "{name} was not predicted from the TYPE lines"
+        );
+    }
+}
+
+#[test]
+fn the_check_names_a_metric_nobody_exports() {
+    let exported = everything_exported();
+    let queries = referenced(
+        "sum(rate(stripe_key_operator_rotations_total[5m])) / stripe_key_operator_rotation_total",
+    );
+    assert_eq!(
+        unknown(&queries, &exported),
+        vec!["stripe_key_operator_rotation_total".to_string()]
+    );
+    // A histogram's bare name is no series; a counter without `_total` is none either.
+    let queries = referenced(
+        "stripe_key_operator_store_request_duration_seconds + stripe_key_operator_rotations",
+    );
+    assert_eq!(unknown(&queries, &exported).len(), 2);
+}
+
+#[test]
+fn every_metric_the_dashboard_queries_is_exported() {
+    let exported = everything_exported();
+    let exprs = dashboard_exprs();
+    assert!(
+        exprs.len() >= 15,
+        "the dashboard has few queries: {exprs:?}"
+    );
+    let mut problems = Vec::new();
+    for (title, expr) in &exprs {
+        let names = referenced(expr);
+        if names.is_empty() {
+            problems.push(format!(
+                "{title}: `{expr}` queries no stripe_key_operator_ metric"
+            ));
+        }
+        for name in unknown(&names, &exported) {
+            problems.push(format!("{title}: `{name}` is not exported"));
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+#[test]
+fn every_metric_the_alert_rules_query_is_exported() {
+    let exported = everything_exported();
+    let exprs = rule_exprs();
+    assert_eq!(exprs.len(), 7, "one expr per alert: {exprs:?}");
+    let mut problems = Vec::new();
+    for expr in &exprs {
+        let names = referenced(expr);
+        if names.is_empty() {
+            problems.push(format!("`{expr}` queries no stripe_key_operator_ metric"));
+        }
+        for name in unknown(&names, &exported) {
+            problems.push(format!("`{name}` in `{}` is not exported", expr.trim()));
+        }
+    }
+    // Anything else in the template that looks like one of our metrics must exist too.
+    let template = std::fs::read_to_string(chart().join("templates/prometheusrule.yaml")).unwrap();
+    for name in unknown(&referenced(&template), &exported) {
+        problems.push(format!("`{name}` (template text) is not exported"));
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+#[test]
+fn every_exported_name_has_the_prefix() {
+    for name in everything_exported() {
+        assert!(name.starts_with(PREFIX), "{name}");
+    }
+}
+
+/// promtool from `.ci/cache/bin` (what `.ci/install-tools.sh` installs), else from PATH.
+fn promtool() -> std::path::PathBuf {
+    let local = Path::new(env!("CARGO_MANIFEST_DIR")).join(".ci/cache/bin/promtool");
+    if local.exists() {
+        local
+    } else {
+        "promtool".into()
+    }
+}
+
+#[test]
+fn promtool_lints_every_family_clean() {
+    // Every family, the new ones included, in the text format promtool reads: its linter checks
+    // names, suffixes and units (a counter without _total, a histogram named _total...).
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut text = operator_metrics().encode_prometheus_text();
+    text.push_str(
+        &stripe_key_operator::metrics::openmetrics_to_prometheus_text(&proxy_metrics().encode()),
+    );
+    let mut child = Command::new(promtool())
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect(
+            "promtool is installed: run `make test` (it installs it with .ci/install-tools.sh)",
+        );
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics:\n{}{}\n---\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
