@@ -3,8 +3,12 @@
 //! operator or verify-proxy exports: a renamed or removed metric fails here instead of leaving
 //! a blank panel or an alert that can never fire.
 
+#[path = "common/operator.rs"]
+mod operator;
+
 use std::collections::BTreeSet;
 use std::path::Path;
+use std::time::Duration;
 
 use stripe_key_operator::metrics::Metrics;
 use stripe_key_operator::webhook::proxy::ProxyMetrics;
@@ -407,5 +411,131 @@ fn promtool_lints_every_family_clean() {
         "promtool check metrics:\n{}{}\n---\n{text}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The value of the sample `series` (name and labels exactly as encoded), if present.
+fn sample(encoded: &str, series: &str) -> Option<f64> {
+    encoded.lines().find_map(|l| {
+        l.strip_prefix(series)
+            .and_then(|rest| rest.strip_prefix(' '))
+            .map(|v| v.parse().unwrap())
+    })
+}
+
+#[tokio::test]
+async fn status_writes_of_a_real_rotation_drive_the_gauges_the_alerts_read() {
+    use operator::*;
+    use serde_json::json;
+    use stripe_key_operator::sandbox::env::EnvOptions;
+    let env = env_with(EnvOptions {
+        rollout_ceiling: Duration::from_secs(600),
+        ..EnvOptions::default()
+    })
+    .await;
+    env.apply_json(&policy("checkout", &["charge_read"]))
+        .await
+        .unwrap();
+    let p = wait_policy(&env, "checkout", "Ready", ready).await;
+    let status = p.status.unwrap();
+    let sel = r#"{kind="StripeKeyPolicy",namespace="shop",name="checkout"}"#;
+    let text = env.metrics.encode();
+    let created = sample(
+        &text,
+        &format!("stripe_key_operator_key_created_timestamp_seconds{sel}"),
+    )
+    .unwrap_or_else(|| panic!("no key_created_timestamp_seconds in:\n{text}"));
+    let due = sample(
+        &text,
+        &format!("stripe_key_operator_next_rotation_timestamp_seconds{sel}"),
+    )
+    .unwrap_or_else(|| panic!("no next_rotation_timestamp_seconds in:\n{text}"));
+    let last = status.last_rotation_at.clone().unwrap().0.as_second() as f64;
+    let next = status.next_rotation_at.clone().unwrap().0.as_second() as f64;
+    assert!((created - last).abs() < 1.0, "{created} vs {last}");
+    assert!((due - next).abs() < 1.0, "{due} vs {next}");
+    assert!(
+        due - created >= 720.0 * 3600.0,
+        "the 720h schedule: {due} - {created}"
+    );
+    assert_eq!(
+        sample(&text, &format!("stripe_key_operator_rollout_stuck{sel}")),
+        Some(0.0)
+    );
+    // Stripe calls are counted per account; store calls are timed.
+    let account =
+        regex::Regex::new(r#"stripe_key_operator_stripe_requests_total\{account="([^"]+)""#)
+            .unwrap();
+    let accounts: BTreeSet<&str> = account
+        .captures_iter(&text)
+        .map(|c| c.get(1).unwrap().as_str())
+        .collect();
+    assert!(
+        !accounts.is_empty() && accounts.iter().all(|a| a.starts_with("acct_")),
+        "{accounts:?} in:\n{text}"
+    );
+    assert!(
+        text.contains("stripe_key_operator_store_request_duration_seconds_count{operation="),
+        "{text}"
+    );
+
+    // A rollout that does not finish within the ceiling: Degraded=True, reason=RolloutStuck.
+    env.api.set_workload_stuck(NS, "checkout", true);
+    annotate(&env, "checkout", json!({"stripekeys.io/rotate": "r1"})).await;
+    wait_policy(&env, "checkout", "RollingOut", |p| {
+        p.status
+            .as_ref()
+            .and_then(|s| s.rotation.as_ref())
+            .is_some_and(|r| r.phase == stripe_key_operator::api::RotationPhase::RollingOut)
+    })
+    .await;
+    env.clock.advance(Duration::from_secs(700));
+    nudge(&env, "checkout").await;
+    wait_policy(&env, "checkout", "RolloutStuck", |p| {
+        condition(p, "Degraded").is_some_and(|c| c.0 == "True" && c.1 == "RolloutStuck")
+    })
+    .await;
+    let text = env.metrics.encode();
+    assert_eq!(
+        sample(&text, &format!("stripe_key_operator_rollout_stuck{sel}")),
+        Some(1.0),
+        "{text}"
+    );
+
+    // The workload rolls and the overlap (1h) ends: the rotation settles, stuck drops to 0 and
+    // the key times move on.
+    env.api.set_workload_stuck(NS, "checkout", false);
+    env.clock.advance(Duration::from_secs(3700));
+    nudge(&env, "checkout").await;
+    let p = wait_policy(&env, "checkout", "rotation 2 settled", |p| {
+        ready(p)
+            && p.status
+                .as_ref()
+                .is_some_and(|s| s.rotation_number == Some(2))
+            && condition(p, "Degraded").is_some_and(|c| c.0 == "False")
+    })
+    .await;
+    let text = env.metrics.encode();
+    assert_eq!(
+        sample(&text, &format!("stripe_key_operator_rollout_stuck{sel}")),
+        Some(0.0),
+        "{text}"
+    );
+    let created2 = sample(
+        &text,
+        &format!("stripe_key_operator_key_created_timestamp_seconds{sel}"),
+    )
+    .unwrap();
+    let last2 = p
+        .status
+        .unwrap()
+        .last_rotation_at
+        .clone()
+        .unwrap()
+        .0
+        .as_second() as f64;
+    assert!(
+        created2 > created && (created2 - last2).abs() < 1.0,
+        "{created2} vs {last2}"
     );
 }
