@@ -16,7 +16,8 @@ use stripe_key_operator::webhook::proxy::ProxyMetrics;
 const PREFIX: &str = "stripe_key_operator_";
 
 /// Metrics that another branch adds and that are merged before this one. Only consulted when
-/// the registries lack the name; remove an entry once its metric is exported.
+/// the registries lack the name; once the metric is merged, give it a sample in
+/// `operator_metrics()` and remove its entry here.
 const ADDED_BY_A_PARALLEL_BRANCH: &[&str] = &[
     // usage-aware expiry (issue 16 §1): 1 while an old key is held because Stripe's
     // `last_used` says it is still used
@@ -242,6 +243,12 @@ fn every_family_gets_a_sample_and_suffixes_follow_the_type() {
         .map(|c| format!("{PREFIX}{}", &c[1]))
         .collect();
     assert!(declared.len() >= 15, "{declared:?}");
+    // A parallel branch's family may already be registered without a sample here: it is
+    // covered by the allowance until its entry (and this exception) goes.
+    let declared: BTreeSet<String> = declared
+        .into_iter()
+        .filter(|n| !ADDED_BY_A_PARALLEL_BRANCH.contains(&n.as_str()))
+        .collect();
     assert_eq!(
         families(&operator_metrics().encode()),
         declared,
