@@ -22,6 +22,9 @@ const ADDED_BY_A_PARALLEL_BRANCH: &[&str] = &[
     // usage-aware expiry (issue 16 §1): 1 while an old key is held because Stripe's
     // `last_used` says it is still used
     "stripe_key_operator_old_key_in_use",
+    // the same branch's "current key unused" gauge: queried by nothing here, listed so that its
+    // family, registered without a sample in `operator_metrics()`, does not fail the merge
+    "stripe_key_operator_current_key_unused",
 ];
 
 /// The series names a Prometheus scrape of `encoded` (OpenMetrics, as prometheus-client writes
