@@ -1038,19 +1038,24 @@ pub async fn run_with_client(
         }
         _ = lost.cancelled() => true,
     };
+    let mut finished = false;
     if !leadership_lost {
         // Still the leader: let the reconciles in flight finish (bounded), unless the lease is
         // lost meanwhile.
         controllers_stop.cancel();
         tokio::select! {
-            _ = tokio::time::timeout(Duration::from_secs(20), &mut controllers) => {}
+            done = tokio::time::timeout(Duration::from_secs(20), &mut controllers) => {
+                finished = done.is_ok();
+            }
             _ = lost.cancelled() => leadership_lost = true,
         }
     }
-    // Whatever still runs is dropped, now: after the lease is lost (or the graceful wait is
-    // over), this replica makes no further Kubernetes or Stripe call.
-    controllers.abort();
-    let _ = controllers.await;
+    if !finished {
+        // Whatever still runs is dropped, now: after the lease is lost (or the graceful wait
+        // is over), this replica makes no further Kubernetes or Stripe call.
+        controllers.abort();
+        let _ = controllers.await;
+    }
     if leadership_lost {
         tracing::error!(
             "lost the leader lease: every reconcile in flight was dropped; exiting so that a restart rejoins the election"
