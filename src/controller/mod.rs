@@ -632,16 +632,18 @@ where
     }
 }
 
+/// What a controller's stream yields: a finished reconcile, or an error (a watch's, a
+/// reconcile's).
+type ControllerResult<K, E> = Result<
+    (ObjectRef<K>, kube::runtime::controller::Action),
+    kube::runtime::controller::Error<E, watcher::Error>,
+>;
+
 /// Reports the watch errors a controller's stream yields to `progress` (`/healthz`).
 fn report_watch_errors<K, E>(
     progress: crate::http::ControllerProgress,
     thresholds: crate::http::HealthThresholds,
-) -> impl FnMut(
-    Result<
-        (ObjectRef<K>, kube::runtime::controller::Action),
-        kube::runtime::controller::Error<E, watcher::Error>,
-    >,
-) -> futures::future::Ready<()>
+) -> impl FnMut(ControllerResult<K, E>) -> futures::future::Ready<()>
 where
     K: kube::Resource,
 {
