@@ -4,8 +4,13 @@
 //! has not renewed it for `lease_duration` *as observed locally* (the local monotonic clock
 //! measures how long the record stayed unchanged, so clock skew between nodes does not matter).
 //! Every write carries the `resourceVersion` it read, so two candidates can never both win.
-//! The leader renews every `retry_period`; if it cannot renew within `renew_deadline` it gives
-//! up leadership and the process stops acting.
+//! The leader renews every `retry_period`. Leadership is lost as soon as the last successful
+//! renewal is older than `renew_deadline` on the local monotonic clock, measured from the
+//! *start* of that renewal attempt (the write may have landed at any moment of the attempt),
+//! and even while a renewal hangs: a timer, not the attempt, decides. Each attempt is also cut
+//! off after half the renew deadline, so one hung request cannot use up the deadline alone.
+//! [`LeaderConfig::validate`] keeps the renew deadline well inside the lease duration, so the
+//! leader has stopped before any other replica may take the lease.
 
 use std::time::{Duration, Instant};
 
@@ -50,6 +55,52 @@ impl LeaderConfig {
     }
 }
 
+impl LeaderConfig {
+    /// Checks that the leader stops acting before another replica may take the lease.
+    ///
+    /// A candidate takes the lease once it has seen the same record for `lease_duration`
+    /// (rounded down to whole seconds, as the Lease stores it). It saw the leader's last record
+    /// no earlier than the start of the attempt that wrote it, which is where the leader's own
+    /// `renew_deadline` starts: so the leader gives up at least `lease_duration -
+    /// renew_deadline` before anyone can take over. That margin must absorb what cannot be
+    /// recalled when leadership is lost (requests already on the wire, timer slack on both
+    /// nodes), so it must be at least `retry_period` and at least a fifth of the lease duration
+    /// (client-go's 15 s / 10 s defaults leave a third). The renew deadline must also allow two
+    /// attempts (`renew_deadline >= 2 * retry_period`) so one failed request does not end
+    /// leadership.
+    pub fn validate(&self) -> Result<(), String> {
+        let lease = Duration::from_secs(self.lease_duration.as_secs());
+        if lease.is_zero() {
+            return Err(format!(
+                "--lease-duration must be at least 1s (got {:?})",
+                self.lease_duration
+            ));
+        }
+        if self.retry_period.is_zero() {
+            return Err("--retry-period must be more than 0".into());
+        }
+        if self.renew_deadline < self.retry_period * 2 {
+            return Err(format!(
+                "--renew-deadline ({:?}) must be at least twice --retry-period ({:?}), so a failed renewal is retried before leadership is given up",
+                self.renew_deadline, self.retry_period
+            ));
+        }
+        let margin = self.retry_period.max(lease / 5);
+        if self.renew_deadline + margin > lease {
+            return Err(format!(
+                "--renew-deadline ({:?}) must end at least {margin:?} before --lease-duration ({lease:?}, whole seconds): the leader must stop before another replica may take the lease",
+                self.renew_deadline
+            ));
+        }
+        Ok(())
+    }
+
+    /// How long one acquire-or-renew attempt may take.
+    pub fn attempt_timeout(&self) -> Duration {
+        (self.renew_deadline / 2).max(Duration::from_millis(1))
+    }
+}
+
 /// Errors of the election.
 #[derive(Debug, thiserror::Error)]
 pub enum LeaderError {
@@ -62,6 +113,13 @@ pub enum LeaderError {
     },
     #[error("leader election stopped by shutdown before the lease was acquired")]
     Shutdown,
+}
+
+/// The outcome of one acquire-or-renew attempt.
+enum Attempt {
+    Held,
+    NotHeld,
+    Failed(String),
 }
 
 /// A candidate for leadership.
@@ -185,50 +243,93 @@ impl LeaderElector {
         }
     }
 
+    /// One attempt, cut off after [`LeaderConfig::attempt_timeout`]; returns its outcome and
+    /// the instant it started.
+    async fn timed_attempt(&mut self) -> (tokio::time::Instant, Attempt) {
+        let started = tokio::time::Instant::now();
+        let timeout = self.config.attempt_timeout();
+        let outcome = match tokio::time::timeout(timeout, self.try_acquire_or_renew()).await {
+            Ok(Ok(true)) => Attempt::Held,
+            Ok(Ok(false)) => Attempt::NotHeld,
+            Ok(Err(e)) => Attempt::Failed(e.to_string()),
+            Err(_) => Attempt::Failed(format!("no answer within {timeout:?}")),
+        };
+        (started, outcome)
+    }
+
     /// Waits until this replica leads (or `shutdown` fires), then renews in the background.
     pub async fn acquire(mut self, shutdown: CancellationToken) -> Result<Leadership, LeaderError> {
-        loop {
-            match self.try_acquire_or_renew().await {
-                Ok(true) => break,
-                Ok(false) => {}
-                Err(e) => tracing::warn!(error = %e, "leader election attempt failed"),
+        let since = loop {
+            let attempt = tokio::select! {
+                _ = shutdown.cancelled() => return Err(LeaderError::Shutdown),
+                a = self.timed_attempt() => a,
+            };
+            match attempt {
+                (started, Attempt::Held) => break started,
+                (_, Attempt::NotHeld) => {}
+                (_, Attempt::Failed(e)) => {
+                    tracing::warn!(error = %e, "leader election attempt failed")
+                }
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return Err(LeaderError::Shutdown),
                 _ = tokio::time::sleep(self.config.retry_period) => {}
             }
-        }
+        };
         tracing::info!(identity = %self.config.identity, lease = %self.config.lease_name, "became leader");
         let lost = CancellationToken::new();
         let stop = CancellationToken::new();
-        let task = tokio::spawn(self.renew_loop(lost.clone(), stop.clone()));
+        let task = tokio::spawn(self.renew_loop(since, lost.clone(), stop.clone()));
         Ok(Leadership { lost, stop, task })
     }
 
-    async fn renew_loop(mut self, lost: CancellationToken, stop: CancellationToken) {
-        let mut last_renewal = Instant::now();
+    /// Renews every `retry_period`. `renewed` is when the last successful attempt started:
+    /// leadership ends at `renewed + renew_deadline` whatever the attempt in flight is doing.
+    async fn renew_loop(
+        mut self,
+        mut renewed: tokio::time::Instant,
+        lost: CancellationToken,
+        stop: CancellationToken,
+    ) {
         loop {
+            let deadline = renewed + self.config.renew_deadline;
             tokio::select! {
                 _ = stop.cancelled() => {
                     self.release().await;
                     return;
                 }
+                _ = tokio::time::sleep_until(deadline) => {
+                    tracing::error!("leader lease not renewed within the renew deadline");
+                    lost.cancel();
+                    return;
+                }
                 _ = tokio::time::sleep(self.config.retry_period) => {}
             }
-            match self.try_acquire_or_renew().await {
-                Ok(true) => last_renewal = Instant::now(),
-                Ok(false) => {
+            let attempt = tokio::select! {
+                _ = stop.cancelled() => None,
+                _ = tokio::time::sleep_until(deadline) => Some(None),
+                a = self.timed_attempt() => Some(Some(a)),
+            };
+            match attempt {
+                None => {
+                    self.release().await;
+                    return;
+                }
+                Some(None) => {
+                    tracing::error!(
+                        "leader lease not renewed within the renew deadline (the renewal hangs)"
+                    );
+                    lost.cancel();
+                    return;
+                }
+                Some(Some((started, Attempt::Held))) => renewed = started,
+                Some(Some((_, Attempt::NotHeld))) => {
                     tracing::error!("leader lease taken by another replica");
                     lost.cancel();
                     return;
                 }
-                Err(e) => {
+                Some(Some((_, Attempt::Failed(e)))) => {
                     tracing::warn!(error = %e, "could not renew the leader lease");
-                    if last_renewal.elapsed() > self.config.renew_deadline {
-                        tracing::error!("leader lease not renewed within the renew deadline");
-                        lost.cancel();
-                        return;
-                    }
                 }
             }
         }
@@ -236,7 +337,10 @@ impl LeaderElector {
 
     /// Hands the lease over: empty holder and a 1 s duration, as client-go does on release.
     async fn release(&self) {
-        let Ok(Some(mut lease)) = self.api.get_opt(&self.config.lease_name).await else {
+        let timeout = self.config.attempt_timeout();
+        let Ok(Ok(Some(mut lease))) =
+            tokio::time::timeout(timeout, self.api.get_opt(&self.config.lease_name)).await
+        else {
             return;
         };
         let Some(spec) = lease.spec.as_mut() else {
@@ -248,13 +352,63 @@ impl LeaderElector {
         spec.holder_identity = None;
         spec.lease_duration_seconds = Some(1);
         spec.renew_time = Some(MicroTime(Timestamp::now()));
-        match self
-            .api
-            .replace(&self.config.lease_name, &PostParams::default(), &lease)
-            .await
-        {
-            Ok(_) => tracing::info!("released the leader lease"),
-            Err(e) => tracing::warn!(error = %e, "could not release the leader lease"),
+        let pp = PostParams::default();
+        let put = self.api.replace(&self.config.lease_name, &pp, &lease);
+        match tokio::time::timeout(timeout, put).await {
+            Ok(Ok(_)) => tracing::info!("released the leader lease"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "could not release the leader lease"),
+            Err(_) => tracing::warn!("could not release the leader lease: no answer in time"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(lease: u64, renew_ms: u64, retry_ms: u64) -> LeaderConfig {
+        LeaderConfig {
+            lease_duration: Duration::from_secs(lease),
+            renew_deadline: Duration::from_millis(renew_ms),
+            retry_period: Duration::from_millis(retry_ms),
+            ..LeaderConfig::new("ns", "lease", "me")
+        }
+    }
+
+    #[test]
+    fn the_defaults_and_client_go_like_settings_are_accepted() {
+        LeaderConfig::new("ns", "lease", "me").validate().unwrap();
+        config(60, 40_000, 5_000).validate().unwrap();
+        config(2, 1_000, 200).validate().unwrap();
+    }
+
+    #[test]
+    fn a_renew_deadline_at_or_near_the_lease_duration_is_refused() {
+        let equal = config(15, 15_000, 2_000).validate().unwrap_err();
+        assert!(equal.contains("--renew-deadline"), "{equal}");
+        // 14 s of 15: a 1 s margin is less than the retry period and a fifth of the lease.
+        assert!(config(15, 14_000, 2_000).validate().is_err());
+        // Longer than the lease: never.
+        assert!(config(15, 20_000, 2_000).validate().is_err());
+        // The margin counts whole seconds: a 2.9 s lease is a 2 s lease in the Lease object.
+        let c = LeaderConfig {
+            lease_duration: Duration::from_millis(2_900),
+            ..config(2, 2_000, 200)
+        };
+        assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn a_renew_deadline_that_allows_a_single_attempt_is_refused() {
+        assert!(config(15, 3_000, 2_000).validate().is_err());
+        assert!(config(15, 4_000, 2_000).validate().is_ok());
+        assert!(config(15, 10_000, 0).validate().is_err());
+        assert!(config(0, 0, 0).validate().is_err());
+    }
+
+    #[test]
+    fn an_attempt_fits_twice_in_the_renew_deadline() {
+        let c = LeaderConfig::new("ns", "lease", "me");
+        assert_eq!(c.attempt_timeout() * 2, c.renew_deadline);
     }
 }

@@ -2,8 +2,10 @@
 
 use std::io::Write;
 use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
 
-use stripe_key_operator::http::{self, Health};
+use stripe_key_operator::http::{self, Health, HealthThresholds};
 use stripe_key_operator::metrics::{
     ControllerLabels, ErrorLabels, Metrics, ObjectLabels, StripeCallLabels,
 };
@@ -122,4 +124,189 @@ async fn endpoints_answer_and_readiness_follows_health() {
         .await
         .unwrap()
         .unwrap();
+}
+
+async fn healthz(client: &reqwest::Client, base: &str) -> (u16, String) {
+    let r = client.get(format!("{base}/healthz")).send().await.unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+/// Polls `/healthz` until it answers `code` (bounded); returns the body.
+async fn wait_healthz(client: &reqwest::Client, base: &str, code: u16, within: Duration) -> String {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let (c, body) = healthz(client, base).await;
+        if c == code {
+            return body;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "/healthz still answers {c} ({body}) instead of {code}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn serve_health(health: Health) -> (String, CancellationToken) {
+    let shutdown = CancellationToken::new();
+    let (addr, _task) = http::serve(
+        "127.0.0.1:0".parse().unwrap(),
+        Metrics::new(),
+        health,
+        shutdown.clone(),
+    )
+    .await
+    .unwrap();
+    (format!("http://{addr}"), shutdown)
+}
+
+fn short() -> HealthThresholds {
+    HealthThresholds {
+        runtime_stall: Duration::from_millis(500),
+        watch_failure: Duration::from_secs(2),
+        watch_error_gap: Duration::from_secs(30),
+        reconcile_stall: Duration::from_millis(800),
+    }
+}
+
+#[tokio::test]
+async fn a_quiet_operator_stays_healthy() {
+    let health = Health::with_thresholds(short());
+    let watchdog = tokio::spawn(health.clone().run_watchdog(Duration::from_millis(50)));
+    let progress = health.controller("stripekeypolicy");
+    drop(progress.reconcile_started());
+    let (base, shutdown) = serve_health(health).await;
+    let client = reqwest::Client::new();
+    // Well past every threshold, with nothing to do: healthy.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(healthz(&client, &base).await, (200, "ok".to_string()));
+    // A single watch error (a relist, a dropped connection) is no failure.
+    progress.watch_error(&short());
+    assert_eq!(healthz(&client, &base).await.0, 200);
+    watchdog.abort();
+    shutdown.cancel();
+}
+
+#[test]
+fn healthz_fails_when_the_runtime_watchdog_stops_ticking() {
+    let main = tokio::runtime::Runtime::new().unwrap();
+    let health = Health::with_thresholds(short());
+    // The watched runtime: one thread, which a blocking task will wedge.
+    let watched = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let ticking = health.clone();
+    let thread = std::thread::spawn(move || {
+        watched.block_on(async move {
+            let watchdog = tokio::spawn(ticking.run_watchdog(Duration::from_millis(50)));
+            tokio::time::sleep(Duration::from_millis(700)).await;
+            // A task that blocks its worker: the runtime is wedged for 3 s.
+            std::thread::sleep(Duration::from_secs(3));
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            watchdog.abort();
+        })
+    });
+    main.block_on(async {
+        let (base, shutdown) = serve_health(health).await;
+        let client = reqwest::Client::new();
+        assert_eq!(healthz(&client, &base).await.0, 200, "ticking: healthy");
+        let body = wait_healthz(&client, &base, 500, Duration::from_secs(3)).await;
+        assert!(body.contains("runtime watchdog"), "{body}");
+        assert!(!body.contains("sk_") && !body.contains("rk_"));
+        // The runtime recovers: healthy again.
+        wait_healthz(&client, &base, 200, Duration::from_secs(4)).await;
+        shutdown.cancel();
+    });
+    thread.join().unwrap();
+}
+
+#[tokio::test]
+async fn healthz_fails_when_reconciles_run_and_none_finishes() {
+    let health = Health::with_thresholds(short());
+    let progress = health.controller("stripewebhookendpoint");
+    let (base, shutdown) = serve_health(health).await;
+    let client = reqwest::Client::new();
+    let stuck = progress.reconcile_started();
+    assert_eq!(healthz(&client, &base).await.0, 200);
+    let body = wait_healthz(&client, &base, 500, Duration::from_secs(3)).await;
+    assert!(
+        body.contains("stripewebhookendpoint") && body.contains("none finished"),
+        "{body}"
+    );
+    drop(stuck);
+    assert_eq!(
+        healthz(&client, &base).await.0,
+        200,
+        "it finished: progress"
+    );
+    shutdown.cancel();
+}
+
+/// The real controllers against a Kubernetes API for tests whose policy watch keeps failing.
+async fn controllers_with_failing_watch(stop_server: bool) {
+    use stripe_key_operator::controller::{Context, ControllerConfig, clock, run_controllers};
+    stripe_key_operator::controller::install_crypto_provider();
+    let server = kube_test_api::TestApiServer::start().await.unwrap();
+    let client = kube::Client::try_from(kube::Config::new(server.url().parse().unwrap())).unwrap();
+    let crds: kube::Api<
+        k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+    > = kube::Api::all(client.clone());
+    for crd in stripe_key_operator::api::crds() {
+        crds.create(&Default::default(), &crd).await.unwrap();
+    }
+    let health = Health::with_thresholds(short());
+    let ctx = Context::new(
+        client,
+        Arc::new(stripe_key_operator::vault::MemoryStore::default()),
+        Metrics::new(),
+        Arc::new(clock::SystemClock),
+        ControllerConfig::new(
+            "stripe-key-operator",
+            stripe_key_operator::vault::StorePrefix::new("stripe-key-operator").unwrap(),
+        ),
+        None,
+    )
+    .with_health(health.clone());
+    let (base, shutdown) = serve_health(health).await;
+    let http = reqwest::Client::new();
+    if !stop_server {
+        server.inject_fault(
+            "*",
+            "stripekeypolicies",
+            kube_test_api::Fault::Status(500),
+            None,
+        );
+    }
+    let stop = CancellationToken::new();
+    let controllers = tokio::spawn({
+        let stop = stop.clone();
+        async move { run_controllers(Arc::new(ctx), &[], stop).await }
+    });
+    if stop_server {
+        // The controllers run, watch, and are healthy; then the API server goes away.
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        assert_eq!(healthz(&http, &base).await.0, 200, "watching: healthy");
+        server.shutdown().await;
+    } else {
+        assert_eq!(
+            healthz(&http, &base).await.0,
+            200,
+            "not failing for long yet"
+        );
+    }
+    let body = wait_healthz(&http, &base, 500, Duration::from_secs(15)).await;
+    assert!(body.contains("watches have been failing"), "{body}");
+    controllers.abort();
+    shutdown.cancel();
+}
+
+#[tokio::test]
+async fn healthz_fails_when_a_watch_keeps_getting_server_errors() {
+    controllers_with_failing_watch(false).await;
+}
+
+#[tokio::test]
+async fn healthz_fails_when_the_api_server_is_gone() {
+    controllers_with_failing_watch(true).await;
 }

@@ -83,6 +83,29 @@ pub struct RunConfig {
     /// This replica's identity in the Lease (the pod name).
     #[arg(long, env = "POD_NAME")]
     pub pod_name: Option<String>,
+    /// How long the leader Lease is valid without renewal (whole seconds): a replica takes a
+    /// Lease over once it has seen it unchanged this long.
+    #[arg(long, env = "LEASE_DURATION", default_value = "15s", value_parser = humantime::parse_duration)]
+    pub lease_duration: Duration,
+    /// The leader stops acting once its last successful renewal is older than this, even while a
+    /// renewal hangs. Must end well inside `--lease-duration` (at least `--retry-period` and a
+    /// fifth of it before) and allow two attempts (at least twice `--retry-period`).
+    #[arg(long, env = "RENEW_DEADLINE", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub renew_deadline: Duration,
+    /// Pause between attempts to take or renew the Lease.
+    #[arg(long, env = "RETRY_PERIOD", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub retry_period: Duration,
+    /// `/healthz` fails when the runtime watchdog (a task that ticks every 5 s) has not ticked
+    /// for this long: the async runtime is wedged (at least 15s).
+    #[arg(long, env = "HEALTH_RUNTIME_STALL", default_value = "1m", value_parser = humantime::parse_duration)]
+    pub health_runtime_stall: Duration,
+    /// `/healthz` fails when a controller's watches have kept failing for this long (at least 1m).
+    #[arg(long, env = "HEALTH_WATCH_FAILURE", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub health_watch_failure: Duration,
+    /// `/healthz` fails when a controller had reconciles running and none finished for this long
+    /// (at least 1m).
+    #[arg(long, env = "HEALTH_RECONCILE_STALL", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub health_reconcile_stall: Duration,
     /// Where credential bundles are kept.
     #[arg(long, env = "STORE", value_enum, default_value_t = StoreKind::Vault)]
     pub store: StoreKind,
@@ -181,6 +204,50 @@ pub struct RunConfig {
 pub const DEFAULT_CONCURRENCY: u16 = 16;
 
 impl RunConfig {
+    /// The leader election settings of these flags, validated.
+    pub fn leader_config(&self) -> Result<LeaderConfig, RunError> {
+        let identity = self.pod_name.clone().unwrap_or_else(default_identity);
+        let config = LeaderConfig {
+            lease_duration: self.lease_duration,
+            renew_deadline: self.renew_deadline,
+            retry_period: self.retry_period,
+            ..LeaderConfig::new(&self.namespace, &self.lease_name, identity)
+        };
+        config.validate().map_err(RunError::Settings)?;
+        Ok(config)
+    }
+
+    /// The `/healthz` thresholds of these flags, validated.
+    pub fn health_thresholds(&self) -> Result<crate::http::HealthThresholds, RunError> {
+        let minimum = |flag: &str, value: Duration, min: Duration| {
+            if value < min {
+                Err(RunError::Settings(format!(
+                    "--{flag} must be at least {min:?} (got {value:?})"
+                )))
+            } else {
+                Ok(value)
+            }
+        };
+        Ok(crate::http::HealthThresholds {
+            runtime_stall: minimum(
+                "health-runtime-stall",
+                self.health_runtime_stall,
+                crate::http::WATCHDOG_TICK * 3,
+            )?,
+            watch_failure: minimum(
+                "health-watch-failure",
+                self.health_watch_failure,
+                Duration::from_secs(60),
+            )?,
+            reconcile_stall: minimum(
+                "health-reconcile-stall",
+                self.health_reconcile_stall,
+                Duration::from_secs(60),
+            )?,
+            ..Default::default()
+        })
+    }
+
     /// The account trust settings of these flags (allowed API hosts, namespace, store prefix).
     pub fn account_trust(&self) -> Result<crate::rules::AccountTrust, RunError> {
         Ok(crate::rules::AccountTrust {
@@ -309,6 +376,8 @@ pub struct Context {
     probed_accounts: std::sync::Mutex<std::collections::HashSet<String>>,
     /// Consecutive failed reconciles per object (UID): the error requeue backs off on them.
     failures: std::sync::Mutex<std::collections::HashMap<String, u32>>,
+    /// Where the controllers report their progress (`/healthz`).
+    pub health: Health,
 }
 
 /// Reports each Stripe HTTP attempt of one reconcile to the metrics and the audit log.
@@ -384,7 +453,14 @@ impl Context {
             audit: crate::audit::AuditLog::disabled(),
             probed_accounts: Default::default(),
             failures: Default::default(),
+            health: Health::default(),
         }
+    }
+
+    /// Sets where the controllers report their progress.
+    pub fn with_health(mut self, health: Health) -> Self {
+        self.health = health;
+        self
     }
 
     /// Records a failed reconcile of `uid`; returns how many failed in a row before this one.
@@ -536,6 +612,51 @@ fn namespace_watch(
     .touched_objects()
 }
 
+/// Wraps a reconcile function so that `progress` sees each reconcile start and end (an aborted
+/// one ends too).
+fn tracked<K, F, Fut>(
+    progress: crate::http::ControllerProgress,
+    reconcile: F,
+) -> impl FnMut(Arc<K>, Arc<Context>) -> futures::future::BoxFuture<'static, Fut::Output>
+where
+    F: Fn(Arc<K>, Arc<Context>) -> Fut,
+    Fut: std::future::Future + Send + 'static,
+{
+    move |obj, ctx| {
+        let guard = progress.reconcile_started();
+        let fut = reconcile(obj, ctx);
+        Box::pin(async move {
+            let out = fut.await;
+            drop(guard);
+            out
+        })
+    }
+}
+
+/// What a controller's stream yields: a finished reconcile, or an error (a watch's, a
+/// reconcile's).
+type ControllerResult<K, E> = Result<
+    (ObjectRef<K>, kube::runtime::controller::Action),
+    kube::runtime::controller::Error<E, watcher::Error>,
+>;
+
+/// Reports the watch errors a controller's stream yields to `progress` (`/healthz`).
+fn report_watch_errors<K, E>(
+    progress: crate::http::ControllerProgress,
+    thresholds: crate::http::HealthThresholds,
+) -> impl FnMut(ControllerResult<K, E>) -> futures::future::Ready<()>
+where
+    K: kube::Resource,
+{
+    move |result| {
+        if let Err(kube::runtime::controller::Error::QueueError(e)) = &result {
+            tracing::warn!(error = %e, "watch failed; retrying");
+            progress.watch_error(&thresholds);
+        }
+        futures::future::ready(())
+    }
+}
+
 /// The StripeKeyPolicy controller for one namespace (or all).
 pub async fn run_key_policy_controller(
     ctx: Arc<Context>,
@@ -556,6 +677,8 @@ pub async fn run_key_policy_controller(
         crate::api::MANAGED_BY,
         crate::inject::OWNER_KIND_LABEL
     ));
+    let progress = ctx.health.controller("stripekeypolicy");
+    let thresholds = ctx.health.thresholds();
     let controller = Controller::new(policies, watcher::Config::default())
         .owns(secrets, owned)
         .with_config(controller_config(&ctx.config));
@@ -596,8 +719,12 @@ pub async fn run_key_policy_controller(
             },
         )
         .graceful_shutdown_on(async move { shutdown.cancelled().await })
-        .run(keypolicy::reconcile, keypolicy::error_policy, ctx)
-        .for_each(|_| futures::future::ready(()))
+        .run(
+            tracked(progress.clone(), keypolicy::reconcile),
+            keypolicy::error_policy,
+            ctx,
+        )
+        .for_each(report_watch_errors(progress, thresholds))
         .await;
 }
 
@@ -622,6 +749,8 @@ pub async fn run_webhook_controller(
         crate::api::MANAGED_BY,
         crate::inject::OWNER_KIND_LABEL
     ));
+    let progress = ctx.health.controller("stripewebhookendpoint");
+    let thresholds = ctx.health.thresholds();
     let controller = Controller::new(endpoints, watcher::Config::default())
         .owns(secrets, owned)
         .with_config(controller_config(&ctx.config));
@@ -662,8 +791,12 @@ pub async fn run_webhook_controller(
             },
         )
         .graceful_shutdown_on(async move { shutdown.cancelled().await })
-        .run(webhook::reconcile, webhook::error_policy, ctx)
-        .for_each(|_| futures::future::ready(()))
+        .run(
+            tracked(progress.clone(), webhook::reconcile),
+            webhook::error_policy,
+            ctx,
+        )
+        .for_each(report_watch_errors(progress, thresholds))
         .await;
 }
 
@@ -702,6 +835,10 @@ pub enum RunError {
     Audit(String),
     #[error("invalid setting: {0}")]
     Settings(String),
+    #[error(
+        "lost the leader lease (another replica may lead now); every reconcile in flight was dropped, exiting so that a restart rejoins the election"
+    )]
+    LeadershipLost,
 }
 
 /// Lists one object through each `Api` to prove the CRD of `kind` is served. 404: not installed.
@@ -802,10 +939,15 @@ pub async fn run_with_client(
         .cloned()
         .collect();
     let webhook_config = config.webhook_config()?;
+    let leader_config = config.leader_config()?;
+    let health = Health::with_thresholds(config.health_thresholds()?);
     check_crds(&client, &namespaces).await?;
     crd_check::check_crd_schemas(&client).await?;
     let metrics = Metrics::new();
-    let health = Health::default();
+    // The watchdog runs for the life of the process, on the runtime it watches.
+    let watchdog = AbortOnDrop(tokio::spawn(
+        health.clone().run_watchdog(crate::http::WATCHDOG_TICK),
+    ));
     let (addr, http_task) = crate::http::serve(
         config.http_addr,
         metrics.clone(),
@@ -836,11 +978,7 @@ pub async fn run_with_client(
     health.set_ready(true);
 
     let leadership = if config.leader_elect {
-        let identity = config.pod_name.clone().unwrap_or_else(default_identity);
-        let elector = LeaderElector::new(
-            client.clone(),
-            LeaderConfig::new(&config.namespace, &config.lease_name, identity),
-        );
+        let elector = LeaderElector::new(client.clone(), leader_config);
         tracing::info!(lease = %config.lease_name, namespace = %config.namespace, "waiting for the leader lease");
         match elector.acquire(shutdown.clone()).await {
             Ok(l) => Some(l),
@@ -888,18 +1026,44 @@ pub async fn run_with_client(
             },
             None,
         )
-        .with_audit(audit.clone()),
+        .with_audit(audit.clone())
+        .with_health(health.clone()),
     );
     let lost = leadership.as_ref().map(|l| l.lost()).unwrap_or_default();
     let controllers_stop = CancellationToken::new();
     let stop = controllers_stop.clone();
-    let controllers = tokio::spawn(async move { run_controllers(ctx, &namespaces, stop).await });
-    tokio::select! {
-        _ = shutdown.cancelled() => tracing::info!("shutting down"),
-        _ = lost.cancelled() => tracing::error!("lost leadership; stopping so that a restart rejoins the election"),
+    let mut controllers =
+        tokio::spawn(async move { run_controllers(ctx, &namespaces, stop).await });
+    let mut leadership_lost = tokio::select! {
+        _ = shutdown.cancelled() => {
+            tracing::info!("shutting down");
+            false
+        }
+        _ = lost.cancelled() => true,
+    };
+    let mut finished = false;
+    if !leadership_lost {
+        // Still the leader: let the reconciles in flight finish (bounded), unless the lease is
+        // lost meanwhile.
+        controllers_stop.cancel();
+        tokio::select! {
+            done = tokio::time::timeout(Duration::from_secs(20), &mut controllers) => {
+                finished = done.is_ok();
+            }
+            _ = lost.cancelled() => leadership_lost = true,
+        }
     }
-    controllers_stop.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(20), controllers).await;
+    if !finished {
+        // Whatever still runs is dropped, now: after the lease is lost (or the graceful wait
+        // is over), this replica makes no further Kubernetes or Stripe call.
+        controllers.abort();
+        let _ = controllers.await;
+    }
+    if leadership_lost {
+        tracing::error!(
+            "lost the leader lease: every reconcile in flight was dropped; exiting so that a restart rejoins the election"
+        );
+    }
     audit.close();
     health.set_ready(false);
     metrics.leader.set(0);
@@ -911,7 +1075,20 @@ pub async fn run_with_client(
     if let Some(task) = webhook_task {
         let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
     }
+    drop(watchdog);
+    if leadership_lost {
+        return Err(RunError::LeadershipLost);
+    }
     Ok(())
+}
+
+/// Aborts a task when dropped (on every return path).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Builds the secret store the flags choose.

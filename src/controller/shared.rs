@@ -85,21 +85,29 @@ pub(crate) fn ts_from_unix(seconds: i64) -> Option<Time> {
     Timestamp::from_second(seconds).ok().map(Time)
 }
 
-/// Server-side applies `status` (one field manager, forced) to the object `name` of `kind`.
+/// Server-side applies `status` (one field manager, forced) to the object `name` of `kind`,
+/// on the condition that the object is still at `resource_version` (the one this reconcile read
+/// or last wrote): the API server answers 409 Conflict otherwise, so a reconcile that worked on
+/// an older object (a replica that lost its lease, a stale read) can never roll a newer status
+/// back.
 async fn apply_status<K>(
     api: &Api<K>,
     name: &str,
     kind: &str,
+    resource_version: Option<&str>,
     status: &impl Serialize,
 ) -> Result<K, ReconcileError>
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
 {
-    let patch = json!({
+    let mut patch = json!({
         "apiVersion": K::api_version(&()),
         "kind": kind,
         "status": status,
     });
+    if let Some(rv) = resource_version {
+        patch["metadata"] = json!({"resourceVersion": rv});
+    }
     let pp = PatchParams::apply(FIELD_MANAGER).force();
     Ok(api.patch_status(name, &pp, &Patch::Apply(&patch)).await?)
 }
@@ -400,7 +408,9 @@ impl RotatingResource for crate::api::StripeWebhookEndpoint {
 
 /// Writes `status` to `obj` (server-side apply, one field manager) when it differs from what
 /// `obj` has, so an unchanged resource causes no write; records a rotation phase change in the
-/// audit log; keeps `obj` in step with what was written.
+/// audit log; keeps `obj` in step with what was written. The write is conditional on `obj`'s
+/// resourceVersion: if anyone changed the object since it was read, it fails with 409 Conflict
+/// (see [`is_conflict`]) and the reconcile starts again from a fresh read.
 pub(crate) async fn write_status<K: RotatingResource>(
     ctx: &Context,
     api: &Api<K>,
@@ -413,7 +423,8 @@ pub(crate) async fn write_status<K: RotatingResource>(
     let ns = obj.meta().namespace.clone().unwrap_or_default();
     let name = obj.meta().name.clone().unwrap_or_default();
     let kind = K::kind(&());
-    let updated = apply_status(api, &name, &kind, &status).await?;
+    let rv = obj.meta().resource_version.clone();
+    let updated = apply_status(api, &name, &kind, rv.as_deref(), &status).await?;
     obj.meta_mut().resource_version = updated.meta().resource_version.clone();
     audit_transition(
         ctx,
@@ -529,13 +540,31 @@ where
         .map(std::sync::Arc::new))
 }
 
-/// The error policy shared by the controllers: log and count the failure, back off, retry.
+/// Whether `error` is the API server's 409 Conflict: the object changed since it was read.
+pub(crate) fn is_conflict(error: &ReconcileError) -> bool {
+    matches!(error, ReconcileError::Kube(kube::Error::Api(s)) if s.code == 409 && s.reason == "Conflict")
+}
+
+/// How soon a reconcile whose write met a newer object runs again (on a fresh read).
+pub const CONFLICT_REQUEUE: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// The error policy shared by the controllers: log and count the failure, back off, retry. A
+/// conflict (the object changed since it was read) is no failure: the reconcile runs again
+/// promptly on a fresh read, without backing off.
 pub(crate) fn requeue_after_error(
     ctx: &Context,
     controller: &str,
     meta: &kube::api::ObjectMeta,
     error: &ReconcileError,
 ) -> kube::runtime::controller::Action {
+    if is_conflict(error) {
+        tracing::debug!(
+            namespace = %meta.namespace.as_deref().unwrap_or_default(),
+            name = %meta.name.as_deref().unwrap_or_default(),
+            "the object changed since it was read; reconciling again on a fresh read"
+        );
+        return kube::runtime::controller::Action::requeue(CONFLICT_REQUEUE);
+    }
     let reason = error.reason();
     tracing::warn!(
         namespace = %meta.namespace.as_deref().unwrap_or_default(),

@@ -60,6 +60,27 @@ pub enum Error {
     Api(#[from] ApiError),
 }
 
+/// A fault [`TestApiServer::inject_fault`] injects into matching requests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fault {
+    /// Hold the request without answering until the client gives up or the server stops.
+    Hang,
+    /// Wait this long, then serve the request normally.
+    Delay(Duration),
+    /// Answer with this HTTP status and a `Status` body (reason `InternalError`, or
+    /// `ServiceUnavailable` for 503); nothing is changed.
+    Status(u16),
+}
+
+/// One injected fault rule.
+#[derive(Debug, Clone)]
+pub(crate) struct FaultRule {
+    pub verb: String,
+    pub resource: String,
+    pub fault: Fault,
+    pub remaining: Option<u32>,
+}
+
 /// Tunables of a [`TestApiServer`].
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -356,6 +377,24 @@ impl TestApiServer {
         } else {
             st.stuck.remove(&k);
         }
+    }
+
+    /// Injects `fault` into the requests of `verb` (`*`: any) on `resource`, named as
+    /// [`TestApiServer::request_count`] names them (`leases`, `stripekeypolicies/status`): the
+    /// next `count` of them, or every one (`None`) until [`TestApiServer::clear_faults`]. The
+    /// requests still count as received.
+    pub fn inject_fault(&self, verb: &str, resource: &str, fault: Fault, count: Option<u32>) {
+        self.shared.lock().faults.push(FaultRule {
+            verb: verb.to_string(),
+            resource: resource.to_string(),
+            fault,
+            remaining: count.filter(|n| *n > 0),
+        });
+    }
+
+    /// Removes every injected fault.
+    pub fn clear_faults(&self) {
+        self.shared.lock().faults.clear();
     }
 
     /// How many HTTP requests of `verb` on `resource` were received.

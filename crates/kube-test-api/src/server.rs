@@ -524,6 +524,33 @@ async fn resource(
         Some(s) => format!("{}/{s}", rt.plural),
         None => rt.plural.clone(),
     };
+    if let Some(verb) = recorded.as_ref().map(|r| r.verb.clone()) {
+        let fault = shared.lock().take_fault(&verb, &counted);
+        match fault {
+            None => {}
+            Some(crate::Fault::Delay(d)) => tokio::time::sleep(d).await,
+            Some(crate::Fault::Hang) => {
+                shared.lock().count(&verb, &counted);
+                let mut stop = shared.shutdown.clone();
+                stopped(&mut stop).await;
+                return Err(ApiError::new(
+                    503,
+                    "ServiceUnavailable",
+                    "the server is shutting down",
+                    None,
+                ));
+            }
+            Some(crate::Fault::Status(code)) => {
+                shared.lock().count(&verb, &counted);
+                let reason = if code == 503 {
+                    "ServiceUnavailable"
+                } else {
+                    "InternalError"
+                };
+                return Err(ApiError::new(code, reason, "injected fault", None));
+            }
+        }
+    }
     let dry_run = query.get("dryRun").is_some_and(|v| v == "All");
     let opts = WriteOpts {
         subresource: t.subresource.clone(),

@@ -253,6 +253,8 @@ pub(crate) struct State {
     pub tx: broadcast::Sender<Arc<Record>>,
     pub counts: util::Counts,
     pub stuck: HashSet<(String, String)>,
+    /// Faults injected into matching requests (`TestApiServer::inject_fault`).
+    pub faults: Vec<crate::FaultRule>,
     pub rollout_delay: Duration,
     /// Watch events of these resources reach watchers this much later (a lagging watch cache).
     pub watch_delay: HashMap<ResKey, Duration>,
@@ -532,6 +534,7 @@ impl State {
             tx,
             counts: BTreeMap::new(),
             stuck: HashSet::new(),
+            faults: Vec::new(),
             rollout_delay,
             watch_delay: HashMap::new(),
             rollout_since: HashMap::new(),
@@ -1416,6 +1419,24 @@ impl State {
             })
             .collect();
         self.rollout_since.retain(|k, _| live.contains(k));
+    }
+
+    /// The fault for a request of `verb` on `resource`, if a rule matches (a rule with a count
+    /// is used up).
+    pub(crate) fn take_fault(&mut self, verb: &str, resource: &str) -> Option<crate::Fault> {
+        let i = self
+            .faults
+            .iter()
+            .position(|r| (r.verb == "*" || r.verb == verb) && r.resource == resource)?;
+        let rule = &mut self.faults[i];
+        let fault = rule.fault.clone();
+        if let Some(n) = rule.remaining.as_mut() {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.faults.remove(i);
+            }
+        }
+        Some(fault)
     }
 
     pub(crate) fn count(&mut self, verb: &str, resource: &str) {

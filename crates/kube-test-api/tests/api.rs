@@ -10,7 +10,7 @@ use common::{eventually, setup, setup_with, status};
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Secret};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::discovery::Discovery;
 use kube_test_api::ServerConfig;
@@ -1008,4 +1008,158 @@ async fn statefulsets_and_daemonsets_roll_out_too() {
         (st.desired_number_scheduled, st.observed_generation),
         (1, Some(1))
     );
+}
+
+/// The apiserver treats `metadata.resourceVersion` in any write body as a precondition: apply,
+/// merge and JSON patches and PUT, on the object and on its `status` subresource.
+#[tokio::test]
+async fn every_write_with_a_stale_resource_version_conflicts_on_the_object_and_its_status() {
+    let (_server, client) = setup().await;
+    // A Pod: it has a status subresource and no emulated controller writing to it.
+    let api: Api<Pod> = Api::namespaced(client, "default");
+    let pod: Pod = serde_json::from_value(json!({"metadata": {"name": "d"},
+        "spec": {"containers": [{"name": "app", "image": "nginx:1"}]}}))
+    .unwrap();
+    let first = api.create(&PostParams::default(), &pod).await.unwrap();
+    let stale = first.metadata.resource_version.clone().unwrap();
+    // Someone else writes: `stale` is now out of date.
+    api.patch(
+        "d",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"labels": {"v": "2"}}})),
+    )
+    .await
+    .unwrap();
+    let expected = r#"Operation cannot be fulfilled on pods "d": the object has been modified; please apply your changes to the latest version and try again"#;
+    let conflict = |e: kube::Error, what: &str| {
+        let s = status(e);
+        assert_eq!(
+            (s.code, s.reason.as_str(), s.message.as_str()),
+            (409, "Conflict", expected),
+            "{what}"
+        );
+    };
+    let apply = PatchParams::apply("tester").force();
+    let applied = json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "d", "resourceVersion": stale, "labels": {"v": "3"}}});
+    conflict(
+        api.patch("d", &apply, &Patch::Apply(&applied))
+            .await
+            .unwrap_err(),
+        "apply",
+    );
+    let status_apply = json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "d", "resourceVersion": stale}, "status": {"message": "seven"}});
+    conflict(
+        api.patch_status("d", &apply, &Patch::Apply(&status_apply))
+            .await
+            .unwrap_err(),
+        "apply to status",
+    );
+    let merge = json!({"metadata": {"resourceVersion": stale}, "status": {"message": "seven"}});
+    conflict(
+        api.patch_status("d", &PatchParams::default(), &Patch::Merge(&merge))
+            .await
+            .unwrap_err(),
+        "merge patch of status",
+    );
+    conflict(
+        api.patch(
+            "d",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"resourceVersion": stale, "labels": {"v": "4"}}})),
+        )
+        .await
+        .unwrap_err(),
+        "merge patch",
+    );
+    let json_patch: json_patch::Patch = serde_json::from_value(json!([
+        {"op": "replace", "path": "/metadata/resourceVersion", "value": stale},
+        {"op": "replace", "path": "/metadata/labels", "value": {"v": "5"}}
+    ]))
+    .unwrap();
+    conflict(
+        api.patch("d", &PatchParams::default(), &Patch::Json::<()>(json_patch))
+            .await
+            .unwrap_err(),
+        "JSON patch",
+    );
+    conflict(
+        api.replace("d", &PostParams::default(), &first)
+            .await
+            .unwrap_err(),
+        "PUT",
+    );
+    conflict(
+        api.replace_status("d", &PostParams::default(), &first)
+            .await
+            .unwrap_err(),
+        "PUT of status",
+    );
+    // Nothing of the refused writes landed.
+    let now = api.get("d").await.unwrap();
+    assert_eq!(now.metadata.labels.unwrap()["v"], "2");
+    assert_ne!(
+        now.status.and_then(|s| s.message).as_deref(),
+        Some("seven"),
+        "no refused status write landed"
+    );
+    // With the current resourceVersion every one of them goes through.
+    let current = now.metadata.resource_version.unwrap();
+    let status_apply = json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "d", "resourceVersion": current}, "status": {"message": "seven"}});
+    let written = api
+        .patch_status("d", &apply, &Patch::Apply(&status_apply))
+        .await
+        .unwrap();
+    assert_eq!(written.status.unwrap().message.as_deref(), Some("seven"));
+    let current = written.metadata.resource_version.unwrap();
+    api.patch(
+        "d",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"resourceVersion": current, "labels": {"v": "6"}}})),
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn injected_faults_fail_hang_or_delay_the_matching_requests_only() {
+    let (server, client) = setup().await;
+    let api: Api<Secret> = Api::namespaced(client.clone(), "default");
+    api.create(&PostParams::default(), &secret("s", &[]))
+        .await
+        .unwrap();
+    server.inject_fault("get", "secrets", kube_test_api::Fault::Status(500), Some(2));
+    for _ in 0..2 {
+        let s = status(api.get("s").await.unwrap_err());
+        assert_eq!((s.code, s.reason.as_str()), (500, "InternalError"));
+    }
+    api.get("s").await.expect("the rule was used up");
+    assert!(
+        api.list(&ListParams::default()).await.is_ok(),
+        "other verbs"
+    );
+
+    server.inject_fault("*", "secrets", kube_test_api::Fault::Hang, None);
+    let hung = tokio::time::timeout(Duration::from_millis(500), api.get("s")).await;
+    assert!(hung.is_err(), "a hanging request gets no answer");
+    assert_eq!(
+        server.request_count("get", "secrets"),
+        4,
+        "it counts as received"
+    );
+    server.clear_faults();
+    api.get("s").await.unwrap();
+
+    server.inject_fault(
+        "update",
+        "secrets",
+        kube_test_api::Fault::Delay(Duration::from_millis(300)),
+        Some(1),
+    );
+    let s = api.get("s").await.unwrap();
+    let started = std::time::Instant::now();
+    api.replace("s", &PostParams::default(), &s).await.unwrap();
+    assert!(started.elapsed() >= Duration::from_millis(300));
 }
