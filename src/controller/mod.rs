@@ -7,6 +7,7 @@ pub mod crd_check;
 pub mod error;
 pub mod keypolicy;
 pub mod shared;
+pub mod stripeaccount;
 pub mod webhook;
 
 use std::net::SocketAddr;
@@ -488,6 +489,11 @@ pub async fn run_controllers(
     // A JoinSet aborts its tasks when dropped: if this future is dropped or aborted, no
     // controller keeps running behind its back.
     let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(stripeaccount::run(
+        ctx.clone(),
+        scopes.clone(),
+        shutdown.clone(),
+    ));
     for ns in scopes {
         let ctx = ctx.clone();
         let shutdown = shutdown.clone();
