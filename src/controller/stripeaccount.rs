@@ -149,6 +149,16 @@ fn stripe_reason(e: &StripeError) -> &'static str {
     }
 }
 
+/// `message` with anything shaped like a Stripe key (Stripe's own messages quote the app key's
+/// prefix and last characters) replaced: status shows ids and reasons, never key material.
+pub fn redact(message: &str) -> String {
+    static KEY: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
+        regex::Regex::new(r"\b(?:sk|rk|pk)_(?:live|test)_[^\s,;)\]]*|\bwhsec_[^\s,;)\]]*")
+            .expect("static regex is valid")
+    });
+    KEY.replace_all(message, "<redacted key>").into_owned()
+}
+
 /// Whether the account is due for a check at `now`. Pure.
 pub fn check_due(account: &StripeAccount, now: k8s_openapi::jiff::Timestamp) -> Option<Duration> {
     let Some(status) = &account.status else {
@@ -360,7 +370,7 @@ async fn apply(
             } else {
                 CHECK_INTERVAL
             };
-            (false, reason, e.to_string(), wait)
+            (false, reason, redact(&e.to_string()), wait)
         }
     };
     status.observed_generation = generation;
@@ -543,6 +553,15 @@ mod tests {
             s.credential.retiring_keys.push(KeyStatus::default());
         }
         assert_eq!(holders("pay", [&retiring], &none).len(), 1);
+    }
+
+    #[test]
+    fn key_material_never_reaches_a_message() {
+        let text = redact(
+            "Stripe answered HTTP 401 (api_key_expired): Expired API Key provided: sk_test_...Kyz6 [request req_1]; also rk_live_abc, whsec_x",
+        );
+        assert!(!text.contains("sk_") && !text.contains("rk_") && !text.contains("whsec_"));
+        assert!(text.contains("[request req_1]"), "{text}");
     }
 
     #[test]
