@@ -522,3 +522,68 @@ async fn the_rate_limiter_belongs_to_the_stripe_context_and_a_429_pauses_all_of_
         );
     }
 }
+
+#[tokio::test]
+async fn the_account_status_written_every_few_minutes_does_not_reconcile_its_policies() {
+    let env = env().await;
+    env.apply_json(&policy("checkout", &["charge_read"]))
+        .await
+        .unwrap();
+    wait_policy(&env, "checkout", "Ready", ready).await;
+    wait_account(&env, ACCOUNT, "one key under management", |a| {
+        a.status
+            .as_ref()
+            .is_some_and(|s| s.keys_under_management == Some(1))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let policy_reconciles = || {
+        env.metrics
+            .reconciliations
+            .get_or_create(&stripe_key_operator::metrics::ControllerLabels {
+                controller: "stripekeypolicy".into(),
+            })
+            .get()
+    };
+    let before = policy_reconciles();
+    // Three checks, three status writes (lastCheckedTime moves each time).
+    for _ in 0..3 {
+        let last = accounts(&env)
+            .get(ACCOUNT)
+            .await
+            .unwrap()
+            .status
+            .unwrap()
+            .last_checked_time;
+        env.clock.advance(CHECK_INTERVAL + Duration::from_secs(1));
+        nudge_account(&env, ACCOUNT).await;
+        wait_account(&env, ACCOUNT, "another check", |a| {
+            a.status.as_ref().unwrap().last_checked_time != last
+        })
+        .await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        policy_reconciles(),
+        before,
+        "an account's status (or label) change reconciles none of its policies"
+    );
+
+    // A spec change still does.
+    accounts(&env)
+        .patch(
+            ACCOUNT,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"requestsPerSecond": 10}})),
+        )
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while policy_reconciles() == before {
+        assert!(
+            Instant::now() < deadline,
+            "a spec change requeues the policies"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
