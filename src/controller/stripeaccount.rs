@@ -45,6 +45,8 @@ pub const CHECK_INTERVAL: Duration = Duration::from_secs(300);
 pub const LOCAL_RECHECK: Duration = Duration::from_secs(30);
 /// How often a blocked deletion is looked at again (besides the watches).
 const BLOCKED_RECHECK: Duration = Duration::from_secs(30);
+/// How long a reconcile waits for the first listing of the policy and endpoint caches.
+const CACHE_WAIT: Duration = Duration::from_secs(30);
 /// At most this many resources are named in a condition or Event.
 const MAX_NAMED: usize = 10;
 
@@ -332,11 +334,24 @@ async fn apply(
     account: &StripeAccount,
 ) -> Result<Action, ReconcileError> {
     let ctx = &actx.ctx;
-    for s in &actx.policies {
-        let _ = s.wait_until_ready().await;
-    }
-    for s in &actx.endpoints {
-        let _ = s.wait_until_ready().await;
+    // The count needs the first listing of the caches; bounded, so that a watch that cannot
+    // start (RBAC) does not hold a worker for ever.
+    let ready = tokio::time::timeout(CACHE_WAIT, async {
+        for s in &actx.policies {
+            let _ = s.wait_until_ready().await;
+        }
+        for s in &actx.endpoints {
+            let _ = s.wait_until_ready().await;
+        }
+    })
+    .await;
+    if ready.is_err() {
+        return Err(ReconcileError::Account {
+            reason: "CachesNotReady",
+            message:
+                "the watches of StripeKeyPolicies and StripeWebhookEndpoints have not listed yet"
+                    .into(),
+        });
     }
     let name = account.name_any();
     let keys = actx.cached_holders(&name).len() as i64;
