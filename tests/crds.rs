@@ -216,6 +216,8 @@ fn stripeaccounts_show_readiness_and_why() {
             "Context",
             "Ready",
             "Reason",
+            "Keys",
+            "Last Checked",
             "Encryption Key",
             "Age"
         ]

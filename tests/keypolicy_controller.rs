@@ -356,7 +356,7 @@ async fn guardrail_refusal_makes_no_stripe_call() {
         "{message}"
     );
     assert!(
-        env.sim.request_log().is_empty(),
+        resource_calls(&env).is_empty(),
         "no Stripe call for a refused policy"
     );
     assert!(
@@ -396,7 +396,7 @@ async fn a_namespace_the_account_does_not_serve_is_refused() {
         assert!(std::time::Instant::now() < deadline, "no condition");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(env.sim.request_log().is_empty());
+    assert!(resource_calls(&env).is_empty());
 }
 
 #[tokio::test]

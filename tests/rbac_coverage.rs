@@ -7,7 +7,8 @@
 //! request log tells its requests from the test's. The scenario: admission reviews, a key
 //! policy and a webhook endpoint created, incident-rotated and deleted with workloads of every
 //! kind to roll (by name and by selector), several rollouts of one object (a repeated Event,
-//! which kube-runtime's recorder patches), a restart that takes over the released Lease and renews a damaged webhook certificate.
+//! which kube-runtime's recorder patches), an account deleted while a policy holds its key
+//! (finalizer, status, a repeated Event in `default`), a restart that takes over the released Lease and renews a damaged webhook certificate.
 //!
 //! Then, against the chart rendered with the same values (by the pinned helm-python-sdk of
 //! `.ci/install-tools.sh`):
@@ -28,7 +29,7 @@ use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams
 use kube::core::{ApiResource, GroupVersionKind};
 use kube_test_api::{RecordedRequest, ServerConfig, TestApiServer};
 use serde_json::{Value, json};
-use stripe_key_operator::api::{StripeKeyPolicy, StripeWebhookEndpoint, conditions};
+use stripe_key_operator::api::{StripeAccount, StripeKeyPolicy, StripeWebhookEndpoint, conditions};
 use stripe_key_operator::controller::{RunConfig, run_with_client};
 use stripe_key_operator::sim::{SimConfig, SimHandle, Simulator};
 use stripe_key_operator::stripe::Mode;
@@ -731,6 +732,47 @@ async fn scenario(objs: &[Value]) -> BTreeSet<RecordedRequest> {
     })
     .await;
     delete_and_wait(&cluster, &endpoints, "orders").await;
+
+    // The account is deleted while a policy holds a key: the account controller keeps it
+    // (finalizer), says why in its status and in a repeated Warning Event (cluster-scoped objects'
+    // Events live in `default`), and lets it go once the policy retired its key.
+    apply(
+        &cluster.admin,
+        &policy("last", &[target("Deployment", Some("checkout"))]),
+    )
+    .await;
+    eventually("the last policy to be ready", || {
+        policy_key(&cluster, "last")
+    })
+    .await;
+    let accounts: Api<StripeAccount> = Api::all(cluster.admin.clone());
+    accounts
+        .delete(ACCOUNT, &DeleteParams::default())
+        .await
+        .unwrap();
+    let events: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(cluster.admin.clone(), "default");
+    eventually("a repeated DeletionBlocked Event", || async {
+        events
+            .list(&Default::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .any(|e| e.reason.as_deref() == Some("DeletionBlocked") && e.series.is_some())
+            .then_some(())
+    })
+    .await;
+    delete_and_wait(&cluster, &policies, "last").await;
+    eventually("the account to be deleted", || async {
+        accounts
+            .get_opt(ACCOUNT)
+            .await
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
 
     operator.stop().await;
 

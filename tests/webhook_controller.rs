@@ -622,7 +622,7 @@ async fn a_host_the_guardrails_do_not_allow_is_refused_without_a_stripe_call() {
     );
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(
-        env.sim.request_log().is_empty(),
+        resource_calls(&env).is_empty(),
         "no Stripe call for a refused endpoint"
     );
     assert!(env.secret(NS, SECRET).await.unwrap().is_none());
@@ -654,7 +654,7 @@ async fn a_namespace_the_account_does_not_serve_is_refused() {
         assert!(Instant::now() < deadline, "no condition");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(env.sim.request_log().is_empty());
+    assert!(resource_calls(&env).is_empty());
 }
 
 #[tokio::test]

@@ -1,6 +1,6 @@
 //! `StripeAccount`: how the operator reaches one Stripe account.
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, Time};
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
@@ -51,8 +51,21 @@ pub const DEFAULT_API_BASE: &str = "https://api.stripe.com";
     printcolumn(
         name = "Reason",
         type_ = "string",
-        description = "Why the account is (not) Ready, such as CredentialsUnavailable.",
+        description = "Why the account is (not) Ready: Ready, CredentialsMissing, Untrusted, Unauthorized, StripeUnreachable, StripeUnavailable, InUse.",
         json_path = ".status.conditions[?(@.type==\"Ready\")].reason"
+    ),
+    printcolumn(
+        name = "Keys",
+        type_ = "integer",
+        description = "Policies and webhook endpoints holding a credential of this account.",
+        json_path = ".status.keysUnderManagement"
+    ),
+    printcolumn(
+        name = "Last Checked",
+        type_ = "date",
+        description = "When the credentials and the Stripe context were last checked.",
+        json_path = ".status.lastCheckedTime",
+        priority = "1"
     ),
     printcolumn(
         name = "Encryption Key",
@@ -71,8 +84,11 @@ pub const DEFAULT_API_BASE: &str = "https://api.stripe.com";
 pub struct StripeAccountSpec {
     /// `test` or `live`. Live mode returns secrets only encrypted (JWE) and only once.
     pub mode: Mode,
-    /// The connected account, sent as the `Stripe-Context` header (`acct_...`).
-    #[schemars(regex(pattern = r"^acct_[A-Za-z0-9]{1,64}$"))]
+    /// The connected account, sent as the `Stripe-Context` header (`acct_...`). Immutable:
+    /// keys minted under one account are retired through that account, so an account object
+    /// never starts pointing at another one. To move, create a new StripeAccount.
+    #[schemars(regex(pattern = r"^acct_[A-Za-z0-9]{1,64}$"), length(max = 69))]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("context is immutable: keys minted under one Stripe account are retired through it; create a new StripeAccount for another context"))]
     pub context: String,
     /// Base URL of the Stripe API. https, or http to a loopback address (the local simulator).
     /// The host must be one the operator allows (its `--allowed-api-hosts` setting, by default
@@ -189,9 +205,19 @@ pub struct StripeAccountStatus {
     /// The generation the operator last acted on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// `Ready`, `Degraded`.
+    /// `Ready`: the account passes the operator's trust check, its app key can be read, and
+    /// Stripe answered an authenticated call for its context (checked every few minutes, and at
+    /// once after a spec change). While the account is being deleted, `Ready=False` with reason
+    /// `InUse` names the resources whose credentials still have to be retired.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+    /// When the credentials and the Stripe context were last checked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_checked_time: Option<Time>,
+    /// StripeKeyPolicies and StripeWebhookEndpoints (in the namespaces the operator watches)
+    /// that name this account and hold a credential minted through it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keys_under_management: Option<i64>,
     /// Fingerprint of the public key that live-mode secrets are encrypted to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encryption_key_fingerprint: Option<String>,

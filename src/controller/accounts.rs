@@ -18,7 +18,7 @@ use super::error::ReconcileError;
 use crate::api::{Mode, StripeAccount};
 use crate::rules::{self, AccountTrust};
 use crate::secret::SecretString;
-use crate::stripe::{JweKeyPair, StripeClient, StripeConfig};
+use crate::stripe::{JweKeyPair, RateLimiter, StripeClient, StripeConfig};
 use crate::vault::{AccountKey, Cas, StorePath};
 
 /// A resolved account.
@@ -43,6 +43,35 @@ struct CacheKey {
 #[derive(Default)]
 pub struct Accounts {
     cache: Mutex<HashMap<String, (CacheKey, AccountHandle)>>,
+    limiters: Limiters,
+}
+
+/// One rate limiter per Stripe account, keyed by what Stripe limits: the API base and the
+/// `Stripe-Context` account. An edit of the `StripeAccount` object keeps its limiter (no fresh
+/// bucket), and two objects naming the same context share one.
+#[derive(Default)]
+pub struct Limiters {
+    by_context: std::sync::Mutex<HashMap<(String, String), Arc<RateLimiter>>>,
+}
+
+impl Limiters {
+    /// The limiter of `context` at `api_base`, created at `requests_per_second` on first use. A
+    /// later call with another rate changes the rate of the same limiter, keeping its tokens.
+    pub fn get(&self, api_base: &str, context: &str, requests_per_second: f64) -> Arc<RateLimiter> {
+        let key = (
+            api_base.trim_end_matches('/').to_ascii_lowercase(),
+            context.to_string(),
+        );
+        let mut map = self.by_context.lock().unwrap_or_else(|e| e.into_inner());
+        let limiter = map
+            .entry(key)
+            .or_insert_with(|| Arc::new(RateLimiter::new(requests_per_second, 1)))
+            .clone();
+        if (limiter.rate() - requests_per_second).abs() > f64::EPSILON {
+            limiter.set_rate(requests_per_second);
+        }
+        limiter
+    }
 }
 
 impl std::fmt::Debug for Accounts {
@@ -112,7 +141,10 @@ impl Accounts {
         if let Some(retry) = &ctx.config.stripe_retry {
             config.retry = retry.clone();
         }
-        let client = StripeClient::new(config)?;
+        let limiter = self
+            .limiters
+            .get(&spec.api_base, &spec.context, config.requests_per_second);
+        let client = StripeClient::with_parts(config, limiter, None)?;
         // Stripe requires a public key on every secret-key create (test mode too); live mode
         // returns the secret only encrypted to it.
         let keys = Some(Arc::new(load_or_create_key_pair(ctx, account).await?));
@@ -239,4 +271,33 @@ async fn load_or_create_key_pair(
             account.name_any()
         ),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_edited_account_keeps_its_limiter_and_gets_no_fresh_tokens() {
+        let limiters = Limiters::default();
+        let first = limiters.get("http://127.0.0.1:1", "acct_1", 1.0);
+        assert!(first.try_acquire(), "a new limiter starts with one token");
+        // The spec is edited (another rate): the same limiter, still empty.
+        let edited = limiters.get("http://127.0.0.1:1", "acct_1", 50.0);
+        assert!(Arc::ptr_eq(&first, &edited));
+        assert!(!edited.try_acquire(), "an edit is not a fresh bucket");
+        assert!((edited.rate() - 50.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn two_objects_naming_one_context_share_one_limiter_and_other_contexts_do_not() {
+        let limiters = Limiters::default();
+        let a = limiters.get("https://api.stripe.com", "acct_1", 20.0);
+        let b = limiters.get("https://api.stripe.com/", "acct_1", 20.0);
+        assert!(Arc::ptr_eq(&a, &b));
+        let other_account = limiters.get("https://api.stripe.com", "acct_2", 20.0);
+        assert!(!Arc::ptr_eq(&a, &other_account));
+        let other_base = limiters.get("http://127.0.0.1:9", "acct_1", 20.0);
+        assert!(!Arc::ptr_eq(&a, &other_base));
+    }
 }

@@ -7,6 +7,7 @@ pub mod crd_check;
 pub mod error;
 pub mod keypolicy;
 pub mod shared;
+pub mod stripeaccount;
 pub mod webhook;
 
 use std::net::SocketAddr;
@@ -565,6 +566,11 @@ pub async fn run_controllers(
     // A JoinSet aborts its tasks when dropped: if this future is dropped or aborted, no
     // controller keeps running behind its back.
     let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(stripeaccount::run(
+        ctx.clone(),
+        scopes.clone(),
+        shutdown.clone(),
+    ));
     for ns in scopes {
         let ctx = ctx.clone();
         let shutdown = shutdown.clone();
@@ -657,6 +663,21 @@ where
     }
 }
 
+/// Spec changes of the StripeAccounts (generation), without their status: the account
+/// controller writes status every few minutes, which must not reconcile every policy of it.
+fn account_spec_watch(
+    client: &kube::Client,
+) -> impl futures::Stream<Item = Result<StripeAccount, watcher::Error>> + Send + 'static {
+    use kube::runtime::{PredicateConfig, WatchStreamExt, predicates};
+    watcher(
+        Api::<StripeAccount>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .touched_objects()
+    .predicate_filter(predicates::generation, PredicateConfig::default())
+}
+
 /// The StripeKeyPolicy controller for one namespace (or all).
 pub async fn run_key_policy_controller(
     ctx: Arc<Context>,
@@ -696,18 +717,14 @@ pub async fn run_key_policy_controller(
                 .map(|o| ObjectRef::from_obj(&*o))
                 .collect::<Vec<_>>()
         })
-        .watches(
-            Api::<crate::api::StripeAccount>::all(client.clone()),
-            watcher::Config::default(),
-            move |account| {
-                by_account
-                    .state()
-                    .into_iter()
-                    .filter(|p| p.spec.account_ref.name == account.name_any())
-                    .map(|p| ObjectRef::from_obj(&*p))
-                    .collect::<Vec<_>>()
-            },
-        )
+        .watches_stream(account_spec_watch(&client), move |account| {
+            by_account
+                .state()
+                .into_iter()
+                .filter(|p| p.spec.account_ref.name == account.name_any())
+                .map(|p| ObjectRef::from_obj(&*p))
+                .collect::<Vec<_>>()
+        })
         .watches(
             Api::<crate::api::StripeGuardrail>::all(client),
             watcher::Config::default(),
@@ -768,18 +785,14 @@ pub async fn run_webhook_controller(
                 .map(|o| ObjectRef::from_obj(&*o))
                 .collect::<Vec<_>>()
         })
-        .watches(
-            Api::<StripeAccount>::all(client.clone()),
-            watcher::Config::default(),
-            move |account| {
-                by_account
-                    .state()
-                    .into_iter()
-                    .filter(|e| e.spec.account_ref.name == account.name_any())
-                    .map(|e| ObjectRef::from_obj(&*e))
-                    .collect::<Vec<_>>()
-            },
-        )
+        .watches_stream(account_spec_watch(&client), move |account| {
+            by_account
+                .state()
+                .into_iter()
+                .filter(|e| e.spec.account_ref.name == account.name_any())
+                .map(|e| ObjectRef::from_obj(&*e))
+                .collect::<Vec<_>>()
+        })
         .watches(
             Api::<StripeGuardrail>::all(client),
             watcher::Config::default(),

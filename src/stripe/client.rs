@@ -851,6 +851,15 @@ impl StripeClient {
                     record.error_type = api.error_type.clone();
                     record.will_retry = retry;
                     self.observe(record);
+                    if status == 429 {
+                        // Stripe limits the account, not this call: every call through the
+                        // account's limiter (other resources' too) waits out the pause.
+                        let pause = retry_after.map_or_else(
+                            || policy.backoff(attempt, None, 1.0),
+                            |ra| ra.min(policy.max_retry_after),
+                        );
+                        inner.limiter.pause_for(pause);
+                    }
                     if retry {
                         let delay = policy.backoff(attempt, retry_after, rand::random::<f64>());
                         tokio::time::sleep(delay).await;

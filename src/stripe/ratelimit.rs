@@ -11,6 +11,8 @@ pub struct TokenBucket {
     capacity: f64,
     tokens: f64,
     last: Instant,
+    /// No token is handed out before this instant (a 429's `Retry-After` pauses the account).
+    paused_until: Option<Instant>,
 }
 
 impl TokenBucket {
@@ -27,6 +29,24 @@ impl TokenBucket {
             capacity,
             tokens: capacity,
             last: now,
+            paused_until: None,
+        }
+    }
+
+    /// Hands out no token before `until` (later pauses extend it, earlier ones do nothing), and
+    /// empties the bucket so that the calls waiting behind the pause leave one by one.
+    pub fn pause_until(&mut self, until: Instant, now: Instant) {
+        self.refill(now);
+        self.tokens = 0.0;
+        self.paused_until = Some(self.paused_until.map_or(until, |p| p.max(until)));
+    }
+
+    /// Changes the refill rate (an edited `requestsPerSecond`) without handing out tokens: the
+    /// tokens held stay, capped at the capacity.
+    pub fn set_rate(&mut self, rate: f64, now: Instant) {
+        self.refill(now);
+        if rate.is_finite() {
+            self.rate = rate.max(0.001);
         }
     }
 
@@ -38,6 +58,14 @@ impl TokenBucket {
 
     /// Takes one token if available (`Ok`), or says how long to wait for the next (`Err`).
     pub fn try_acquire(&mut self, now: Instant) -> Result<(), Duration> {
+        if let Some(until) = self.paused_until {
+            if now < until {
+                return Err(until - now);
+            }
+            self.paused_until = None;
+            // Nothing accumulates while paused.
+            self.last = self.last.max(until);
+        }
         self.refill(now);
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
@@ -95,6 +123,25 @@ impl RateLimiter {
         let mut bucket = self.bucket.lock().unwrap_or_else(|e| e.into_inner());
         bucket.try_acquire(Instant::now()).is_ok()
     }
+
+    /// Pauses every caller of this limiter for `duration` (a 429's `Retry-After`: Stripe limits
+    /// the account, so every call to it waits, not only the one that was refused).
+    pub fn pause_for(&self, duration: Duration) {
+        let now = Instant::now();
+        let mut bucket = self.bucket.lock().unwrap_or_else(|e| e.into_inner());
+        bucket.pause_until(now + duration, now);
+    }
+
+    /// Changes the rate (an edited account) keeping the tokens held: no fresh burst.
+    pub fn set_rate(&self, requests_per_second: f64) {
+        let mut bucket = self.bucket.lock().unwrap_or_else(|e| e.into_inner());
+        bucket.set_rate(requests_per_second, Instant::now());
+    }
+
+    /// The refill rate in requests per second.
+    pub fn rate(&self) -> f64 {
+        self.bucket.lock().unwrap_or_else(|e| e.into_inner()).rate()
+    }
 }
 
 #[cfg(test)]
@@ -148,6 +195,51 @@ mod tests {
         assert!(b.try_acquire(t0).is_ok());
         assert!(b.try_acquire(t0 - Duration::from_secs(5)).is_err());
         assert!(b.try_acquire(t0).is_err());
+    }
+
+    #[test]
+    fn a_pause_holds_every_token_until_it_ends_and_mints_none_meanwhile() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new(10.0, 2, t0);
+        b.pause_until(t0 + Duration::from_secs(2), t0);
+        assert_eq!(
+            b.try_acquire(t0 + Duration::from_millis(500)).unwrap_err(),
+            Duration::from_millis(1500)
+        );
+        // An earlier pause does not shorten it.
+        b.pause_until(t0 + Duration::from_secs(1), t0);
+        assert!(b.try_acquire(t0 + Duration::from_millis(1999)).is_err());
+        // At the end: no burst saved up during the pause, one token per 100 ms again.
+        let end = t0 + Duration::from_secs(2);
+        assert!(b.try_acquire(end).is_err());
+        assert!(b.try_acquire(end + Duration::from_millis(100)).is_ok());
+        assert!(b.try_acquire(end + Duration::from_millis(100)).is_err());
+    }
+
+    #[test]
+    fn a_new_rate_hands_out_no_fresh_tokens() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new(1.0, 1, t0);
+        assert!(b.try_acquire(t0).is_ok());
+        b.set_rate(100.0, t0);
+        assert!(b.try_acquire(t0).is_err(), "an edit is not a refill");
+        assert!(b.try_acquire(t0 + Duration::from_millis(10)).is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_paused_limiter_delays_every_caller() {
+        let limiter = std::sync::Arc::new(RateLimiter::new(1000.0, 1));
+        limiter.pause_for(Duration::from_millis(150));
+        let start = Instant::now();
+        let other = limiter.clone();
+        let task = tokio::spawn(async move {
+            other.acquire().await;
+            Instant::now()
+        });
+        limiter.acquire().await;
+        let done = task.await.unwrap();
+        assert!(start.elapsed() >= Duration::from_millis(149));
+        assert!(done.duration_since(start) >= Duration::from_millis(149));
     }
 
     #[tokio::test]

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, Patch, PatchParams};
 use serde_json::{Value, json};
-use stripe_key_operator::api::{StripeKeyPolicy, conditions};
+use stripe_key_operator::api::{StripeAccount, StripeKeyPolicy, conditions};
 use stripe_key_operator::sandbox::env::{EnvOptions, LocalEnv};
 use stripe_key_operator::sim::KeyState;
 
@@ -37,7 +37,45 @@ pub async fn env_with(options: EnvOptions) -> LocalEnv {
     .unwrap();
     env.apply_json(&deployment("checkout")).await.unwrap();
     env.start_operator();
+    wait_account_checked(&env).await;
     env
+}
+
+/// Waits (bounded) until the StripeAccount controller checked the account at Stripe once: its
+/// one call (`GET /v2/iam/api_keys`, as the account) is then the first entry of the simulator's
+/// log, and the next one comes only after the check interval (minutes), so a test can tell its
+/// resources' calls from it ([`resource_calls`]).
+pub async fn wait_account_checked(env: &LocalEnv) {
+    let api: Api<StripeAccount> = Api::all(env.client.clone());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let a = api.get(ACCOUNT).await.unwrap();
+        if a.status
+            .as_ref()
+            .is_some_and(|s| s.last_checked_time.is_some())
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the account was never checked: {:#?}",
+            a.status
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The Stripe calls the simulator saw besides the account controller's first health check
+/// (see [`wait_account_checked`]).
+pub fn resource_calls(env: &LocalEnv) -> Vec<stripe_key_operator::sim::RequestLogEntry> {
+    let log = env.sim.request_log();
+    let first = log.first().expect("the account's health check");
+    assert_eq!(
+        (first.method.as_str(), first.path.as_str()),
+        ("GET", "/v2/iam/api_keys"),
+        "the first call is the account's health check"
+    );
+    log[1..].to_vec()
 }
 
 /// The same environment with no controller running: the test calls the reconcile functions

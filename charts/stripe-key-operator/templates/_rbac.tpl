@@ -24,11 +24,16 @@ fails on a request no rule allows and on a rule (verb) no request uses. */}}
 
 {{/* The cluster-scoped kinds and Namespace labels. */}}
 {{- define "sko.rules.clusterKinds" -}}
-# Accounts: watched (their changes requeue policies and endpoints) and read at each reconcile
-# and admission review.
+# Accounts: watched (their changes requeue policies and endpoints; the account controller
+# reconciles them) and read at each reconcile and admission review; the account controller adds
+# and removes its finalizer (stripekeys.io/account-protection) with a JSON patch.
 - apiGroups: ["stripekeys.io"]
   resources: ["stripeaccounts"]
-  verbs: ["get", "list", "watch"]
+  verbs: ["get", "list", "watch", "patch"]
+# The account controller's status (Ready, lastCheckedTime, keysUnderManagement): server-side apply.
+- apiGroups: ["stripekeys.io"]
+  resources: ["stripeaccounts/status"]
+  verbs: ["patch"]
 # Guardrails: watched, and listed at each reconcile and admission review.
 - apiGroups: ["stripekeys.io"]
   resources: ["stripeguardrails"]
@@ -101,6 +106,13 @@ there (cluster mode) or from nothing (namespaced mode). */}}
   resources: ["events"]
   verbs: ["create", "patch"]
 {{- end }}
+
+{{/* Events about cluster-scoped objects (a StripeAccount's DeletionBlocked): kube-runtime's
+recorder writes them to the `default` namespace. Needed as a Role of its own only in namespaced
+mode when `default` is not a watched namespace. */}}
+{{- define "sko.needsDefaultEventsRole" -}}
+{{- if and .Values.rbac.namespaced (not (has "default" .Values.watchNamespaces)) -}}true{{- end -}}
+{{- end -}}
 
 {{/* Leader election on the operator's own Lease. */}}
 {{- define "sko.rules.lease" -}}

@@ -558,12 +558,15 @@ NAMESPACED_KIND_UNUSED = [
     ("", "events", ["create", "patch"]),
 ]
 CLUSTER_RULES = [
-    ("stripekeys.io", "stripeaccounts", ["get", "list", "watch"]),
+    # patch: the account controller's finalizer (stripekeys.io/account-protection).
+    ("stripekeys.io", "stripeaccounts", ["get", "list", "watch", "patch"]),
+    ("stripekeys.io", "stripeaccounts/status", ["patch"]),
     ("stripekeys.io", "stripeguardrails", ["list", "watch"]),
     ("", "namespaces", ["get", "list", "watch"]),
 ]
 CLUSTER_UNUSED = [
-    ("stripekeys.io", "stripeaccounts/status", ["get", "patch", "update"]),
+    ("stripekeys.io", "stripeaccounts/status", ["get", "update"]),
+    ("stripekeys.io", "stripeaccounts", ["update", "delete", "create"]),
     ("stripekeys.io", "stripeguardrails/status", ["get", "patch", "update"]),
     ("stripekeys.io", "stripeguardrails", ["get"]),
     ("", "namespaces", ["create", "update", "patch", "delete"]),
@@ -666,7 +669,12 @@ def test_namespaced_mode_confines_the_operator_to_its_namespaces():
     assert not granted(objs, "stripekeys.io", "stripekeypolicies", "list", "kube-system")
     assert not granted(objs, "apps", "deployments", "patch", "kube-system")
     role_namespaces = {r["metadata"]["namespace"] for r in roles(objs) if r["kind"] == "Role"}
-    assert role_namespaces == {*watched, NAMESPACE}
+    # `default`: Events about StripeAccounts (cluster-scoped objects' Events are written there),
+    # and nothing else.
+    assert role_namespaces == {*watched, NAMESPACE, "default"}
+    assert granted(objs, "events.k8s.io", "events", "create", "default")
+    assert not granted(objs, "", "secrets", "get", "default")
+    assert not granted(objs, "stripekeys.io", "stripekeypolicies", "list", "default")
 
 
 @pytest.mark.parametrize("name", ["namespaced"])
@@ -676,6 +684,7 @@ def test_namespaced_mode_renders_no_cluster_role_beyond_the_cluster_scoped_kinds
     resources = {res for rule in cluster_roles[0]["rules"] for res in rule["resources"]}
     assert resources == {
         "stripeaccounts",
+        "stripeaccounts/status",
         "stripeguardrails",
         "namespaces",
         "customresourcedefinitions",

@@ -1,0 +1,614 @@
+//! The `StripeAccount` controller: the account's own health and its deletion guard.
+//!
+//! - **Status.** `Ready` says the account passes [`crate::rules::validate_account`], its app key
+//!   resolves, and Stripe answers one cheap authenticated call for its context (a one-item key
+//!   listing). The check runs when the spec changes and otherwise at most every
+//!   [`CHECK_INTERVAL`] (sooner, [`LOCAL_RECHECK`], when it failed before reaching Stripe: a
+//!   missing Secret costs no Stripe call); reconciles in between (a policy changed) only recount
+//!   `keysUnderManagement` from the watch caches. Policies never pay for the check.
+//! - **Deletion.** The finalizer [`FINALIZER`] keeps the account while any StripeKeyPolicy or
+//!   StripeWebhookEndpoint that names it still holds a credential (current, previous, retiring,
+//!   or a rotation under way): their own finalizers need the account to retire those at Stripe.
+//!   Meanwhile `Ready=False, reason=InUse` and a Warning Event `DeletionBlocked` name them. The
+//!   decision reads the resources fresh from the API server, never only from a cache.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::EventType;
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, reflector::store::Writer};
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use super::Context;
+use super::error::ReconcileError;
+use crate::api::{
+    CredentialStatus, FIELD_MANAGER, StripeAccount, StripeAccountStatus, StripeKeyPolicy,
+    StripeWebhookEndpoint, conditions,
+};
+use crate::stripe::{ListApiKeysParams, StripeError};
+
+/// Keeps an account while resources still hold credentials minted through it.
+pub const FINALIZER: &str = "stripekeys.io/account-protection";
+/// The controller's name in metrics.
+const CONTROLLER: &str = "stripeaccount";
+/// How often a healthy (or Stripe-refused) account is checked at Stripe.
+pub const CHECK_INTERVAL: Duration = Duration::from_secs(300);
+/// How soon a check that failed before reaching Stripe (no credentials, untrusted) is repeated.
+pub const LOCAL_RECHECK: Duration = Duration::from_secs(30);
+/// How often a blocked deletion is looked at again (besides the watches).
+const BLOCKED_RECHECK: Duration = Duration::from_secs(30);
+/// How long a reconcile waits for the first listing of the policy and endpoint caches.
+const CACHE_WAIT: Duration = Duration::from_secs(30);
+/// At most this many resources are named in a condition or Event.
+const MAX_NAMED: usize = 10;
+
+/// Reasons of the `Ready` condition that were decided without calling Stripe.
+const LOCAL_REASONS: &[&str] = &["CredentialsMissing", "Untrusted", "CredentialsUnavailable"];
+
+/// What the controller's reconciles share: the operator context and the watch caches of the
+/// resources that name accounts (one per watched namespace, or one for all).
+pub struct AccountContext {
+    pub ctx: Arc<Context>,
+    policies: Vec<Store<StripeKeyPolicy>>,
+    endpoints: Vec<Store<StripeWebhookEndpoint>>,
+    namespaces: Vec<Option<String>>,
+}
+
+/// A resource holds credentials of its account: something is still to be retired at Stripe.
+pub fn holds_credentials(status: &CredentialStatus) -> bool {
+    status.current_key.is_some()
+        || status.previous_key.is_some()
+        || !status.retiring_keys.is_empty()
+        || status.rotation.is_some()
+}
+
+/// `Kind ns/name` of every resource in `found` that names `account` and holds a credential.
+fn holders<'a>(
+    account: &str,
+    policies: impl IntoIterator<Item = &'a StripeKeyPolicy>,
+    endpoints: impl IntoIterator<Item = &'a StripeWebhookEndpoint>,
+) -> Vec<String> {
+    let mut out: Vec<String> = policies
+        .into_iter()
+        .filter(|p| p.spec.account_ref.name == account)
+        .filter(|p| p.status.as_ref().is_some_and(|s| holds_credentials(s)))
+        .map(|p| {
+            format!(
+                "StripeKeyPolicy {}/{}",
+                p.namespace().unwrap_or_default(),
+                p.name_any()
+            )
+        })
+        .chain(
+            endpoints
+                .into_iter()
+                .filter(|e| e.spec.account_ref.name == account)
+                .filter(|e| e.status.as_ref().is_some_and(|s| holds_credentials(s)))
+                .map(|e| {
+                    format!(
+                        "StripeWebhookEndpoint {}/{}",
+                        e.namespace().unwrap_or_default(),
+                        e.name_any()
+                    )
+                }),
+        )
+        .collect();
+    out.sort();
+    out
+}
+
+/// A bounded, readable list of names: `a, b, c (and 7 more)`.
+pub fn name_list(names: &[String]) -> String {
+    let shown = names
+        .iter()
+        .take(MAX_NAMED)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
+    if names.len() > MAX_NAMED {
+        format!("{shown} (and {} more)", names.len() - MAX_NAMED)
+    } else {
+        shown
+    }
+}
+
+/// The `Ready` reason for a failed check. Pure.
+pub fn failure_reason(error: &ReconcileError) -> &'static str {
+    match error {
+        ReconcileError::Account { reason, .. } => match *reason {
+            "AccountCredentialsMissing" => "CredentialsMissing",
+            "ApiHostNotAllowed"
+            | "CredentialPathNotAllowed"
+            | "CredentialSecretNotLabelled"
+            | "InvalidSpec" => "Untrusted",
+            _ => "EncryptionKeyInvalid",
+        },
+        ReconcileError::Stripe(e) => stripe_reason(e),
+        ReconcileError::Store(_) => "CredentialsUnavailable",
+        _ => "CheckFailed",
+    }
+}
+
+fn stripe_reason(e: &StripeError) -> &'static str {
+    match e.status() {
+        Some(401) => "Unauthorized",
+        Some(403) => "PermissionDenied",
+        Some(429) => "StripeRateLimited",
+        Some(s) if s >= 500 => "StripeUnavailable",
+        Some(_) => "StripeRequestRejected",
+        None => match e {
+            StripeError::Connection { .. } => "StripeUnreachable",
+            _ => "StripeRequestRejected",
+        },
+    }
+}
+
+/// `message` with anything shaped like a Stripe key (Stripe's own messages quote the app key's
+/// prefix and last characters) replaced: status shows ids and reasons, never key material.
+pub fn redact(message: &str) -> String {
+    static KEY: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
+        regex::Regex::new(r"\b(?:sk|rk|pk)_(?:live|test)_[^\s,;)\]]*|\bwhsec_[^\s,;)\]]*")
+            .expect("static regex is valid")
+    });
+    KEY.replace_all(message, "<redacted key>").into_owned()
+}
+
+/// Whether the account is due for a check at `now`. Pure.
+pub fn check_due(account: &StripeAccount, now: k8s_openapi::jiff::Timestamp) -> Option<Duration> {
+    let Some(status) = &account.status else {
+        return None;
+    };
+    if status.observed_generation != account.metadata.generation {
+        return None;
+    }
+    let last = status.last_checked_time.as_ref()?;
+    let local = conditions::find(&status.conditions, "Ready")
+        .is_some_and(|c| LOCAL_REASONS.contains(&c.reason.as_str()));
+    let interval = if local { LOCAL_RECHECK } else { CHECK_INTERVAL };
+    let elapsed = now.duration_since(last.0);
+    let elapsed = Duration::try_from(elapsed).unwrap_or(Duration::ZERO);
+    interval.checked_sub(elapsed).filter(|d| !d.is_zero())
+}
+
+/// Runs the check: trust, credentials, one authenticated call. `Ok(fingerprint)` of the
+/// encryption key when everything answered.
+async fn check(ctx: &Context, account: &StripeAccount) -> Result<Option<String>, ReconcileError> {
+    let handle = ctx.accounts.resolve(ctx, account).await?;
+    let observer = ctx.call_observer(
+        crate::audit::Actor::resource("StripeAccount", None, account.name_any())
+            .triggered_by("HealthCheck"),
+    );
+    let client = handle.client.with_observer(observer);
+    client
+        .list_api_keys(&ListApiKeysParams {
+            include_expired: None,
+            limit: Some(1),
+        })
+        .await?;
+    Ok(handle
+        .keys
+        .as_ref()
+        .and_then(|k| k.public_key_fingerprint().ok()))
+}
+
+impl AccountContext {
+    fn cached_holders(&self, account: &str) -> Vec<String> {
+        let policies: Vec<Arc<StripeKeyPolicy>> =
+            self.policies.iter().flat_map(|s| s.state()).collect();
+        let endpoints: Vec<Arc<StripeWebhookEndpoint>> =
+            self.endpoints.iter().flat_map(|s| s.state()).collect();
+        holders(
+            account,
+            policies.iter().map(|p| &**p),
+            endpoints.iter().map(|e| &**e),
+        )
+    }
+
+    /// The holders read fresh from the API server (deletion decides on this, not on a cache).
+    async fn fresh_holders(&self, account: &str) -> Result<Vec<String>, ReconcileError> {
+        let client = &self.ctx.client;
+        let mut policies = Vec::new();
+        let mut endpoints = Vec::new();
+        for ns in &self.namespaces {
+            let (p, e): (Api<StripeKeyPolicy>, Api<StripeWebhookEndpoint>) = match ns {
+                Some(ns) => (
+                    Api::namespaced(client.clone(), ns),
+                    Api::namespaced(client.clone(), ns),
+                ),
+                None => (Api::all(client.clone()), Api::all(client.clone())),
+            };
+            policies.extend(p.list(&ListParams::default()).await?.items);
+            endpoints.extend(e.list(&ListParams::default()).await?.items);
+        }
+        Ok(holders(account, &policies, &endpoints))
+    }
+}
+
+async fn write_status(
+    api: &Api<StripeAccount>,
+    account: &StripeAccount,
+    status: StripeAccountStatus,
+) -> Result<(), ReconcileError> {
+    if account.status.as_ref() == Some(&status) {
+        return Ok(());
+    }
+    let patch = json!({
+        "apiVersion": StripeAccount::api_version(&()),
+        "kind": StripeAccount::kind(&()),
+        "status": status,
+    });
+    let pp = PatchParams::apply(FIELD_MANAGER).force();
+    api.patch_status(&account.name_any(), &pp, &Patch::Apply(&patch))
+        .await?;
+    Ok(())
+}
+
+async fn patch_finalizers(
+    api: &Api<StripeAccount>,
+    account: &StripeAccount,
+    add: bool,
+) -> Result<(), ReconcileError> {
+    let current = account.finalizers();
+    let ops = if add {
+        if current.iter().any(|f| f == FINALIZER) {
+            return Ok(());
+        }
+        if current.is_empty() {
+            json!([
+                {"op": "test", "path": "/metadata/resourceVersion", "value": account.resource_version()},
+                {"op": "add", "path": "/metadata/finalizers", "value": [FINALIZER]},
+            ])
+        } else {
+            json!([
+                {"op": "test", "path": "/metadata/finalizers", "value": current},
+                {"op": "add", "path": "/metadata/finalizers/-", "value": FINALIZER},
+            ])
+        }
+    } else {
+        let Some(i) = current.iter().position(|f| f == FINALIZER) else {
+            return Ok(());
+        };
+        json!([
+            {"op": "test", "path": format!("/metadata/finalizers/{i}"), "value": FINALIZER},
+            {"op": "remove", "path": format!("/metadata/finalizers/{i}")},
+        ])
+    };
+    let patch: json_patch::Patch = serde_json::from_value(ops)?;
+    api.patch(
+        &account.name_any(),
+        &PatchParams::default(),
+        &Patch::Json::<()>(patch),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Reconciles one account (the entry point the `Controller` calls).
+pub async fn reconcile(
+    obj: Arc<StripeAccount>,
+    actx: Arc<AccountContext>,
+) -> Result<Action, ReconcileError> {
+    let ctx = &actx.ctx;
+    let started = std::time::Instant::now();
+    let labels = crate::metrics::ControllerLabels {
+        controller: CONTROLLER.into(),
+    };
+    ctx.metrics.reconciliations.get_or_create(&labels).inc();
+    let api: Api<StripeAccount> = Api::all(ctx.client.clone());
+    let result = async {
+        // Decide on a fresh read: the cache may lag behind our own writes.
+        let Some(account) = api.get_opt(&obj.name_any()).await? else {
+            return Ok(Action::await_change());
+        };
+        if account.uid() != obj.uid() {
+            return Ok(Action::await_change());
+        }
+        if account.metadata.deletion_timestamp.is_some() {
+            return cleanup(&actx, &api, &account).await;
+        }
+        patch_finalizers(&api, &account, true).await?;
+        apply(&actx, &api, &account).await
+    }
+    .await;
+    ctx.metrics
+        .reconcile_duration
+        .get_or_create(&labels)
+        .observe(started.elapsed().as_secs_f64());
+    if result.is_ok() {
+        ctx.record_success(obj.uid().as_deref().unwrap_or_default());
+    }
+    result
+}
+
+async fn apply(
+    actx: &AccountContext,
+    api: &Api<StripeAccount>,
+    account: &StripeAccount,
+) -> Result<Action, ReconcileError> {
+    let ctx = &actx.ctx;
+    // The count needs the first listing of the caches; bounded, so that a watch that cannot
+    // start (RBAC) does not hold a worker for ever.
+    let ready = tokio::time::timeout(CACHE_WAIT, async {
+        for s in &actx.policies {
+            let _ = s.wait_until_ready().await;
+        }
+        for s in &actx.endpoints {
+            let _ = s.wait_until_ready().await;
+        }
+    })
+    .await;
+    if ready.is_err() {
+        return Err(ReconcileError::Account {
+            reason: "CachesNotReady",
+            message:
+                "the watches of StripeKeyPolicies and StripeWebhookEndpoints have not listed yet"
+                    .into(),
+        });
+    }
+    let name = account.name_any();
+    let keys = actx.cached_holders(&name).len() as i64;
+    let now = ctx.clock.now();
+    let mut status = account.status.clone().unwrap_or_default();
+    status.keys_under_management = Some(keys);
+    if let Some(wait) = check_due(account, now) {
+        // Not due: only the count may have changed.
+        write_status(api, account, status).await?;
+        return Ok(Action::requeue(wait));
+    }
+    let generation = account.metadata.generation;
+    let (ready, reason, message, wait) = match check(ctx, account).await {
+        Ok(fingerprint) => {
+            status.encryption_key_fingerprint = fingerprint;
+            (
+                true,
+                "Ready",
+                format!(
+                    "the app key is valid and Stripe answered for {}",
+                    account.spec.context
+                ),
+                CHECK_INTERVAL,
+            )
+        }
+        Err(ReconcileError::Kube(e)) => return Err(ReconcileError::Kube(e)),
+        Err(e) => {
+            let reason = failure_reason(&e);
+            let wait = if LOCAL_REASONS.contains(&reason) {
+                LOCAL_RECHECK
+            } else {
+                CHECK_INTERVAL
+            };
+            (false, reason, redact(&e.to_string()), wait)
+        }
+    };
+    status.observed_generation = generation;
+    status.last_checked_time = Some(Time(now));
+    conditions::set_condition(
+        &mut status.conditions,
+        "Ready",
+        ready,
+        reason,
+        message,
+        generation,
+        now,
+    );
+    write_status(api, account, status).await?;
+    Ok(Action::requeue(wait))
+}
+
+async fn cleanup(
+    actx: &AccountContext,
+    api: &Api<StripeAccount>,
+    account: &StripeAccount,
+) -> Result<Action, ReconcileError> {
+    if !account.finalizers().iter().any(|f| f == FINALIZER) {
+        return Ok(Action::await_change());
+    }
+    let ctx = &actx.ctx;
+    let name = account.name_any();
+    let holders = actx.fresh_holders(&name).await?;
+    if holders.is_empty() {
+        patch_finalizers(api, account, false).await?;
+        tracing::info!(account = %name, "no resource holds a credential of the account: deleted");
+        return Ok(Action::await_change());
+    }
+    let message = format!(
+        "deletion waits until {} retired their credentials (delete them, or let their rotation finish): {}",
+        holders.len(),
+        name_list(&holders)
+    );
+    let now = ctx.clock.now();
+    let mut status = account.status.clone().unwrap_or_default();
+    status.keys_under_management = Some(holders.len() as i64);
+    conditions::set_condition(
+        &mut status.conditions,
+        "Ready",
+        false,
+        "InUse",
+        message.clone(),
+        account.metadata.generation,
+        now,
+    );
+    write_status(api, account, status).await?;
+    ctx.publish_event(
+        &account.object_ref(&()),
+        EventType::Warning,
+        "DeletionBlocked",
+        "Delete",
+        format!("StripeAccount {name}: {message}"),
+    )
+    .await;
+    Ok(Action::requeue(BLOCKED_RECHECK))
+}
+
+/// Requeues a failed reconcile with the shared backoff.
+pub fn error_policy(
+    account: Arc<StripeAccount>,
+    error: &ReconcileError,
+    actx: Arc<AccountContext>,
+) -> Action {
+    super::shared::requeue_after_error(&actx.ctx, CONTROLLER, &account.metadata, error)
+}
+
+type Reflected<K> =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<K, watcher::Error>> + Send>>;
+
+fn reflect<K>(api: Api<K>) -> (Store<K>, Reflected<K>)
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let writer: Writer<K> = Writer::default();
+    let store = writer.as_reader();
+    let stream = reflector::reflector(
+        writer,
+        watcher::watcher(api, watcher::Config::default()).default_backoff(),
+    )
+    .touched_objects()
+    .boxed();
+    (store, stream)
+}
+
+/// The StripeAccount controller: watches every account, and the policies and endpoints of the
+/// watched namespaces (`[None]`: all) to count and guard their credentials.
+pub async fn run(ctx: Arc<Context>, namespaces: Vec<Option<String>>, shutdown: CancellationToken) {
+    let client = ctx.client.clone();
+    let mut policies = Vec::new();
+    let mut policy_streams = Vec::new();
+    let mut endpoints = Vec::new();
+    let mut endpoint_streams = Vec::new();
+    for ns in &namespaces {
+        let (p, e): (Api<StripeKeyPolicy>, Api<StripeWebhookEndpoint>) = match ns {
+            Some(ns) => (
+                Api::namespaced(client.clone(), ns),
+                Api::namespaced(client.clone(), ns),
+            ),
+            None => (Api::all(client.clone()), Api::all(client.clone())),
+        };
+        let (store, stream) = reflect(p);
+        policies.push(store);
+        policy_streams.push(stream);
+        let (store, stream) = reflect(e);
+        endpoints.push(store);
+        endpoint_streams.push(stream);
+    }
+    let actx = Arc::new(AccountContext {
+        ctx: ctx.clone(),
+        policies,
+        endpoints,
+        namespaces,
+    });
+    Controller::new(
+        Api::<StripeAccount>::all(client),
+        watcher::Config::default(),
+    )
+    .with_config(super::controller_config(&ctx.config))
+    .watches_stream(futures::stream::select_all(policy_streams), |p| {
+        Some(ObjectRef::<StripeAccount>::new(&p.spec.account_ref.name))
+    })
+    .watches_stream(futures::stream::select_all(endpoint_streams), |e| {
+        Some(ObjectRef::<StripeAccount>::new(&e.spec.account_ref.name))
+    })
+    .graceful_shutdown_on(async move { shutdown.cancelled().await })
+    .run(reconcile, error_policy, actx)
+    .for_each(|_| futures::future::ready(()))
+    .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::KeyStatus;
+
+    fn policy(name: &str, account: &str, current: bool) -> StripeKeyPolicy {
+        let mut p: StripeKeyPolicy = serde_json::from_value(json!({
+            "apiVersion": "stripekeys.io/v1alpha1", "kind": "StripeKeyPolicy",
+            "metadata": {"name": name, "namespace": "shop"},
+            "spec": {"accountRef": {"name": account}, "permissions": ["charge_read"],
+                     "delivery": {"secret": {"name": "s"}}}
+        }))
+        .unwrap();
+        let mut status = crate::api::StripeKeyPolicyStatus::default();
+        if current {
+            status.credential.current_key = Some(KeyStatus {
+                id: "rk_id".into(),
+                ..KeyStatus::default()
+            });
+        }
+        p.status = Some(status);
+        p
+    }
+
+    #[test]
+    fn only_resources_naming_the_account_and_holding_a_credential_block_it() {
+        let ps = [
+            policy("a", "pay", true),
+            policy("b", "pay", false),
+            policy("c", "other", true),
+        ];
+        let none: [StripeWebhookEndpoint; 0] = [];
+        assert_eq!(
+            holders("pay", &ps, &none),
+            vec!["StripeKeyPolicy shop/a".to_string()]
+        );
+        let mut retiring = policy("d", "pay", false);
+        if let Some(s) = retiring.status.as_mut() {
+            s.credential.retiring_keys.push(KeyStatus::default());
+        }
+        assert_eq!(holders("pay", [&retiring], &none).len(), 1);
+    }
+
+    #[test]
+    fn key_material_never_reaches_a_message() {
+        let text = redact(
+            "Stripe answered HTTP 401 (api_key_expired): Expired API Key provided: sk_test_...Kyz6 [request req_1]; also rk_live_abc, whsec_x",
+        );
+        assert!(!text.contains("sk_") && !text.contains("rk_") && !text.contains("whsec_"));
+        assert!(text.contains("[request req_1]"), "{text}");
+    }
+
+    #[test]
+    fn a_long_list_of_names_is_bounded() {
+        let names: Vec<String> = (0..25).map(|i| format!("p{i:02}")).collect();
+        let text = name_list(&names);
+        assert!(text.ends_with("p09 (and 15 more)"), "{text}");
+        assert!(!text.contains("p10"));
+    }
+
+    #[test]
+    fn failures_map_to_the_documented_reasons() {
+        let account = |reason| ReconcileError::Account {
+            reason,
+            message: String::new(),
+        };
+        assert_eq!(
+            failure_reason(&account("AccountCredentialsMissing")),
+            "CredentialsMissing"
+        );
+        assert_eq!(failure_reason(&account("ApiHostNotAllowed")), "Untrusted");
+        assert_eq!(
+            failure_reason(&account("CredentialSecretNotLabelled")),
+            "Untrusted"
+        );
+        let connection = ReconcileError::Stripe(StripeError::Connection {
+            kind: crate::stripe::ConnectionErrorKind::Connect,
+            method: "GET".into(),
+            path: "/v2/iam/api_keys".into(),
+            attempts: 1,
+            message: "refused".into(),
+        });
+        assert_eq!(failure_reason(&connection), "StripeUnreachable");
+    }
+}
