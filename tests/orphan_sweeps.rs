@@ -83,7 +83,12 @@ async fn rotate(env: &LocalEnv, names: &[String], value: &str) {
     for n in names {
         wait_policy(env, n, "the rotation ended", |p| {
             settled(p)
-                && p.status.as_ref().unwrap().last_handled_rotate_request.as_deref() == Some(value)
+                && p.status
+                    .as_ref()
+                    .unwrap()
+                    .last_handled_rotate_request
+                    .as_deref()
+                    == Some(value)
         })
         .await;
     }
