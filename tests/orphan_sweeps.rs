@@ -172,3 +172,31 @@ async fn an_orphan_is_still_found_by_the_next_sweep_of_its_policy() {
     );
     assert_eq!(active_keys(&env).len(), POLICIES);
 }
+
+#[derive(clap::Parser)]
+struct Wrapper {
+    #[command(flatten)]
+    config: stripe_key_operator::controller::RunConfig,
+}
+
+#[test]
+fn the_sweep_interval_is_a_flag_with_a_default_of_a_few_minutes() {
+    use clap::Parser;
+    let parse = |args: &[&str]| Wrapper::try_parse_from(["run"].iter().chain(args));
+    assert_eq!(
+        parse(&[]).unwrap().config.orphan_sweep_interval,
+        stripe_key_operator::controller::DEFAULT_ORPHAN_SWEEP_INTERVAL
+    );
+    assert_eq!(
+        stripe_key_operator::controller::DEFAULT_ORPHAN_SWEEP_INTERVAL,
+        Duration::from_secs(300)
+    );
+    assert_eq!(
+        parse(&["--orphan-sweep-interval", "90s"])
+            .unwrap()
+            .config
+            .orphan_sweep_interval,
+        Duration::from_secs(90)
+    );
+    assert!(parse(&["--orphan-sweep-interval", "soon"]).is_err());
+}
