@@ -664,7 +664,22 @@ async fn rotating_the_mounted_secret_under_steady_traffic_rejects_no_valid_event
         seen.clone(),
         stop.clone(),
     ));
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let delivered_from = async |id: &str, n: usize| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while seen
+            .by_endpoint
+            .lock()
+            .unwrap()
+            .get(id)
+            .copied()
+            .unwrap_or(0)
+            < n
+        {
+            assert!(Instant::now() < deadline, "{id} never delivered {n} events");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    delivered_from(&first.id, 10).await;
 
     let patch = async |metadata: serde_json::Value| {
         let merge = kube::api::Patch::Merge(json!({ "metadata": metadata }));
@@ -682,7 +697,7 @@ async fn rotating_the_mounted_secret_under_steady_traffic_rejects_no_valid_event
     let second = wait("Overlapping", &overlapping).await.status.unwrap();
     let second = second.current_key.clone().unwrap();
     // Both endpoints deliver during the overlap.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    delivered_from(&second.id, 10).await;
     env.clock.advance(Duration::from_secs(3700));
     patch(json!({"labels": {"test/nudge": "1"}})).await;
     wait("the old endpoint deleted", &settled).await;
