@@ -41,6 +41,11 @@ fn settled(p: &StripeKeyPolicy) -> bool {
 
 /// Starts the operator with `POLICIES` policies of one account, all Ready.
 async fn bulk_env() -> LocalEnv {
+    bulk_env_with(POLICIES).await
+}
+
+/// The operator, unthrottled, with `policies` policies of one account, all Ready.
+async fn bulk_env_with(policies: usize) -> LocalEnv {
     let mut env = env_without_operator(EnvOptions {
         rollout_delay: Duration::ZERO,
         sim_rate_limit_test: 100_000,
@@ -56,12 +61,12 @@ async fn bulk_env() -> LocalEnv {
         .await
         .unwrap();
     env.start_operator();
-    for i in 0..POLICIES {
+    for i in 0..policies {
         let mut p = policy(&name(i), &["charge_read"]);
         p["spec"]["delivery"]["rolloutTargets"] = json!([]);
         env.apply_json(&p).await.unwrap();
     }
-    for i in 0..POLICIES {
+    for i in 0..policies {
         wait_policy(&env, &name(i), "Ready", ready).await;
     }
     env
@@ -171,6 +176,97 @@ async fn an_orphan_is_still_found_by_the_next_sweep_of_its_policy() {
         "bulk-01 owns no orphan"
     );
     assert_eq!(active_keys(&env).len(), POLICIES);
+}
+
+/// Webhook endpoints share their account's listing the same way.
+#[tokio::test]
+async fn a_bulk_rotation_of_webhook_endpoints_lists_the_account_a_constant_number_of_times() {
+    use stripe_key_operator::api::{StripeWebhookEndpoint, conditions};
+    // Stripe allows 16 endpoints per account: 8, and 8 more during the overlap.
+    const ENDPOINTS: usize = 8;
+    let env = bulk_env_with(0).await;
+    let api: Api<StripeWebhookEndpoint> = Api::namespaced(env.client.clone(), NS);
+    let names: Vec<String> = (0..ENDPOINTS).map(|i| format!("hooks-{i:02}")).collect();
+    for n in &names {
+        env.apply_json(&json!({
+            "apiVersion": "stripekeys.io/v1alpha1", "kind": "StripeWebhookEndpoint",
+            "metadata": {"name": n, "namespace": NS},
+            "spec": {"accountRef": {"name": ACCOUNT}, "url": "https://127.0.0.1:9/stripe",
+                     "enabledEvents": ["charge.succeeded"],
+                     "delivery": {"secret": {"name": format!("{n}-secret")}},
+                     "rotation": {"every": "720h", "overlap": "1h"}}
+        }))
+        .await
+        .unwrap();
+    }
+    let wait_all = async |what: &str, pred: &dyn Fn(&StripeWebhookEndpoint) -> bool| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        for n in &names {
+            loop {
+                let e = api.get(n).await.unwrap();
+                if pred(&e) {
+                    break;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{n}: {what}: {:#?}",
+                    e.status
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    let settled_with = |value: Option<&'static str>| {
+        move |e: &StripeWebhookEndpoint| {
+            e.status.as_ref().is_some_and(|s| {
+                conditions::is_true(&s.conditions, "Ready")
+                    && s.rotation.is_none()
+                    && s.previous_key.is_none()
+                    && s.last_handled_rotate_request.as_deref() == value
+            })
+        }
+    };
+    wait_all("Ready", &settled_with(None)).await;
+    env.sim.clear_request_log();
+    let merge = |m: serde_json::Value| Patch::Merge(json!({ "metadata": m }));
+    for n in &names {
+        let m = merge(json!({"annotations": {"stripekeys.io/rotate": "bulk"}}));
+        api.patch(n, &PatchParams::default(), &m).await.unwrap();
+    }
+    wait_all("Overlapping", &|e: &StripeWebhookEndpoint| {
+        e.status
+            .as_ref()
+            .and_then(|s| s.rotation.as_ref())
+            .is_some_and(|r| r.phase == RotationPhase::Overlapping)
+    })
+    .await;
+    env.clock.advance(Duration::from_secs(3700));
+    for n in &names {
+        let m = merge(json!({"labels": {"test/nudge": "1"}}));
+        api.patch(n, &PatchParams::default(), &m).await.unwrap();
+    }
+    wait_all("the rotation ended", &settled_with(Some("bulk"))).await;
+    let listings = env
+        .sim
+        .request_log()
+        .iter()
+        .filter(|r| r.method == "GET" && r.path == "/v1/webhook_endpoints")
+        .count();
+    assert!(
+        (1..=2).contains(&listings),
+        "{listings} listings of the account's endpoints for {ENDPOINTS} rotations"
+    );
+    let endpoints = env
+        .sim
+        .state()
+        .account(&env.account_id)
+        .unwrap()
+        .webhook_endpoints
+        .len();
+    assert_eq!(
+        endpoints, ENDPOINTS,
+        "one endpoint each, the old ones deleted"
+    );
 }
 
 #[derive(clap::Parser)]
