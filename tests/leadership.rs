@@ -361,7 +361,7 @@ async fn a_stale_reconciler_gets_a_conflict_and_never_rolls_a_newer_status_back(
     // The conflict is no failure: it requeues at once, without backing off, however often.
     for _ in 0..5 {
         assert_eq!(
-            keypolicy::error_policy(
+            stripe_key_operator::rotation::engine::error_policy::<keypolicy::KeyPolicy>(
                 Arc::new(after.clone()),
                 result.as_ref().unwrap_err(),
                 stale.clone()
@@ -379,7 +379,11 @@ async fn a_stale_reconciler_gets_a_conflict_and_never_rolls_a_newer_status_back(
     ))
     .into();
     assert_ne!(
-        keypolicy::error_policy(Arc::new(after.clone()), &other, stale.clone()),
+        stripe_key_operator::rotation::engine::error_policy::<keypolicy::KeyPolicy>(
+            Arc::new(after.clone()),
+            &other,
+            stale.clone()
+        ),
         kube::runtime::controller::Action::requeue(
             stripe_key_operator::controller::shared::CONFLICT_REQUEUE
         ),

@@ -12,25 +12,24 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::jiff::Timestamp;
-use kube::ResourceExt;
 use kube::runtime::controller::Action;
-use tracing::instrument;
 
 use super::Context;
 use super::accounts::AccountHandle;
 use super::error::ReconcileError;
-use super::shared;
 pub use super::shared::Refusal;
 use super::shared::ts_from_chrono;
 use crate::api::permissions;
 use crate::api::{
     DEFAULT_KEY_OVERLAP, RotationState, StripeAccount, StripeKeyPolicy, StripeKeyPolicyStatus,
 };
-use crate::rotation::engine::{self, Credential, Minted, Names, Owned, Run, Verdict};
-use crate::rotation::schedule::{Schedule, parse_duration};
-use crate::rules;
+use crate::rotation::engine::{
+    self, Credential, Declared, Inputs, Minted, Names, OverlapBounds, RotationSpec, Run, Verdict,
+    invalid,
+};
+use crate::rotation::listing::Listed;
 use crate::secret::SecretString;
-use crate::stripe::{ApiKeyType, CreateApiKeyParams, ListApiKeysParams};
+use crate::stripe::{ApiKeyType, CreateApiKeyParams, ListApiKeysParams, StripeError};
 
 /// The finalizer that guards the policy's keys at Stripe and its store entry.
 pub const FINALIZER: &str = "stripekeys.io/revoke-keys";
@@ -38,8 +37,11 @@ pub const FINALIZER: &str = "stripekeys.io/revoke-keys";
 pub const KEY_NAME_PREFIX: &str = "stripe-key-operator";
 /// The store path kind segment of key policies.
 pub const STORE_KIND: &str = "stripekeypolicy";
-const KIND: &str = "StripeKeyPolicy";
-const CONTROLLER: &str = "stripekeypolicy";
+/// What the engine calls policies in Events, metrics, store paths and messages.
+const NAMES: Names = Names::new(
+    ["StripeKeyPolicy", STORE_KIND, FINALIZER, "key"],
+    ["Key", "Minted", "Expired"],
+);
 
 /// The name given to every key of a policy: fixed prefix, namespace and name.
 pub fn key_name(namespace: &str, name: &str) -> String {
@@ -51,13 +53,20 @@ pub fn key_name(namespace: &str, name: &str) -> String {
 pub struct Validated {
     pub permissions: Vec<String>,
     pub connect_permissions: Vec<String>,
-    pub schedule: Option<Schedule>,
-    pub overlap: Duration,
-    pub revoke_on_delete: bool,
+    pub rotation: RotationSpec,
 }
 
+/// A key's overlap: at least 5m (an expired key keeps working for minutes at Stripe), at most
+/// Stripe's 7 days.
+const OVERLAP: OverlapBounds = OverlapBounds {
+    default: DEFAULT_KEY_OVERLAP,
+    min: Duration::from_secs(300),
+    max: Duration::from_secs(7 * 24 * 3600),
+    message: "overlap must be between 5m and 168h",
+};
+
 /// Validates a policy against its account, its namespace and the guardrails. Pure: no client
-/// calls, so refusing costs no Stripe call.
+/// calls, so refusing costs no Stripe call. Admission judges with the same function.
 pub fn validate(
     policy: &StripeKeyPolicy,
     account: Option<&StripeAccount>,
@@ -65,21 +74,14 @@ pub fn validate(
     guardrails: &[crate::api::StripeGuardrail],
     now: Timestamp,
 ) -> Result<Validated, Refusal> {
-    let spec = &policy.spec;
-    let invalid = |message: String| Refusal {
-        reason: "InvalidSpec",
-        message,
-    };
-    let account = shared::validate_placement(
+    let input = Inputs {
         account,
-        &spec.account_ref.name,
-        &policy.namespace().unwrap_or_default(),
         namespace_labels,
-        spec.delivery
-            .vault
-            .as_ref()
-            .is_some_and(|v| v.sub_path.is_some()),
-    )?;
+        guardrails,
+        now,
+    };
+    let (account, rotation) = engine::validate_common::<KeyPolicy>(policy, &input, &OVERLAP)?;
+    let spec = &policy.spec;
     if !spec.ip_allowlist.is_empty() {
         // Never accept a restriction that would silently not be applied.
         return Err(invalid(
@@ -93,9 +95,9 @@ pub fn validate(
             "permissions must name at least one permission".into(),
         ));
     }
+    let declared = || spec.permissions.iter().chain(&spec.connect_permissions);
     if !spec.allow_unlisted_permissions {
-        let unknown =
-            permissions::unknown(spec.permissions.iter().chain(&spec.connect_permissions));
+        let unknown = permissions::unknown(declared());
         if !unknown.is_empty() {
             return Err(invalid(format!(
                 "unknown permission(s) {} (catalogue {}); fix the names or set allowUnlistedPermissions: true",
@@ -104,69 +106,28 @@ pub fn validate(
             )));
         }
     }
-    let rotation = spec.rotation.as_ref();
-    let schedule = match rotation.and_then(|r| r.schedule()) {
-        Some(s) => Some(Schedule::parse(&s).map_err(|e| invalid(e.to_string()))?),
-        None => None,
-    };
-    let overlap_text = rotation
-        .and_then(|r| r.overlap.as_deref())
-        .unwrap_or(DEFAULT_KEY_OVERLAP);
-    let overlap = parse_duration("overlap", overlap_text).map_err(|e| invalid(e.to_string()))?;
-    if overlap < Duration::from_secs(300) || overlap > Duration::from_secs(7 * 24 * 3600) {
-        return Err(invalid("overlap must be between 5m and 168h".into()));
-    }
-    let rotation_period = match &schedule {
-        Some(s) => Some(s.longest_period(now).map_err(|e| invalid(e.to_string()))?),
-        None => None,
-    };
-    let all_permissions: Vec<&str> = spec
-        .permissions
-        .iter()
-        .chain(&spec.connect_permissions)
-        .map(String::as_str)
-        .collect();
-    let violations = rules::evaluate(
-        guardrails,
-        &rules::Request {
-            namespace_labels: namespace_labels.clone(),
-            mode: Some(account.spec.mode),
-            permissions: all_permissions,
-            rotation_period,
-            rotates: schedule.is_some(),
-            overlap: Some(overlap),
-            webhook_host: None,
-        },
-    );
-    shared::refuse_violations(&violations)?;
+    rotation.check_guardrails(
+        &input,
+        account,
+        declared().map(String::as_str).collect(),
+        None,
+    )?;
     Ok(Validated {
         permissions: permissions::normalized(&spec.permissions),
         connect_permissions: permissions::normalized(&spec.connect_permissions),
-        schedule,
-        overlap,
-        revoke_on_delete: rotation.and_then(|r| r.revoke_on_delete).unwrap_or(true),
+        rotation,
     })
 }
 
 /// The restricted-key adapter of the rotation engine.
 pub struct KeyPolicy;
 
-/// Reconciles one policy (the entry point the `Controller` calls).
-#[instrument(skip(policy, ctx), fields(namespace = %policy.namespace().unwrap_or_default(), name = %policy.name_any()))]
+/// Reconciles one policy (the entry point tests call; the controller calls the engine's).
 pub async fn reconcile(
-    policy: Arc<StripeKeyPolicy>,
+    p: Arc<StripeKeyPolicy>,
     ctx: Arc<Context>,
 ) -> Result<Action, ReconcileError> {
-    engine::reconcile::<KeyPolicy>(policy, ctx).await
-}
-
-/// What the controller does after a failed reconcile: record it, back off, try again.
-pub fn error_policy(
-    policy: Arc<StripeKeyPolicy>,
-    error: &ReconcileError,
-    ctx: Arc<Context>,
-) -> Action {
-    shared::requeue_after_error(&ctx, CONTROLLER, &policy.metadata, error)
+    engine::reconcile::<KeyPolicy>(p, ctx).await
 }
 
 /// The create parameters of the rotation's key (a replay sends exactly these).
@@ -203,47 +164,31 @@ impl Credential for KeyPolicy {
     type Status = StripeKeyPolicyStatus;
     type Spec = Validated;
 
-    const NAMES: Names = Names {
-        kind: KIND,
-        controller: CONTROLLER,
-        finalizer: FINALIZER,
-        store_kind: STORE_KIND,
-        noun: "key",
-        minted_reason: "KeyMinted",
-        retired_reason: "KeyExpired",
-        orphan_reason: "OrphanKeyExpired",
-        ready_reason: "KeyReady",
-        missing_reason: "KeyMissing",
-    };
+    const NAMES: Names = NAMES;
 
-    fn account_name(obj: &StripeKeyPolicy) -> &str {
-        &obj.spec.account_ref.name
+    fn declared(obj: &StripeKeyPolicy) -> Declared<'_> {
+        let (spec, rotation) = (&obj.spec, obj.spec.rotation.as_ref());
+        Declared {
+            revoke_on_delete: rotation.and_then(|r| r.revoke_on_delete).unwrap_or(true),
+            schedule: rotation.and_then(|r| r.schedule()),
+            overlap: rotation.and_then(|r| r.overlap.as_deref()),
+            account: &spec.account_ref.name,
+            vault_sub_path: spec
+                .delivery
+                .vault
+                .as_ref()
+                .is_some_and(|v| v.sub_path.is_some()),
+            secret: &spec.delivery.secret.name,
+            targets: &spec.delivery.rollout_targets,
+        }
     }
 
-    fn validate(
-        obj: &StripeKeyPolicy,
-        account: Option<&StripeAccount>,
-        namespace_labels: &BTreeMap<String, String>,
-        guardrails: &[crate::api::StripeGuardrail],
-        now: Timestamp,
-    ) -> Result<Validated, Refusal> {
-        validate(obj, account, namespace_labels, guardrails, now)
+    fn validate(obj: &StripeKeyPolicy, i: &Inputs<'_>) -> Result<Validated, Refusal> {
+        validate(obj, i.account, i.namespace_labels, i.guardrails, i.now)
     }
 
-    fn schedule(spec: &Validated) -> Option<&Schedule> {
-        spec.schedule.as_ref()
-    }
-
-    fn overlap(spec: &Validated) -> Duration {
-        spec.overlap
-    }
-
-    fn revoke_on_delete(obj: &StripeKeyPolicy) -> bool {
-        obj.spec
-            .rotation
-            .as_ref()
-            .and_then(|r| r.revoke_on_delete)
-            .unwrap_or(true)
+    fn rotation(spec: &Validated) -> &RotationSpec {
+        &spec.rotation
     }
 
     fn needs_new_credential(
@@ -333,7 +278,7 @@ impl Credential for KeyPolicy {
         handle: &AccountHandle,
         id: &str,
         idempotency_key: &str,
-    ) -> Result<(), crate::stripe::StripeError> {
+    ) -> Result<(), StripeError> {
         // Confirmed: a 404 counts only when a listing agrees the key is gone; a 401 (the app's
         // own key) is an error, never "already expired".
         handle
@@ -343,33 +288,19 @@ impl Credential for KeyPolicy {
             .map(|_| ())
     }
 
-    async fn list_owned(
-        run: &Run<'_, Self>,
-        handle: &AccountHandle,
-    ) -> Result<Vec<Owned>, ReconcileError> {
-        let name = key_name(&run.ns, &run.name);
-        let note_marker = format!("policy-uid={} ", run.uid);
-        let keys = handle
-            .client
-            .list_all_api_keys(&ListApiKeysParams {
-                include_expired: Some(false),
-                limit: Some(100),
-            })
-            .await?;
-        Ok(keys
-            .items
-            .into_iter()
-            .filter(|k| {
-                k.name.as_deref() == Some(name.as_str())
-                    && k.note
-                        .as_deref()
-                        .is_some_and(|n| n.starts_with(&note_marker))
-            })
-            .map(|k| Owned {
-                active: k.status == crate::stripe::ApiKeyStatus::Active,
-                id: k.id,
-            })
-            .collect())
+    /// Every active key of the account; a key is a policy's when its name is the policy's
+    /// [`key_name`] and its note starts `policy-uid=<uid> ` (the mark is both).
+    async fn list_account(handle: &AccountHandle) -> Result<Vec<Listed>, StripeError> {
+        let params = ListApiKeysParams {
+            include_expired: Some(false),
+            limit: Some(100),
+        };
+        let keys = handle.client.list_all_api_keys(&params).await?.items;
+        Ok(keys.into_iter().map(listed).collect())
+    }
+
+    fn owner_mark(run: &Run<'_, Self>) -> String {
+        owner_mark(&key_name(&run.ns, &run.name), &run.uid)
     }
 
     fn publish(
@@ -385,17 +316,27 @@ impl Credential for KeyPolicy {
         entries
     }
 
-    fn secret_name(obj: &StripeKeyPolicy) -> String {
-        obj.spec.delivery.secret.name.clone()
-    }
-
-    fn rollout_targets(obj: &StripeKeyPolicy) -> &[crate::api::RolloutTarget] {
-        &obj.spec.delivery.rollout_targets
-    }
-
     fn on_stored(status: &mut StripeKeyPolicyStatus, rotation: &RotationState) {
         status.current_permissions = rotation.permissions.clone();
         status.current_connect_permissions = rotation.connect_permissions.clone();
+    }
+}
+
+/// The owner mark of a policy's keys: its key name and UID.
+fn owner_mark(name: &str, uid: &str) -> String {
+    format!("{name}\n{uid}")
+}
+
+/// A listed key, with its owner mark when its note is one the operator writes. Pure.
+fn listed(key: crate::stripe::ApiKey) -> Listed {
+    let uid = key.note.as_deref().and_then(|n| {
+        let (uid, _) = n.strip_prefix("policy-uid=")?.split_once(' ')?;
+        Some(uid.to_string())
+    });
+    Listed {
+        owner: key.name.as_deref().zip(uid).map(|(n, u)| owner_mark(n, &u)),
+        active: key.status == crate::stripe::ApiKeyStatus::Active,
+        id: key.id,
     }
 }
 
@@ -411,34 +352,11 @@ mod tests {
     use super::*;
     use crate::api::{RotationPhase, RotationTrigger};
     use crate::rotation::engine::Next;
-
-    /// The engine's decision for this resource, as the controller computes it.
-    fn decide(p: &StripeKeyPolicy, v: &Validated, now: Timestamp) -> Next {
-        let status = p.status.clone().unwrap_or_default();
-        engine::decide(
-            p.annotations(),
-            &status,
-            status.current_key.is_some() && scopes_changed(&status, v),
-            engine::next_rotation_at::<KeyPolicy>(p, v).is_some_and(|at| at <= now),
-        )
-    }
-    use crate::api::StripeKeyPolicySpec;
+    use crate::rotation::engine::fixtures::{self, account, now};
     use serde_json::json;
 
-    fn policy(
-        spec: serde_json::Value,
-        status: Option<serde_json::Value>,
-        annotations: serde_json::Value,
-    ) -> StripeKeyPolicy {
-        let mut p = StripeKeyPolicy::new(
-            "checkout",
-            serde_json::from_value::<StripeKeyPolicySpec>(spec).unwrap(),
-        );
-        p.metadata.namespace = Some("shop".into());
-        p.metadata.uid = Some("uid-1".into());
-        p.metadata.annotations = serde_json::from_value(annotations).unwrap();
-        p.status = status.map(|s| serde_json::from_value(s).unwrap());
-        p
+    fn policy(spec: serde_json::Value, status: Option<serde_json::Value>) -> StripeKeyPolicy {
+        fixtures::resource::<KeyPolicy>("checkout", spec, status, json!(null))
     }
 
     fn spec() -> serde_json::Value {
@@ -446,45 +364,15 @@ mod tests {
                "delivery": {"secret": {"name": "s"}}, "rotation": {"every": "720h"}})
     }
 
-    fn account(selector: serde_json::Value, mode: &str) -> StripeAccount {
-        serde_json::from_value(json!({
-            "apiVersion": "stripekeys.io/v1alpha1", "kind": "StripeAccount", "metadata": {"name": "acct"},
-            "spec": {"mode": mode, "context": "acct_1", "credentials": {"secretRef": {"name": "s", "key": "k"}},
-                     "namespaceSelector": selector}
-        }))
-        .unwrap()
-    }
-
-    fn now() -> Timestamp {
-        "2026-06-01T00:00:00Z".parse().unwrap()
-    }
-
     #[test]
-    fn validate_refuses_missing_account_namespace_unknown_permissions_and_guardrails() {
-        let p = policy(spec(), None, json!(null));
-        let labels = BTreeMap::new();
-        assert_eq!(
-            validate(&p, None, &labels, &[], now()).unwrap_err().reason,
-            "AccountNotFound"
-        );
-        let narrow = account(json!({"matchLabels": {"team": "pay"}}), "test");
-        assert_eq!(
-            validate(&p, Some(&narrow), &labels, &[], now())
-                .unwrap_err()
-                .reason,
-            "NamespaceNotAllowed"
-        );
+    fn validate_refuses_unknown_permissions_guardrails_and_ip_allowlists() {
+        let p = policy(spec(), None);
+        fixtures::assert_placement_refusals::<KeyPolicy>(&p);
         let open = account(json!({}), "test");
         let mut bad = spec();
         bad["permissions"] = json!(["charge_read", "warp_drive_write"]);
-        let refusal = validate(
-            &policy(bad, None, json!(null)),
-            Some(&open),
-            &labels,
-            &[],
-            now(),
-        )
-        .unwrap_err();
+        let refusal =
+            fixtures::validate::<KeyPolicy>(&policy(bad, None), Some(&open), &[]).unwrap_err();
         assert_eq!(refusal.reason, "InvalidSpec");
         assert!(refusal.message.contains("warp_drive_write"));
         let guard: crate::api::StripeGuardrail = serde_json::from_value(json!({
@@ -492,90 +380,58 @@ mod tests {
             "spec": {"namespaceSelector": {}, "deniedPermissions": ["refund_*"]}
         }))
         .unwrap();
-        let refusal = validate(&p, Some(&open), &labels, &[guard], now()).unwrap_err();
+        let refusal = fixtures::validate::<KeyPolicy>(&p, Some(&open), &[guard]).unwrap_err();
         assert_eq!(refusal.reason, "GuardrailViolation");
         assert!(refusal.message.contains("no-refunds"));
         let mut with_ips = spec();
         with_ips["ipAllowlist"] = json!(["10.0.0.0/8"]);
-        let refusal = validate(
-            &policy(with_ips, None, json!(null)),
-            Some(&open),
-            &labels,
-            &[],
-            now(),
-        )
-        .unwrap_err();
+        let refusal =
+            fixtures::validate::<KeyPolicy>(&policy(with_ips, None), Some(&open), &[]).unwrap_err();
         assert!(
             refusal.message.contains("ipAllowlist is not supported yet"),
             "{}",
             refusal.message
         );
-        let ok = validate(&p, Some(&open), &labels, &[], now()).unwrap();
+        let ok = validate(&p, Some(&open), &BTreeMap::new(), &[], now()).unwrap();
         assert_eq!(ok.permissions, ["charge_read", "refund_write"], "sorted");
-        assert_eq!(ok.overlap, Duration::from_secs(3600));
+        assert_eq!(ok.rotation.overlap, Duration::from_secs(3600));
     }
 
     #[test]
     fn decide_follows_status_annotations_scopes_and_schedule() {
         let open = account(json!({}), "test");
-        let labels = BTreeMap::new();
-        let fresh = policy(spec(), None, json!(null));
-        let v = validate(&fresh, Some(&open), &labels, &[], now()).unwrap();
+        let fresh = policy(spec(), None);
+        let v = fixtures::validate::<KeyPolicy>(&fresh, Some(&open), &[]).unwrap();
+        let decide =
+            |p: &StripeKeyPolicy, v: &Validated, at| engine::next_step::<KeyPolicy>(p, v, at);
         assert_eq!(
             decide(&fresh, &v, now()),
             Next::Start(RotationTrigger::Initial, None)
         );
-
         let steady = json!({"currentKey": {"id": "ak_1", "fingerprint": "f"}, "currentPermissions": ["charge_read", "refund_write"],
                             "lastRotationAt": "2026-05-31T00:00:00Z", "rotationNumber": 1});
-        let p = policy(spec(), Some(steady.clone()), json!(null));
-        assert_eq!(decide(&p, &v, now()), Next::Idle);
-        let later: Timestamp = "2026-07-01T00:00:00Z".parse().unwrap();
-        assert_eq!(
-            decide(&p, &v, later),
-            Next::Start(RotationTrigger::Schedule, None)
-        );
-
-        let p = policy(
-            spec(),
-            Some(steady.clone()),
-            json!({"stripekeys.io/rotate": "1"}),
-        );
-        assert_eq!(
-            decide(&p, &v, now()),
-            Next::Start(RotationTrigger::Annotation, Some("1".into()))
-        );
-        let p = policy(
-            spec(),
-            Some(steady.clone()),
-            json!({"stripekeys.io/rotate": "2", "stripekeys.io/rotate-reason": "incident"}),
-        );
-        assert_eq!(decide(&p, &v, now()), Next::Escalate("2".into()));
-        let mut handled = steady.clone();
-        handled["lastHandledRotateRequest"] = json!("2");
-        let p = policy(
-            spec(),
-            Some(handled),
-            json!({"stripekeys.io/rotate": "2", "stripekeys.io/rotate-reason": "incident"}),
-        );
-        assert_eq!(
-            decide(&p, &v, now()),
-            Next::Idle,
-            "the same annotation never rotates twice"
-        );
-
+        let p = policy(spec(), Some(steady.clone()));
+        fixtures::assert_annotations_and_schedule_decide::<KeyPolicy>(&p, &v);
         let mut narrower = spec();
         narrower["permissions"] = json!(["charge_read"]);
-        let p = policy(narrower, Some(steady.clone()), json!(null));
-        let v2 = validate(&p, Some(&open), &labels, &[], now()).unwrap();
+        let p = policy(narrower, Some(steady.clone()));
+        let v2 = fixtures::validate::<KeyPolicy>(&p, Some(&open), &[]).unwrap();
         assert_eq!(
             decide(&p, &v2, now()),
             Next::Start(RotationTrigger::SpecChange, None)
         );
-
+        let mut connect = spec();
+        connect["connectPermissions"] = json!(["charge_read"]);
+        let p = policy(connect, Some(steady.clone()));
+        let v3 = fixtures::validate::<KeyPolicy>(&p, Some(&open), &[]).unwrap();
+        assert_eq!(
+            decide(&p, &v3, now()),
+            Next::Start(RotationTrigger::SpecChange, None),
+            "a Connect-permission change rotates too"
+        );
         let mut rotating = steady;
         rotating["rotation"] = json!({"phase": "Storing", "number": 2, "trigger": "Schedule", "startedAt": "2026-06-01T00:00:00Z", "idempotencyKey": "k"});
-        let p = policy(spec(), Some(rotating), json!(null));
+        let p = policy(spec(), Some(rotating));
         assert_eq!(
             decide(&p, &v, now()),
             Next::Continue(RotationPhase::Storing)
@@ -588,5 +444,42 @@ mod tests {
             key_name("shop", "checkout"),
             "stripe-key-operator/shop/checkout"
         );
+    }
+
+    #[test]
+    fn a_listed_key_is_the_policys_only_with_its_name_and_uid_in_the_note() {
+        let key = |name: &str, note: &str| -> crate::stripe::ApiKey {
+            serde_json::from_value(
+                json!({"id": "ak_1", "object": "v2.iam.api_key", "type": "secret_key",
+                "name": name, "note": note, "status": "active", "created": "2026-06-01T00:00:00Z",
+                "livemode": false}),
+            )
+            .unwrap()
+        };
+        let mine = owner_mark("stripe-key-operator/shop/checkout", "uid-1");
+        let ours = listed(key(
+            "stripe-key-operator/shop/checkout",
+            "policy-uid=uid-1 rotation=3",
+        ));
+        assert_eq!(ours.owner.as_deref(), Some(mine.as_str()));
+        assert!(ours.active);
+        for (name, note) in [
+            ("stripe-key-operator/shop/checkout", "made by hand"),
+            (
+                "stripe-key-operator/shop/checkout",
+                "policy-uid=uid-2 rotation=1",
+            ),
+            ("stripe-key-operator/shop/checkout", "policy-uid=uid-1"),
+            (
+                "stripe-key-operator/shop/other",
+                "policy-uid=uid-1 rotation=1",
+            ),
+        ] {
+            assert_ne!(
+                listed(key(name, note)).owner.as_deref(),
+                Some(mine.as_str()),
+                "{name} {note}"
+            );
+        }
     }
 }

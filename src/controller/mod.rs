@@ -199,10 +199,17 @@ pub struct RunConfig {
     /// Unset: nobody is exempt.
     #[arg(long, env = "SERVICE_ACCOUNT_NAME")]
     pub service_account_name: Option<String>,
+    /// How long a listing of an account's keys (or webhook endpoints) serves the orphan sweeps
+    /// of every resource of that account (e.g. `5m`). Longer: fewer Stripe calls; an orphan is
+    /// found at most this long after it appeared, at the next sweep.
+    #[arg(long, env = "ORPHAN_SWEEP_INTERVAL", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub orphan_sweep_interval: Duration,
 }
 
 /// Reconciles each controller runs at once unless configured otherwise.
 pub const DEFAULT_CONCURRENCY: u16 = 16;
+/// How long one listing of an account serves its orphan sweeps unless configured otherwise.
+pub const DEFAULT_ORPHAN_SWEEP_INTERVAL: Duration = Duration::from_secs(300);
 
 impl RunConfig {
     /// The leader election settings of these flags, validated.
@@ -308,6 +315,9 @@ pub struct ControllerConfig {
     pub concurrency: u16,
     /// Hosts a StripeAccount's `apiBase` may name (default: Stripe's API host only).
     pub api_hosts: crate::rules::ApiHosts,
+    /// How long one listing of an account's credentials serves every orphan sweep of the
+    /// account (see [`crate::rotation::listing`]).
+    pub orphan_sweep_interval: Duration,
 }
 
 /// A test hook that simulates a crash right after a side effect and before its status write.
@@ -356,6 +366,7 @@ impl ControllerConfig {
             crash_hook: None,
             concurrency: DEFAULT_CONCURRENCY,
             api_hosts: crate::rules::ApiHosts::stripe_only(),
+            orphan_sweep_interval: DEFAULT_ORPHAN_SWEEP_INTERVAL,
         }
     }
 }
@@ -379,6 +390,8 @@ pub struct Context {
     failures: std::sync::Mutex<std::collections::HashMap<String, u32>>,
     /// Where the controllers report their progress (`/healthz`).
     pub health: Health,
+    /// One listing per Stripe account and credential kind, shared by the orphan sweeps.
+    pub listings: crate::rotation::listing::Listings,
 }
 
 /// Reports each Stripe HTTP attempt of one reconcile to the metrics and the audit log.
@@ -455,6 +468,7 @@ impl Context {
             probed_accounts: Default::default(),
             failures: Default::default(),
             health: Health::default(),
+            listings: Default::default(),
         }
     }
 
@@ -576,9 +590,13 @@ pub async fn run_controllers(
         let shutdown = shutdown.clone();
         tasks.spawn({
             let (ctx, ns, shutdown) = (ctx.clone(), ns.clone(), shutdown.clone());
-            async move { run_key_policy_controller(ctx, ns, shutdown).await }
+            async move {
+                run_credential_controller::<keypolicy::KeyPolicy>(ctx, ns, shutdown).await
+            }
         });
-        tasks.spawn(async move { run_webhook_controller(ctx, ns, shutdown).await });
+        tasks.spawn(async move {
+            run_credential_controller::<webhook::Endpoint>(ctx, ns, shutdown).await
+        });
     }
     while tasks.join_next().await.is_some() {}
 }
@@ -678,14 +696,17 @@ fn account_spec_watch(
     .predicate_filter(predicates::generation, PredicateConfig::default())
 }
 
-/// The StripeKeyPolicy controller for one namespace (or all).
-pub async fn run_key_policy_controller(
+/// The controller of one credential kind for one namespace (or all): the engine reconciles
+/// each resource; it owns the Secrets labelled with its owner kind, and watches namespace
+/// labels, accounts and guardrails (each can change whether a resource is admitted).
+pub async fn run_credential_controller<C: crate::rotation::engine::Credential>(
     ctx: Arc<Context>,
     namespace: Option<String>,
     shutdown: CancellationToken,
 ) {
+    use crate::rotation::engine;
     let client = ctx.client.clone();
-    let (policies, secrets): (Api<crate::api::StripeKeyPolicy>, Api<Secret>) = match &namespace {
+    let (resources, secrets): (Api<C::Resource>, Api<Secret>) = match &namespace {
         Some(ns) => (
             Api::namespaced(client.clone(), ns),
             Api::namespaced(client.clone(), ns),
@@ -693,14 +714,15 @@ pub async fn run_key_policy_controller(
         None => (Api::all(client.clone()), Api::all(client.clone())),
     };
     let owned = watcher::Config::default().labels(&format!(
-        "{}={},{}=StripeKeyPolicy",
+        "{}={},{}={}",
         crate::api::MANAGED_BY_LABEL,
         crate::api::MANAGED_BY,
-        crate::inject::OWNER_KIND_LABEL
+        crate::inject::OWNER_KIND_LABEL,
+        C::NAMES.kind
     ));
-    let progress = ctx.health.controller("stripekeypolicy");
+    let progress = ctx.health.controller(C::NAMES.controller);
     let thresholds = ctx.health.thresholds();
-    let controller = Controller::new(policies, watcher::Config::default())
+    let controller = Controller::new(resources, watcher::Config::default())
         .owns(secrets, owned)
         .with_config(controller_config(&ctx.config));
     let store = controller.store();
@@ -721,76 +743,8 @@ pub async fn run_key_policy_controller(
             by_account
                 .state()
                 .into_iter()
-                .filter(|p| p.spec.account_ref.name == account.name_any())
-                .map(|p| ObjectRef::from_obj(&*p))
-                .collect::<Vec<_>>()
-        })
-        .watches(
-            Api::<crate::api::StripeGuardrail>::all(client),
-            watcher::Config::default(),
-            move |_| {
-                all.state()
-                    .into_iter()
-                    .map(|p| ObjectRef::from_obj(&*p))
-                    .collect::<Vec<_>>()
-            },
-        )
-        .graceful_shutdown_on(async move { shutdown.cancelled().await })
-        .run(
-            tracked(progress.clone(), keypolicy::reconcile),
-            keypolicy::error_policy,
-            ctx,
-        )
-        .for_each(report_watch_errors(progress, thresholds))
-        .await;
-}
-
-/// The StripeWebhookEndpoint controller for one namespace (or all): owns the Secrets labelled
-/// with owner kind `StripeWebhookEndpoint`, and watches accounts and guardrails.
-pub async fn run_webhook_controller(
-    ctx: Arc<Context>,
-    namespace: Option<String>,
-    shutdown: CancellationToken,
-) {
-    let client = ctx.client.clone();
-    let (endpoints, secrets): (Api<StripeWebhookEndpoint>, Api<Secret>) = match &namespace {
-        Some(ns) => (
-            Api::namespaced(client.clone(), ns),
-            Api::namespaced(client.clone(), ns),
-        ),
-        None => (Api::all(client.clone()), Api::all(client.clone())),
-    };
-    let owned = watcher::Config::default().labels(&format!(
-        "{}={},{}=StripeWebhookEndpoint",
-        crate::api::MANAGED_BY_LABEL,
-        crate::api::MANAGED_BY,
-        crate::inject::OWNER_KIND_LABEL
-    ));
-    let progress = ctx.health.controller("stripewebhookendpoint");
-    let thresholds = ctx.health.thresholds();
-    let controller = Controller::new(endpoints, watcher::Config::default())
-        .owns(secrets, owned)
-        .with_config(controller_config(&ctx.config));
-    let store = controller.store();
-    let by_account = store.clone();
-    let all = store.clone();
-    let by_namespace = store.clone();
-    controller
-        .watches_stream(namespace_watch(&client, &namespace), move |ns| {
-            let ns = ns.name_any();
-            by_namespace
-                .state()
-                .into_iter()
-                .filter(|o| o.namespace().as_deref() == Some(ns.as_str()))
+                .filter(|o| C::declared(o).account == account.name_any())
                 .map(|o| ObjectRef::from_obj(&*o))
-                .collect::<Vec<_>>()
-        })
-        .watches_stream(account_spec_watch(&client), move |account| {
-            by_account
-                .state()
-                .into_iter()
-                .filter(|e| e.spec.account_ref.name == account.name_any())
-                .map(|e| ObjectRef::from_obj(&*e))
                 .collect::<Vec<_>>()
         })
         .watches(
@@ -799,14 +753,14 @@ pub async fn run_webhook_controller(
             move |_| {
                 all.state()
                     .into_iter()
-                    .map(|e| ObjectRef::from_obj(&*e))
+                    .map(|o| ObjectRef::from_obj(&*o))
                     .collect::<Vec<_>>()
             },
         )
         .graceful_shutdown_on(async move { shutdown.cancelled().await })
         .run(
-            tracked(progress.clone(), webhook::reconcile),
-            webhook::error_policy,
+            tracked(progress.clone(), engine::reconcile::<C>),
+            engine::error_policy::<C>,
             ctx,
         )
         .for_each(report_watch_errors(progress, thresholds))
@@ -1035,6 +989,7 @@ pub async fn run_with_client(
             ControllerConfig {
                 concurrency: config.max_concurrent_reconciles,
                 api_hosts: webhook_config.account_trust.api_hosts.clone(),
+                orphan_sweep_interval: config.orphan_sweep_interval,
                 ..ControllerConfig::new(&config.namespace, prefix)
             },
             None,

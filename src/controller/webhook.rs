@@ -15,6 +15,7 @@
 //! and puts back what was changed at Stripe; an endpoint deleted at Stripe is recreated.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,22 +23,24 @@ use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::ResourceExt;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
-use tracing::{info, instrument, warn};
+use tracing::{info, warn};
 
 use super::Context;
 use super::accounts::AccountHandle;
 use super::error::ReconcileError;
-use super::shared::{self, Refusal, time, ts_from_unix};
+use super::shared::{Refusal, time, ts_from_unix};
 use crate::api::{
-    DEFAULT_WEBHOOK_OVERLAP, RotationState, RotationTrigger, StripeAccount, StripeWebhookEndpoint,
+    DEFAULT_WEBHOOK_OVERLAP, RotationState, RotationTrigger, StripeWebhookEndpoint,
     StripeWebhookEndpointStatus, WebhookEndpointSettings,
 };
-use crate::rotation::engine::{self, Credential, Minted, Names, Owned, Run};
-use crate::rotation::schedule::{Schedule, parse_duration};
-use crate::rules;
+use crate::rotation::engine::{
+    self, Credential, Declared, Inputs, Minted, Names, OverlapBounds, RotationSpec, Run, invalid,
+};
+use crate::rotation::listing::Listed;
+use crate::rotation::schedule::parse_duration;
 use crate::secret::SecretString;
 use crate::stripe::{
-    CreateWebhookEndpointParams, UpdateWebhookEndpointParams, WebhookEndpoint,
+    CreateWebhookEndpointParams, StripeError, UpdateWebhookEndpointParams, WebhookEndpoint,
     WebhookEndpointStatus, idempotency_key,
 };
 
@@ -57,104 +60,43 @@ pub const META_UID: &str = "stripekeys_uid";
 pub const META_ROTATION: &str = "stripekeys_rotation";
 /// The default `spec.driftCheckInterval`.
 pub const DEFAULT_DRIFT_CHECK_INTERVAL: &str = "10m";
-const KIND: &str = "StripeWebhookEndpoint";
-const CONTROLLER: &str = "stripewebhookendpoint";
+/// What the engine calls webhook endpoints in Events, metrics, store paths and messages.
+const NAMES: Names = Names::new(
+    [
+        "StripeWebhookEndpoint",
+        STORE_KIND,
+        FINALIZER,
+        "webhook endpoint",
+    ],
+    ["Endpoint", "Created", "Deleted"],
+);
 
 /// An endpoint whose spec passed validation, with everything derived from it.
 #[derive(Debug, Clone)]
 pub struct Validated {
-    pub schedule: Option<Schedule>,
-    pub overlap: Duration,
+    pub rotation: RotationSpec,
     pub drift_check_interval: Duration,
     /// The URL's host (what `allowedWebhookHosts` judges).
     pub host: String,
 }
 
-/// Validates an endpoint against its account, its namespace and the guardrails. Pure: no client
-/// calls, so refusing costs no Stripe call.
-pub fn validate(
-    endpoint: &StripeWebhookEndpoint,
-    account: Option<&StripeAccount>,
-    namespace_labels: &BTreeMap<String, String>,
-    guardrails: &[crate::api::StripeGuardrail],
-    now: Timestamp,
-) -> Result<Validated, Refusal> {
-    let spec = &endpoint.spec;
-    let invalid = |message: String| Refusal {
-        reason: "InvalidSpec",
-        message,
-    };
-    let account = shared::validate_placement(
-        account,
-        &spec.account_ref.name,
-        &endpoint.namespace().unwrap_or_default(),
-        namespace_labels,
-        spec.delivery
-            .vault
-            .as_ref()
-            .is_some_and(|v| v.sub_path.is_some()),
-    )?;
-    let url = url::Url::parse(&spec.url)
-        .map_err(|e| invalid(format!("url {:?} is not a URL: {e}", spec.url)))?;
-    if url.scheme() != "https" {
-        return Err(invalid("url must be an https URL".into()));
-    }
-    let host = url
-        .host_str()
-        .ok_or_else(|| invalid("url has no host".into()))?
-        .to_ascii_lowercase();
-    if spec.enabled_events.is_empty() {
-        return Err(invalid("enabledEvents must name at least one event".into()));
-    }
-    if let Some(k) = spec.metadata.keys().find(|k| k.starts_with("stripekeys_")) {
-        return Err(invalid(format!(
-            "metadata key {k:?} is reserved: stripekeys_* keys are the operator's"
-        )));
-    }
-    let rotation = spec.rotation.as_ref();
-    let schedule = match rotation.and_then(|r| r.schedule()) {
-        Some(s) => Some(Schedule::parse(&s).map_err(|e| invalid(e.to_string()))?),
-        None => None,
-    };
-    let overlap_text = rotation
-        .and_then(|r| r.overlap.as_deref())
-        .unwrap_or(DEFAULT_WEBHOOK_OVERLAP);
-    let overlap = parse_duration("overlap", overlap_text).map_err(|e| invalid(e.to_string()))?;
-    if overlap < Duration::from_secs(60) || overlap > Duration::from_secs(24 * 3600) {
-        return Err(invalid("overlap must be between 1m and 24h".into()));
-    }
-    let drift_text = spec
-        .drift_check_interval
-        .as_deref()
-        .unwrap_or(DEFAULT_DRIFT_CHECK_INTERVAL);
-    let drift_check_interval =
-        parse_duration("driftCheckInterval", drift_text).map_err(|e| invalid(e.to_string()))?;
-    if drift_check_interval < Duration::from_secs(30) {
-        return Err(invalid("driftCheckInterval must be at least 30s".into()));
-    }
-    let rotation_period = match &schedule {
-        Some(s) => Some(s.longest_period(now).map_err(|e| invalid(e.to_string()))?),
-        None => None,
-    };
-    let violations = rules::evaluate(
-        guardrails,
-        &rules::Request {
-            namespace_labels: namespace_labels.clone(),
-            mode: Some(account.spec.mode),
-            permissions: Vec::new(),
-            rotation_period,
-            rotates: schedule.is_some(),
-            overlap: Some(overlap),
-            webhook_host: Some(&host),
-        },
-    );
-    shared::refuse_violations(&violations)?;
-    Ok(Validated {
-        schedule,
-        overlap,
-        drift_check_interval,
-        host,
-    })
+/// A signing secret's overlap: both endpoints deliver meanwhile, for at most a day.
+const OVERLAP: OverlapBounds = OverlapBounds {
+    default: DEFAULT_WEBHOOK_OVERLAP,
+    min: Duration::from_secs(60),
+    max: Duration::from_secs(24 * 3600),
+    message: "overlap must be between 1m and 24h",
+};
+
+/// The webhook-endpoint adapter of the rotation engine.
+pub struct Endpoint;
+
+/// Reconciles one endpoint (the entry point tests call; the controller calls the engine's).
+pub fn reconcile(
+    e: Arc<StripeWebhookEndpoint>,
+    ctx: Arc<Context>,
+) -> impl Future<Output = Result<Action, ReconcileError>> {
+    engine::reconcile::<Endpoint>(e, ctx)
 }
 
 /// The settings an endpoint of rotation `number` has: the spec's, plus the operator's metadata.
@@ -278,27 +220,6 @@ pub fn secrets_list(current: &SecretString, previous: Option<&SecretString>) -> 
     }
 }
 
-/// The webhook-endpoint adapter of the rotation engine.
-pub struct Endpoint;
-
-/// Reconciles one endpoint (the entry point the `Controller` calls).
-#[instrument(skip(endpoint, ctx), fields(namespace = %endpoint.namespace().unwrap_or_default(), name = %endpoint.name_any()))]
-pub async fn reconcile(
-    endpoint: Arc<StripeWebhookEndpoint>,
-    ctx: Arc<Context>,
-) -> Result<Action, ReconcileError> {
-    engine::reconcile::<Endpoint>(endpoint, ctx).await
-}
-
-/// What the controller does after a failed reconcile: record it, back off, try again.
-pub fn error_policy(
-    endpoint: Arc<StripeWebhookEndpoint>,
-    error: &ReconcileError,
-    ctx: Arc<Context>,
-) -> Action {
-    shared::requeue_after_error(&ctx, CONTROLLER, &endpoint.metadata, error)
-}
-
 /// Whether a rotation's new endpoint waits, disabled, until receivers hold its secret: a routine
 /// rotation has an old endpoint that carries every event meanwhile; an incident (whose old
 /// endpoint is gone), a first endpoint and a recreated one have none.
@@ -355,43 +276,70 @@ impl Credential for Endpoint {
     type Status = StripeWebhookEndpointStatus;
     type Spec = Validated;
 
-    const NAMES: Names = Names {
-        kind: KIND,
-        controller: CONTROLLER,
-        finalizer: FINALIZER,
-        store_kind: STORE_KIND,
-        noun: "webhook endpoint",
-        minted_reason: "EndpointCreated",
-        retired_reason: "EndpointDeleted",
-        orphan_reason: "OrphanEndpointDeleted",
-        ready_reason: "EndpointReady",
-        missing_reason: "EndpointMissing",
-    };
+    const NAMES: Names = NAMES;
 
-    fn account_name(obj: &StripeWebhookEndpoint) -> &str {
-        &obj.spec.account_ref.name
+    fn declared(obj: &StripeWebhookEndpoint) -> Declared<'_> {
+        let delivery = &obj.spec.delivery;
+        let rotation = obj.spec.rotation.as_ref();
+        Declared {
+            account: &obj.spec.account_ref.name,
+            secret: &delivery.secret.name,
+            targets: &delivery.rollout_targets,
+            vault_sub_path: delivery
+                .vault
+                .as_ref()
+                .is_some_and(|v| v.sub_path.is_some()),
+            schedule: rotation.and_then(|r| r.schedule()),
+            overlap: rotation.and_then(|r| r.overlap.as_deref()),
+            // An endpoint left behind would keep delivering events to the URL.
+            revoke_on_delete: true,
+        }
     }
 
+    /// Validates an endpoint against its account, its namespace and the guardrails. Pure: no
+    /// client calls, so refusing costs no Stripe call.
     fn validate(
-        obj: &StripeWebhookEndpoint,
-        account: Option<&StripeAccount>,
-        namespace_labels: &BTreeMap<String, String>,
-        guardrails: &[crate::api::StripeGuardrail],
-        now: Timestamp,
+        endpoint: &StripeWebhookEndpoint,
+        input: &Inputs<'_>,
     ) -> Result<Validated, Refusal> {
-        validate(obj, account, namespace_labels, guardrails, now)
+        let (account, rotation) = engine::validate_common::<Self>(endpoint, input, &OVERLAP)?;
+        let spec = &endpoint.spec;
+        let url = url::Url::parse(&spec.url)
+            .map_err(|e| invalid(format!("url {:?} is not a URL: {e}", spec.url)))?;
+        if url.scheme() != "https" {
+            return Err(invalid("url must be an https URL".into()));
+        }
+        let host = url
+            .host_str()
+            .ok_or_else(|| invalid("url has no host".into()))?
+            .to_ascii_lowercase();
+        if spec.enabled_events.is_empty() {
+            return Err(invalid("enabledEvents must name at least one event".into()));
+        }
+        if let Some(k) = spec.metadata.keys().find(|k| k.starts_with("stripekeys_")) {
+            return Err(invalid(format!(
+                "metadata key {k:?} is reserved: stripekeys_* keys are the operator's"
+            )));
+        }
+        let drift_text = spec
+            .drift_check_interval
+            .as_deref()
+            .unwrap_or(DEFAULT_DRIFT_CHECK_INTERVAL);
+        let drift_check_interval =
+            parse_duration("driftCheckInterval", drift_text).map_err(|e| invalid(e.to_string()))?;
+        if drift_check_interval < Duration::from_secs(30) {
+            return Err(invalid("driftCheckInterval must be at least 30s".into()));
+        }
+        rotation.check_guardrails(input, account, Vec::new(), Some(&host))?;
+        Ok(Validated {
+            rotation,
+            drift_check_interval,
+            host,
+        })
     }
 
-    fn schedule(spec: &Validated) -> Option<&Schedule> {
-        spec.schedule.as_ref()
-    }
-
-    fn overlap(spec: &Validated) -> Duration {
-        spec.overlap
-    }
-
-    fn revoke_on_delete(_obj: &StripeWebhookEndpoint) -> bool {
-        true
+    fn rotation(spec: &Validated) -> &RotationSpec {
+        &spec.rotation
     }
 
     fn needs_new_credential(
@@ -481,27 +429,29 @@ impl Credential for Endpoint {
         handle: &AccountHandle,
         id: &str,
         _idempotency_key: &str,
-    ) -> Result<(), crate::stripe::StripeError> {
+    ) -> Result<(), StripeError> {
         handle.client.delete_webhook_endpoint(id).await.map(|_| ())
     }
 
-    async fn list_owned(
-        run: &Run<'_, Self>,
-        handle: &AccountHandle,
-    ) -> Result<Vec<Owned>, ReconcileError> {
-        let endpoints = handle.client.list_all_webhook_endpoints(100).await?;
+    /// Every endpoint of the account; the operator's carry its metadata, and the UID of the
+    /// resource that created them is the owner mark.
+    async fn list_account(handle: &AccountHandle) -> Result<Vec<Listed>, StripeError> {
+        let endpoints = handle.client.list_all_webhook_endpoints(100).await?.items;
         Ok(endpoints
-            .items
             .into_iter()
-            .filter(|ep| {
-                ep.metadata.get(META_MANAGED_BY).map(String::as_str) == Some(crate::api::MANAGED_BY)
-                    && ep.metadata.get(META_UID) == Some(&run.uid)
-            })
-            .map(|ep| Owned {
+            .map(|mut ep| Listed {
+                owner: match ep.metadata.get(META_MANAGED_BY).map(String::as_str) {
+                    Some(crate::api::MANAGED_BY) => ep.metadata.remove(META_UID),
+                    _ => None,
+                },
                 id: ep.id,
                 active: true,
             })
             .collect())
+    }
+
+    fn owner_mark(run: &Run<'_, Self>) -> String {
+        run.uid.clone()
     }
 
     fn publish(
@@ -517,14 +467,6 @@ impl Credential for Endpoint {
                 secrets_list(current, previous),
             ),
         ]
-    }
-
-    fn secret_name(obj: &StripeWebhookEndpoint) -> String {
-        obj.spec.delivery.secret.name.clone()
-    }
-
-    fn rollout_targets(obj: &StripeWebhookEndpoint) -> &[crate::api::RolloutTarget] {
-        &obj.spec.delivery.rollout_targets
     }
 
     fn on_stored(status: &mut StripeWebhookEndpointStatus, _rotation: &RotationState) {
@@ -618,35 +560,22 @@ mod tests {
     use super::*;
     use crate::api::RotationTrigger;
     use crate::rotation::engine::Next;
-
-    /// The engine's decision for this resource, as the controller computes it.
-    fn decide(p: &StripeWebhookEndpoint, v: &Validated, now: Timestamp) -> Next {
-        let status = p.status.clone().unwrap_or_default();
-        engine::decide(
-            p.annotations(),
-            &status,
-            status.current_key.is_some() && immutable_settings_changed(p),
-            engine::next_rotation_at::<Endpoint>(p, v).is_some_and(|at| at <= now),
-        )
-    }
-    use crate::api::StripeWebhookEndpointSpec;
+    use crate::rotation::engine::fixtures::{self, account, now};
     use serde_json::json;
 
     fn endpoint(
         spec: serde_json::Value,
         status: Option<serde_json::Value>,
-        annotations: serde_json::Value,
     ) -> StripeWebhookEndpoint {
-        let mut e = StripeWebhookEndpoint::new(
-            "orders",
-            serde_json::from_value::<StripeWebhookEndpointSpec>(spec).unwrap(),
-        );
-        e.metadata.namespace = Some("shop".into());
-        e.metadata.uid = Some("uid-1".into());
-        e.metadata.generation = Some(1);
-        e.metadata.annotations = serde_json::from_value(annotations).unwrap();
-        e.status = status.map(|s| serde_json::from_value(s).unwrap());
-        e
+        fixtures::resource::<Endpoint>("orders", spec, status, json!(null))
+    }
+
+    fn validate(
+        e: &StripeWebhookEndpoint,
+        account: Option<&crate::api::StripeAccount>,
+        guardrails: &[crate::api::StripeGuardrail],
+    ) -> Result<Validated, Refusal> {
+        fixtures::validate::<Endpoint>(e, account, guardrails)
     }
 
     fn spec() -> serde_json::Value {
@@ -655,25 +584,12 @@ mod tests {
                "delivery": {"secret": {"name": "s"}}, "rotation": {"every": "720h"}})
     }
 
-    fn account(selector: serde_json::Value, mode: &str) -> StripeAccount {
-        serde_json::from_value(json!({
-            "apiVersion": "stripekeys.io/v1alpha1", "kind": "StripeAccount", "metadata": {"name": "acct"},
-            "spec": {"mode": mode, "context": "acct_1", "credentials": {"secretRef": {"name": "s", "key": "k"}},
-                     "namespaceSelector": selector}
-        }))
-        .unwrap()
-    }
-
     fn guardrail(spec: serde_json::Value) -> crate::api::StripeGuardrail {
         serde_json::from_value(json!({
             "apiVersion": "stripekeys.io/v1alpha1", "kind": "StripeGuardrail", "metadata": {"name": "g"},
             "spec": spec
         }))
         .unwrap()
-    }
-
-    fn now() -> Timestamp {
-        "2026-06-01T00:00:00Z".parse().unwrap()
     }
 
     fn stripe_endpoint(v: serde_json::Value) -> WebhookEndpoint {
@@ -690,24 +606,13 @@ mod tests {
 
     #[test]
     fn validate_refuses_account_namespace_host_guardrails_and_bad_durations() {
-        let e = endpoint(spec(), None, json!(null));
-        let labels = BTreeMap::new();
-        assert_eq!(
-            validate(&e, None, &labels, &[], now()).unwrap_err().reason,
-            "AccountNotFound"
-        );
-        let narrow = account(json!({"matchLabels": {"team": "pay"}}), "test");
-        assert_eq!(
-            validate(&e, Some(&narrow), &labels, &[], now())
-                .unwrap_err()
-                .reason,
-            "NamespaceNotAllowed"
-        );
+        let e = endpoint(spec(), None);
+        fixtures::assert_placement_refusals::<Endpoint>(&e);
         let open = account(json!({}), "test");
         let hosts = guardrail(
             json!({"namespaceSelector": {}, "allowedWebhookHosts": ["*.internal.example.com"]}),
         );
-        let refusal = validate(&e, Some(&open), &labels, &[hosts], now()).unwrap_err();
+        let refusal = validate(&e, Some(&open), &[hosts]).unwrap_err();
         assert_eq!(refusal.reason, "GuardrailViolation");
         assert!(
             refusal.message.contains("hooks.example.com"),
@@ -717,14 +622,12 @@ mod tests {
         let no_live = guardrail(json!({"namespaceSelector": {}, "allowLiveMode": false}));
         let live = account(json!({}), "live");
         assert_eq!(
-            validate(&e, Some(&live), &labels, &[no_live], now())
-                .unwrap_err()
-                .reason,
+            validate(&e, Some(&live), &[no_live]).unwrap_err().reason,
             "GuardrailViolation"
         );
         let max_overlap = guardrail(json!({"namespaceSelector": {}, "maxOverlap": "30m"}));
         assert!(
-            validate(&e, Some(&open), &labels, &[max_overlap], now())
+            validate(&e, Some(&open), &[max_overlap])
                 .unwrap_err()
                 .message
                 .contains("overlap")
@@ -732,40 +635,28 @@ mod tests {
         let mut long = spec();
         long["rotation"]["overlap"] = json!("25h");
         assert_eq!(
-            validate(
-                &endpoint(long, None, json!(null)),
-                Some(&open),
-                &labels,
-                &[],
-                now()
-            )
-            .unwrap_err()
-            .reason,
+            validate(&endpoint(long, None), Some(&open), &[])
+                .unwrap_err()
+                .reason,
             "InvalidSpec"
         );
         let mut reserved = spec();
         reserved["metadata"] = json!({"stripekeys_uid": "x"});
         assert_eq!(
-            validate(
-                &endpoint(reserved, None, json!(null)),
-                Some(&open),
-                &labels,
-                &[],
-                now()
-            )
-            .unwrap_err()
-            .reason,
+            validate(&endpoint(reserved, None), Some(&open), &[])
+                .unwrap_err()
+                .reason,
             "InvalidSpec"
         );
-        let ok = validate(&e, Some(&open), &labels, &[], now()).unwrap();
-        assert_eq!(ok.overlap, Duration::from_secs(3600));
+        let ok = validate(&e, Some(&open), &[]).unwrap();
+        assert_eq!(ok.rotation.overlap, Duration::from_secs(3600));
         assert_eq!(ok.drift_check_interval, Duration::from_secs(600));
         assert_eq!(ok.host, "hooks.example.com");
     }
 
     #[test]
     fn desired_settings_carry_the_spec_and_the_operator_metadata() {
-        let e = endpoint(spec(), None, json!(null));
+        let e = endpoint(spec(), None);
         let s = desired_settings(&e, 3);
         assert_eq!(s.url, "https://hooks.example.com/stripe");
         assert_eq!(s.metadata["team"], "pay");
@@ -783,7 +674,7 @@ mod tests {
 
     #[test]
     fn drift_names_exactly_what_changed_and_removes_foreign_metadata() {
-        let e = endpoint(spec(), None, json!(null));
+        let e = endpoint(spec(), None);
         let desired = desired_settings(&e, 1);
         assert_eq!(drift(&desired, &stripe_endpoint(json!({}))), None);
         let (params, fields) = drift(
@@ -815,7 +706,7 @@ mod tests {
         // Event order does not matter.
         let mut two = spec();
         two["enabledEvents"] = json!(["a.b", "c.d"]);
-        let d2 = desired_settings(&endpoint(two, None, json!(null)), 1);
+        let d2 = desired_settings(&endpoint(two, None), 1);
         assert_eq!(
             drift(
                 &d2,
@@ -828,9 +719,10 @@ mod tests {
     #[test]
     fn decide_follows_status_annotations_immutable_settings_and_schedule() {
         let open = account(json!({}), "test");
-        let labels = BTreeMap::new();
-        let fresh = endpoint(spec(), None, json!(null));
-        let v = validate(&fresh, Some(&open), &labels, &[], now()).unwrap();
+        let fresh = endpoint(spec(), None);
+        let v = validate(&fresh, Some(&open), &[]).unwrap();
+        let decide =
+            |e: &StripeWebhookEndpoint, v: &Validated, at| engine::next_step::<Endpoint>(e, v, at);
         assert_eq!(
             decide(&fresh, &v, now()),
             Next::Start(RotationTrigger::Initial, None)
@@ -838,38 +730,18 @@ mod tests {
         let steady = json!({"currentKey": {"id": "we_1", "fingerprint": "f"}, "currentConnect": false,
                             "lastRotationAt": "2026-05-31T00:00:00Z", "rotationNumber": 1,
                             "appliedGeneration": 1, "lastDriftCheckAt": "2026-05-31T23:55:00Z"});
-        let e = endpoint(spec(), Some(steady.clone()), json!(null));
-        assert_eq!(decide(&e, &v, now()), Next::Idle);
-        let later: Timestamp = "2026-07-01T00:00:00Z".parse().unwrap();
-        assert_eq!(
-            decide(&e, &v, later),
-            Next::Start(RotationTrigger::Schedule, None)
-        );
-        let e = endpoint(
-            spec(),
-            Some(steady.clone()),
-            json!({"stripekeys.io/rotate": "1"}),
-        );
-        assert_eq!(
-            decide(&e, &v, now()),
-            Next::Start(RotationTrigger::Annotation, Some("1".into()))
-        );
-        let e = endpoint(
-            spec(),
-            Some(steady.clone()),
-            json!({"stripekeys.io/rotate": "2", "stripekeys.io/rotate-reason": "incident"}),
-        );
-        assert_eq!(decide(&e, &v, now()), Next::Escalate("2".into()));
+        let e = endpoint(spec(), Some(steady.clone()));
+        fixtures::assert_annotations_and_schedule_decide::<Endpoint>(&e, &v);
         let mut versioned = spec();
         versioned["apiVersion"] = json!("2024-06-20");
-        let e = endpoint(versioned, Some(steady.clone()), json!(null));
+        let e = endpoint(versioned, Some(steady.clone()));
         assert_eq!(
             decide(&e, &v, now()),
             Next::Start(RotationTrigger::SpecChange, None)
         );
         let mut connect = spec();
         connect["connect"] = json!(true);
-        let e = endpoint(connect, Some(steady.clone()), json!(null));
+        let e = endpoint(connect, Some(steady.clone()));
         assert_eq!(
             decide(&e, &v, now()),
             Next::Start(RotationTrigger::SpecChange, None)
@@ -877,18 +749,18 @@ mod tests {
         // A url change is not a rotation: the drift check applies it.
         let mut moved = spec();
         moved["url"] = json!("https://hooks.example.com/v2");
-        let e = endpoint(moved, Some(steady.clone()), json!(null));
+        let e = endpoint(moved, Some(steady.clone()));
         assert_eq!(decide(&e, &v, now()), Next::Idle);
     }
 
     #[test]
     fn drift_checks_are_due_after_the_interval_or_a_spec_change() {
         let open = account(json!({}), "test");
-        let fresh = endpoint(spec(), None, json!(null));
-        let v = validate(&fresh, Some(&open), &BTreeMap::new(), &[], now()).unwrap();
+        let fresh = endpoint(spec(), None);
+        let v = validate(&fresh, Some(&open), &[]).unwrap();
         let checked = json!({"currentKey": {"id": "we_1", "fingerprint": "f"}, "appliedGeneration": 1,
                              "lastDriftCheckAt": "2026-05-31T23:55:00Z"});
-        let e = endpoint(spec(), Some(checked.clone()), json!(null));
+        let e = endpoint(spec(), Some(checked.clone()));
         let due = drift_check_due(&e, &v, now()).unwrap();
         assert_eq!(due, "2026-06-01T00:05:00Z".parse::<Timestamp>().unwrap());
         let mut changed = e.clone();

@@ -45,15 +45,16 @@ use tracing::{info, warn};
 use crate::api::conditions::set_condition;
 use crate::api::{
     CredentialStatus, KeyStatus, ROTATE_ANNOTATION, ROTATE_REASON_ANNOTATION,
-    ROTATE_REASON_INCIDENT, RolloutTarget, RotationPhase, RotationState, RotationTrigger,
-    StripeAccount, StripeGuardrail, condition_types,
+    ROTATE_REASON_INCIDENT, RolloutTarget, RotationPhase, RotationSchedule, RotationState,
+    RotationTrigger, StripeAccount, StripeGuardrail, condition_types,
 };
 use crate::controller::Context;
 use crate::controller::accounts::AccountHandle;
 use crate::controller::error::ReconcileError;
 use crate::controller::shared::{self, Refusal, RotatingResource, time};
 use crate::inject::{self, SecretEntry};
-use crate::rotation::schedule::{Schedule, until};
+use crate::rotation::listing::{Listed, ListingKey, Need};
+use crate::rotation::schedule::{Schedule, parse_duration, until};
 use crate::secret::SecretString;
 use crate::stripe::{StripeError, idempotency_key};
 use crate::vault::{Cas, CredentialBundle, KeyMaterial, Owner, StorePath};
@@ -91,24 +92,187 @@ pub enum Verdict {
 pub struct Names {
     /// The Kubernetes kind (`StripeKeyPolicy`).
     pub kind: &'static str,
-    /// The controller label of metrics (`stripekeypolicy`).
+    /// The controller label of metrics and the store path kind segment (`stripekeypolicy`).
     pub controller: &'static str,
+    /// The store path kind segment (the same).
+    pub store_kind: &'static str,
     /// The finalizer guarding the credentials at Stripe.
     pub finalizer: &'static str,
-    /// The store path kind segment.
-    pub store_kind: &'static str,
     /// What the credential is called in messages (`key`, `webhook endpoint`).
     pub noun: &'static str,
-    /// Event reason of a fresh credential (`KeyMinted`).
-    pub minted_reason: &'static str,
-    /// Event reason of a retired credential (`KeyExpired`).
-    pub retired_reason: &'static str,
+    /// What it is called in reasons (`Key`, `Endpoint`).
+    subject: &'static str,
+    /// The reason verb of a fresh one (`Minted`, `Created`).
+    made: &'static str,
+    /// The reason verb of a retired one (`Expired`, `Deleted`).
+    gone: &'static str,
+}
+
+impl Names {
+    /// A kind's names: `[kind, store kind (also the metrics label), finalizer, noun]`, and the
+    /// words its reasons are made of: `[subject, made, gone]` (`KeyMinted`, `KeyExpired`,
+    /// `OrphanKeyExpired`, `KeyReady`, `KeyMissing`).
+    pub const fn new(
+        [kind, store_kind, finalizer, noun]: [&'static str; 4],
+        [subject, made, gone]: [&'static str; 3],
+    ) -> Names {
+        Names {
+            kind,
+            controller: store_kind,
+            store_kind,
+            finalizer,
+            noun,
+            subject,
+            made,
+            gone,
+        }
+    }
+
+    /// Event reason of a fresh credential (`KeyMinted`, `EndpointCreated`).
+    pub fn minted_reason(&self) -> String {
+        format!("{}{}", self.subject, self.made)
+    }
+
+    /// Event reason of a retired credential (`KeyExpired`, `EndpointDeleted`).
+    pub fn retired_reason(&self) -> String {
+        format!("{}{}", self.subject, self.gone)
+    }
+
     /// Event reason of a retired orphan (`OrphanKeyExpired`).
-    pub orphan_reason: &'static str,
+    pub fn orphan_reason(&self) -> String {
+        format!("Orphan{}{}", self.subject, self.gone)
+    }
+
     /// Condition reason of `Ready=True` (`KeyReady`).
-    pub ready_reason: &'static str,
+    pub fn ready_reason(&self) -> String {
+        format!("{}Ready", self.subject)
+    }
+
     /// Event reason of a credential found deleted at Stripe (`EndpointMissing`).
-    pub missing_reason: &'static str,
+    pub fn missing_reason(&self) -> String {
+        format!("{}Missing", self.subject)
+    }
+}
+
+/// What every kind declares alike, read from the resource (valid spec or not: retiring and
+/// deletion need it too).
+#[derive(Debug, Clone)]
+pub struct Declared<'a> {
+    /// The StripeAccount the resource names.
+    pub account: &'a str,
+    /// The Secret the credential is published to.
+    pub secret: &'a str,
+    /// The workloads that roll when the credential changes.
+    pub targets: &'a [RolloutTarget],
+    /// Whether `delivery.vault.subPath` is set (refused for now).
+    pub vault_sub_path: bool,
+    /// `rotation.every` or `rotation.schedule`.
+    pub schedule: Option<RotationSchedule>,
+    /// `rotation.overlap` as written.
+    pub overlap: Option<&'a str>,
+    /// Whether deleting the resource retires its credentials at Stripe.
+    pub revoke_on_delete: bool,
+}
+
+/// What validation judges a resource against. Pure data: refusing costs no call.
+#[derive(Debug, Clone, Copy)]
+pub struct Inputs<'a> {
+    pub account: Option<&'a StripeAccount>,
+    pub namespace_labels: &'a BTreeMap<String, String>,
+    pub guardrails: &'a [StripeGuardrail],
+    pub now: Timestamp,
+}
+
+/// A kind's bounds on `rotation.overlap`.
+#[derive(Debug, Clone, Copy)]
+pub struct OverlapBounds {
+    pub default: &'static str,
+    pub min: Duration,
+    pub max: Duration,
+    /// The refusal when out of bounds.
+    pub message: &'static str,
+}
+
+/// The validated schedule and overlap (every kind's validated spec holds one).
+#[derive(Debug, Clone)]
+pub struct RotationSpec {
+    pub schedule: Option<Schedule>,
+    pub overlap: Duration,
+    /// The longest gap between two rotations (what `maxRotationPeriod` judges).
+    pub period: Option<Duration>,
+}
+
+/// An `InvalidSpec` refusal.
+pub fn invalid(message: String) -> Refusal {
+    Refusal {
+        reason: "InvalidSpec",
+        message,
+    }
+}
+
+/// What every kind checks first: the account exists and admits the namespace, the schedule
+/// parses and the overlap is within `bounds`. Returns the account and the rotation. Pure.
+pub fn validate_common<'a, C: Credential>(
+    obj: &C::Resource,
+    input: &Inputs<'a>,
+    bounds: &OverlapBounds,
+) -> Result<(&'a StripeAccount, RotationSpec), Refusal> {
+    let d = C::declared(obj);
+    let account = shared::validate_placement(
+        input.account,
+        d.account,
+        obj.meta().namespace.as_deref().unwrap_or_default(),
+        input.namespace_labels,
+        d.vault_sub_path,
+    )?;
+    let schedule = match &d.schedule {
+        Some(s) => Some(Schedule::parse(s).map_err(|e| invalid(e.to_string()))?),
+        None => None,
+    };
+    let overlap = parse_duration("overlap", d.overlap.unwrap_or(bounds.default))
+        .map_err(|e| invalid(e.to_string()))?;
+    if overlap < bounds.min || overlap > bounds.max {
+        return Err(invalid(bounds.message.into()));
+    }
+    let period = match &schedule {
+        Some(s) => Some(
+            s.longest_period(input.now)
+                .map_err(|e| invalid(e.to_string()))?,
+        ),
+        None => None,
+    };
+    let rotation = RotationSpec {
+        schedule,
+        overlap,
+        period,
+    };
+    Ok((account, rotation))
+}
+
+impl RotationSpec {
+    /// The guardrails' verdict on a resource with this rotation, its account's mode and the
+    /// kind's own fields (permissions of a key, the host of a webhook URL). Pure.
+    pub fn check_guardrails(
+        &self,
+        input: &Inputs<'_>,
+        account: &StripeAccount,
+        permissions: Vec<&str>,
+        webhook_host: Option<&str>,
+    ) -> Result<(), Refusal> {
+        let violations = crate::rules::evaluate(
+            input.guardrails,
+            &crate::rules::Request {
+                namespace_labels: input.namespace_labels.clone(),
+                mode: Some(account.spec.mode),
+                permissions,
+                rotation_period: self.period,
+                rotates: self.schedule.is_some(),
+                overlap: Some(self.overlap),
+                webhook_host,
+            },
+        );
+        shared::refuse_violations(&violations)
+    }
 }
 
 /// What differs between a restricted key and a webhook endpoint.
@@ -128,20 +292,13 @@ pub trait Credential: Sized + Send + Sync + 'static {
 
     const NAMES: Names;
 
-    /// The account the resource names.
-    fn account_name(obj: &Self::Resource) -> &str;
-    /// Validates the spec against its account, namespace labels and guardrails. Pure.
-    fn validate(
-        obj: &Self::Resource,
-        account: Option<&StripeAccount>,
-        namespace_labels: &BTreeMap<String, String>,
-        guardrails: &[StripeGuardrail],
-        now: Timestamp,
-    ) -> Result<Self::Spec, Refusal>;
-    fn schedule(spec: &Self::Spec) -> Option<&Schedule>;
-    fn overlap(spec: &Self::Spec) -> Duration;
-    /// Whether deleting the resource retires its credentials at Stripe.
-    fn revoke_on_delete(obj: &Self::Resource) -> bool;
+    /// What every kind declares alike: account, Secret, targets, rotation.
+    fn declared(obj: &Self::Resource) -> Declared<'_>;
+    /// Validates the spec against its account, namespace labels and guardrails (start with
+    /// [`validate_common`]). Pure.
+    fn validate(obj: &Self::Resource, input: &Inputs<'_>) -> Result<Self::Spec, Refusal>;
+    /// The schedule and overlap the validated spec declares.
+    fn rotation(spec: &Self::Spec) -> &RotationSpec;
     /// Whether the spec asks for something the current credential cannot give (new scopes,
     /// settings Stripe cannot update).
     fn needs_new_credential(obj: &Self::Resource, status: &Self::Status, spec: &Self::Spec)
@@ -188,7 +345,6 @@ pub trait Credential: Sized + Send + Sync + 'static {
     ) -> Result<(), ReconcileError> {
         Ok(())
     }
-    /// Retires one credential at Stripe (expire a key, delete an endpoint).
     /// Retires one credential at Stripe (expire a key, delete an endpoint), with the
     /// idempotency key the engine chose (retiring twice is harmless, so a fresh one is used when
     /// Stripe keeps replaying a saved error for the first).
@@ -198,21 +354,18 @@ pub trait Credential: Sized + Send + Sync + 'static {
         id: &str,
         idempotency_key: &str,
     ) -> Result<(), StripeError>;
-    /// The credentials at Stripe this resource owns.
-    async fn list_owned(
-        run: &Run<'_, Self>,
-        handle: &AccountHandle,
-    ) -> Result<Vec<Owned>, ReconcileError>;
+    /// Every credential of this kind under the account, reduced to [`Listed`] (never a
+    /// secret), with the owner mark each one carries. The engine shares one listing per
+    /// account and sweep interval between all its resources (see [`crate::rotation::listing`]).
+    async fn list_account(handle: &AccountHandle) -> Result<Vec<Listed>, StripeError>;
+    /// The owner mark ([`Listed::owner`]) of the credentials this resource creates.
+    fn owner_mark(run: &Run<'_, Self>) -> String;
     /// The Secret entries that publish `current` (and `previous` during an overlap).
     fn publish(
         obj: &Self::Resource,
         current: &SecretString,
         previous: Option<&SecretString>,
     ) -> Vec<(String, SecretString)>;
-    /// The Secret the credential is published to.
-    fn secret_name(obj: &Self::Resource) -> String;
-    /// The rollout targets.
-    fn rollout_targets(obj: &Self::Resource) -> &[RolloutTarget];
     /// Records, once the new credential is stored, what it was created with.
     fn on_stored(status: &mut Self::Status, rotation: &RotationState);
     /// A check of Stripe's side while idle (drift); `Some(trigger)` starts a rotation.
@@ -524,6 +677,7 @@ pub fn backoff(base: Duration, cap: Duration, failures: u32, seed: u64) -> Durat
 // ---------------------------------------------------------------------------------------------
 
 /// Reconciles one resource (the entry point the `Controller` calls).
+#[tracing::instrument(skip(obj, ctx), fields(kind = C::NAMES.kind, namespace = %obj.namespace().unwrap_or_default(), name = %obj.name_any()))]
 pub async fn reconcile<C: Credential>(
     obj: std::sync::Arc<C::Resource>,
     ctx: std::sync::Arc<crate::controller::Context>,
@@ -539,11 +693,29 @@ pub async fn reconcile<C: Credential>(
     .await
 }
 
+/// What the controller does after a failed reconcile: record it, back off, try again.
+pub fn error_policy<C: Credential>(
+    obj: std::sync::Arc<C::Resource>,
+    error: &ReconcileError,
+    ctx: std::sync::Arc<Context>,
+) -> Action {
+    shared::requeue_after_error(&ctx, C::NAMES.controller, obj.meta(), error)
+}
+
+/// What a resource with a validated spec needs next at `now`: the adapter's and the
+/// schedule's answers fed to [`decide`].
+pub fn next_step<C: Credential>(obj: &C::Resource, spec: &C::Spec, now: Timestamp) -> Next {
+    let status = status_ref::<C>(obj).cloned().unwrap_or_default();
+    let needs_new = status.current_key.is_some() && C::needs_new_credential(obj, &status, spec);
+    let due = next_rotation_at::<C>(obj, spec).is_some_and(|at| at <= now);
+    decide(obj.annotations(), &status, needs_new, due)
+}
+
 async fn apply<C: Credential>(obj: &C::Resource, ctx: &Context) -> Result<Action, ReconcileError> {
     let mut run = Run::<C>::new(ctx, obj);
     // fetch
     let accounts: Api<StripeAccount> = Api::all(ctx.client.clone());
-    let account = accounts.get_opt(C::account_name(obj)).await?;
+    let account = accounts.get_opt(C::declared(obj).account).await?;
     let labels = shared::fetch_namespace_labels(ctx, &run.ns).await?;
     let guardrails = ctx.guardrails().await?;
     let now = ctx.clock.now();
@@ -555,7 +727,13 @@ async fn apply<C: Credential>(obj: &C::Resource, ctx: &Context) -> Result<Action
         None => None,
     };
     // validate
-    let spec = match C::validate(obj, account.as_ref(), &labels, &guardrails, now) {
+    let input = Inputs {
+        account: account.as_ref(),
+        namespace_labels: &labels,
+        guardrails: &guardrails,
+        now,
+    };
+    let spec = match C::validate(obj, &input) {
         Ok(v) => v,
         Err(refusal) => {
             // Retiring needs no valid spec: an incident, a pending retirement or an overlap that
@@ -611,12 +789,8 @@ async fn drive<C: Credential>(
 ) -> Result<Action, ReconcileError> {
     // decide and act, a bounded number of steps per reconcile
     for _ in 0..12 {
-        let now = run.ctx.clock.now();
         let status = run.status();
-        let needs_new =
-            status.current_key.is_some() && C::needs_new_credential(&run.obj, &status, spec);
-        let due = next_rotation_at::<C>(&run.obj, spec).is_some_and(|at| at <= now);
-        match decide(run.obj.annotations(), &status, needs_new, due) {
+        match next_step::<C>(&run.obj, spec, run.ctx.clock.now()) {
             Next::Escalate(value) => escalate_now(run, value).await?,
             Next::Retire => retire_pending(run, handle).await?,
             Next::Continue(_) if status.rotation.as_ref().is_some_and(|r| r.unprepared) => {
@@ -738,7 +912,11 @@ pub fn next_rotation_at<C: Credential>(obj: &C::Resource, spec: &C::Spec) -> Opt
         obj.meta().uid.clone().unwrap_or_default(),
         status.rotation_number.unwrap_or(0)
     );
-    C::schedule(spec)?.next_rotation(last, &seed).ok()
+    C::rotation(spec)
+        .schedule
+        .as_ref()?
+        .next_rotation(last, &seed)
+        .ok()
 }
 
 async fn start<C: Credential>(
@@ -788,7 +966,7 @@ async fn start<C: Credential>(
         RotationTrigger::Recreate => {
             run.event(
                 EventType::Warning,
-                C::NAMES.missing_reason,
+                &C::NAMES.missing_reason(),
                 format!(
                     "the {} was deleted at Stripe: rotation {number} creates a new one",
                     C::NAMES.noun
@@ -887,7 +1065,7 @@ async fn retire_pending<C: Credential>(
                 run.ctx.crash_point("expired")?;
                 run.event(
                     EventType::Warning,
-                    C::NAMES.retired_reason,
+                    &C::NAMES.retired_reason(),
                     format!(
                         "retired {} {} (fingerprint {}) at Stripe",
                         C::NAMES.noun,
@@ -944,18 +1122,69 @@ async fn retire_one<C: Credential>(
         other => other,
     };
     match result {
-        Ok(()) => Ok(()),
-        Err(e) if already_dead(&e) => Ok(()),
+        Ok(()) => {}
+        Err(e) if already_dead(&e) => {}
         Err(e) if e.is_not_found() => {
-            let owned = C::list_owned(run, handle).await?;
+            // Only a listing taken after the 404 can say the credential is gone.
+            let owned = list_owned(run, handle, Need::fresh(run.ctx.clock.now())).await?;
             if owned.iter().any(|o| o.id == key.id && o.active) {
-                Err(e.into())
-            } else {
-                Ok(())
+                return Err(e.into());
             }
         }
-        Err(e) => Err(e.into()),
+        Err(e) => return Err(e.into()),
     }
+    // Listings taken before now show it inactive: a cached listing never retires it again.
+    run.ctx
+        .listings
+        .retired(&listing_key::<C>(handle), &key.id, run.ctx.clock.now());
+    Ok(())
+}
+
+/// Where the listings of this kind under `handle`'s Stripe account are kept: per API base
+/// and context, whichever StripeAccount object names them.
+fn listing_key<C: Credential>(handle: &AccountHandle) -> ListingKey {
+    let config = handle.client.config();
+    ListingKey {
+        api_base: config.api_base.clone(),
+        context: config.context.clone(),
+        kind: C::NAMES.store_kind,
+    }
+}
+
+/// The credentials at Stripe this resource owns, from a listing of its account that serves
+/// `need`: shared with every resource of the account (one listing per sweep interval, one in
+/// flight at a time), or taken afresh where correctness needs a later one.
+///
+/// The rule for callers: a sweep that only bounds cost takes [`Need::within`] the sweep
+/// interval (or [`Need::after`] the rotation's `createSentAt`, so that the sweep that ends a
+/// rotation can see what the rotation's own creates made); finding the credential a lost create
+/// may have made, or confirming that a 404 means gone, takes [`Need::fresh`] or
+/// [`Need::after`] the create. Only what a listing shows is acted on, and it is compared with
+/// the status as it is *after* the listing arrived.
+async fn list_owned<C: Credential>(
+    run: &Run<'_, C>,
+    handle: &AccountHandle,
+    need: Need,
+) -> Result<Vec<Owned>, ReconcileError> {
+    let mark = C::owner_mark(run);
+    let listed = run
+        .ctx
+        .listings
+        .get(
+            &listing_key::<C>(handle),
+            need,
+            run.ctx.clock.as_ref(),
+            || C::list_account(handle),
+        )
+        .await?;
+    Ok(listed
+        .into_iter()
+        .filter(|l| l.owner.as_deref() == Some(mark.as_str()))
+        .map(|l| Owned {
+            id: l.id,
+            active: l.active,
+        })
+        .collect())
 }
 
 /// Stripe's answer for a credential that is dead already (never a 401: that is about the
@@ -1017,9 +1246,9 @@ async fn create<C: Credential>(
         Err(ReconcileError::Stripe(e))
             if e.status().is_some_and(|s| s >= 500) && saved_replay(&e) =>
         {
-            let status = run.status();
-            let known = known_ids(&status);
-            let owned = C::list_owned(run, handle).await?;
+            // What the failed create may have made shows only in a listing taken after it.
+            let owned = list_owned(run, handle, Need::fresh(run.ctx.clock.now())).await?;
+            let known = known_ids(&run.status());
             if owned.iter().all(|o| !o.active || known.contains(&o.id)) {
                 let mut status = run.status();
                 if let Some(r) = status.rotation.as_mut() {
@@ -1095,8 +1324,15 @@ async fn mint<C: Credential>(
         .is_some_and(|t| now.duration_since(t.0) >= window);
     if stale || rotation.sweep_first {
         // The first create can no longer be replayed (or belonged to an abandoned rotation):
-        // what it made is an orphan now.
-        sweep_orphans(run, handle).await?;
+        // what it made is an orphan now. The listing must be taken after that create: after
+        // `createSentAt`, or (an abandoned rotation's time is gone) after now.
+        let need = match &rotation.create_sent_at {
+            Some(sent) if !rotation.sweep_first => {
+                Need::after(sent.0, run.ctx.config.orphan_sweep_interval)
+            }
+            _ => Need::fresh(now),
+        };
+        sweep_orphans(run, handle, need).await?;
     }
     if rotation.create_sent_at.is_none() || stale || rotation.sweep_first {
         let mut status = run.status();
@@ -1126,7 +1362,7 @@ async fn mint<C: Credential>(
     run.write_status(status).await?;
     run.event(
         EventType::Normal,
-        C::NAMES.minted_reason,
+        &C::NAMES.minted_reason(),
         format!(
             "created {} {} (fingerprint {})",
             C::NAMES.noun,
@@ -1264,7 +1500,7 @@ pub async fn sync_secret<C: Credential>(run: &mut Run<'_, C>) -> Result<bool, Re
         .obj
         .controller_owner_ref(&())
         .expect("an object from the API has a name and uid");
-    let name = C::secret_name(&run.obj);
+    let name = C::declared(&run.obj).secret.to_string();
     let desired = inject::build_secret(
         &name,
         &run.ns,
@@ -1318,7 +1554,7 @@ async fn sync_step<C: Credential>(run: &mut Run<'_, C>) -> Result<StepOutcome, R
         "SecretSynced",
         format!(
             "Secret {} holds the {} with fingerprint {fp}",
-            C::secret_name(&run.obj),
+            C::declared(&run.obj).secret,
             C::NAMES.noun
         ),
     )
@@ -1345,7 +1581,7 @@ async fn roll_targets<C: Credential>(
         namespace: &run.ns,
         reference: &reference,
     };
-    shared::roll_targets(run.ctx, &source, C::rollout_targets(&run.obj), fingerprint).await
+    shared::roll_targets(run.ctx, &source, C::declared(&run.obj).targets, fingerprint).await
 }
 
 /// The Degraded condition a rollout report calls for (`None`: every target rolled).
@@ -1444,7 +1680,8 @@ async fn roll_out<C: Credential>(
     if status.previous_key.is_some() {
         rotation.phase = RotationPhase::Overlapping;
         // The old credential's end is known now: the overlap runs from the end of the rollout.
-        let overlap = SignedDuration::try_from(C::overlap(spec)).unwrap_or(SignedDuration::ZERO);
+        let overlap =
+            SignedDuration::try_from(C::rotation(spec).overlap).unwrap_or(SignedDuration::ZERO);
         if let Some(prev) = status.previous_key.as_mut() {
             prev.expires_at = Some(time(now.checked_add(overlap).unwrap_or(now)));
         }
@@ -1542,7 +1779,7 @@ async fn finish<C: Credential>(
     rotation: RotationState,
 ) -> Result<(), ReconcileError> {
     run.write_status(status.clone()).await?;
-    sweep_orphans(run, handle).await?;
+    sweep_orphans(run, handle, sweep_need(run.ctx, &rotation)).await?;
     status = run.status();
     status.rotation = None;
     if let Some(request) = rotation.request.clone() {
@@ -1573,16 +1810,31 @@ async fn finish<C: Credential>(
     Ok(())
 }
 
+/// How recent the listing of a sweep at the end of `rotation` (or on deletion during it) must
+/// be: taken after the rotation's creates were sent (so it can show what they made) and within
+/// the sweep interval; taken afresh when an abandoned rotation's create time is lost.
+fn sweep_need(ctx: &Context, rotation: &RotationState) -> Need {
+    let interval = ctx.config.orphan_sweep_interval;
+    match &rotation.create_sent_at {
+        _ if rotation.sweep_first => Need::fresh(ctx.clock.now()),
+        Some(sent) => Need::after(sent.0, interval),
+        None => Need::within(interval),
+    }
+}
+
 /// Credentials this resource owns at Stripe that status does not know (a create whose answer
-/// was lost beyond the idempotency window) are retired.
+/// was lost beyond the idempotency window) are retired. The listing may be shared and up to
+/// one interval old (`need`): it is compared with the status read after it arrived, so what
+/// the resource minted since is never taken for an orphan, and what the listing does not show
+/// yet is left for a later sweep.
 async fn sweep_orphans<C: Credential>(
     run: &mut Run<'_, C>,
     handle: &AccountHandle,
+    need: Need,
 ) -> Result<(), ReconcileError> {
-    let status = run.status();
-    let known = known_ids(&status);
-    let orphans: Vec<Owned> = C::list_owned(run, handle)
-        .await?
+    let owned = list_owned(run, handle, need).await?;
+    let known = known_ids(&run.status());
+    let orphans: Vec<Owned> = owned
         .into_iter()
         .filter(|o| o.active && !known.contains(&o.id))
         .collect();
@@ -1603,7 +1855,7 @@ async fn sweep_orphans<C: Credential>(
     for o in orphans {
         run.event(
             EventType::Warning,
-            C::NAMES.orphan_reason,
+            &C::NAMES.orphan_reason(),
             format!(
                 "retired orphaned {} {} that this resource created but never published",
                 C::NAMES.noun,
@@ -1639,7 +1891,7 @@ async fn idle<C: Credential>(
             "SecretRepaired",
             format!(
                 "Secret {} was missing or changed and was written again",
-                C::secret_name(&run.obj)
+                C::declared(&run.obj).secret
             ),
         )
         .await;
@@ -1659,7 +1911,7 @@ async fn idle<C: Credential>(
         &mut status,
         condition_types::READY,
         true,
-        C::NAMES.ready_reason,
+        &C::NAMES.ready_reason(),
         format!("{} {id} (fingerprint {fp}) is published", C::NAMES.noun),
     );
     if status.rotation.is_none()
@@ -1730,9 +1982,10 @@ async fn cleanup<C: Credential>(
     ctx: &Context,
 ) -> Result<Action, ReconcileError> {
     let mut run = Run::<C>::new(ctx, obj);
-    if C::revoke_on_delete(obj) {
+    let declared = C::declared(obj);
+    if declared.revoke_on_delete {
         let accounts: Api<StripeAccount> = Api::all(ctx.client.clone());
-        match accounts.get_opt(C::account_name(obj)).await? {
+        match accounts.get_opt(declared.account).await? {
             Some(account) => {
                 run.context = Some(account.spec.context.clone());
                 let handle = ctx.accounts.resolve(ctx, &account).await?;
@@ -1745,6 +1998,10 @@ async fn cleanup<C: Credential>(
                     ..handle
                 };
                 let mut status = run.status();
+                let need = match &status.rotation {
+                    Some(r) => sweep_need(ctx, r),
+                    None => Need::within(ctx.config.orphan_sweep_interval),
+                };
                 retire_everything(&mut status);
                 // Retire in memory only: the object is going away, so nothing is written back.
                 let number = status.rotation_number.unwrap_or(0);
@@ -1752,7 +2009,7 @@ async fn cleanup<C: Credential>(
                     retire_one(&run, &handle, &k, number).await?;
                     run.event(
                         EventType::Normal,
-                        C::NAMES.retired_reason,
+                        &C::NAMES.retired_reason(),
                         format!(
                             "retired {} {} (fingerprint {}) because the resource is deleted",
                             C::NAMES.noun,
@@ -1763,7 +2020,7 @@ async fn cleanup<C: Credential>(
                     .await;
                 }
                 // A create in flight whose answer was never recorded is found by listing.
-                for o in C::list_owned(&run, &handle).await? {
+                for o in list_owned(&run, &handle, need).await? {
                     if o.active {
                         retire_one(
                             &run,
@@ -1777,7 +2034,7 @@ async fn cleanup<C: Credential>(
                         .await?;
                         run.event(
                             EventType::Warning,
-                            C::NAMES.orphan_reason,
+                            &C::NAMES.orphan_reason(),
                             format!("retired orphaned {} {}", C::NAMES.noun, o.id),
                         )
                         .await;
@@ -1805,6 +2062,109 @@ async fn cleanup<C: Credential>(
     ctx.metrics.forget_object(&run.labels());
     info!("resource deleted: credentials retired and store entry removed");
     Ok(Action::await_change())
+}
+
+/// Test fixtures every adapter's unit tests share.
+#[cfg(test)]
+pub(crate) mod fixtures {
+    use super::*;
+    use serde_json::{Value, json};
+
+    /// The StripeAccount `acct` (context `acct_1`) in `mode`, admitting `selector`.
+    pub fn account(selector: Value, mode: &str) -> StripeAccount {
+        serde_json::from_value(json!({
+            "apiVersion": "stripekeys.io/v1alpha1", "kind": "StripeAccount", "metadata": {"name": "acct"},
+            "spec": {"mode": mode, "context": "acct_1", "credentials": {"secretRef": {"name": "s", "key": "k"}},
+                     "namespaceSelector": selector}
+        }))
+        .unwrap()
+    }
+
+    pub fn now() -> Timestamp {
+        "2026-06-01T00:00:00Z".parse().unwrap()
+    }
+
+    /// A resource of kind `C` named `name` in namespace `shop` (UID `uid-1`, generation 1).
+    pub fn resource<C: Credential>(
+        name: &str,
+        spec: Value,
+        status: Option<Value>,
+        annotations: Value,
+    ) -> C::Resource {
+        serde_json::from_value(json!({
+            "apiVersion": C::Resource::api_version(&()), "kind": C::Resource::kind(&()),
+            "metadata": {"name": name, "namespace": "shop", "uid": "uid-1", "generation": 1,
+                         "annotations": annotations},
+            "spec": spec, "status": status,
+        }))
+        .unwrap()
+    }
+
+    /// Validation in a namespace without labels, at [`now`].
+    pub fn validate<C: Credential>(
+        obj: &C::Resource,
+        account: Option<&StripeAccount>,
+        guardrails: &[StripeGuardrail],
+    ) -> Result<C::Spec, Refusal> {
+        let labels = BTreeMap::new();
+        let input = Inputs {
+            account,
+            namespace_labels: &labels,
+            guardrails,
+            now: now(),
+        };
+        C::validate(obj, &input)
+    }
+
+    /// Every kind refuses a missing account and a namespace its account does not select.
+    pub fn assert_placement_refusals<C: Credential>(obj: &C::Resource) {
+        let refusal = |a: Option<&StripeAccount>| validate::<C>(obj, a, &[]).err().unwrap();
+        assert_eq!(refusal(None).reason, "AccountNotFound");
+        let narrow = account(json!({"matchLabels": {"team": "pay"}}), "test");
+        assert_eq!(refusal(Some(&narrow)).reason, "NamespaceNotAllowed");
+    }
+
+    /// A settled resource (`steady`, rotated a day before [`now`] every 720h) decides alike in
+    /// every kind: idle now, a scheduled rotation a month later, a routine rotation for a new
+    /// annotation, an escalation for an incident, and nothing for a request handled already.
+    pub fn assert_annotations_and_schedule_decide<C: Credential>(
+        steady: &C::Resource,
+        v: &C::Spec,
+    ) {
+        let with = |annotations: Value, handled: Option<&str>| {
+            let mut obj = steady.clone();
+            obj.meta_mut().annotations = serde_json::from_value(annotations).unwrap();
+            let mut value = serde_json::to_value(&obj).unwrap();
+            if let Some(h) = handled {
+                value["status"]["lastHandledRotateRequest"] = json!(h);
+            }
+            serde_json::from_value::<C::Resource>(value).unwrap()
+        };
+        assert_eq!(next_step::<C>(steady, v, now()), Next::Idle);
+        let later: Timestamp = "2026-07-01T00:00:00Z".parse().unwrap();
+        assert_eq!(
+            next_step::<C>(steady, v, later),
+            Next::Start(RotationTrigger::Schedule, None)
+        );
+        let asked = with(json!({"stripekeys.io/rotate": "1"}), None);
+        assert_eq!(
+            next_step::<C>(&asked, v, now()),
+            Next::Start(RotationTrigger::Annotation, Some("1".into()))
+        );
+        let incident =
+            json!({"stripekeys.io/rotate": "2", "stripekeys.io/rotate-reason": "incident"});
+        let reported = with(incident.clone(), None);
+        assert_eq!(
+            next_step::<C>(&reported, v, now()),
+            Next::Escalate("2".into())
+        );
+        let handled = with(incident, Some("2"));
+        assert_eq!(
+            next_step::<C>(&handled, v, now()),
+            Next::Idle,
+            "the same annotation never rotates twice"
+        );
+    }
 }
 
 #[cfg(test)]

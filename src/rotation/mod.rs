@@ -2,4 +2,5 @@
 //! every kind of credential.
 
 pub mod engine;
+pub mod listing;
 pub mod schedule;

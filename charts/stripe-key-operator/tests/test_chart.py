@@ -255,6 +255,7 @@ def test_deployment_runs_two_hardened_replicas_with_probes():
     assert env["LEADER_ELECT"]["value"] == "true"
     assert env["WATCH_NAMESPACES"]["value"] == ""
     assert env["MAX_CONCURRENT_RECONCILES"]["value"] == "16"
+    assert env["ORPHAN_SWEEP_INTERVAL"]["value"] == "5m"
 
 
 def test_image_tag_defaults_to_app_version_and_a_digest_wins():
