@@ -490,6 +490,8 @@ async fn status_writes_of_a_real_rotation_drive_the_gauges_the_alerts_read() {
     );
 
     // A rollout that does not finish within the ceiling: Degraded=True, reason=RolloutStuck.
+    // A minute later (so that the second key's creation time differs from the first's).
+    env.clock.advance(Duration::from_secs(60));
     env.api.set_workload_stuck(NS, "checkout", true);
     annotate(&env, "checkout", json!({"stripekeys.io/rotate": "r1"})).await;
     wait_policy(&env, "checkout", "RollingOut", |p| {

@@ -842,7 +842,11 @@ async fn record_failure<C: Credential>(
     run: &mut Run<'_, C>,
     error: &ReconcileError,
 ) -> Result<(), ReconcileError> {
-    if matches!(error, ReconcileError::Crash(_)) {
+    // A crash point is a test's, and a conflict means someone else wrote first: the next
+    // reconcile reads afresh. Neither is a failed rotation step.
+    if matches!(error, ReconcileError::Crash(_))
+        || matches!(error, ReconcileError::Kube(kube::Error::Api(s)) if s.code == 409)
+    {
         return Ok(());
     }
     let mut status = run.status();
@@ -864,10 +868,6 @@ async fn record_failure<C: Credential>(
             reason: reason.clone(),
         })
         .inc();
-    // A conflict means someone else wrote first: the next reconcile reads afresh.
-    if matches!(error, ReconcileError::Kube(kube::Error::Api(s)) if s.code == 409) {
-        return Ok(());
-    }
     run.write_status(status).await?;
     if changed {
         run.event(EventType::Warning, &reason, error.to_string())

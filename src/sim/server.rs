@@ -218,6 +218,7 @@ async fn api(
         request_id: request_id.clone(),
         method: m.clone(),
         path: path.clone(),
+        query: query.clone(),
         account: None,
         idempotency_key: idem.clone(),
         status: None,

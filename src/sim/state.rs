@@ -193,6 +193,9 @@ pub struct RequestLogEntry {
     pub method: String,
     /// Path without query.
     pub path: String,
+    /// The query string (empty when none).
+    #[serde(default)]
+    pub query: String,
     /// Account the request acted on, when authenticated.
     pub account: Option<String>,
     /// `Idempotency-Key` header.
