@@ -6,7 +6,8 @@
 //! request, incident, permission or Connect-permission change, guardrail tightening, namespace
 //! relabel, a crash at any crash point, Stripe faults: 429, 5xx, drop after commit; a store
 //! outage; a restart with cold caches; clock jumps past the overlap, the rollout ceiling and the
-//! idempotency window; a stuck rollout), then a random number of reconciles. After every
+//! idempotency window; a stuck rollout; a lease lost while a reconcile is in flight, whose stale
+//! replica finishes after the new leader acted), then a random number of reconciles. After every
 //! reconcile and at quiescence the invariants are checked:
 //!
 //! - (a) an incident leaves no credential handed out before it active, once it is handled;
@@ -16,7 +17,8 @@
 //!   none at quiescence;
 //! - (d) a routine rotation never retires the old credential before the targets rolled, unless
 //!   the rollout ceiling passed;
-//! - (e) no secret material in status or Events.
+//! - (e) no secret material in status or Events;
+//! - a replica that lost its lease never rolls back the status its successor wrote.
 //!
 //! A failing run prints its seed; `SIM_SEED=<n>` replays it. CI runs `SIM_SEEDS` seeds (default
 //! below); `SIM_SEEDS=10000` runs ten thousand.
@@ -180,7 +182,12 @@ impl Sim {
     }
 
     async fn status(&self) -> Option<Value> {
-        let obj = match self.kind {
+        Some(self.object().await?["status"].clone())
+    }
+
+    /// The resource as the API server has it now.
+    async fn object(&self) -> Option<Value> {
+        match self.kind {
             Kind::Key => Api::<StripeKeyPolicy>::namespaced(self.env.client.clone(), NS)
                 .get_opt(&self.name)
                 .await
@@ -191,37 +198,32 @@ impl Sim {
                 .await
                 .unwrap()
                 .map(|o| serde_json::to_value(o).unwrap()),
-        }?;
-        Some(obj["status"].clone())
+        }
     }
 
     /// One reconcile, as the controller would run it. Errors (crashes, faults) are expected.
     async fn reconcile(&mut self) {
+        if let Some(obj) = self.object().await {
+            let ctx = self.ctx.clone();
+            self.reconcile_as(obj, ctx).await;
+        }
+    }
+
+    /// One reconcile of `obj` (as its replica read it) by the replica `ctx`.
+    async fn reconcile_as(&mut self, obj: Value, ctx: Arc<Context>) {
         let result = match self.kind {
-            Kind::Key => {
-                let Some(p) = Api::<StripeKeyPolicy>::namespaced(self.env.client.clone(), NS)
-                    .get_opt(&self.name)
-                    .await
-                    .unwrap()
-                else {
-                    return;
-                };
-                stripe_key_operator::controller::keypolicy::reconcile(Arc::new(p), self.ctx.clone())
-                    .await
-                    .map(|_| ())
-            }
-            Kind::Webhook => {
-                let Some(e) = Api::<StripeWebhookEndpoint>::namespaced(self.env.client.clone(), NS)
-                    .get_opt(&self.name)
-                    .await
-                    .unwrap()
-                else {
-                    return;
-                };
-                stripe_key_operator::controller::webhook::reconcile(Arc::new(e), self.ctx.clone())
-                    .await
-                    .map(|_| ())
-            }
+            Kind::Key => stripe_key_operator::controller::keypolicy::reconcile(
+                Arc::new(serde_json::from_value(obj).unwrap()),
+                ctx,
+            )
+            .await
+            .map(|_| ()),
+            Kind::Webhook => stripe_key_operator::controller::webhook::reconcile(
+                Arc::new(serde_json::from_value(obj).unwrap()),
+                ctx,
+            )
+            .await
+            .map(|_| ()),
         };
         if let Err(e) = result {
             self.log.push(format!("  reconcile: {}", e.reason()));
@@ -358,7 +360,7 @@ impl Sim {
             || st["lastHandledRotateRequest"].as_str() == Some(value.as_str())
     }
 
-    async fn act(&mut self) {
+    async fn act(&mut self) -> Result<(), String> {
         let mut roll: u32 = self.rng.random_range(0..100);
         if roll < 18 && !self.incident_seen().await {
             roll = 99;
@@ -460,6 +462,82 @@ impl Sim {
             }
             _ => {}
         }
+        Ok(())
+    }
+
+    /// Lease loss: replica A read the resource and lost its lease while its reconcile was in
+    /// flight; replica B (cold caches) takes over and reconciles a few times; then A's reconcile, still
+    /// working from its stale read, runs to its end. A's status writes must be fenced (the
+    /// resourceVersion precondition): it never rolls back what B wrote. Whatever A sent to
+    /// Stripe before it was fenced is checked by the invariants like everything else.
+    async fn lose_lease(&mut self) -> Result<(), String> {
+        let Some(stale) = self.object().await else {
+            return Ok(());
+        };
+        self.say("lease lost: replica B takes over; A finishes from its stale read".into());
+        let a = std::mem::replace(&mut self.ctx, self.env.new_context());
+        for _ in 0..self.rng.random_range(1..=3) {
+            self.reconcile().await;
+            self.check_always().await?;
+        }
+        let Some(after_b) = self.object().await else {
+            return Ok(());
+        };
+        self.reconcile_as(stale.clone(), a).await;
+        self.check_always().await?;
+        let Some(after_a) = self.object().await else {
+            return Ok(());
+        };
+        // A write by A that the precondition let through was made on a read at least as fresh
+        // as B's write, so it can only move the status forward: never an earlier rotation,
+        // an earlier phase of the same rotation, or an earlier handled request.
+        let (b, a) = (&after_b["status"], &after_a["status"]);
+        let number = |s: &Value| s["rotationNumber"].as_u64().unwrap_or(0);
+        let request = |s: &Value| {
+            s["lastHandledRotateRequest"]
+                .as_str()
+                .map(|r| r.trim_start_matches("incident-").trim_start_matches('r'))
+                .and_then(|r| r.parse::<u32>().ok())
+                .unwrap_or(0)
+        };
+        let phase = |s: &Value| {
+            const ORDER: [&str; 6] = [
+                "Minting",
+                "Storing",
+                "Syncing",
+                "RollingOut",
+                "Overlapping",
+                "Expiring",
+            ];
+            s["rotation"]["phase"]
+                .as_str()
+                .and_then(|p| ORDER.iter().position(|o| *o == p))
+        };
+        self.say(format!(
+            "  stale replica: rv {} -> B {} -> A {}; B at {}/{:?}, A at {}/{:?}",
+            stale["metadata"]["resourceVersion"],
+            after_b["metadata"]["resourceVersion"],
+            after_a["metadata"]["resourceVersion"],
+            number(b),
+            phase(b),
+            number(a),
+            phase(a)
+        ));
+        let same_rotation = number(a) == number(b)
+            && a["rotation"]["number"] == b["rotation"]["number"]
+            && !b["rotation"].is_null();
+        if std::env::var("SIM_TRACE").is_ok() {
+            eprintln!("{}", self.log.last().unwrap());
+        }
+        if number(a) < number(b)
+            || request(a) < request(b)
+            || (same_rotation && phase(a) < phase(b))
+        {
+            return Err(format!(
+                "the stale replica rolled the status back: {b} -> {a}"
+            ));
+        }
+        Ok(())
     }
 
     fn jump(&mut self, d: Duration) {
@@ -743,9 +821,15 @@ async fn run_seed(kind: Kind, seed: u64) -> Result<(), (String, Vec<String>)> {
     let result = async {
         sim.run(4).await?;
         for _ in 0..STEPS {
-            sim.act().await;
+            sim.act().await?;
             let n = sim.rng.random_range(0..4);
-            sim.run(n).await?;
+            if n > 0 && sim.rng.random_bool(0.2) {
+                // The lease is lost while the first of these reconciles is in flight.
+                sim.lose_lease().await?;
+                sim.run(n - 1).await?;
+            } else {
+                sim.run(n).await?;
+            }
         }
         sim.quiesce().await
     }
