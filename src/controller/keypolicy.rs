@@ -24,9 +24,10 @@ pub use super::shared::Refusal;
 use super::shared::ts_from_chrono;
 use crate::api::permissions;
 use crate::api::{
-    DEFAULT_KEY_OVERLAP, RotationState, StripeAccount, StripeKeyPolicy, StripeKeyPolicyStatus,
+    DEFAULT_KEY_OVERLAP, DEFAULT_QUIET_PERIOD, DEFAULT_UNUSED_AFTER, MAX_OVERLAP, RotationState,
+    StripeAccount, StripeKeyPolicy, StripeKeyPolicyStatus, UsageAwareExpiry,
 };
-use crate::rotation::engine::{self, Credential, Minted, Names, Owned, Run, Verdict};
+use crate::rotation::engine::{self, Credential, Minted, Names, Owned, Run, UsageExpiry, Verdict};
 use crate::rotation::schedule::{Schedule, parse_duration};
 use crate::rules;
 use crate::secret::SecretString;
@@ -54,6 +55,8 @@ pub struct Validated {
     pub schedule: Option<Schedule>,
     pub overlap: Duration,
     pub revoke_on_delete: bool,
+    /// Usage-aware expiry (`None`: turned off).
+    pub usage: Option<UsageExpiry>,
 }
 
 /// Validates a policy against its account, its namespace and the guardrails. Pure: no client
@@ -139,13 +142,93 @@ pub fn validate(
         },
     );
     shared::refuse_violations(&violations)?;
+    let usage = usage_expiry(
+        rotation.and_then(|r| r.usage_aware_expiry.as_ref()),
+        overlap,
+        rules::max_overlap(guardrails, namespace_labels),
+    )
+    .map_err(invalid)?;
     Ok(Validated {
         permissions: permissions::normalized(&spec.permissions),
         connect_permissions: permissions::normalized(&spec.connect_permissions),
         schedule,
         overlap,
         revoke_on_delete: rotation.and_then(|r| r.revoke_on_delete).unwrap_or(true),
+        usage,
     })
+}
+
+/// The usage-aware expiry settings of a policy, with their defaults: `maxHold` defaults to the
+/// longest overlap the guardrails allow (Stripe's 168 h without one), must cover the overlap and
+/// may not exceed a guardrail's `maxOverlap`. Pure.
+pub fn usage_expiry(
+    spec: Option<&UsageAwareExpiry>,
+    overlap: Duration,
+    guardrail_max: Option<(Duration, String)>,
+) -> Result<Option<UsageExpiry>, String> {
+    if spec.and_then(|u| u.enabled) == Some(false) {
+        return Ok(None);
+    }
+    let field = |name: &'static str, value: Option<&String>, default: &str| {
+        let text = value.map(String::as_str).unwrap_or(default);
+        parse_duration(name, text).map_err(|e| format!("usageAwareExpiry.{name}: {e}"))
+    };
+    let quiet_period = field(
+        "quietPeriod",
+        spec.and_then(|u| u.quiet_period.as_ref()),
+        DEFAULT_QUIET_PERIOD,
+    )?;
+    let unused_after = field(
+        "unusedAfter",
+        spec.and_then(|u| u.unused_after.as_ref()),
+        DEFAULT_UNUSED_AFTER,
+    )?;
+    let five_minutes = Duration::from_secs(300);
+    if quiet_period < five_minutes || quiet_period > MAX_OVERLAP {
+        return Err("usageAwareExpiry.quietPeriod must be between 5m and 168h".into());
+    }
+    if unused_after < five_minutes || unused_after > Duration::from_secs(720 * 3600) {
+        return Err("usageAwareExpiry.unusedAfter must be between 5m and 720h".into());
+    }
+    let ceiling = guardrail_max
+        .as_ref()
+        .map(|(d, _)| *d)
+        .unwrap_or(MAX_OVERLAP)
+        .min(MAX_OVERLAP);
+    let max_hold = match spec.and_then(|u| u.max_hold.as_ref()) {
+        Some(text) => {
+            let d = parse_duration("maxHold", text)
+                .map_err(|e| format!("usageAwareExpiry.maxHold: {e}"))?;
+            if d > MAX_OVERLAP {
+                return Err(
+                    "usageAwareExpiry.maxHold must be at most 168h (Stripe's longest overlap)"
+                        .into(),
+                );
+            }
+            if let Some((limit, name)) = &guardrail_max
+                && d > *limit
+            {
+                return Err(format!(
+                    "usageAwareExpiry.maxHold {text} exceeds the maximum overlap {} of StripeGuardrail {name:?}",
+                    humantime::format_duration(*limit)
+                ));
+            }
+            d
+        }
+        None => ceiling,
+    };
+    if max_hold < overlap {
+        return Err(format!(
+            "usageAwareExpiry.maxHold ({}) must be at least the overlap ({})",
+            humantime::format_duration(max_hold),
+            humantime::format_duration(overlap)
+        ));
+    }
+    Ok(Some(UsageExpiry {
+        quiet_period,
+        max_hold,
+        unused_after,
+    }))
 }
 
 /// The restricted-key adapter of the rotation engine.
@@ -391,6 +474,28 @@ impl Credential for KeyPolicy {
 
     fn rollout_targets(obj: &StripeKeyPolicy) -> &[crate::api::RolloutTarget] {
         &obj.spec.delivery.rollout_targets
+    }
+
+    fn usage_expiry(spec: &Validated) -> Option<UsageExpiry> {
+        spec.usage
+    }
+
+    /// One retrieve: Stripe's `last_used` of the key. A key Stripe no longer knows reports
+    /// no use (retiring it copes with the 404).
+    async fn last_used(
+        _run: &Run<'_, Self>,
+        handle: &AccountHandle,
+        id: &str,
+    ) -> Result<Option<Timestamp>, ReconcileError> {
+        match handle.client.retrieve_api_key(id).await {
+            Ok(response) => Ok(response
+                .value
+                .last_used
+                .and_then(ts_from_chrono)
+                .map(|t| t.0)),
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(e.into()),
+        }
     }
 
     fn on_stored(status: &mut StripeKeyPolicyStatus, rotation: &RotationState) {

@@ -175,10 +175,25 @@ pub struct RunConfig {
     /// Unset: nobody is exempt.
     #[arg(long, env = "SERVICE_ACCOUNT_NAME")]
     pub service_account_name: Option<String>,
+    /// How long Stripe may take to show a use of an API key in its `last_used` field, and how
+    /// coarse that timestamp may be (usage-aware expiry ignores uses stamped within this long of
+    /// a rollout, and waits this much longer before calling a held key quiet). Not documented
+    /// by Stripe: a conservative default.
+    #[arg(long, env = "LAST_USED_LAG", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub last_used_lag: Duration,
+    /// How often, at most, the operator asks Stripe whether a current key that showed no use yet
+    /// has been used (one retrieve per key and interval, only while it shows none).
+    #[arg(long, env = "KEY_USAGE_CHECK_INTERVAL", default_value = "15m", value_parser = humantime::parse_duration)]
+    pub key_usage_check_interval: Duration,
 }
 
 /// Reconciles each controller runs at once unless configured otherwise.
 pub const DEFAULT_CONCURRENCY: u16 = 16;
+/// Default of `--last-used-lag`: Stripe documents neither the lag nor the granularity of
+/// `last_used`, so ten minutes.
+pub const DEFAULT_LAST_USED_LAG: Duration = Duration::from_secs(600);
+/// Default of `--key-usage-check-interval`.
+pub const DEFAULT_KEY_USAGE_CHECK_INTERVAL: Duration = Duration::from_secs(900);
 
 impl RunConfig {
     /// The account trust settings of these flags (allowed API hosts, namespace, store prefix).
@@ -240,6 +255,11 @@ pub struct ControllerConfig {
     pub concurrency: u16,
     /// Hosts a StripeAccount's `apiBase` may name (default: Stripe's API host only).
     pub api_hosts: crate::rules::ApiHosts,
+    /// How long Stripe may take to show a use in an API key's `last_used` (and how coarse its
+    /// timestamps may be). Not documented by Stripe: a conservative default.
+    pub last_used_lag: Duration,
+    /// How often the unused-current-key check asks Stripe about one key at most.
+    pub key_usage_check_interval: Duration,
 }
 
 /// A test hook that simulates a crash right after a side effect and before its status write.
@@ -285,6 +305,8 @@ impl ControllerConfig {
             rollout_ceiling: Duration::from_secs(3600),
             rollout_poll: Duration::from_secs(5),
             resync: Duration::from_secs(600),
+            last_used_lag: DEFAULT_LAST_USED_LAG,
+            key_usage_check_interval: DEFAULT_KEY_USAGE_CHECK_INTERVAL,
             crash_hook: None,
             concurrency: DEFAULT_CONCURRENCY,
             api_hosts: crate::rules::ApiHosts::stripe_only(),
@@ -883,6 +905,8 @@ pub async fn run_with_client(
             ControllerConfig {
                 concurrency: config.max_concurrent_reconciles,
                 api_hosts: webhook_config.account_trust.api_hosts.clone(),
+                last_used_lag: config.last_used_lag,
+                key_usage_check_interval: config.key_usage_check_interval,
                 ..ControllerConfig::new(&config.namespace, prefix)
             },
             None,
