@@ -171,7 +171,10 @@ async fn an_old_key_used_after_the_rollout_is_held_and_expired_once_quiet() {
     let p = nudge_until(&env, "held", held).await;
     assert_eq!(key_state(&env, &r.old_id), "active", "held, not expired");
     let (status, reason, message) = condition(&p, "Degraded").unwrap();
-    assert_eq!((status.as_str(), reason.as_str()), ("True", "OldKeyStillInUse"));
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("True", "OldKeyStillInUse")
+    );
     assert!(message.contains(&r.old_id), "{message}");
     assert!(message.contains("last used at"), "{message}");
     no_material(&message, &r);
@@ -183,14 +186,22 @@ async fn an_old_key_used_after_the_rollout_is_held_and_expired_once_quiet() {
     );
     assert_eq!(gauge(&env, "old_key_in_use"), Some(1.0));
     // The old key is still published while held (the client outside may read it there).
-    let secret = env.secret(NS, "checkout-stripe-key").await.unwrap().unwrap();
+    let secret = env
+        .secret(NS, "checkout-stripe-key")
+        .await
+        .unwrap()
+        .unwrap();
     assert!(secret_value(&secret, "STRIPE_API_KEY_PREVIOUS").is_some());
 
     // Quiet for 30m, but Stripe may not show uses of the last 10m yet: still held 30m after the
     // last use.
     advance(&env, 9); // last use + 30m
     settle(&env).await;
-    assert_eq!(key_state(&env, &r.old_id), "active", "the lag is waited out");
+    assert_eq!(
+        key_state(&env, &r.old_id),
+        "active",
+        "the lag is waited out"
+    );
     assert!(held(&get_policy(&env, "checkout").await));
     // Quiet period plus lag after the last use: expired.
     advance(&env, 11); // last use + 41m
@@ -207,9 +218,17 @@ async fn an_old_key_used_after_the_rollout_is_held_and_expired_once_quiet() {
         reasons.contains(&("Normal".into(), "OldKeyQuiet".into())),
         "{reasons:?}"
     );
-    assert_eq!(gauge(&env, "old_key_in_use"), None, "the series goes with the hold");
+    assert_eq!(
+        gauge(&env, "old_key_in_use"),
+        None,
+        "the series goes with the hold"
+    );
     assert_eq!(key_state(&env, &r.new_id), "active");
-    let secret = env.secret(NS, "checkout-stripe-key").await.unwrap().unwrap();
+    let secret = env
+        .secret(NS, "checkout-stripe-key")
+        .await
+        .unwrap()
+        .unwrap();
     assert!(secret_value(&secret, "STRIPE_API_KEY_PREVIOUS").is_none());
 }
 
@@ -271,7 +290,11 @@ async fn the_hold_ceiling_expires_a_key_that_stays_in_use() {
         reasons.contains(&("Warning".into(), "OldKeyHoldCeiling".into())),
         "{reasons:?}"
     );
-    assert_eq!(gauge(&env, "old_key_in_use"), None, "the series goes with the hold");
+    assert_eq!(
+        gauge(&env, "old_key_in_use"),
+        None,
+        "the series goes with the hold"
+    );
 }
 
 #[tokio::test]
@@ -306,7 +329,11 @@ async fn an_incident_expires_a_held_key_at_once() {
     .await;
     assert_eq!(active_keys(&env).len(), 1);
     assert!(!held(&p));
-    assert_eq!(gauge(&env, "old_key_in_use"), None, "the hold ended with the incident");
+    assert_eq!(
+        gauge(&env, "old_key_in_use"),
+        None,
+        "the hold ended with the incident"
+    );
 }
 
 #[tokio::test]
@@ -316,7 +343,11 @@ async fn a_current_key_nobody_uses_raises_a_warning_until_it_is_used() {
     let p = wait_policy(&env, "checkout", "Ready", ready).await;
     let id = p.status.unwrap().current_key.clone().unwrap().id;
     let token = {
-        let s = env.secret(NS, "checkout-stripe-key").await.unwrap().unwrap();
+        let s = env
+            .secret(NS, "checkout-stripe-key")
+            .await
+            .unwrap()
+            .unwrap();
         secret_value(&s, "STRIPE_API_KEY").unwrap()
     };
     wait_policy(&env, "checkout", "rollout recorded", |p| {
@@ -351,7 +382,11 @@ async fn a_current_key_nobody_uses_raises_a_warning_until_it_is_used() {
     let asked = retrieves(&env, &id);
     settle(&env).await;
     settle(&env).await;
-    assert_eq!(retrieves(&env, &id), asked, "no retrieve within the interval");
+    assert_eq!(
+        retrieves(&env, &id),
+        asked,
+        "no retrieve within the interval"
+    );
 
     // The workload starts using it: the next check (after the interval) clears the warning.
     use_key(&env, &token).await;
@@ -366,7 +401,11 @@ async fn a_current_key_nobody_uses_raises_a_warning_until_it_is_used() {
     let asked = retrieves(&env, &id);
     advance(&env, 60);
     settle(&env).await;
-    assert_eq!(retrieves(&env, &id), asked, "a used key is not asked about again");
+    assert_eq!(
+        retrieves(&env, &id),
+        asked,
+        "a used key is not asked about again"
+    );
 }
 
 #[tokio::test]
@@ -384,7 +423,14 @@ async fn a_use_reported_late_still_holds_the_key_when_it_lands_within_the_lag() 
     use_key(&env, &r.old_token).await; // t1 = rollout + 40m, visible at +45m
     advance(&env, 21); // rollout + 61m: the overlap has ended
     let p = nudge_until(&env, "held", held).await;
-    let first = p.status.unwrap().rotation.clone().unwrap().usage_hold.unwrap();
+    let first = p
+        .status
+        .unwrap()
+        .rotation
+        .clone()
+        .unwrap()
+        .usage_hold
+        .unwrap();
     // Another use 28 minutes after t1; Stripe shows it only 5 minutes later.
     advance(&env, 7); // rollout + 68m
     use_key(&env, &r.old_token).await; // t2, visible at +73m
@@ -403,7 +449,14 @@ async fn a_use_reported_late_still_holds_the_key_when_it_lands_within_the_lag() 
             .is_some_and(|h| h.last_used.0 > first.last_used.0)
     })
     .await;
-    let hold = p.status.unwrap().rotation.clone().unwrap().usage_hold.unwrap();
+    let hold = p
+        .status
+        .unwrap()
+        .rotation
+        .clone()
+        .unwrap()
+        .usage_hold
+        .unwrap();
     assert_eq!(hold.since, first.since, "the same hold");
     advance(&env, 20); // t2 + 26m
     settle(&env).await;

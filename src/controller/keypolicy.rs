@@ -688,6 +688,32 @@ mod tests {
     }
 
     #[test]
+    fn usage_expiry_defaults_follow_the_guardrails_and_bad_settings_are_refused() {
+        let hour = Duration::from_secs(3600);
+        let guard = Some((3 * hour, "short".to_string()));
+        let d = usage_expiry(None, hour, None).unwrap().unwrap();
+        assert_eq!(d.quiet_period, Duration::from_secs(1800));
+        assert_eq!(d.unused_after, hour);
+        assert_eq!(d.max_hold, MAX_OVERLAP, "Stripe's longest overlap");
+        let d = usage_expiry(None, hour, guard.clone()).unwrap().unwrap();
+        assert_eq!(d.max_hold, 3 * hour, "the guardrail's maxOverlap");
+        let spec = |v: serde_json::Value| serde_json::from_value::<UsageAwareExpiry>(v).unwrap();
+        let err =
+            usage_expiry(Some(&spec(json!({"maxHold": "4h"}))), hour, guard.clone()).unwrap_err();
+        assert!(err.contains("maxHold") && err.contains("short"), "{err}");
+        let err = usage_expiry(Some(&spec(json!({"maxHold": "30m"}))), hour, None).unwrap_err();
+        assert!(err.contains("at least the overlap"), "{err}");
+        let err = usage_expiry(Some(&spec(json!({"quietPeriod": "1m"}))), hour, None).unwrap_err();
+        assert!(err.contains("quietPeriod"), "{err}");
+        let err = usage_expiry(Some(&spec(json!({"unusedAfter": "2d"}))), hour, None).unwrap_err();
+        assert!(err.contains("unusedAfter"), "{err}");
+        assert_eq!(
+            usage_expiry(Some(&spec(json!({"enabled": false}))), hour, None).unwrap(),
+            None
+        );
+    }
+
+    #[test]
     fn key_names_carry_prefix_namespace_and_name() {
         assert_eq!(
             key_name("shop", "checkout"),

@@ -2353,6 +2353,77 @@ mod tests {
     }
 
     #[test]
+    fn an_old_key_is_held_only_for_uses_after_the_rollout_and_the_lag_until_quiet_or_the_ceiling() {
+        let at = |m: i64| now() + SignedDuration::from_mins(m);
+        let lag = Duration::from_secs(600);
+        let settings = UsageExpiry {
+            quiet_period: Duration::from_secs(1800),
+            max_hold: Duration::from_secs(3 * 3600),
+            unused_after: Duration::from_secs(3600),
+        };
+        let judge = |used: Option<i64>, t: i64, checks| {
+            judge_old_key(now(), used.map(at), at(t), lag, &settings, checks)
+        };
+        assert_eq!(judge(None, 60, 0), OldKeyUsage::Quiet, "never used");
+        assert_eq!(
+            judge(Some(-5), 60, 0),
+            OldKeyUsage::Quiet,
+            "before the rollout"
+        );
+        assert_eq!(
+            judge(Some(10), 60, 0),
+            OldKeyUsage::Quiet,
+            "within the lag of the rollout"
+        );
+        assert_eq!(
+            judge(Some(55), 60, 0),
+            OldKeyUsage::Held {
+                last_used: at(55),
+                next_check: at(61)
+            }
+        );
+        // Backoff doubles, capped at 15 minutes and at the quiet time (55 + 30 + 10).
+        assert_eq!(
+            judge(Some(55), 62, 2),
+            OldKeyUsage::Held {
+                last_used: at(55),
+                next_check: at(66)
+            }
+        );
+        assert_eq!(
+            judge(Some(55), 80, 8),
+            OldKeyUsage::Held {
+                last_used: at(55),
+                next_check: at(95)
+            }
+        );
+        assert_eq!(
+            judge(Some(55), 94, 8),
+            OldKeyUsage::Held {
+                last_used: at(55),
+                next_check: at(95)
+            }
+        );
+        assert_eq!(
+            judge(Some(55), 95, 3),
+            OldKeyUsage::Quiet,
+            "quiet period plus lag"
+        );
+        // The ceiling (rollout + 3h) ends any hold and caps the next check.
+        assert_eq!(
+            judge(Some(170), 175, 9),
+            OldKeyUsage::Held {
+                last_used: at(170),
+                next_check: at(180)
+            }
+        );
+        assert_eq!(
+            judge(Some(179), 180, 1),
+            OldKeyUsage::Ceiling { last_used: at(179) }
+        );
+    }
+
+    #[test]
     fn error_backoff_grows_exponentially_with_jitter_and_a_cap() {
         let base = Duration::from_secs(1);
         let cap = Duration::from_secs(300);

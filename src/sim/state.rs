@@ -592,6 +592,40 @@ mod tests {
     }
 
     #[test]
+    fn a_use_shows_in_last_used_only_after_the_lag() {
+        let t0: DateTime<Utc> = "2026-06-01T00:00:00Z".parse().unwrap();
+        let m = chrono::Duration::minutes;
+        let mut k = KeyRecord {
+            id: "apikey_1".into(),
+            key_type: "secret_key".into(),
+            name: None,
+            note: None,
+            permissions: vec![],
+            connect_permissions: vec![],
+            token: "t".into(),
+            created: t0,
+            expires_at: None,
+            last_used: None,
+            unreported_uses: vec![],
+            rotated_to: None,
+        };
+        let lag = m(5);
+        k.record_use(t0 + m(1), lag);
+        assert_eq!(k.reported_last_used(t0 + m(5), lag), None);
+        assert_eq!(k.reported_last_used(t0 + m(6), lag), Some(t0 + m(1)));
+        k.record_use(t0 + m(8), lag);
+        assert_eq!(k.reported_last_used(t0 + m(12), lag), Some(t0 + m(1)));
+        assert_eq!(k.reported_last_used(t0 + m(13), lag), Some(t0 + m(8)));
+        let mut now = k.clone();
+        now.record_use(t0 + m(20), chrono::Duration::zero());
+        assert_eq!(
+            now.reported_last_used(t0 + m(20), chrono::Duration::zero()),
+            Some(t0 + m(20)),
+            "no lag: at once"
+        );
+    }
+
+    #[test]
     fn path_prefix_filters_faults() {
         let mut s = State::new(&[], ClockMode::Real, 25, 100);
         s.add_fault(FaultSpec::ratio(1.0, FaultKind::DropAfterCommit).for_path_prefix("/v2/"));
