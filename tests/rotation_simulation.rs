@@ -6,7 +6,9 @@
 //! request, incident, permission or Connect-permission change, guardrail tightening, namespace
 //! relabel, a crash at any crash point, Stripe faults: 429, 5xx, drop after commit; a store
 //! outage; a restart with cold caches; clock jumps past the overlap, the rollout ceiling and the
-//! idempotency window; a stuck rollout), then a random number of reconciles. After every
+//! idempotency window; a stuck rollout; for keys, a client outside the rollout targets using the
+//! published previous key, which usage-aware expiry may hold), then a random number of
+//! reconciles. After every
 //! reconcile and at quiescence the invariants are checked:
 //!
 //! - (a) an incident leaves no credential handed out before it active, once it is handled;
@@ -76,7 +78,12 @@ struct World {
     incidents: Vec<(String, BTreeSet<String>)>,
     /// The rollout ceiling was jumped past since the last rotation began.
     ceiling_passed: bool,
+    /// The old key is held by usage-aware expiry.
+    held: bool,
 }
+
+/// Usage holds seen across seeds (reported, so a change that makes them unreachable shows).
+static HOLDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 struct Sim {
     env: LocalEnv,
@@ -103,7 +110,10 @@ fn manifest(kind: Kind, name: &str, w: &World) -> Value {
                     "permissions": perms,
                     "delivery": {"secret": {"name": format!("{name}-secret")},
                                  "rolloutTargets": [{"kind": "Deployment", "name": "checkout"}]},
-                    "rotation": {"every": "720h", "overlap": "1h"}
+                    // A quiet period longer than the overlap jump: a use of the old key after
+                    // the rollout holds it across jumps.
+                    "rotation": {"every": "720h", "overlap": "1h",
+                                 "usageAwareExpiry": {"quietPeriod": "2h"}}
                 }
             });
             if w.connect {
@@ -152,6 +162,9 @@ impl Sim {
                 max_backoff: Duration::from_millis(4),
                 max_retry_after: Duration::from_millis(4),
             }),
+            // The simulator shows uses at once: any use of the old key after the rollout counts
+            // (a 10m lag would hide the uses the seeds make right after a rollout).
+            last_used_lag: Duration::ZERO,
             ..EnvOptions::default()
         })
         .await;
@@ -458,7 +471,37 @@ impl Sim {
                     .api
                     .set_workload_stuck(NS, "checkout", self.world.stuck);
             }
+            80..=89 if self.kind == Kind::Key => {
+                // A client outside the rollout targets uses the published previous key (if
+                // any): usage-aware expiry may hold it past the overlap.
+                let used = self.use_previous_key().await;
+                self.say(format!("an outside client uses the previous key: {used}"));
+            }
             _ => {}
+        }
+    }
+
+    /// Calls Stripe with the previous key the Secret publishes; returns what happened.
+    async fn use_previous_key(&self) -> String {
+        let Ok(Some(secret)) = self.env.secret(NS, &format!("{}-secret", self.name)).await else {
+            return "no Secret".into();
+        };
+        let Some(token) = secret_value(&secret, "STRIPE_API_KEY_PREVIOUS") else {
+            return "none published".into();
+        };
+        // Two seconds later: `last_used` has whole seconds, so a use in the rollout's own second
+        // would read as before it.
+        let d = Duration::from_secs(2);
+        self.env.clock.advance(d);
+        self.env.sim.advance_clock(d);
+        match reqwest::Client::new()
+            .get(format!("{}/v1/charges", self.env.sim.base_url()))
+            .bearer_auth(&token)
+            .send()
+            .await
+        {
+            Ok(r) => format!("HTTP {}", r.status().as_u16()),
+            Err(_) => "no answer".into(),
         }
     }
 
@@ -620,6 +663,17 @@ impl Sim {
             let before_pub = self.published().await;
             self.reconcile().await;
             let after_active = self.active();
+            if self.kind == Kind::Key {
+                let st = self.status().await.unwrap_or(Value::Null);
+                let held = !st["rotation"]["usageHold"].is_null();
+                if held != self.world.held {
+                    self.world.held = held;
+                    self.say(format!("usage hold of the old key: {held}"));
+                    if held {
+                        HOLDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+            }
             // (d) an old credential that was published as previous and died in this reconcile
             // died after the targets rolled onto the current one (or past the ceiling).
             if let Some((cur, prev)) = &before_pub {
@@ -658,6 +712,14 @@ impl Sim {
         if self.world.relabelled {
             self.world.relabelled = false;
             self.set_namespace_label().await;
+        }
+        if self.kind == Kind::Key {
+            // A client outside the targets still uses the old key as things calm down: a hold
+            // must end (quiet period or ceiling) for the rotation to finish.
+            let used = self.use_previous_key().await;
+            self.say(format!(
+                "quiescence: an outside client uses the previous key: {used}"
+            ));
         }
         for _round in 0..12 {
             self.run(6).await?;
@@ -769,6 +831,7 @@ fn seeds() -> Vec<u64> {
 }
 
 async fn simulate(kind: Kind) {
+    HOLDS.store(0, std::sync::atomic::Ordering::Relaxed);
     let mut failures = Vec::new();
     for seed in seeds() {
         if let Err((e, log)) = run_seed(kind, seed).await {
@@ -779,6 +842,10 @@ async fn simulate(kind: Kind) {
             failures.push((seed, e));
         }
     }
+    eprintln!(
+        "{kind:?}: {} usage hold(s) of an old key across the seeds",
+        HOLDS.load(std::sync::atomic::Ordering::Relaxed)
+    );
     assert!(
         failures.is_empty(),
         "{} seed(s) failed: {failures:?}",

@@ -488,11 +488,10 @@ impl Credential for KeyPolicy {
         id: &str,
     ) -> Result<Option<Timestamp>, ReconcileError> {
         match handle.client.retrieve_api_key(id).await {
-            Ok(response) => Ok(response
-                .value
-                .last_used
-                .and_then(ts_from_chrono)
-                .map(|t| t.0)),
+            // Full precision: a use a moment after the rollout is after it.
+            Ok(response) => Ok(response.value.last_used.and_then(|t| {
+                Timestamp::new(t.timestamp(), t.timestamp_subsec_nanos() as i32).ok()
+            })),
             Err(e) if e.is_not_found() => Ok(None),
             Err(e) => Err(e.into()),
         }

@@ -1836,6 +1836,18 @@ async fn expire_previous<C: Credential>(
     run.ctx.metrics.old_key_in_use.remove(&run.usage_labels());
     let mut status = run.status();
     if let Some(previous) = status.previous_key.take() {
+        // A hold that ends without its verdict (a refused spec retires on time) says so.
+        if crate::api::conditions::find(&status.conditions, condition_types::DEGRADED)
+            .is_some_and(|c| c.reason == "OldKeyStillInUse")
+        {
+            run.set(
+                &mut status,
+                condition_types::DEGRADED,
+                false,
+                "OldKeyExpired",
+                format!("previous {} {} was expired", C::NAMES.noun, previous.id),
+            );
+        }
         status.retiring_keys.push(previous);
         run.write_status(status).await?;
         retire_pending(run, handle).await?;
