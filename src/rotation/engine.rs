@@ -111,6 +111,12 @@ pub enum OldKeyUsage {
     Ceiling { last_used: Timestamp },
 }
 
+/// `t + d`, saturating at the end of time.
+fn later(t: Timestamp, d: Duration) -> Timestamp {
+    t.checked_add(SignedDuration::try_from(d).unwrap_or(SignedDuration::MAX))
+        .unwrap_or(Timestamp::MAX)
+}
+
 /// Judges the old key's reported last use. Pure.
 ///
 /// A use counts when it is later than the rollout plus `lag` (Stripe's reporting lag and
@@ -127,10 +133,7 @@ pub fn judge_old_key(
     settings: &UsageExpiry,
     checks: u32,
 ) -> OldKeyUsage {
-    let add = |t: Timestamp, d: Duration| {
-        t.checked_add(SignedDuration::try_from(d).unwrap_or(SignedDuration::MAX))
-            .unwrap_or(Timestamp::MAX)
-    };
+    let add = later;
     let threshold = add(rolled_out, lag);
     let Some(used) = last_used.filter(|u| *u > threshold) else {
         return OldKeyUsage::Quiet;
@@ -1618,9 +1621,7 @@ async fn hold_if_in_use<C: Credential>(
         .as_ref()
         .unwrap_or(&rotation.started_at)
         .0;
-    let ceiling = rolled_out
-        .checked_add(SignedDuration::try_from(settings.max_hold).unwrap_or(SignedDuration::MAX))
-        .unwrap_or(Timestamp::MAX);
+    let ceiling = later(rolled_out, settings.max_hold);
     if let Some(hold) = &rotation.usage_hold
         && now < hold.next_check_at.0
         && now < ceiling
@@ -1728,7 +1729,8 @@ async fn hold_if_in_use<C: Credential>(
 
 /// The unused-key check of an idle resource: once `unusedAfter` has passed since the current
 /// credential's rollout, asks Stripe (at most once per `--key-usage-check-interval`) whether it
-/// has been used since; stops asking once it has. Records the answer in `status` (written by the
+/// has been used since (later than the rollout plus `--last-used-lag`); stops asking once it
+/// has. Records the answer in `status` (written by the
 /// caller) and returns when the next check is due. Never blocks anything.
 async fn check_current_usage<C: Credential>(
     run: &mut Run<'_, C>,
@@ -1754,10 +1756,7 @@ async fn check_current_usage<C: Credential>(
     if current.last_used.is_some() {
         return Ok(None);
     }
-    let after = |t: Timestamp, d: Duration| {
-        t.checked_add(SignedDuration::try_from(d).unwrap_or(SignedDuration::MAX))
-            .unwrap_or(Timestamp::MAX)
-    };
+    let after = later;
     let interval = run.ctx.config.key_usage_check_interval;
     let mut due = after(rolled_out, settings.unused_after);
     if let Some(checked) = &current.usage_checked_at {
@@ -1770,7 +1769,10 @@ async fn check_current_usage<C: Credential>(
     let labels = run.usage_labels();
     let key = status.current_key.as_mut().expect("checked above");
     key.usage_checked_at = Some(time(now));
-    match last_used.filter(|u| *u >= rolled_out) {
+    // As for the old key: a use stamped within the lag of the rollout (the scope probe at mint,
+    // coarse timestamps) does not prove the workloads use it.
+    let threshold = later(rolled_out, run.ctx.config.last_used_lag);
+    match last_used.filter(|u| *u > threshold) {
         Some(used) => {
             key.last_used = Some(time(used));
             run.set(
