@@ -1080,7 +1080,8 @@ async fn step<C: Credential>(
         RotationPhase::RollingOut => roll_out(run, spec, handle).await,
         RotationPhase::Overlapping => overlap(run).await,
         RotationPhase::Expiring => {
-            if let Some(wait) = hold_if_in_use(run, spec, handle).await? {
+            // Boxed: the reconcile future is deep already (debug builds overflow test stacks).
+            if let Some(wait) = Box::pin(hold_if_in_use(run, spec, handle)).await? {
                 return Ok(StepOutcome::Wait(wait));
             }
             expire_previous(run, handle)
@@ -2051,8 +2052,15 @@ async fn idle<C: Credential>(
         ),
         None => {}
     }
-    let usage_due =
-        check_current_usage(run, spec, handle, &mut status, report.is_complete()).await?;
+    // Boxed: the reconcile future is deep already (debug builds overflow test stacks).
+    let usage_due = Box::pin(check_current_usage(
+        run,
+        spec,
+        handle,
+        &mut status,
+        report.is_complete(),
+    ))
+    .await?;
     run.write_status(status.clone()).await?;
     let labels = run.labels();
     if let Some(created) = status.last_rotation_at.as_ref() {
