@@ -38,6 +38,13 @@ pub struct ObjectLabels {
 }
 
 /// Labels of Stripe API calls.
+/// A resource by namespace and name (the usage gauges: only key policies have a usage signal).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NamespacedLabels {
+    pub namespace: String,
+    pub name: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StripeCallLabels {
     /// The Stripe account (`Stripe-Context`, `acct_...`) the call was made for: rate limits
@@ -84,6 +91,12 @@ pub struct Metrics {
     pub store_requests: Family<StoreCallLabels, Counter>,
     pub store_request_duration: Family<StoreCallLabels, Histogram>,
     pub leader: Gauge,
+    /// 1 while a routine rotation holds the previous key because Stripe reports it still in use
+    /// (`OldKeyStillInUse`); the series is absent otherwise.
+    pub old_key_in_use: Family<NamespacedLabels, Gauge>,
+    /// 1 while the current key shows no use since its rollout finished, long after it
+    /// (`CurrentKeyUnused`); 0 otherwise.
+    pub current_key_unused: Family<NamespacedLabels, Gauge>,
     registry: Arc<Registry>,
 }
 
@@ -199,6 +212,18 @@ impl Metrics {
             "1 when this replica holds the leader lease",
             leader.clone(),
         );
+        let old_key_in_use = Family::<NamespacedLabels, Gauge>::default();
+        registry.register(
+            "old_key_in_use",
+            "1 while the previous key is held past its overlap because Stripe reports it still in use",
+            old_key_in_use.clone(),
+        );
+        let current_key_unused = Family::<NamespacedLabels, Gauge>::default();
+        registry.register(
+            "current_key_unused",
+            "1 while the current key shows no use at Stripe long after its rollout finished",
+            current_key_unused.clone(),
+        );
         Self {
             reconciliations,
             reconcile_errors,
@@ -215,6 +240,8 @@ impl Metrics {
             store_requests,
             store_request_duration,
             leader,
+            old_key_in_use,
+            current_key_unused,
             registry: Arc::new(registry),
         }
     }
@@ -241,6 +268,12 @@ impl Metrics {
         self.key_created_timestamp_seconds.remove(labels);
         self.next_rotation_timestamp_seconds.remove(labels);
         self.rollout_stuck.remove(labels);
+        let ns = NamespacedLabels {
+            namespace: labels.namespace.clone(),
+            name: labels.name.clone(),
+        };
+        self.old_key_in_use.remove(&ns);
+        self.current_key_unused.remove(&ns);
     }
 
     /// Mirrors what a status about to be written says into the per-object gauges the alerts

@@ -168,6 +168,22 @@ pub fn evaluate(guardrails: &[StripeGuardrail], req: &Request<'_>) -> Vec<Violat
     out
 }
 
+/// The longest overlap the guardrails that select `namespace_labels` allow (the smallest
+/// `maxOverlap` among them) and the guardrail that sets it; `None` when none sets one.
+pub fn max_overlap(
+    guardrails: &[StripeGuardrail],
+    namespace_labels: &BTreeMap<String, String>,
+) -> Option<(Duration, String)> {
+    guardrails
+        .iter()
+        .filter(|g| selects(&g.spec.namespace_selector, namespace_labels))
+        .filter_map(|g| {
+            let max = g.spec.max_overlap.as_deref()?;
+            Some((parse_duration("maxOverlap", max).ok()?, g.name_any()))
+        })
+        .min()
+}
+
 /// The read permission a write permission implies (Stripe: `<resource>_write` grants
 /// `<resource>_read` too), or `None` for a read or any other name.
 pub fn implied_read(permission: &str) -> Option<String> {

@@ -834,7 +834,10 @@ fn policy_ready(p: &StripeKeyPolicy) -> bool {
 }
 
 fn policy_settled(p: &StripeKeyPolicy) -> bool {
-    policy_ready(p) && p.status.as_ref().unwrap().previous_key.is_none()
+    policy_ready(p) && {
+        let s = p.status.as_ref().unwrap();
+        s.previous_key.is_none() && s.retiring_keys.is_empty()
+    }
 }
 
 fn policy_in_phase(phase: RotationPhase) -> impl Fn(&StripeKeyPolicy) -> bool {
@@ -856,6 +859,7 @@ fn endpoint_settled(e: &StripeWebhookEndpoint) -> bool {
         conditions::is_true(&s.conditions, "Ready")
             && s.rotation.is_none()
             && s.previous_key.is_none()
+            && s.retiring_keys.is_empty()
     })
 }
 

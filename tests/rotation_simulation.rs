@@ -7,7 +7,9 @@
 //! relabel, a crash at any crash point, Stripe faults: 429, 5xx, drop after commit; a store
 //! outage; a restart with cold caches; clock jumps past the overlap, the rollout ceiling and the
 //! idempotency window; a stuck rollout; a lease lost while a reconcile is in flight, whose stale
-//! replica finishes after the new leader acted), then a random number of reconciles. After every
+//! replica finishes after the new leader acted; for keys, a client outside the rollout targets
+//! using the published previous key, which usage-aware expiry may hold), then a random number
+//! of reconciles. After every
 //! reconcile and at quiescence the invariants are checked:
 //!
 //! - (a) an incident leaves no credential handed out before it active, once it is handled;
@@ -78,7 +80,13 @@ struct World {
     incidents: Vec<(String, BTreeSet<String>)>,
     /// The rollout ceiling was jumped past since the last rotation began.
     ceiling_passed: bool,
+    /// The old key is held by usage-aware expiry.
+    held: bool,
 }
+
+/// Usage holds seen across the seeds of key policies (reported, so that a change that makes
+/// them unreachable shows). Webhook endpoints have no usage signal.
+static KEY_HOLDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 struct Sim {
     env: LocalEnv,
@@ -105,7 +113,10 @@ fn manifest(kind: Kind, name: &str, w: &World) -> Value {
                     "permissions": perms,
                     "delivery": {"secret": {"name": format!("{name}-secret")},
                                  "rolloutTargets": [{"kind": "Deployment", "name": "checkout"}]},
-                    "rotation": {"every": "720h", "overlap": "1h"}
+                    // A quiet period longer than the overlap jump: a use of the old key after
+                    // the rollout holds it across jumps.
+                    "rotation": {"every": "720h", "overlap": "1h",
+                                 "usageAwareExpiry": {"quietPeriod": "2h"}}
                 }
             });
             if w.connect {
@@ -154,6 +165,9 @@ impl Sim {
                 max_backoff: Duration::from_millis(4),
                 max_retry_after: Duration::from_millis(4),
             }),
+            // The simulator shows uses at once: any use of the old key after the rollout counts
+            // (a 10m lag would hide the uses the seeds make right after a rollout).
+            last_used_lag: Duration::ZERO,
             ..EnvOptions::default()
         })
         .await;
@@ -460,6 +474,12 @@ impl Sim {
                     .api
                     .set_workload_stuck(NS, "checkout", self.world.stuck);
             }
+            80..=89 if self.kind == Kind::Key => {
+                // A client outside the rollout targets uses the published previous key (if
+                // any): usage-aware expiry may hold it past the overlap.
+                let used = self.use_previous_key().await;
+                self.say(format!("an outside client uses the previous key: {used}"));
+            }
             _ => {}
         }
         Ok(())
@@ -538,6 +558,30 @@ impl Sim {
             ));
         }
         Ok(())
+    }
+
+    /// Calls Stripe with the previous key the Secret publishes; returns what happened.
+    async fn use_previous_key(&self) -> String {
+        let Ok(Some(secret)) = self.env.secret(NS, &format!("{}-secret", self.name)).await else {
+            return "no Secret".into();
+        };
+        let Some(token) = secret_value(&secret, "STRIPE_API_KEY_PREVIOUS") else {
+            return "none published".into();
+        };
+        // Two seconds later: `last_used` has whole seconds, so a use in the rollout's own second
+        // would read as before it.
+        let d = Duration::from_secs(2);
+        self.env.clock.advance(d);
+        self.env.sim.advance_clock(d);
+        match reqwest::Client::new()
+            .get(format!("{}/v1/charges", self.env.sim.base_url()))
+            .bearer_auth(&token)
+            .send()
+            .await
+        {
+            Ok(r) => format!("HTTP {}", r.status().as_u16()),
+            Err(_) => "no answer".into(),
+        }
     }
 
     fn jump(&mut self, d: Duration) {
@@ -698,6 +742,17 @@ impl Sim {
             let before_pub = self.published().await;
             self.reconcile().await;
             let after_active = self.active();
+            if self.kind == Kind::Key {
+                let st = self.status().await.unwrap_or(Value::Null);
+                let held = !st["rotation"]["usageHold"].is_null();
+                if held != self.world.held {
+                    self.world.held = held;
+                    self.say(format!("usage hold of the old key: {held}"));
+                    if held {
+                        KEY_HOLDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+            }
             // (d) an old credential that was published as previous and died in this reconcile
             // died after the targets rolled onto the current one (or past the ceiling).
             if let Some((cur, prev)) = &before_pub {
@@ -736,6 +791,14 @@ impl Sim {
         if self.world.relabelled {
             self.world.relabelled = false;
             self.set_namespace_label().await;
+        }
+        if self.kind == Kind::Key {
+            // A client outside the targets still uses the old key as things calm down: a hold
+            // must end (quiet period or ceiling) for the rotation to finish.
+            let used = self.use_previous_key().await;
+            self.say(format!(
+                "quiescence: an outside client uses the previous key: {used}"
+            ));
         }
         for _round in 0..12 {
             self.run(6).await?;
@@ -862,6 +925,12 @@ async fn simulate(kind: Kind) {
             );
             failures.push((seed, e));
         }
+    }
+    if kind == Kind::Key {
+        eprintln!(
+            "{} usage hold(s) of an old key across the seeds",
+            KEY_HOLDS.load(std::sync::atomic::Ordering::Relaxed)
+        );
     }
     assert!(
         failures.is_empty(),

@@ -37,6 +37,7 @@ fn sandbox_shows_the_whole_timeline_and_leaks_no_secret() {
         "rolled onto fingerprint",
         "still valid until the overlap ends",
         "publishes both keys during the overlap",
+        "reason=OldKeyStillInUse",
         "expired at Stripe (simulator says: expired)",
         "incident rotation: new key",
         "webhook endpoint we_",

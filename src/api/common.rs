@@ -141,6 +141,10 @@ pub mod condition_types {
     pub const ROTATING: &str = "Rotating";
     /// Something needs attention although the current credential still works.
     pub const DEGRADED: &str = "Degraded";
+    /// Stripe reports the current key used since its rollout finished (`False`, reason
+    /// `CurrentKeyUnused`: long after the rollout nothing has used it). Restricted keys only:
+    /// webhook endpoints have no usage signal.
+    pub const KEY_IN_USE: &str = "KeyInUse";
 }
 
 /// A credential as status shows it: never the secret, only its id and fingerprint.
@@ -161,6 +165,18 @@ pub struct KeyStatus {
     /// account only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub context: Option<String>,
+    /// When every rollout target had rolled onto this credential (the usage checks count from
+    /// here).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rolled_out_at: Option<Time>,
+    /// The latest use Stripe reported (`last_used`) when the operator last looked, once it is
+    /// later than the rollout (restricted keys only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_used: Option<Time>,
+    /// When the operator last asked Stripe whether this credential is used (at most once per
+    /// `--key-usage-check-interval`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage_checked_at: Option<Time>,
 }
 
 /// The rotation bookkeeping every credential kind's status carries (flattened into it).

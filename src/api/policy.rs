@@ -183,7 +183,53 @@ pub struct KeyRotation {
     /// Expire the policy's keys at Stripe when the policy is deleted. Default true.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revoke_on_delete: Option<bool>,
+    /// Usage-aware expiry: before the old key is expired at the end of a routine overlap, Stripe
+    /// is asked when it was last used; a key still used after the rollout is held (not expired)
+    /// until it has been quiet for `quietPeriod` or `maxHold` has passed. Incidents never wait.
+    /// Also warns when the current key shows no use long after its rollout. On by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage_aware_expiry: Option<UsageAwareExpiry>,
 }
+
+/// Usage-aware expiry of the old key, and the unused-key warning.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UsageAwareExpiry {
+    /// Ask Stripe about the keys' use at all. Default true. `false`: the old key is expired when
+    /// the overlap ends whatever Stripe reports, and no unused-key warning is given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+    /// How long Stripe must report no use of a held old key before it is expired, as a Go
+    /// duration. Default `30m`; between `5m` and `168h`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = GO_DURATION_PATTERN), length(max = 32))]
+    #[x_kube(validation = duration_rule("5m", Some("168h"), "quietPeriod must be between 5m and 168h"))]
+    pub quiet_period: Option<String>,
+    /// The hard ceiling: the old key is expired this long after the rollout finished even if it
+    /// is still in use, as a Go duration. At least the `overlap`; at most `168h` and the
+    /// `maxOverlap` of every StripeGuardrail that selects the namespace. Default: the longest
+    /// overlap the guardrails allow (`168h` without one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = GO_DURATION_PATTERN), length(max = 32))]
+    #[x_kube(validation = duration_rule("5m", Some("168h"), "maxHold must be between 5m and 168h"))]
+    pub max_hold: Option<String>,
+    /// Warn (`KeyInUse=False`, reason `CurrentKeyUnused`, a Warning Event and the metric
+    /// `stripe_key_operator_current_key_unused`) when Stripe reports no use of the current key
+    /// this long after its rollout finished, as a Go duration. Default `1h`; between `5m` and
+    /// `720h`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = GO_DURATION_PATTERN), length(max = 32))]
+    #[x_kube(validation = duration_rule("5m", Some("720h"), "unusedAfter must be between 5m and 720h"))]
+    pub unused_after: Option<String>,
+}
+
+/// The default quiet period of usage-aware expiry.
+pub const DEFAULT_QUIET_PERIOD: &str = "30m";
+/// The default delay after a rollout before an unused current key is reported.
+pub const DEFAULT_UNUSED_AFTER: &str = "1h";
+/// Stripe's longest overlap (`expire_current_key_in_minutes` at most 10080): the hard ceiling
+/// of a hold when no guardrail sets a lower `maxOverlap`.
+pub const MAX_OVERLAP: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
 
 rotation_schedule_accessor!(KeyRotation);
 
@@ -261,6 +307,23 @@ pub struct RotationState {
     /// before the next create.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub sweep_first: bool,
+    /// Set while the old key is held past its overlap because Stripe reports it still in use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage_hold: Option<UsageHold>,
+}
+
+/// An old key held because it is still in use (see `spec.rotation.usageAwareExpiry`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UsageHold {
+    /// When the hold began.
+    pub since: Time,
+    /// The latest use Stripe reported.
+    pub last_used: Time,
+    /// When Stripe is asked again.
+    pub next_check_at: Time,
+    /// How many checks found it in use (the re-check interval doubles with each).
+    pub checks: i64,
 }
 
 /// Observed state of a StripeKeyPolicy.

@@ -21,13 +21,16 @@ pub use super::shared::Refusal;
 use super::shared::ts_from_chrono;
 use crate::api::permissions;
 use crate::api::{
-    DEFAULT_KEY_OVERLAP, RotationState, StripeAccount, StripeKeyPolicy, StripeKeyPolicyStatus,
+    DEFAULT_KEY_OVERLAP, DEFAULT_QUIET_PERIOD, DEFAULT_UNUSED_AFTER, MAX_OVERLAP, RotationState,
+    StripeAccount, StripeKeyPolicy, StripeKeyPolicyStatus, UsageAwareExpiry,
 };
 use crate::rotation::engine::{
-    self, Credential, Declared, Inputs, Minted, Names, OverlapBounds, RotationSpec, Run, Verdict,
-    invalid,
+    self, Credential, Declared, Inputs, Minted, Names, OverlapBounds, RotationSpec, Run,
+    UsageExpiry, Verdict, invalid,
 };
 use crate::rotation::listing::Listed;
+use crate::rotation::schedule::parse_duration;
+use crate::rules;
 use crate::secret::SecretString;
 use crate::stripe::{ApiKeyType, CreateApiKeyParams, ListApiKeysParams, StripeError};
 
@@ -54,6 +57,8 @@ pub struct Validated {
     pub permissions: Vec<String>,
     pub connect_permissions: Vec<String>,
     pub rotation: RotationSpec,
+    /// Usage-aware expiry (`None`: turned off).
+    pub usage: Option<UsageExpiry>,
 }
 
 /// A key's overlap: at least 5m (an expired key keeps working for minutes at Stripe), at most
@@ -112,11 +117,93 @@ pub fn validate(
         declared().map(String::as_str).collect(),
         None,
     )?;
+    let usage = usage_expiry(
+        spec.rotation
+            .as_ref()
+            .and_then(|r| r.usage_aware_expiry.as_ref()),
+        rotation.overlap,
+        rules::max_overlap(guardrails, namespace_labels),
+    )
+    .map_err(invalid)?;
     Ok(Validated {
         permissions: permissions::normalized(&spec.permissions),
         connect_permissions: permissions::normalized(&spec.connect_permissions),
         rotation,
+        usage,
     })
+}
+
+/// The usage-aware expiry settings of a policy, with their defaults: `maxHold` defaults to the
+/// longest overlap the guardrails allow (Stripe's 168 h without one), must cover the overlap and
+/// may not exceed a guardrail's `maxOverlap`. Pure.
+pub fn usage_expiry(
+    spec: Option<&UsageAwareExpiry>,
+    overlap: Duration,
+    guardrail_max: Option<(Duration, String)>,
+) -> Result<Option<UsageExpiry>, String> {
+    if spec.and_then(|u| u.enabled) == Some(false) {
+        return Ok(None);
+    }
+    let field = |name: &'static str, value: Option<&String>, default: &str| {
+        let text = value.map(String::as_str).unwrap_or(default);
+        parse_duration(name, text).map_err(|e| format!("usageAwareExpiry.{name}: {e}"))
+    };
+    let quiet_period = field(
+        "quietPeriod",
+        spec.and_then(|u| u.quiet_period.as_ref()),
+        DEFAULT_QUIET_PERIOD,
+    )?;
+    let unused_after = field(
+        "unusedAfter",
+        spec.and_then(|u| u.unused_after.as_ref()),
+        DEFAULT_UNUSED_AFTER,
+    )?;
+    let five_minutes = Duration::from_secs(300);
+    if quiet_period < five_minutes || quiet_period > MAX_OVERLAP {
+        return Err("usageAwareExpiry.quietPeriod must be between 5m and 168h".into());
+    }
+    if unused_after < five_minutes || unused_after > Duration::from_secs(720 * 3600) {
+        return Err("usageAwareExpiry.unusedAfter must be between 5m and 720h".into());
+    }
+    let ceiling = guardrail_max
+        .as_ref()
+        .map(|(d, _)| *d)
+        .unwrap_or(MAX_OVERLAP)
+        .min(MAX_OVERLAP);
+    let max_hold = match spec.and_then(|u| u.max_hold.as_ref()) {
+        Some(text) => {
+            let d = parse_duration("maxHold", text)
+                .map_err(|e| format!("usageAwareExpiry.maxHold: {e}"))?;
+            if d > MAX_OVERLAP {
+                return Err(
+                    "usageAwareExpiry.maxHold must be at most 168h (Stripe's longest overlap)"
+                        .into(),
+                );
+            }
+            if let Some((limit, name)) = &guardrail_max
+                && d > *limit
+            {
+                return Err(format!(
+                    "usageAwareExpiry.maxHold {text} exceeds the maximum overlap {} of StripeGuardrail {name:?}",
+                    humantime::format_duration(*limit)
+                ));
+            }
+            d
+        }
+        None => ceiling,
+    };
+    if max_hold < overlap {
+        return Err(format!(
+            "usageAwareExpiry.maxHold ({}) must be at least the overlap ({})",
+            humantime::format_duration(max_hold),
+            humantime::format_duration(overlap)
+        ));
+    }
+    Ok(Some(UsageExpiry {
+        quiet_period,
+        max_hold,
+        unused_after,
+    }))
 }
 
 /// The restricted-key adapter of the rotation engine.
@@ -316,6 +403,27 @@ impl Credential for KeyPolicy {
         entries
     }
 
+    fn usage_expiry(spec: &Validated) -> Option<UsageExpiry> {
+        spec.usage
+    }
+
+    /// One retrieve: Stripe's `last_used` of the key. A key Stripe no longer knows reports
+    /// no use (retiring it copes with the 404).
+    async fn last_used(
+        _run: &Run<'_, Self>,
+        handle: &AccountHandle,
+        id: &str,
+    ) -> Result<Option<Timestamp>, ReconcileError> {
+        match handle.client.retrieve_api_key(id).await {
+            // Full precision: a use a moment after the rollout is after it.
+            Ok(response) => Ok(response.value.last_used.and_then(|t| {
+                Timestamp::new(t.timestamp(), t.timestamp_subsec_nanos() as i32).ok()
+            })),
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     fn on_stored(status: &mut StripeKeyPolicyStatus, rotation: &RotationState) {
         status.current_permissions = rotation.permissions.clone();
         status.current_connect_permissions = rotation.connect_permissions.clone();
@@ -435,6 +543,32 @@ mod tests {
         assert_eq!(
             decide(&p, &v, now()),
             Next::Continue(RotationPhase::Storing)
+        );
+    }
+
+    #[test]
+    fn usage_expiry_defaults_follow_the_guardrails_and_bad_settings_are_refused() {
+        let hour = Duration::from_secs(3600);
+        let guard = Some((3 * hour, "short".to_string()));
+        let d = usage_expiry(None, hour, None).unwrap().unwrap();
+        assert_eq!(d.quiet_period, Duration::from_secs(1800));
+        assert_eq!(d.unused_after, hour);
+        assert_eq!(d.max_hold, MAX_OVERLAP, "Stripe's longest overlap");
+        let d = usage_expiry(None, hour, guard.clone()).unwrap().unwrap();
+        assert_eq!(d.max_hold, 3 * hour, "the guardrail's maxOverlap");
+        let spec = |v: serde_json::Value| serde_json::from_value::<UsageAwareExpiry>(v).unwrap();
+        let err =
+            usage_expiry(Some(&spec(json!({"maxHold": "4h"}))), hour, guard.clone()).unwrap_err();
+        assert!(err.contains("maxHold") && err.contains("short"), "{err}");
+        let err = usage_expiry(Some(&spec(json!({"maxHold": "30m"}))), hour, None).unwrap_err();
+        assert!(err.contains("at least the overlap"), "{err}");
+        let err = usage_expiry(Some(&spec(json!({"quietPeriod": "1m"}))), hour, None).unwrap_err();
+        assert!(err.contains("quietPeriod"), "{err}");
+        let err = usage_expiry(Some(&spec(json!({"unusedAfter": "2d"}))), hour, None).unwrap_err();
+        assert!(err.contains("unusedAfter"), "{err}");
+        assert_eq!(
+            usage_expiry(Some(&spec(json!({"enabled": false}))), hour, None).unwrap(),
+            None
         );
     }
 

@@ -204,12 +204,27 @@ pub struct RunConfig {
     /// found at most this long after it appeared, at the next sweep.
     #[arg(long, env = "ORPHAN_SWEEP_INTERVAL", default_value = "5m", value_parser = humantime::parse_duration)]
     pub orphan_sweep_interval: Duration,
+    /// How long Stripe may take to show a use of an API key in its `last_used` field, and how
+    /// coarse that timestamp may be (usage-aware expiry ignores uses stamped within this long of
+    /// a rollout, and waits this much longer before calling a held key quiet). Not documented
+    /// by Stripe: a conservative default.
+    #[arg(long, env = "LAST_USED_LAG", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub last_used_lag: Duration,
+    /// How often, at most, the operator asks Stripe whether a current key that showed no use yet
+    /// has been used (one retrieve per key and interval, only while it shows none).
+    #[arg(long, env = "KEY_USAGE_CHECK_INTERVAL", default_value = "15m", value_parser = humantime::parse_duration)]
+    pub key_usage_check_interval: Duration,
 }
 
 /// Reconciles each controller runs at once unless configured otherwise.
 pub const DEFAULT_CONCURRENCY: u16 = 16;
 /// How long one listing of an account serves its orphan sweeps unless configured otherwise.
 pub const DEFAULT_ORPHAN_SWEEP_INTERVAL: Duration = Duration::from_secs(300);
+/// Default of `--last-used-lag`: Stripe documents neither the lag nor the granularity of
+/// `last_used`, so ten minutes.
+pub const DEFAULT_LAST_USED_LAG: Duration = Duration::from_secs(600);
+/// Default of `--key-usage-check-interval`.
+pub const DEFAULT_KEY_USAGE_CHECK_INTERVAL: Duration = Duration::from_secs(900);
 
 impl RunConfig {
     /// The leader election settings of these flags, validated.
@@ -318,6 +333,11 @@ pub struct ControllerConfig {
     /// How long one listing of an account's credentials serves every orphan sweep of the
     /// account (see [`crate::rotation::listing`]).
     pub orphan_sweep_interval: Duration,
+    /// How long Stripe may take to show a use in an API key's `last_used` (and how coarse its
+    /// timestamps may be). Not documented by Stripe: a conservative default.
+    pub last_used_lag: Duration,
+    /// How often the unused-current-key check asks Stripe about one key at most.
+    pub key_usage_check_interval: Duration,
 }
 
 /// A test hook that simulates a crash right after a side effect and before its status write.
@@ -363,6 +383,8 @@ impl ControllerConfig {
             rollout_ceiling: Duration::from_secs(3600),
             rollout_poll: Duration::from_secs(5),
             resync: Duration::from_secs(600),
+            last_used_lag: DEFAULT_LAST_USED_LAG,
+            key_usage_check_interval: DEFAULT_KEY_USAGE_CHECK_INTERVAL,
             crash_hook: None,
             concurrency: DEFAULT_CONCURRENCY,
             api_hosts: crate::rules::ApiHosts::stripe_only(),
@@ -990,6 +1012,8 @@ pub async fn run_with_client(
                 concurrency: config.max_concurrent_reconciles,
                 api_hosts: webhook_config.account_trust.api_hosts.clone(),
                 orphan_sweep_interval: config.orphan_sweep_interval,
+                last_used_lag: config.last_used_lag,
+                key_usage_check_interval: config.key_usage_check_interval,
                 ..ControllerConfig::new(&config.namespace, prefix)
             },
             None,

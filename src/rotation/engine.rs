@@ -87,6 +87,75 @@ pub enum Verdict {
     Wrong(String),
 }
 
+/// Usage-aware expiry settings of a resource (see `spec.rotation.usageAwareExpiry`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UsageExpiry {
+    /// How long a held old key must show no use before it is expired.
+    pub quiet_period: Duration,
+    /// How long after the rollout a held old key is expired even if still in use.
+    pub max_hold: Duration,
+    /// How long after its rollout a current key that shows no use is reported.
+    pub unused_after: Duration,
+}
+
+/// What Stripe's usage report says about the old key at the end of an overlap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OldKeyUsage {
+    /// No use since the rollout (or quiet for the quiet period): expire it.
+    Quiet,
+    /// Used since the rollout and not quiet yet: hold it and ask again at `next_check`.
+    Held {
+        last_used: Timestamp,
+        next_check: Timestamp,
+    },
+    /// Still in use, but the hold ceiling passed: expire it anyway.
+    Ceiling { last_used: Timestamp },
+}
+
+/// `t + d`, saturating at the end of time.
+fn later(t: Timestamp, d: Duration) -> Timestamp {
+    t.checked_add(SignedDuration::try_from(d).unwrap_or(SignedDuration::MAX))
+        .unwrap_or(Timestamp::MAX)
+}
+
+/// Judges the old key's reported last use. Pure.
+///
+/// A use counts when it is later than the rollout plus `lag` (Stripe's reporting lag and
+/// granularity: a use stamped within `lag` of the rollout may be a rolled workload's last call).
+/// A counted use holds the key until Stripe can show a quiet stretch of `quiet_period`: uses in
+/// the last `lag` may not show yet, so that is `last_used + quiet_period + lag`. The ceiling,
+/// `rolled_out + max_hold`, ends any hold. Re-checks back off from 1 minute, doubling per check
+/// (`checks` so far), to 15 minutes, never past the quiet time or the ceiling.
+pub fn judge_old_key(
+    rolled_out: Timestamp,
+    last_used: Option<Timestamp>,
+    now: Timestamp,
+    lag: Duration,
+    settings: &UsageExpiry,
+    checks: u32,
+) -> OldKeyUsage {
+    let add = later;
+    let threshold = add(rolled_out, lag);
+    let Some(used) = last_used.filter(|u| *u > threshold) else {
+        return OldKeyUsage::Quiet;
+    };
+    let quiet_at = add(add(used, settings.quiet_period), lag);
+    if now >= quiet_at {
+        return OldKeyUsage::Quiet;
+    }
+    let ceiling = add(rolled_out, settings.max_hold);
+    if now >= ceiling {
+        return OldKeyUsage::Ceiling { last_used: used };
+    }
+    let step = Duration::from_secs(60)
+        .saturating_mul(1u32 << checks.min(10))
+        .min(Duration::from_secs(15 * 60));
+    OldKeyUsage::Held {
+        last_used: used,
+        next_check: add(now, step).min(quiet_at).min(ceiling),
+    }
+}
+
 /// The names a kind uses in Events, metrics, store paths and messages.
 #[derive(Debug, Clone, Copy)]
 pub struct Names {
@@ -377,6 +446,20 @@ pub trait Credential: Sized + Send + Sync + 'static {
     ) -> Result<Option<RotationTrigger>, ReconcileError> {
         Ok(None)
     }
+    /// Usage-aware expiry settings (`None`: the kind has no usage signal, or the resource turned
+    /// it off). Only kinds whose credentials report a last use answer `Some`.
+    fn usage_expiry(_spec: &Self::Spec) -> Option<UsageExpiry> {
+        None
+    }
+    /// When Stripe last saw the credential used (`None`: never, or unknown). Called only when
+    /// [`Credential::usage_expiry`] answers `Some`: one retrieve at Stripe.
+    async fn last_used(
+        _run: &Run<'_, Self>,
+        _handle: &AccountHandle,
+        _id: &str,
+    ) -> Result<Option<Timestamp>, ReconcileError> {
+        Ok(None)
+    }
     /// When [`Credential::idle_check`] is next due.
     fn idle_check_due(
         _obj: &Self::Resource,
@@ -494,6 +577,14 @@ impl<'a, C: Credential> Run<'a, C> {
             created: minted.created.clone(),
             expires_at: None,
             context: self.context.clone(),
+            ..KeyStatus::default()
+        }
+    }
+
+    fn usage_labels(&self) -> crate::metrics::NamespacedLabels {
+        crate::metrics::NamespacedLabels {
+            namespace: self.ns.clone(),
+            name: self.name.clone(),
         }
     }
 }
@@ -609,6 +700,7 @@ pub fn escalate(
         unprepared: true,
         create_sent_at: None,
         sweep_first,
+        usage_hold: None,
     }
 }
 
@@ -949,6 +1041,7 @@ async fn start<C: Credential>(
         unprepared: false,
         create_sent_at: None,
         sweep_first: false,
+        usage_hold: None,
     };
     C::prepare(&run.obj, spec, &mut status, &mut rotation);
     status.rotation = Some(rotation);
@@ -1035,6 +1128,8 @@ async fn escalate_now<C: Credential>(
             C::NAMES.noun
         ),
     };
+    // An incident never waits for usage: a hold ends with the rotation it belonged to.
+    run.ctx.metrics.old_key_in_use.remove(&run.usage_labels());
     run.event(EventType::Warning, "IncidentRotation", note)
         .await;
     warn!(number, "incident rotation started");
@@ -1214,9 +1309,15 @@ async fn step<C: Credential>(
         RotationPhase::Syncing => sync_step(run).await,
         RotationPhase::RollingOut => roll_out(run, spec, handle).await,
         RotationPhase::Overlapping => overlap(run).await,
-        RotationPhase::Expiring => expire_previous(run, handle)
-            .await
-            .map(|()| StepOutcome::Continue),
+        RotationPhase::Expiring => {
+            // Boxed: the reconcile future is deep already (debug builds overflow test stacks).
+            if let Some(wait) = Box::pin(hold_if_in_use(run, spec, handle)).await? {
+                return Ok(StepOutcome::Wait(wait));
+            }
+            expire_previous(run, handle)
+                .await
+                .map(|()| StepOutcome::Continue)
+        }
         RotationPhase::Idle => {
             let mut status = run.status();
             status.rotation = None;
@@ -1677,6 +1778,20 @@ async fn roll_out<C: Credential>(
         .unwrap_or_default();
     C::after_rollout(run, handle, &rotation, &new_id).await?;
     rotation.rolled_out_at = Some(time(now));
+    if let Some(current) = status.current_key.as_mut() {
+        current.rolled_out_at = Some(time(now));
+    }
+    if C::usage_expiry(spec).is_some() {
+        // A new key gets its own chance to be used: the old key's verdict does not carry over.
+        status
+            .conditions
+            .retain(|c| c.type_ != condition_types::KEY_IN_USE);
+        run.ctx
+            .metrics
+            .current_key_unused
+            .get_or_create(&run.usage_labels())
+            .set(0);
+    }
     if status.previous_key.is_some() {
         rotation.phase = RotationPhase::Overlapping;
         // The old credential's end is known now: the overlap runs from the end of the rollout.
@@ -1719,13 +1834,261 @@ async fn overlap<C: Credential>(run: &mut Run<'_, C>) -> Result<StepOutcome, Rec
     Ok(StepOutcome::Continue)
 }
 
+/// Usage-aware expiry: before a routine rotation retires the previous credential, asks Stripe
+/// when it was last used. Returns how long to wait while it is held; `None` lets it be retired.
+/// Kinds without a usage signal, and incidents (which never reach this phase with a previous
+/// credential), are never held.
+async fn hold_if_in_use<C: Credential>(
+    run: &mut Run<'_, C>,
+    spec: &C::Spec,
+    handle: &AccountHandle,
+) -> Result<Option<Duration>, ReconcileError> {
+    let Some(settings) = C::usage_expiry(spec) else {
+        return Ok(None);
+    };
+    let mut status = run.status();
+    let mut rotation = rotation_of::<C>(&status);
+    let Some(previous) = status.previous_key.clone() else {
+        return Ok(None);
+    };
+    if rotation.trigger == RotationTrigger::Incident {
+        return Ok(None);
+    }
+    let now = run.ctx.clock.now();
+    let rolled_out = rotation
+        .rolled_out_at
+        .as_ref()
+        .unwrap_or(&rotation.started_at)
+        .0;
+    let ceiling = later(rolled_out, settings.max_hold);
+    if let Some(hold) = &rotation.usage_hold
+        && now < hold.next_check_at.0
+        && now < ceiling
+    {
+        // Not due yet: no call to Stripe.
+        return Ok(Some(
+            until(now, hold.next_check_at.0).max(Duration::from_secs(1)),
+        ));
+    }
+    let last_used = C::last_used(run, handle, &previous.id).await?;
+    let lag = run.ctx.config.last_used_lag;
+    let checks = rotation
+        .usage_hold
+        .as_ref()
+        .map(|h| h.checks.clamp(0, 32) as u32)
+        .unwrap_or(0);
+    let verdict = judge_old_key(rolled_out, last_used, now, lag, &settings, checks);
+    let labels = run.usage_labels();
+    let was_held = rotation.usage_hold.is_some();
+    match verdict {
+        OldKeyUsage::Held {
+            last_used,
+            next_check,
+        } => {
+            let message = format!(
+                "previous {} {} was last used at {last_used}, after every rollout target had rolled \
+                 onto the new one ({rolled_out}): something outside the rollout targets still uses \
+                 it. It is kept until Stripe reports no use for {} (at the latest until {ceiling}); \
+                 move that client to the current {} (Secret {}) or declare an incident to revoke it now",
+                C::NAMES.noun,
+                previous.id,
+                humantime::format_duration(settings.quiet_period),
+                C::NAMES.noun,
+                C::declared(&run.obj).secret,
+            );
+            rotation.usage_hold = Some(crate::api::UsageHold {
+                since: rotation
+                    .usage_hold
+                    .as_ref()
+                    .map(|h| h.since.clone())
+                    .unwrap_or_else(|| time(now)),
+                last_used: time(last_used),
+                next_check_at: time(next_check),
+                checks: checks as i64 + 1,
+            });
+            status.rotation = Some(rotation);
+            run.set(
+                &mut status,
+                condition_types::DEGRADED,
+                true,
+                "OldKeyStillInUse",
+                message.clone(),
+            );
+            run.write_status(status).await?;
+            run.ctx.metrics.old_key_in_use.get_or_create(&labels).set(1);
+            if !was_held {
+                warn!(key = %previous.id, %last_used, "old key still in use: held");
+                run.event(EventType::Warning, "OldKeyStillInUse", message)
+                    .await;
+            }
+            Ok(Some(until(now, next_check).max(Duration::from_secs(1))))
+        }
+        OldKeyUsage::Quiet | OldKeyUsage::Ceiling { .. } => {
+            if was_held || matches!(verdict, OldKeyUsage::Ceiling { .. }) {
+                let (type_, reason, message) = match verdict {
+                    OldKeyUsage::Ceiling { last_used } => (
+                        EventType::Warning,
+                        "OldKeyHoldCeiling",
+                        format!(
+                            "previous {} {} is still in use (last used at {last_used}) but its hold \
+                             ceiling ({ceiling}) has passed: it is expired now",
+                            C::NAMES.noun,
+                            previous.id
+                        ),
+                    ),
+                    _ => (
+                        EventType::Normal,
+                        "OldKeyQuiet",
+                        format!(
+                            "previous {} {} shows no use for {}: it is expired now",
+                            C::NAMES.noun,
+                            previous.id,
+                            humantime::format_duration(settings.quiet_period)
+                        ),
+                    ),
+                };
+                rotation.usage_hold = None;
+                status.rotation = Some(rotation);
+                run.set(
+                    &mut status,
+                    condition_types::DEGRADED,
+                    false,
+                    reason,
+                    message.clone(),
+                );
+                run.write_status(status).await?;
+                // The series goes with the hold (expire_previous removes it on every path).
+                run.ctx.metrics.old_key_in_use.remove(&labels);
+                run.event(type_, reason, message).await;
+            }
+            Ok(None)
+        }
+    }
+}
+
+/// The unused-key check of an idle resource: once `unusedAfter` has passed since the current
+/// credential's rollout, asks Stripe (at most once per `--key-usage-check-interval`) whether it
+/// has been used since (later than the rollout plus `--last-used-lag`); stops asking once it
+/// has. Records the answer in `status` (written by the
+/// caller) and returns when the next check is due. Never blocks anything.
+async fn check_current_usage<C: Credential>(
+    run: &mut Run<'_, C>,
+    spec: &C::Spec,
+    handle: &AccountHandle,
+    status: &mut C::Status,
+    rolled_out_now: bool,
+) -> Result<Option<Timestamp>, ReconcileError> {
+    let Some(settings) = C::usage_expiry(spec) else {
+        return Ok(None);
+    };
+    let now = run.ctx.clock.now();
+    let Some(current) = status.current_key.clone() else {
+        return Ok(None);
+    };
+    let Some(rolled_out) = current.rolled_out_at.as_ref().map(|t| t.0) else {
+        // A key rolled out before the operator recorded the moment: record it now.
+        if rolled_out_now && let Some(k) = status.current_key.as_mut() {
+            k.rolled_out_at = Some(time(now));
+        }
+        return Ok(None);
+    };
+    if current.last_used.is_some() {
+        return Ok(None);
+    }
+    let after = later;
+    let interval = run.ctx.config.key_usage_check_interval;
+    let mut due = after(rolled_out, settings.unused_after);
+    if let Some(checked) = &current.usage_checked_at {
+        due = due.max(after(checked.0, interval));
+    }
+    if now < due {
+        return Ok(Some(due));
+    }
+    let last_used = C::last_used(run, handle, &current.id).await?;
+    let labels = run.usage_labels();
+    let key = status.current_key.as_mut().expect("checked above");
+    key.usage_checked_at = Some(time(now));
+    // As for the old key: a use stamped within the lag of the rollout (the scope probe at mint,
+    // coarse timestamps) does not prove the workloads use it.
+    let threshold = later(rolled_out, run.ctx.config.last_used_lag);
+    match last_used.filter(|u| *u > threshold) {
+        Some(used) => {
+            key.last_used = Some(time(used));
+            run.set(
+                status,
+                condition_types::KEY_IN_USE,
+                true,
+                "CurrentKeyUsed",
+                format!(
+                    "Stripe reports {} {} used at {used}, after its rollout",
+                    C::NAMES.noun,
+                    current.id
+                ),
+            );
+            run.ctx
+                .metrics
+                .current_key_unused
+                .get_or_create(&labels)
+                .set(0);
+            Ok(None)
+        }
+        None => {
+            let message = format!(
+                "Stripe reports no use of the current {} {} since its rollout finished at {rolled_out} \
+                 (last use: {}): the workloads may not be using the {} they were given \
+                 (check their environment and that they read Secret {})",
+                C::NAMES.noun,
+                current.id,
+                last_used
+                    .map(|t| t.to_string())
+                    .unwrap_or_else(|| "never".into()),
+                C::NAMES.noun,
+                C::declared(&run.obj).secret,
+            );
+            let changed =
+                crate::api::conditions::find(&status.conditions, condition_types::KEY_IN_USE)
+                    .is_none_or(|c| c.status != "False");
+            run.set(
+                status,
+                condition_types::KEY_IN_USE,
+                false,
+                "CurrentKeyUnused",
+                message.clone(),
+            );
+            run.ctx
+                .metrics
+                .current_key_unused
+                .get_or_create(&labels)
+                .set(1);
+            if changed {
+                run.event(EventType::Warning, "CurrentKeyUnused", message)
+                    .await;
+            }
+            Ok(Some(after(now, interval)))
+        }
+    }
+}
+
 /// Retires the previous credential, drops it from the store and the Secret, and finishes.
 async fn expire_previous<C: Credential>(
     run: &mut Run<'_, C>,
     handle: &AccountHandle,
 ) -> Result<(), ReconcileError> {
+    run.ctx.metrics.old_key_in_use.remove(&run.usage_labels());
     let mut status = run.status();
     if let Some(previous) = status.previous_key.take() {
+        // A hold that ends without its verdict (a refused spec retires on time) says so.
+        if crate::api::conditions::find(&status.conditions, condition_types::DEGRADED)
+            .is_some_and(|c| c.reason == "OldKeyStillInUse")
+        {
+            run.set(
+                &mut status,
+                condition_types::DEGRADED,
+                false,
+                "OldKeyExpired",
+                format!("previous {} {} was expired", C::NAMES.noun, previous.id),
+            );
+        }
         status.retiring_keys.push(previous);
         run.write_status(status).await?;
         retire_pending(run, handle).await?;
@@ -1942,6 +2305,15 @@ async fn idle<C: Credential>(
         ),
         None => {}
     }
+    // Boxed: the reconcile future is deep already (debug builds overflow test stacks).
+    let usage_due = Box::pin(check_current_usage(
+        run,
+        spec,
+        handle,
+        &mut status,
+        report.is_complete(),
+    ))
+    .await?;
     run.write_status(status.clone()).await?;
     let labels = run.labels();
     if let Some(created) = status.last_rotation_at.as_ref() {
@@ -1963,6 +2335,9 @@ async fn idle<C: Credential>(
         wait = wait.min(d);
     }
     if let Some(at) = C::idle_check_due(&run.obj, spec, now) {
+        wait = wait.min(until(now, at));
+    }
+    if let Some(at) = usage_due {
         wait = wait.min(until(now, at));
     }
     if !report.is_complete() {
@@ -2200,6 +2575,7 @@ mod tests {
             unprepared: false,
             create_sent_at: None,
             sweep_first: false,
+            usage_hold: None,
         }
     }
 
@@ -2357,6 +2733,77 @@ mod tests {
         assert!(overlap_over(&status, now()));
         let before: Timestamp = "2026-05-31T23:59:59Z".parse().unwrap();
         assert!(!overlap_over(&status, before));
+    }
+
+    #[test]
+    fn an_old_key_is_held_only_for_uses_after_the_rollout_and_the_lag_until_quiet_or_the_ceiling() {
+        let at = |m: i64| now() + SignedDuration::from_mins(m);
+        let lag = Duration::from_secs(600);
+        let settings = UsageExpiry {
+            quiet_period: Duration::from_secs(1800),
+            max_hold: Duration::from_secs(3 * 3600),
+            unused_after: Duration::from_secs(3600),
+        };
+        let judge = |used: Option<i64>, t: i64, checks| {
+            judge_old_key(now(), used.map(at), at(t), lag, &settings, checks)
+        };
+        assert_eq!(judge(None, 60, 0), OldKeyUsage::Quiet, "never used");
+        assert_eq!(
+            judge(Some(-5), 60, 0),
+            OldKeyUsage::Quiet,
+            "before the rollout"
+        );
+        assert_eq!(
+            judge(Some(10), 60, 0),
+            OldKeyUsage::Quiet,
+            "within the lag of the rollout"
+        );
+        assert_eq!(
+            judge(Some(55), 60, 0),
+            OldKeyUsage::Held {
+                last_used: at(55),
+                next_check: at(61)
+            }
+        );
+        // Backoff doubles, capped at 15 minutes and at the quiet time (55 + 30 + 10).
+        assert_eq!(
+            judge(Some(55), 62, 2),
+            OldKeyUsage::Held {
+                last_used: at(55),
+                next_check: at(66)
+            }
+        );
+        assert_eq!(
+            judge(Some(55), 80, 8),
+            OldKeyUsage::Held {
+                last_used: at(55),
+                next_check: at(95)
+            }
+        );
+        assert_eq!(
+            judge(Some(55), 94, 8),
+            OldKeyUsage::Held {
+                last_used: at(55),
+                next_check: at(95)
+            }
+        );
+        assert_eq!(
+            judge(Some(55), 95, 3),
+            OldKeyUsage::Quiet,
+            "quiet period plus lag"
+        );
+        // The ceiling (rollout + 3h) ends any hold and caps the next check.
+        assert_eq!(
+            judge(Some(170), 175, 9),
+            OldKeyUsage::Held {
+                last_used: at(170),
+                next_check: at(180)
+            }
+        );
+        assert_eq!(
+            judge(Some(179), 180, 1),
+            OldKeyUsage::Ceiling { last_used: at(179) }
+        );
     }
 
     #[test]

@@ -54,6 +54,10 @@ pub struct EnvOptions {
     /// `false`: only the simulator's own `127.0.0.1:<port>` is allowed, as a production
     /// operator allows only Stripe's host.
     pub allow_loopback_api: bool,
+    /// The operator's `--last-used-lag`.
+    pub last_used_lag: Duration,
+    /// The operator's `--key-usage-check-interval`.
+    pub key_usage_check_interval: Duration,
 }
 
 impl Default for EnvOptions {
@@ -71,6 +75,8 @@ impl Default for EnvOptions {
             audit: None,
             store: None,
             allow_loopback_api: true,
+            last_used_lag: crate::controller::DEFAULT_LAST_USED_LAG,
+            key_usage_check_interval: crate::controller::DEFAULT_KEY_USAGE_CHECK_INTERVAL,
         }
     }
 }
@@ -178,6 +184,8 @@ impl LocalEnv {
         config.rollout_poll = self.options.rollout_poll;
         config.error_backoff = self.options.error_backoff;
         config.resync = self.options.resync;
+        config.last_used_lag = self.options.last_used_lag;
+        config.key_usage_check_interval = self.options.key_usage_check_interval;
         config.stripe_timeout = Some(self.options.stripe_timeout);
         config.stripe_retry = self.options.stripe_retry.clone();
         config.crash_hook = Some(self.crash.clone());

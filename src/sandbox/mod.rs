@@ -266,9 +266,49 @@ pub async fn run(args: SandboxArgs) -> anyhow::Result<()> {
     t.say(format!(
         "Secret {ns}/{secret_name} publishes both keys during the overlap"
     ));
-    env.clock.advance(Duration::from_secs(2 * 3600));
+    // Something outside the rollout targets (a cron job elsewhere) still uses the old key 40
+    // minutes after the rollout: usage-aware expiry holds it when the overlap ends.
+    let old_token = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(p.spec.delivery.secret.previous_key_name()))
+        .map(|b| String::from_utf8_lossy(&b.0).into_owned())
+        .context("the previous key is not in the Secret")?;
+    let advance = |d: Duration| {
+        env.clock.advance(d);
+        env.sim.advance_clock(d);
+    };
+    advance(Duration::from_secs(40 * 60));
+    let used = reqwest::Client::new()
+        .get(format!("{}/v1/charges", env.sim.base_url()))
+        .bearer_auth(&old_token)
+        .send()
+        .await?
+        .status();
+    drop(old_token);
+    t.say(format!(
+        "a cron job outside the rollout targets calls Stripe with the old key {} 40 minutes after the rollout (HTTP {})",
+        first.id,
+        used.as_u16()
+    ));
+    advance(Duration::from_secs(21 * 60));
     nudge(&policies, &name).await?;
-    t.say("sandbox clock advanced past the overlap");
+    let held = wait("the old key is held", timeout, || async {
+        let p = policies.get(&name).await?;
+        let s = p.status.unwrap_or_default();
+        Ok(conditions::find(&s.conditions, "Degraded")
+            .filter(|c| c.reason == "OldKeyStillInUse")
+            .map(|c| c.message.clone()))
+    })
+    .await?;
+    let state = key_status(&env, &first.id).unwrap_or_default();
+    t.say(format!(
+        "overlap over, but old key {} held (simulator says: {state}): Degraded=True, reason=OldKeyStillInUse: {held}",
+        first.id
+    ));
+    advance(Duration::from_secs(2 * 3600));
+    nudge(&policies, &name).await?;
+    t.say("sandbox clock advanced past the overlap and the quiet period");
     wait("the old key expires", timeout, || async {
         let p = policies.get(&name).await?;
         let s = p.status.unwrap_or_default();

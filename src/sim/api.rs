@@ -90,6 +90,8 @@ pub(crate) struct Ctx<'a> {
     pub app_id: &'a str,
     pub now: DateTime<Utc>,
     pub behaviour: Behaviour,
+    /// How long after a use it shows in `last_used`.
+    pub last_used_lag: chrono::Duration,
 }
 
 /// A parsed API request.
@@ -127,6 +129,7 @@ pub(crate) fn render_key(
     k: &KeyRecord,
     mode: Mode,
     now: DateTime<Utc>,
+    lag: chrono::Duration,
     app_id: &str,
     view: SecretView,
 ) -> Value {
@@ -139,7 +142,7 @@ pub(crate) fn render_key(
         "status": if k.is_expired(now) { "expired" } else { "active" },
         "created": rfc3339(k.created),
         "expires_at": k.expires_at.map(rfc3339),
-        "last_used": k.last_used.map(rfc3339),
+        "last_used": k.reported_last_used(now, lag).map(rfc3339),
         "livemode": mode == Mode::Live,
         "ip_allowlist": [],
         "managed_by": { "type": "application", "application": { "id": app_id } },
@@ -418,7 +421,14 @@ impl Handler<'_, '_> {
     }
 
     fn render(&self, k: &KeyRecord, view: SecretView) -> Value {
-        render_key(k, self.acct.mode, self.ctx.now, self.ctx.app_id, view)
+        render_key(
+            k,
+            self.acct.mode,
+            self.ctx.now,
+            self.ctx.last_used_lag,
+            self.ctx.app_id,
+            view,
+        )
     }
 
     fn insert_key(&mut self, rec: KeyRecord) {
@@ -514,6 +524,7 @@ impl Handler<'_, '_> {
             created: self.ctx.now,
             expires_at,
             last_used: None,
+            unreported_uses: Vec::new(),
             rotated_to: None,
         };
         let out = self.render(&rec, view);
@@ -726,6 +737,7 @@ impl Handler<'_, '_> {
             created: now,
             expires_at: None,
             last_used: None,
+            unreported_uses: Vec::new(),
             rotated_to: None,
             ..old
         };
@@ -1256,7 +1268,7 @@ pub(crate) fn handle_scoped_call(
             ),
         );
     }
-    key.last_used = Some(now);
+    key.record_use(now, ctx.last_used_lag);
     if !grants(&key.permissions, needed) {
         return (
             Some(ai),

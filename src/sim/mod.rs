@@ -18,6 +18,7 @@
 //! | `GET /_sim/requests`, `DELETE /_sim/requests` | the request log ([`RequestLogEntry`]) |
 //! | `GET /_sim/clock`, `POST /_sim/clock/advance {"seconds":N,"minutes":M}` | the clock |
 //! | `GET/POST/DELETE /_sim/faults` | list, inject ([`FaultSpec`] JSON), clear faults |
+//! | `GET /_sim/last_used_lag`, `POST /_sim/last_used_lag {"seconds":N,"minutes":M}` | the reporting lag of `last_used` |
 //! | `POST /_sim/webhook_endpoints/{id}/send {"type":..,"data":..}` | deliver a signed event |
 //! | `POST /_sim/webhook_endpoints/{id}/roll_secret {"expire_current_in_hours":N}` | Dashboard-style secret roll |
 //!
@@ -28,7 +29,10 @@
 //! Where Stripe's answer is *unconfirmed* the simulator has a setting ([`SimConfig`]):
 //! `public_key` is required for secret keys in live mode and optional in test mode unless
 //! `require_public_key_in_test_mode`; expiring an already expired key answers 200 (the key as
-//! it is) unless `already_expired_error` (400 `resource_already_expired`). Every API-key object
+//! it is) unless `already_expired_error` (400 `resource_already_expired`). A key's `last_used`
+//! is set by calls on the scope-enforcing surface made with it; how long a use takes to show
+//! there is *unconfirmed* at Stripe, so `last_used_lag` (default 0) delays it: a use at `t`
+//! shows from `t + lag` on (of the simulator's clock). Every API-key object
 //! carries `permissions` and `connect_permissions`. A call made with an expired app key
 //! ([`SimHandle::expire_app_key`]) gets 401 `api_key_expired`. Injected `server_error` faults
 //! with `saved: true` (and any 5xx the handlers produce) are saved under the idempotency key and
@@ -139,6 +143,8 @@ pub struct SimConfig {
     /// of 200 with the key as it is (Stripe's answer is *unconfirmed*; clients must handle
     /// both).
     pub already_expired_error: bool,
+    /// How long after a use it shows in a key's `last_used` (Stripe's lag is *unconfirmed*).
+    pub last_used_lag: Duration,
 }
 
 impl Default for SimConfig {
@@ -154,6 +160,7 @@ impl Default for SimConfig {
             application_id: format!("ca_sim{}", state::random_alnum(16)),
             require_public_key_in_test_mode: false,
             already_expired_error: false,
+            last_used_lag: Duration::ZERO,
         }
     }
 }
@@ -247,6 +254,8 @@ impl Simulator {
             .iter()
             .map(|a| (a.id.clone(), a.mode))
             .collect();
+        let lag = chrono::Duration::from_std(config.last_used_lag)
+            .map_err(|_| SimError::InvalidConfig("last_used_lag is too large".into()))?;
         let shared = Arc::new(server::Shared {
             state: Mutex::new(state::State::new(
                 &accounts,
@@ -264,6 +273,7 @@ impl Simulator {
                 reexpire_error: config.already_expired_error,
             },
         });
+        shared.lock().last_used_lag = lag;
         let (tx, rx) = tokio::sync::watch::channel(false);
         let router = server::router(shared.clone());
         let task = tokio::spawn(server::serve(listener, router, rx));
@@ -373,6 +383,12 @@ impl SimHandle {
         st.clock.now()
     }
 
+    /// Sets how long after a use it shows in a key's `last_used` (of the simulator's clock).
+    pub fn set_last_used_lag(&self, lag: Duration) {
+        self.shared.lock().last_used_lag =
+            chrono::Duration::from_std(lag).unwrap_or(chrono::Duration::MAX);
+    }
+
     /// Injects a fault; returns its id.
     pub fn inject_fault(&self, spec: FaultSpec) -> u64 {
         self.shared.lock().add_fault(spec)
@@ -473,6 +489,10 @@ pub struct SimArgs {
     /// (default: 200 with the key as it is).
     #[arg(long)]
     pub already_expired_error: bool,
+    /// How long after a use it shows in a key's `last_used` (`90s`, `10m`; Stripe's lag is
+    /// unconfirmed). Default 0.
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    pub last_used_lag: Duration,
 }
 
 /// Runs the simulator until interrupted (Ctrl-C / SIGTERM).
@@ -486,6 +506,7 @@ pub async fn run_cli(args: SimArgs) -> anyhow::Result<()> {
         rate_limit_live: args.rate_limit_live,
         require_public_key_in_test_mode: args.require_public_key_in_test_mode,
         already_expired_error: args.already_expired_error,
+        last_used_lag: args.last_used_lag,
         ..SimConfig::default()
     };
     if args.manual_clock {

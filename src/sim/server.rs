@@ -299,6 +299,7 @@ async fn api(
             app_id: &shared.app_id,
             now,
             behaviour: shared.behaviour,
+            last_used_lag: st.last_used_lag,
         };
         if let Some(needed) = scope_route(&m, &path) {
             let ai = bearer
@@ -667,6 +668,18 @@ fn control_router() -> Router<Arc<Shared>> {
                 let mut st = s.lock();
                 st.clock.advance(Duration::from_secs(b.seconds.saturating_add(b.minutes.saturating_mul(60))));
                 Json(json!({ "now": st.clock.now() }))
+            }),
+        )
+        .route(
+            "/_sim/last_used_lag",
+            get(|AxState(s): AxState<Arc<Shared>>| async move {
+                Json(json!({ "seconds": s.lock().last_used_lag.num_seconds() }))
+            })
+            .post(|AxState(s): AxState<Arc<Shared>>, Json(b): Json<AdvanceBody>| async move {
+                let secs = b.seconds.saturating_add(b.minutes.saturating_mul(60));
+                let mut st = s.lock();
+                st.last_used_lag = chrono::Duration::seconds(secs.min(i64::MAX as u64) as i64);
+                Json(json!({ "seconds": st.last_used_lag.num_seconds() }))
             }),
         )
         .route(

@@ -233,7 +233,8 @@ pub struct KeyState {
     pub created: DateTime<Utc>,
     /// Expiry.
     pub expires_at: Option<DateTime<Utc>>,
-    /// Last use on the scope-enforcing surface.
+    /// Last use on the scope-enforcing surface, as `last_used` shows it now (after the
+    /// reporting lag).
     pub last_used: Option<DateTime<Utc>>,
     /// The key this one was rotated into.
     pub rotated_to: Option<String>,
@@ -304,13 +305,45 @@ pub(crate) struct KeyRecord {
     pub token: String,
     pub created: DateTime<Utc>,
     pub expires_at: Option<DateTime<Utc>>,
+    /// The latest use already visible in `last_used`.
     pub last_used: Option<DateTime<Utc>>,
+    /// Uses not visible yet (the reporting lag), oldest first.
+    pub unreported_uses: Vec<DateTime<Utc>>,
     pub rotated_to: Option<String>,
 }
+
+/// Pending uses kept per key at most (older pending ones are dropped: a later use exists).
+const MAX_UNREPORTED_USES: usize = 1024;
 
 impl KeyRecord {
     pub(crate) fn is_expired(&self, now: DateTime<Utc>) -> bool {
         self.expires_at.is_some_and(|e| e <= now)
+    }
+
+    /// `last_used` as Stripe shows it at `now`: a use at `t` shows from `t + lag` on.
+    pub(crate) fn reported_last_used(
+        &self,
+        now: DateTime<Utc>,
+        lag: chrono::Duration,
+    ) -> Option<DateTime<Utc>> {
+        self.unreported_uses
+            .iter()
+            .copied()
+            .filter(|t| *t + lag <= now)
+            .chain(self.last_used)
+            .max()
+    }
+
+    /// Records a use at `now`, visible from `now + lag` on.
+    pub(crate) fn record_use(&mut self, now: DateTime<Utc>, lag: chrono::Duration) {
+        self.last_used = self.reported_last_used(now, lag);
+        self.unreported_uses.retain(|t| *t + lag > now);
+        if self.unreported_uses.last() != Some(&now) {
+            self.unreported_uses.push(now);
+        }
+        if self.unreported_uses.len() > MAX_UNREPORTED_USES {
+            self.unreported_uses.remove(0);
+        }
     }
 }
 
@@ -409,6 +442,8 @@ pub(crate) struct State {
     pub in_flight: std::collections::HashSet<(String, String)>,
     /// Fingerprints of app keys that have expired: calls with them get 401 `api_key_expired`.
     pub expired_app_keys: std::collections::HashSet<String>,
+    /// How long after a use it shows in `last_used` (of the simulator's clock).
+    pub last_used_lag: chrono::Duration,
 }
 
 impl State {
@@ -445,6 +480,7 @@ impl State {
             log: Vec::new(),
             in_flight: std::collections::HashSet::new(),
             expired_app_keys: std::collections::HashSet::new(),
+            last_used_lag: chrono::Duration::zero(),
         }
     }
 
@@ -513,7 +549,7 @@ impl State {
                             connect_permissions: k.connect_permissions.clone(),
                             created: k.created,
                             expires_at: k.expires_at,
-                            last_used: k.last_used,
+                            last_used: k.reported_last_used(now, self.last_used_lag),
                             rotated_to: k.rotated_to.clone(),
                             token_fingerprint: crate::secret::fingerprint(k.token.as_bytes()),
                         })
@@ -556,6 +592,40 @@ mod tests {
         assert_eq!(s.take_fault("POST", "/v1/x"), Some(FaultKind::Hang));
         assert_eq!(s.take_fault("POST", "/v1/x"), None);
         assert!(s.faults.is_empty());
+    }
+
+    #[test]
+    fn a_use_shows_in_last_used_only_after_the_lag() {
+        let t0: DateTime<Utc> = "2026-06-01T00:00:00Z".parse().unwrap();
+        let m = chrono::Duration::minutes;
+        let mut k = KeyRecord {
+            id: "apikey_1".into(),
+            key_type: "secret_key".into(),
+            name: None,
+            note: None,
+            permissions: vec![],
+            connect_permissions: vec![],
+            token: "t".into(),
+            created: t0,
+            expires_at: None,
+            last_used: None,
+            unreported_uses: vec![],
+            rotated_to: None,
+        };
+        let lag = m(5);
+        k.record_use(t0 + m(1), lag);
+        assert_eq!(k.reported_last_used(t0 + m(5), lag), None);
+        assert_eq!(k.reported_last_used(t0 + m(6), lag), Some(t0 + m(1)));
+        k.record_use(t0 + m(8), lag);
+        assert_eq!(k.reported_last_used(t0 + m(12), lag), Some(t0 + m(1)));
+        assert_eq!(k.reported_last_used(t0 + m(13), lag), Some(t0 + m(8)));
+        let mut now = k.clone();
+        now.record_use(t0 + m(20), chrono::Duration::zero());
+        assert_eq!(
+            now.reported_last_used(t0 + m(20), chrono::Duration::zero()),
+            Some(t0 + m(20)),
+            "no lag: at once"
+        );
     }
 
     #[test]
