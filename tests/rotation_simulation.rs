@@ -225,17 +225,18 @@ impl Sim {
 
     /// One reconcile of `obj` (as its replica read it) by the replica `ctx`.
     async fn reconcile_as(&mut self, obj: Value, ctx: Arc<Context>) {
+        // Boxed: a reconcile future is large, and the test thread's stack is not.
         let result = match self.kind {
-            Kind::Key => stripe_key_operator::controller::keypolicy::reconcile(
+            Kind::Key => Box::pin(stripe_key_operator::controller::keypolicy::reconcile(
                 Arc::new(serde_json::from_value(obj).unwrap()),
                 ctx,
-            )
+            ))
             .await
             .map(|_| ()),
-            Kind::Webhook => stripe_key_operator::controller::webhook::reconcile(
+            Kind::Webhook => Box::pin(stripe_key_operator::controller::webhook::reconcile(
                 Arc::new(serde_json::from_value(obj).unwrap()),
                 ctx,
-            )
+            ))
             .await
             .map(|_| ()),
         };
@@ -918,7 +919,11 @@ fn seeds() -> Vec<u64> {
 async fn simulate(kind: Kind) {
     let mut failures = Vec::new();
     for seed in seeds() {
-        if let Err((e, log)) = run_seed(kind, seed).await {
+        // On a worker thread (a spawned task lives on the heap), not on the test thread.
+        let run = tokio::spawn(run_seed(kind, seed))
+            .await
+            .expect("the seed's task");
+        if let Err((e, log)) = run {
             eprintln!(
                 "seed {seed} ({kind:?}) failed: {e}\nreplay: SIM_SEED={seed} cargo test --test rotation_simulation\n{}",
                 log.join("\n")
