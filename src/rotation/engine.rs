@@ -2142,7 +2142,7 @@ async fn finish<C: Credential>(
     rotation: RotationState,
 ) -> Result<(), ReconcileError> {
     run.write_status(status.clone()).await?;
-    sweep_orphans(run, handle, sweep_need(run.ctx, &rotation)).await?;
+    sweep_orphans(run, handle, finish_need(run.ctx, &rotation)).await?;
     status = run.status();
     status.rotation = None;
     if let Some(request) = rotation.request.clone() {
@@ -2173,8 +2173,23 @@ async fn finish<C: Credential>(
     Ok(())
 }
 
-/// How recent the listing of a sweep at the end of `rotation` (or on deletion during it) must
-/// be: taken after the rotation's creates were sent (so it can show what they made) and within
+/// How recent the listing of the sweep that ends a completed `rotation` must be: any listing
+/// within the sweep interval. A completed rotation made nothing Stripe holds that status does
+/// not know: its creates shared one idempotency key (a replay answers with the same
+/// credential); a create past the idempotency window, or an abandoned rotation's, was swept
+/// in `mint` with a listing taken after it; a saved server error moves to a new attempt only
+/// once a fresh listing showed that nothing was made; a wrongly scoped credential is on
+/// `retiringKeys`. So this sweep only bounds what earlier faults left behind, and a bulk
+/// rotation of one account lists its credentials once per interval, not once per create.
+fn finish_need(ctx: &Context, rotation: &RotationState) -> Need {
+    if rotation.sweep_first {
+        Need::fresh(ctx.clock.now())
+    } else {
+        Need::within(ctx.config.orphan_sweep_interval)
+    }
+}
+
+/// How recent the listing of a sweep on deletion during `rotation` must be: taken after the rotation's creates were sent (so it can show what they made) and within
 /// the sweep interval; taken afresh when an abandoned rotation's create time is lost.
 fn sweep_need(ctx: &Context, rotation: &RotationState) -> Need {
     let interval = ctx.config.orphan_sweep_interval;
