@@ -16,26 +16,7 @@ pub const ACCOUNT: &str = "payments-test";
 /// Starts an environment with the `shop` namespace (allowed by the account), the account, a
 /// `checkout` Deployment, and the operator running.
 pub async fn env_with(options: EnvOptions) -> LocalEnv {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_test_writer()
-        .try_init();
-    let mut env = LocalEnv::start(options)
-        .await
-        .expect("local environment starts");
-    env.apply_json(&json!({"apiVersion": "v1", "kind": "Namespace",
-        "metadata": {"name": NS, "labels": {"stripekeys.io/account": ACCOUNT}}}))
-        .await
-        .unwrap();
-    env.apply_json(&env.account_manifest(
-        ACCOUNT,
-        json!({"matchLabels": {"stripekeys.io/account": ACCOUNT}}),
-    ))
-    .await
-    .unwrap();
-    env.apply_json(&deployment("checkout")).await.unwrap();
+    let mut env = env_without_operator(options).await;
     env.start_operator();
     wait_account_checked(&env).await;
     env
