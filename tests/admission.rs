@@ -470,6 +470,30 @@ async fn webhook_endpoint_in_a_namespace_the_account_does_not_serve_is_refused()
     assert!(v.message.contains("NamespaceNotAllowed"), "{}", v.message);
 }
 
+/// Admission judges an endpoint with the controller's own validation, so what the controller
+/// would refuse as InvalidSpec never gets in.
+#[tokio::test]
+async fn webhook_endpoint_the_controller_would_refuse_is_refused_at_admission() {
+    let mut no_events = endpoint("shop", "https://hooks.example.com/stripe");
+    no_events["spec"]["enabledEvents"] = json!([]);
+    let mut reserved = endpoint("shop", "https://hooks.example.com/stripe");
+    reserved["spec"]["metadata"] = json!({"stripekeys_namespace": "other"});
+    let mut short_overlap = endpoint("shop", "https://hooks.example.com/stripe");
+    short_overlap["spec"]["rotation"]["overlap"] = json!("1s");
+    for (object, expected) in [
+        (&no_events, "enabledEvents must name at least one event"),
+        (
+            &reserved,
+            "metadata key \"stripekeys_namespace\" is reserved",
+        ),
+        (&short_overlap, "overlap must be"),
+    ] {
+        let v = judge(&cluster(), "CREATE", Some(object), None).await;
+        assert!(!v.allowed, "{object}");
+        assert!(v.message.contains(expected), "{}", v.message);
+    }
+}
+
 #[tokio::test]
 async fn guardrails_and_accounts_themselves_are_allowed() {
     let g = serde_json::to_value(guardrail(
