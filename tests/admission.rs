@@ -336,6 +336,25 @@ async fn policy_within_guardrails_is_allowed() {
 }
 
 #[tokio::test]
+async fn a_new_policy_under_an_account_being_deleted_is_refused() {
+    let mut lookups = cluster();
+    let account = lookups.accounts.get_mut("payments").unwrap();
+    account.metadata.deletion_timestamp = Some(
+        k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now()),
+    );
+    let v = judge(
+        &lookups,
+        "CREATE",
+        Some(&policy("shop", "payments", &["charge_read"])),
+        None,
+    )
+    .await;
+    assert!(!v.allowed);
+    assert!(v.message.contains("AccountTerminating"), "{}", v.message);
+    assert!(v.message.contains("is being deleted"), "{}", v.message);
+}
+
+#[tokio::test]
 async fn payout_write_is_refused_naming_the_guardrail() {
     let v = judge(
         &cluster(),
