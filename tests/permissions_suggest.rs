@@ -144,6 +144,10 @@ fn text_output_shows_the_set_and_the_diff_against_a_policy_file() {
         "{text}"
     );
     assert!(text.contains("add:     charge_read"), "{text}");
+    assert!(
+        text.contains("(charge_read replaces charge_write: only reads were served)"),
+        "{text}"
+    );
     assert!(text.contains("refused: payout_write"), "{text}");
     // charge_read was refused once (an older key) but the policy grants it through charge_write
     let refused_line = text.lines().find(|l| l.contains("refused: ")).unwrap();

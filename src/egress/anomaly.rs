@@ -29,6 +29,18 @@
 //! and [`Detector::observe_slot`] per request). Closing a window costs one update per elapsed
 //! window (bounded by [`MAX_GAP_WINDOWS`]), amortised over time, not requests. The detector is
 //! plain data: the proxy keeps it behind a `Mutex` and holds the lock for one call.
+//!
+//! # Wiring (what the proxy does)
+//! ```text
+//! let config = policy.detector_config()?;              // AnomalyPolicy from flags or a file
+//! let detector = Mutex::new(Detector::new(config)?);
+//! let responder = Arc::new(Responder::new(KubeActionSink::new(client, ns, name), policy.action, metrics));
+//! // per request, after the route gave `permission`:
+//! let o = detector.lock().observe(permission, SystemTime::now());
+//! if let Some(f) = o.finding { let r = responder.clone(); tokio::spawn(async move { r.respond(&f).await }); }
+//! if o.throttled { let left = detector.lock().throttle_remaining(permission, now); return throttle_response(permission, left); }
+//! // and every few seconds: detector.lock().tick(SystemTime::now());
+//! ```
 
 use std::fmt;
 use std::sync::{Arc, Mutex};
@@ -463,9 +475,9 @@ impl Detector {
         let window_secs = config.window.as_secs();
         let ok = config.window.subsec_nanos() == 0
             && window_secs > 0
-            && DAY_SECS % window_secs == 0
+            && DAY_SECS.is_multiple_of(window_secs)
             && config.buckets > 0
-            && (DAY_SECS / window_secs) % u64::from(config.buckets) == 0;
+            && (DAY_SECS / window_secs).is_multiple_of(u64::from(config.buckets));
         if !ok {
             return Err(AnomalyConfigError::BadWindow(config.window));
         }

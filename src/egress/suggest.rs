@@ -378,6 +378,12 @@ pub fn render_text(s: &Suggestion) -> String {
         let _ = writeln!(out, "  keep:    {}", list(&d.keep));
         let _ = writeln!(out, "  remove:  {}", list(&d.remove));
         let _ = writeln!(out, "  add:     {}", list(&d.add));
+        for p in &d.add {
+            let write = p.strip_suffix("_read").map(|r| format!("{r}_write"));
+            if let Some(w) = write.filter(|w| d.remove.contains(w)) {
+                let _ = writeln!(out, "           ({p} replaces {w}: only reads were served)");
+            }
+        }
         if !d.refused.is_empty() {
             let _ = writeln!(
                 out,
