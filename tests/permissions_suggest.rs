@@ -271,3 +271,97 @@ fn bad_input_is_a_clear_error() {
     let out = run(&[], None);
     assert!(!out.status.success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn from_cluster_compares_with_the_policy_in_the_api() {
+    use k8s_openapi::api::core::v1::Namespace;
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use kube::api::{Api, Patch, PatchParams, PostParams};
+    use kube::runtime::wait::{await_condition, conditions};
+    use std::time::{Duration, Instant};
+    use stripe_key_operator::api::StripeKeyPolicy;
+
+    let server = kube_test_api::TestApiServer::start().await.unwrap();
+    let client = kube::Client::try_from(kube::Config::new(server.url().parse().unwrap())).unwrap();
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for crd in stripe_key_operator::api::crds() {
+        let name = crd.metadata.name.clone().unwrap();
+        crds.patch(
+            &name,
+            &PatchParams::apply("suggest-tests").force(),
+            &Patch::Apply(&crd),
+        )
+        .await
+        .unwrap();
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            await_condition(crds.clone(), &name, conditions::is_crd_established()),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    }
+    Api::<Namespace>::all(client.clone())
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "shop"}})).unwrap(),
+        )
+        .await
+        .unwrap();
+    let policy: StripeKeyPolicy = serde_yaml::from_str(POLICY).unwrap();
+    let policies: Api<StripeKeyPolicy> = Api::namespaced(client.clone(), "shop");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match policies.create(&PostParams::default(), &policy).await {
+            Ok(_) => break,
+            // the new kind may not be served for a moment after it is established
+            Err(kube::Error::Api(s)) if s.code == 404 && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("create policy: {e}"),
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = reports(dir.path());
+    let kubeconfig = write(dir.path(), "kubeconfig", &server.kubeconfig_yaml());
+    let cli = move |target: &'static str| {
+        let (a, b, kubeconfig) = (a.clone(), b.clone(), kubeconfig.clone());
+        tokio::task::spawn_blocking(move || {
+            Command::new(BIN)
+                .args([
+                    "permissions",
+                    "suggest",
+                    &a,
+                    &b,
+                    "-o",
+                    "json",
+                    "--from-cluster",
+                    target,
+                ])
+                .env("KUBECONFIG", &kubeconfig)
+                .output()
+                .unwrap()
+        })
+    };
+    let out = cli("shop/checkout").await.unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["diff"]["policy"], "shop/checkout");
+    assert_eq!(
+        v["diff"]["remove"],
+        json!(["charge_write", "subscription_write"])
+    );
+    assert_eq!(v["diff"]["refused"], json!(["payout_write"]));
+    let out = cli("shop/nope").await.unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("stripekeypolicy \"nope\" not found in namespace \"shop\""),
+        "{err}"
+    );
+    server.shutdown().await;
+}
