@@ -5,6 +5,9 @@
 //! windows never raise the baseline; a fast poisoning ramp is caught and a ramp slower than the
 //! daily growth cap is learned (the documented limit).
 
+#[path = "common/kube_api.rs"]
+mod kube_api;
+
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -430,45 +433,16 @@ fn the_documented_limit_a_ramp_slower_than_the_daily_growth_cap_is_learned() {
 
 #[tokio::test]
 async fn the_kube_sink_records_an_event_and_requests_an_incident_rotation() {
-    use k8s_openapi::api::core::v1::Namespace;
     use k8s_openapi::api::events::v1::Event;
-    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-    use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
-    use kube::runtime::wait::{await_condition, conditions};
+    use kube::api::{Api, ListParams};
     use serde_json::json;
     use stripe_key_operator::api::{
         ROTATE_ANNOTATION, ROTATE_REASON_ANNOTATION, ROTATE_REASON_INCIDENT, StripeKeyPolicy,
     };
     use stripe_key_operator::egress::anomaly::{ANOMALY_EVENT_REASON, KubeActionSink};
 
-    let server = kube_test_api::TestApiServer::start().await.unwrap();
-    let client = kube::Client::try_from(kube::Config::new(server.url().parse().unwrap())).unwrap();
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    for crd in stripe_key_operator::api::crds() {
-        let name = crd.metadata.name.clone().unwrap();
-        crds.patch(
-            &name,
-            &PatchParams::apply("egress-tests").force(),
-            &Patch::Apply(&crd),
-        )
-        .await
-        .unwrap();
-        tokio::time::timeout(
-            Duration::from_secs(30),
-            await_condition(crds.clone(), &name, conditions::is_crd_established()),
-        )
-        .await
-        .unwrap()
-        .unwrap();
-    }
-    let namespaces: Api<Namespace> = Api::all(client.clone());
-    namespaces
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({"metadata": {"name": "shop"}})).unwrap(),
-        )
-        .await
-        .unwrap();
+    let (server, client) = kube_api::api_with_crds().await;
+    kube_api::create_namespace(&client, "shop").await;
     let policy: StripeKeyPolicy = serde_json::from_value(json!({
         "apiVersion": "stripekeys.io/v1alpha1", "kind": "StripeKeyPolicy",
         "metadata": {"name": "checkout", "namespace": "shop"},
@@ -480,17 +454,7 @@ async fn the_kube_sink_records_an_event_and_requests_an_incident_rotation() {
     }))
     .unwrap();
     let policies: Api<StripeKeyPolicy> = Api::namespaced(client.clone(), "shop");
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        match policies.create(&PostParams::default(), &policy).await {
-            Ok(_) => break,
-            // the new kind may not be served for a moment after it is established
-            Err(kube::Error::Api(s)) if s.code == 404 && std::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(e) => panic!("create policy: {e}"),
-        }
-    }
+    kube_api::create(&policies, &policy).await;
 
     let (_, findings, _, _) = burst_run(21, &steady, AnomalyAction::IncidentRotation);
     let responder = Responder::new(

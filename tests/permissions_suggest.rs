@@ -2,6 +2,9 @@
 //! permission set that served them (a write covers its read), the diff against a policy, refused
 //! requests flagged separately, as text and JSON; bad input is a clear error.
 
+#[path = "common/kube_api.rs"]
+mod kube_api;
+
 use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
@@ -274,53 +277,14 @@ fn bad_input_is_a_clear_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn from_cluster_compares_with_the_policy_in_the_api() {
-    use k8s_openapi::api::core::v1::Namespace;
-    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-    use kube::api::{Api, Patch, PatchParams, PostParams};
-    use kube::runtime::wait::{await_condition, conditions};
-    use std::time::{Duration, Instant};
+    use kube::api::Api;
     use stripe_key_operator::api::StripeKeyPolicy;
 
-    let server = kube_test_api::TestApiServer::start().await.unwrap();
-    let client = kube::Client::try_from(kube::Config::new(server.url().parse().unwrap())).unwrap();
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    for crd in stripe_key_operator::api::crds() {
-        let name = crd.metadata.name.clone().unwrap();
-        crds.patch(
-            &name,
-            &PatchParams::apply("suggest-tests").force(),
-            &Patch::Apply(&crd),
-        )
-        .await
-        .unwrap();
-        tokio::time::timeout(
-            Duration::from_secs(30),
-            await_condition(crds.clone(), &name, conditions::is_crd_established()),
-        )
-        .await
-        .unwrap()
-        .unwrap();
-    }
-    Api::<Namespace>::all(client.clone())
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({"metadata": {"name": "shop"}})).unwrap(),
-        )
-        .await
-        .unwrap();
+    let (server, client) = kube_api::api_with_crds().await;
+    kube_api::create_namespace(&client, "shop").await;
     let policy: StripeKeyPolicy = serde_yaml::from_str(POLICY).unwrap();
     let policies: Api<StripeKeyPolicy> = Api::namespaced(client.clone(), "shop");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match policies.create(&PostParams::default(), &policy).await {
-            Ok(_) => break,
-            // the new kind may not be served for a moment after it is established
-            Err(kube::Error::Api(s)) if s.code == 404 && Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(e) => panic!("create policy: {e}"),
-        }
-    }
+    kube_api::create(&policies, &policy).await;
     let dir = tempfile::tempdir().unwrap();
     let (a, b) = reports(dir.path());
     let kubeconfig = write(dir.path(), "kubeconfig", &server.kubeconfig_yaml());

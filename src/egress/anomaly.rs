@@ -54,6 +54,8 @@ use prometheus_client::registry::Registry;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use super::suggest::valid_permission;
+
 /// Permissions watched whatever the policy says: the writes that move money or customer data.
 pub const DEFAULT_SENSITIVE_PERMISSIONS: &[&str] = &[
     "customer_write",
@@ -255,13 +257,6 @@ fn duration(
     };
     let d = crate::rotation::schedule::parse_duration(field, text).map_err(|_| bad())?;
     if d < min { Err(bad()) } else { Ok(d) }
-}
-
-fn valid_permission(p: &str) -> bool {
-    let base = p.strip_suffix("_read").or_else(|| p.strip_suffix("_write"));
-    matches!(base, Some(b) if !b.is_empty()
-        && b.as_bytes()[0].is_ascii_lowercase()
-        && b.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'_'))
 }
 
 impl AnomalyPolicy {

@@ -129,7 +129,9 @@ pub enum SuggestError {
     },
 }
 
-fn valid_permission(p: &str) -> bool {
+/// Whether `p` has the shape of a permission name, `<resource>_read` or `<resource>_write` in
+/// lower case (the CRD's pattern; catalogue membership is not required).
+pub fn valid_permission(p: &str) -> bool {
     let base = p.strip_suffix("_read").or_else(|| p.strip_suffix("_write"));
     matches!(base, Some(b) if !b.is_empty()
         && b.as_bytes()[0].is_ascii_lowercase()
