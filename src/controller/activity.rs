@@ -242,9 +242,6 @@ pub fn decide(
             None => Decision::Ignore,
         },
         "api_key_updated" => {
-            if key.role == Role::Retiring || own {
-                return Decision::Ignore;
-            }
             if let Some(actor) = actor_key
                 && cursor.pending_repairs.iter().any(|r| *r == details.id)
             {
@@ -252,6 +249,9 @@ pub fn decide(
                     key_id: details.id.clone(),
                     actor_id: actor.to_string(),
                 };
+            }
+            if key.role == Role::Retiring || own {
+                return Decision::Ignore;
             }
             match key.role {
                 Role::Current => tampered("updated", Repair::Reapply),
@@ -882,8 +882,10 @@ mod tests {
             Decision::Ignore
         );
         // The update a repair made is recognised, and teaches the actor id.
+        // (even when that actor is known already: the pending repair is consumed)
         let cursor = ActivityLogStatus {
             pending_repairs: vec!["apikey_m".into()],
+            operator_key_ids: vec!["apikey_app2".into()],
             ..Default::default()
         };
         assert_eq!(
