@@ -198,7 +198,11 @@ pub struct KeyRotation {
     pub on_key_viewed: Option<OnKeyViewed>,
 }
 
-/// The response to a managed key viewed in the Dashboard.
+/// What happens when Stripe's activity log shows a person viewing (revealing) one of this
+/// policy's keys in the Dashboard: its secret may have been copied. `Alert` (default): a Warning
+/// Event `KeyViewed`, an audit record and the metric `stripe_key_operator_key_viewed_total`.
+/// `IncidentRotation`: the same, and an incident rotation (as with
+/// `stripekeys.io/rotate-reason=incident`) replaces the key and revokes every key handed out.
 #[derive(
     Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema,
 )]

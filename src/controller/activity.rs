@@ -507,6 +507,10 @@ fn policy_ref(key: &ManagedKey) -> k8s_openapi::api::core::v1::ObjectReference {
     }
 }
 
+fn rfc3339(t: chrono::DateTime<chrono::Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
 fn role_name(role: Role) -> &'static str {
     match role {
         Role::Current => "current",
@@ -557,7 +561,7 @@ fn audit(
         .detail("activity_log_id", entry.id.clone())
         .detail("stripe_action", entry.action.clone())
         .detail("stripe_actor", entry.actor.describe())
-        .detail("stripe_time", entry.created.to_rfc3339())
+        .detail("stripe_time", rfc3339(entry.created))
         .detail("key_role", role_name(key.role))
         .detail("response", response);
     ctx.audit.record(match success {
@@ -586,7 +590,7 @@ async fn viewed(
     let response = if incident {
         "incident rotation requested (onKeyViewed: IncidentRotation)"
     } else {
-        "alert only (onKeyViewed: Alert); rotate with `stripe-key-operator rotate --incident` if the secret may have been copied"
+        "alert only (onKeyViewed: Alert); if it may have left the Dashboard, run `stripe-key-operator rotate stripekeypolicy/NAME --incident`"
     };
     ctx.metrics
         .key_viewed
@@ -605,7 +609,7 @@ async fn viewed(
         format!(
             "{who} viewed the {} key {key_id} in the Stripe Dashboard at {} (activity log {}): its secret may have been copied; {response}",
             role_name(key.role),
-            entry.created.to_rfc3339(),
+            rfc3339(entry.created),
             entry.id
         ),
     )
@@ -731,7 +735,7 @@ async fn tampered(
         format!(
             "{who} {what} the {} key {key_id} outside the operator at {} (activity log {}): {response}",
             role_name(key.role),
-            entry.created.to_rfc3339(),
+            rfc3339(entry.created),
             entry.id
         ),
     )
