@@ -243,7 +243,7 @@ pub fn decide(
         },
         "api_key_updated" => {
             if let Some(actor) = actor_key
-                && cursor.pending_repairs.iter().any(|r| *r == details.id)
+                && cursor.pending_repairs.contains(&details.id)
             {
                 return Decision::OwnRepairSeen {
                     key_id: details.id.clone(),

@@ -242,7 +242,7 @@ pub(crate) fn list(acct: &Account, query: &str, request_id: &str) -> Reply {
     }
     let matches = |e: &Entry| {
         (groups.is_empty() || group_of(&e.action).is_some_and(|g| groups.iter().any(|x| x == g)))
-            && (actions.is_empty() || actions.iter().any(|a| *a == e.action))
+            && (actions.is_empty() || actions.contains(&e.action))
     };
     let newest_first: Vec<&Entry> = acct.activity.entries.iter().rev().collect();
     let start = match &page {
