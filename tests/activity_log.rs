@@ -532,3 +532,168 @@ async fn more_entries_than_one_page_are_all_handled_once() {
     let account = wait_account("nothing counted twice", &s.env, |_| true).await;
     assert_eq!(account.status.unwrap().unmanaged_key_count, Some(130));
 }
+
+/// The client's side of the activity log against the simulator: filters, `limit`, pages
+/// followed with `next_page_url` (newest first, nothing twice), retrieve, and the app key as the
+/// actor of the app's own key changes.
+#[tokio::test]
+async fn the_client_reads_the_activity_log_page_by_page() {
+    use stripe_key_operator::sim::{SimConfig, Simulator};
+    use stripe_key_operator::stripe::{
+        ApiKeyType, CreateApiKeyParams, ListActivityLogsParams, Mode, StripeClient,
+    };
+    let sim = Simulator::start(SimConfig::new().with_account("acct_1Activity", Mode::Test))
+        .await
+        .unwrap();
+    let mut config = sim.stripe_config("acct_1Activity").unwrap();
+    config.requests_per_second = 1000.0;
+    let client = StripeClient::new(config).unwrap();
+    let key = client
+        .create_api_key(
+            &CreateApiKeyParams {
+                key_type: ApiKeyType::SecretKey,
+                name: "stripe-key-operator/shop/a".into(),
+                note: Some("policy-uid=u rotation=1".into()),
+                permissions: vec!["charge_read".into()],
+                connect_permissions: None,
+                expires_at: None,
+                public_key: None,
+            },
+            "idem-create-1",
+        )
+        .await
+        .unwrap()
+        .value;
+    for _ in 0..4 {
+        sim.dashboard(
+            "acct_1Activity",
+            EMAIL,
+            DashboardAction::View {
+                key_id: key.id.clone(),
+            },
+        )
+        .unwrap();
+    }
+    let params = ListActivityLogsParams {
+        action_groups: vec!["api_key".into()],
+        actions: vec!["api_key_viewed".into()],
+        limit: Some(3),
+    };
+    let first = client.list_activity_logs(&params).await.unwrap().value;
+    assert_eq!(first.data.len(), 3);
+    let next = first.next_page_url.clone().expect("a second page");
+    let second = client.list_activity_logs_page(&next).await.unwrap().value;
+    assert_eq!(second.data.len(), 1);
+    assert!(second.next_page_url.is_none());
+    let ids: Vec<&str> = first
+        .data
+        .iter()
+        .chain(&second.data)
+        .map(|e| e.id.as_str())
+        .collect();
+    let log = sim.activity_log("acct_1Activity");
+    let expected: Vec<&str> = log
+        .iter()
+        .rev()
+        .filter(|e| e.action == "api_key_viewed")
+        .map(|e| e.id.as_str())
+        .collect();
+    assert_eq!(ids, expected, "newest first, each once");
+    let viewed = &first.data[0];
+    assert_eq!(viewed.actor.user_email(), Some(EMAIL));
+    assert_eq!(
+        viewed.api_key().map(|k| k.id.as_str()),
+        Some(key.id.as_str())
+    );
+    assert!(viewed.created <= chrono::Utc::now());
+    // The create was the app's own: actor api_key, the app key's id.
+    let all = client
+        .list_activity_logs(&ListActivityLogsParams {
+            actions: vec!["api_key_created".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .value;
+    assert_eq!(all.data.len(), 1);
+    assert_eq!(
+        all.data[0].actor.api_key_id(),
+        Some(sim.app_key_id(sim.app_key()).as_str())
+    );
+    let one = client
+        .retrieve_activity_log(&viewed.id)
+        .await
+        .unwrap()
+        .value;
+    assert_eq!(one, *viewed);
+    let missing = client
+        .retrieve_activity_log("actlog_nope")
+        .await
+        .unwrap_err();
+    assert_eq!(missing.status(), Some(404));
+    // A page URL on another origin never gets the app key.
+    assert!(
+        client
+            .list_activity_logs_page("https://evil.example/v2/iam/activity_logs?page=x")
+            .await
+            .is_err()
+    );
+}
+
+/// A read that fails (Stripe answers 500 for a while) is reported on the account and skips
+/// nothing: the entries made meanwhile are handled once the log can be read again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_read_is_reported_and_skips_nothing() {
+    use stripe_key_operator::sim::{FaultKind, FaultSpec};
+    let s = setup(policy("checkout", &["charge_read"])).await;
+    let env = &s.env;
+    let key = current_key(&get_policy(env, "checkout").await);
+    env.sim.inject_fault(
+        FaultSpec::ratio(
+            1.0,
+            FaultKind::ServerError {
+                saved: false,
+                should_retry: Some(false),
+            },
+        )
+        .for_path_prefix("/v2/iam/activity_logs"),
+    );
+    dashboard(
+        env,
+        DashboardAction::View {
+            key_id: key.clone(),
+        },
+    );
+    let events: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(env.client.clone(), "default");
+    let deadline = Instant::now() + INTERVAL + SLACK;
+    loop {
+        let found = events
+            .list(&Default::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .any(|e| {
+                e.reason.as_deref() == Some("ActivityLogUnreadable")
+                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(ACCOUNT)
+            });
+        if found {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no ActivityLogUnreadable Event");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(count_events(env, "KeyViewed").await, 0, "not read yet");
+    env.sim.clear_faults();
+    wait_events(env, "KeyViewed", 1, INTERVAL + SLACK).await;
+    assert!(
+        metric(
+            env,
+            &format!(
+                "stripe_key_operator_activity_log_reads_total{{account=\"{ACCOUNT}\",outcome=\"StripeUnavailable\"}}"
+            )
+        )
+        .is_some_and(|n| n >= 1.0)
+    );
+}

@@ -250,7 +250,19 @@ impl AccountContext {
             Ok(()) => "success".to_string(),
             Err(e) => {
                 let reason = failure_reason(&e);
-                tracing::warn!(account = %name, reason, error = %redact(&e.to_string()), "reading the Stripe activity log failed; retrying at the next interval");
+                let message = redact(&e.to_string());
+                tracing::warn!(account = %name, reason, error = %message, "reading the Stripe activity log failed; retrying at the next interval");
+                ctx.publish_event(
+                    &account.object_ref(&()),
+                    EventType::Warning,
+                    "ActivityLogUnreadable",
+                    "ReadActivityLog",
+                    format!(
+                        "reading Stripe's activity log failed ({reason}): {message}; the Stripe App needs the \"Activity logs: Read\" permission. Retried every {}; nothing is skipped meanwhile",
+                        humantime::format_duration(interval)
+                    ),
+                )
+                .await;
                 reason.to_string()
             }
         };
