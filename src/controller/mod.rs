@@ -2,6 +2,7 @@
 //! controllers.
 
 pub mod accounts;
+pub mod activity;
 pub mod clock;
 pub mod crd_check;
 pub mod error;
@@ -214,6 +215,12 @@ pub struct RunConfig {
     /// has been used (one retrieve per key and interval, only while it shows none).
     #[arg(long, env = "KEY_USAGE_CHECK_INTERVAL", default_value = "15m", value_parser = humantime::parse_duration)]
     pub key_usage_check_interval: Duration,
+    /// How often the operator reads each StripeAccount's Stripe activity log (one read per
+    /// account, pages followed back to the last entry handled): a key viewed in the Dashboard,
+    /// changed or deleted outside the operator, or created by hand is acted on within this long.
+    /// `0s` turns the reader off.
+    #[arg(long, env = "ACTIVITY_LOG_INTERVAL", default_value = "1m", value_parser = humantime::parse_duration)]
+    pub activity_log_interval: Duration,
 }
 
 /// Reconciles each controller runs at once unless configured otherwise.
@@ -225,6 +232,8 @@ pub const DEFAULT_ORPHAN_SWEEP_INTERVAL: Duration = Duration::from_secs(300);
 pub const DEFAULT_LAST_USED_LAG: Duration = Duration::from_secs(600);
 /// Default of `--key-usage-check-interval`.
 pub const DEFAULT_KEY_USAGE_CHECK_INTERVAL: Duration = Duration::from_secs(900);
+/// Default of `--activity-log-interval`.
+pub const DEFAULT_ACTIVITY_LOG_INTERVAL: Duration = Duration::from_secs(60);
 
 impl RunConfig {
     /// The leader election settings of these flags, validated.
@@ -338,6 +347,8 @@ pub struct ControllerConfig {
     pub last_used_lag: Duration,
     /// How often the unused-current-key check asks Stripe about one key at most.
     pub key_usage_check_interval: Duration,
+    /// How often each account's Stripe activity log is read (zero: never).
+    pub activity_log_interval: Duration,
 }
 
 /// A test hook that simulates a crash right after a side effect and before its status write.
@@ -385,6 +396,7 @@ impl ControllerConfig {
             resync: Duration::from_secs(600),
             last_used_lag: DEFAULT_LAST_USED_LAG,
             key_usage_check_interval: DEFAULT_KEY_USAGE_CHECK_INTERVAL,
+            activity_log_interval: DEFAULT_ACTIVITY_LOG_INTERVAL,
             crash_hook: None,
             concurrency: DEFAULT_CONCURRENCY,
             api_hosts: crate::rules::ApiHosts::stripe_only(),
@@ -428,7 +440,9 @@ pub fn stripe_route(path: &str) -> String {
     let mut out = Vec::new();
     let mut previous = "";
     for segment in path.split('/') {
-        if matches!(previous, "api_keys" | "webhook_endpoints") && !segment.is_empty() {
+        if matches!(previous, "api_keys" | "webhook_endpoints" | "activity_logs")
+            && !segment.is_empty()
+        {
             out.push("{id}");
         } else {
             out.push(segment);
@@ -1014,6 +1028,7 @@ pub async fn run_with_client(
                 orphan_sweep_interval: config.orphan_sweep_interval,
                 last_used_lag: config.last_used_lag,
                 key_usage_check_interval: config.key_usage_check_interval,
+                activity_log_interval: config.activity_log_interval,
                 ..ControllerConfig::new(&config.namespace, prefix)
             },
             None,

@@ -1085,6 +1085,8 @@ ALERT_NAMES = {
     "StripeKeyOperatorRotationFailing",
     "StripeKeyOperatorRolloutStuck",
     "StripeKeyOperatorOldKeyStillInUse",
+    "StripeKeyOperatorKeyTampered",
+    "StripeKeyOperatorKeyViewed",
     "StripeKeyOperatorNoLeader",
     "StripeKeyOperatorWebhookForgeries",
     "StripeKeyOperatorWebhookSignedForgery",
