@@ -219,10 +219,17 @@ pub struct Fence {
     shard: u32,
     token: CancellationToken,
     inflight: Arc<AtomicUsize>,
+    /// The object whose reconcile this fence guards (logged at entry and at the end).
+    object: Option<(String, String)>,
 }
 
 impl Drop for Fence {
     fn drop(&mut self) {
+        // Logged before the fence is let go, so before any release of the shard: the logs of
+        // every replica order the work on a shard (the sharding test reads them).
+        if let Some((namespace, name)) = &self.object {
+            tracing::debug!(target: "stripe_key_operator::shard", shard = self.shard, %namespace, %name, event = "reconcile-end", "reconcile");
+        }
         self.inflight.fetch_sub(1, Ordering::SeqCst);
     }
 }
@@ -294,13 +301,30 @@ impl Shards {
 
     /// Enters shard `shard` (see [`Shards::enter`]).
     pub fn enter_shard(&self, shard: u32) -> Option<Fence> {
+        self.enter_with(shard, None)
+    }
+
+    /// Enters the shard of the reconcile of `namespace`/`name` (see [`Shards::enter`]); the
+    /// start and the end of the reconcile are logged (debug, target
+    /// `stripe_key_operator::shard`).
+    pub fn enter_object(&self, namespace: Option<&str>, name: &str) -> Option<Fence> {
+        let object = (namespace.unwrap_or_default().to_string(), name.to_string());
+        self.enter_with(self.shard_for(namespace), Some(object))
+    }
+
+    fn enter_with(&self, shard: u32, object: Option<(String, String)>) -> Option<Fence> {
         let active = self.lock();
         let a = active.get(&shard)?;
         a.inflight.fetch_add(1, Ordering::SeqCst);
+        if let Some((namespace, name)) = &object {
+            // Under the lock: before any `stopped` of this shard.
+            tracing::debug!(target: "stripe_key_operator::shard", shard, %namespace, %name, event = "reconcile-start", "reconcile");
+        }
         Some(Fence {
             shard,
             token: a.token.clone(),
             inflight: a.inflight.clone(),
+            object,
         })
     }
 
@@ -322,6 +346,8 @@ impl Shards {
     fn activate(&self, shard: u32) -> (u64, CancellationToken) {
         let epoch = self.epochs.fetch_add(1, Ordering::SeqCst);
         let token = CancellationToken::new();
+        // Logged before any reconcile can enter the shard.
+        tracing::info!(target: "stripe_key_operator::shard", shard, event = "acquired", "shard acquired");
         self.lock().insert(
             shard,
             Active {
@@ -330,7 +356,6 @@ impl Shards {
                 inflight: Arc::new(AtomicUsize::new(0)),
             },
         );
-        tracing::info!(target: "stripe_key_operator::shard", shard, event = "acquired", "shard acquired");
         self.subscribers
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -473,10 +498,9 @@ impl ShardManager {
     /// stopped by then) and withdraws the membership.
     pub async fn run(mut self, stop: CancellationToken) {
         loop {
-            let started = tokio::time::Instant::now();
             tokio::select! {
                 _ = stop.cancelled() => break,
-                _ = self.round(started) => {}
+                _ = self.round() => {}
             }
             tokio::select! {
                 _ = stop.cancelled() => break,
@@ -530,7 +554,8 @@ impl ShardManager {
         }
     }
 
-    async fn round(&mut self, started: tokio::time::Instant) {
+    async fn round(&mut self) {
+        let started = tokio::time::Instant::now();
         let timeout = self.config.attempt_timeout();
         let lp =
             ListParams::default().labels(&format!("{SHARD_GROUP_LABEL}={}", self.config.prefix));
@@ -545,6 +570,7 @@ impl ShardManager {
                 return;
             }
         };
+        let listed = started.elapsed();
         let by_name: HashMap<String, Lease> = leases
             .into_iter()
             .filter_map(|l| Some((l.metadata.name.clone()?, l)))
@@ -554,7 +580,6 @@ impl ShardManager {
 
         // Membership: this replica's own Lease, and who else is live.
         let member = self.config.member_lease();
-        self.renew_member(by_name.get(&member)).await;
         let member_prefix = format!("{}-member-", self.config.prefix);
         let mut live = BTreeSet::from([self.config.identity.clone()]);
         let mut prune = Vec::new();
@@ -619,12 +644,14 @@ impl ShardManager {
             .map(|&i| (i, true))
             .chain(plan.acquire.iter().map(|&i| (i, false)))
             .collect();
-        let results = futures::future::join_all(writes.iter().map(|&(i, _)| {
+        // The membership is renewed at the same time.
+        let shard_writes = futures::future::join_all(writes.iter().map(|&(i, _)| {
             let lease = by_name.get(&self.config.shard_lease(i)).cloned();
             self.write_shard(i, lease)
-        }))
-        .await;
-        for ((i, renewing), result) in writes.into_iter().zip(results) {
+        }));
+        let (results, ()) =
+            futures::future::join(shard_writes, self.renew_member(by_name.get(&member))).await;
+        for ((i, renewing), (started, result)) in writes.into_iter().zip(results) {
             match result {
                 Write::Held if renewing => {
                     if let Some(tx) = self.renewed.get(&i) {
@@ -642,6 +669,13 @@ impl ShardManager {
             }
         }
 
+        tracing::debug!(
+            listed_ms = listed.as_millis() as u64,
+            round_ms = started.elapsed().as_millis() as u64,
+            held = held.len(),
+            live = live.len(),
+            "shard round"
+        );
         if let Some(i) = plan.release {
             self.over_share_since = None;
             tracing::info!(
@@ -721,23 +755,26 @@ impl ShardManager {
         &self,
         i: u32,
         existing: Option<Lease>,
-    ) -> impl std::future::Future<Output = Write> + use<> {
+    ) -> impl std::future::Future<Output = (tokio::time::Instant, Write)> + use<> {
         let name = self.config.shard_lease(i);
         let lease = self.lease_for(&name, existing.as_ref(), true);
         let api = self.api.clone();
         let timeout = self.config.attempt_timeout();
         async move {
+            // The write lands after this instant: the renew deadline counts from here.
+            let started = tokio::time::Instant::now();
             let pp = PostParams::default();
             let result = match existing {
                 Some(_) => tokio::time::timeout(timeout, api.replace(&name, &pp, &lease)).await,
                 None => tokio::time::timeout(timeout, api.create(&pp, &lease)).await,
             };
-            match result {
+            let outcome = match result {
                 Ok(Ok(_)) => Write::Held,
                 Ok(Err(kube::Error::Api(s))) if s.code == 409 || s.code == 404 => Write::NotHeld,
                 Ok(Err(e)) => Write::Failed(e.to_string()),
                 Err(_) => Write::Failed(format!("no answer within {timeout:?}")),
-            }
+            };
+            (started, outcome)
         }
     }
 

@@ -739,47 +739,26 @@ where
         };
         let namespace = obj.meta().namespace.clone();
         let name = obj.meta().name.clone().unwrap_or_default();
-        let Some(fence) = shards.enter(namespace.as_deref()) else {
+        let Some(fence) = shards.enter_object(namespace.as_deref(), &name) else {
             tracing::debug!(target: "stripe_key_operator::shard", namespace = namespace.as_deref().unwrap_or_default(), %name, "skipped: another replica holds the shard");
             return futures::future::ready(Ok(kube::runtime::controller::Action::await_change()))
                 .boxed();
         };
         let work = reconcile(obj, ctx);
         async move {
-            let shard = fence.shard();
-            let ns = namespace.unwrap_or_default();
-            tracing::debug!(target: "stripe_key_operator::shard", shard, namespace = %ns, %name, event = "reconcile-start", "reconcile");
-            // Logged when the reconcile ends, is dropped with its shard, or is aborted; before
-            // the fence is let go (a tuple drops its fields in order), so before any release.
-            let entered = (
-                scopeguard(move || {
-                    tracing::debug!(target: "stripe_key_operator::shard", shard, namespace = %ns, %name, event = "reconcile-end", "reconcile");
-                }),
-                fence,
-            );
-            match entered.1.run(work).await {
+            match fence.run(work).await {
                 Some(out) => out,
                 None => {
-                    tracing::info!(shard, "shard lost or given up: reconcile dropped");
+                    tracing::info!(
+                        shard = fence.shard(),
+                        "shard lost or given up: reconcile dropped"
+                    );
                     Ok(kube::runtime::controller::Action::await_change())
                 }
             }
         }
         .boxed()
     }
-}
-
-/// Runs `f` when dropped.
-fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
-    struct Guard<F: FnOnce()>(Option<F>);
-    impl<F: FnOnce()> Drop for Guard<F> {
-        fn drop(&mut self) {
-            if let Some(f) = self.0.take() {
-                f();
-            }
-        }
-    }
-    Guard(Some(f))
 }
 
 /// The kube-runtime settings of a controller: bounded concurrency, and a short debounce so a
