@@ -193,6 +193,9 @@ fn shard_lines(replica: &Replica) -> Vec<ShardLine> {
         .collect()
 }
 
+/// A namespace and a name.
+type Object = (String, String);
+
 /// A span of time, closed or open-ended (a killed process logs no end).
 #[derive(Debug, Clone, Copy)]
 struct Span {
@@ -219,7 +222,7 @@ fn activity(replica: &Replica) -> Activity {
     let lines = shard_lines(replica);
     let mut holdings: BTreeMap<u32, Vec<Span>> = BTreeMap::new();
     let mut open: BTreeMap<u32, DateTime<Utc>> = BTreeMap::new();
-    let mut running: BTreeMap<(String, String), Vec<(u32, DateTime<Utc>)>> = BTreeMap::new();
+    let mut running: BTreeMap<Object, Vec<(u32, DateTime<Utc>)>> = BTreeMap::new();
     let mut reconciles = Vec::new();
     let mut acquired = Vec::new();
     for l in &lines {
