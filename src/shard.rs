@@ -38,6 +38,8 @@ use crate::leader::LeaderConfig;
 
 /// The label that marks the shard and membership Leases of one operator installation.
 pub const SHARD_GROUP_LABEL: &str = "stripekeys.io/shard-group";
+/// The annotation of a shard group's Leases that says how many shards the writer splits into.
+pub const SHARDS_ANNOTATION: &str = "stripekeys.io/shards";
 /// The most shards `--shards` accepts.
 pub const MAX_SHARDS: u32 = 256;
 
@@ -181,6 +183,27 @@ pub fn plan(
             .min_by_key(|&i| preference(identity, i));
     }
     Plan { acquire, release }
+}
+
+/// The shard count a Lease's writer announced (`None`: not announced).
+fn announced_shards(lease: &Lease) -> Option<u32> {
+    lease
+        .metadata
+        .annotations
+        .as_ref()?
+        .get(SHARDS_ANNOTATION)?
+        .parse()
+        .ok()
+}
+
+/// The live replicas (with the shard count each announced) that split the work into another
+/// number of shards than `shards`: their shard `i` is not this replica's shard `i`.
+pub fn conflicting_members(shards: u32, members: &[(String, Option<u32>)]) -> Vec<String> {
+    members
+        .iter()
+        .filter(|(_, n)| n.is_some_and(|n| n != shards))
+        .map(|(m, _)| m.clone())
+        .collect()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -583,6 +606,7 @@ impl ShardManager {
         let member_prefix = format!("{}-member-", self.config.prefix);
         let mut live = BTreeSet::from([self.config.identity.clone()]);
         let mut prune = Vec::new();
+        let mut other_counts = Vec::new();
         for (name, lease) in by_name
             .iter()
             .filter(|(n, _)| n.starts_with(&member_prefix))
@@ -594,10 +618,29 @@ impl ShardManager {
             match (&o.holder, o.takeable) {
                 (Some(h), false) => {
                     live.insert(h.clone());
+                    other_counts.push((h.clone(), announced_shards(lease)));
                 }
                 _ if o.takeable_for >= self.config.prune_after() => prune.push(lease.clone()),
                 _ => {}
             }
+        }
+
+        // A live replica that splits the work into another number of shards maps namespaces
+        // differently: while one runs, this replica acts on nothing (a rollout that changes
+        // `--shards` pauses the work until the old replicas are gone, rather than letting two
+        // replicas act on one namespace).
+        let conflicting = conflicting_members(self.shards.count(), &other_counts);
+        if !conflicting.is_empty() {
+            tracing::warn!(
+                replicas = ?conflicting,
+                shards = self.shards.count(),
+                "live replicas run with another --shards: acting on no shard until they are gone"
+            );
+            for i in self.shards.held() {
+                self.give_up(i).await;
+            }
+            self.renew_member(by_name.get(&member)).await;
+            return;
         }
 
         // The shards.
@@ -733,6 +776,11 @@ impl ShardManager {
             .labels
             .get_or_insert_with(Default::default)
             .extend(self.labels());
+        lease
+            .metadata
+            .annotations
+            .get_or_insert_with(Default::default)
+            .insert(SHARDS_ANNOTATION.into(), self.config.shards.to_string());
         let spec = lease.spec.get_or_insert_with(Default::default);
         let was_mine = spec.holder_identity.as_deref() == Some(self.config.identity.as_str());
         if hold {
@@ -1165,6 +1213,18 @@ mod tests {
             .release,
             None
         );
+    }
+
+    #[test]
+    fn replicas_with_another_shard_count_are_conflicting() {
+        let members = vec![
+            ("a".to_string(), Some(6)),
+            ("b".to_string(), Some(3)),
+            ("c".to_string(), None),
+        ];
+        assert_eq!(conflicting_members(6, &members), vec!["b".to_string()]);
+        assert_eq!(conflicting_members(3, &members), vec!["a".to_string()]);
+        assert!(conflicting_members(6, &members[..1]).is_empty());
     }
 
     #[test]

@@ -10,6 +10,8 @@
 //!   expire, and an incident rotation of a policy in a moved shard completes;
 //! - a fourth replica starts: the others give shards up after the grace period and it takes
 //!   them, reconciling their objects at once; a policy created in one of them is minted by it;
+//! - a replica started with another shard count makes every replica stop acting until it is
+//!   gone (it maps namespaces differently);
 //! - SIGTERM: every replica gives its shards up and exits 0.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -52,6 +54,10 @@ struct Replica {
 }
 
 fn spawn_replica(name: &str, kubeconfig: &Path, dir: &Path) -> Replica {
+    spawn_replica_with(name, kubeconfig, dir, SHARDS)
+}
+
+fn spawn_replica_with(name: &str, kubeconfig: &Path, dir: &Path, shards: u32) -> Replica {
     let log = dir.join(format!("{name}.log"));
     let file = std::fs::File::create(&log).unwrap();
     let child = tokio::process::Command::new(BIN)
@@ -64,7 +70,7 @@ fn spawn_replica(name: &str, kubeconfig: &Path, dir: &Path) -> Replica {
         .args(["--audit-log", "off"])
         .args(["--allow-loopback-api", "true"])
         .args(["--log-format", "json"])
-        .args(["--shards", &SHARDS.to_string()])
+        .args(["--shards", &shards.to_string()])
         .args(["--shard-lease-prefix", PREFIX])
         .args(LEASE_FLAGS)
         .env("KUBECONFIG", kubeconfig)
@@ -729,6 +735,42 @@ async fn three_replicas_share_the_policies_by_shard_and_hand_shards_over_when_on
         total + 2,
         "one more mint each for the incident and the late policy"
     );
+
+    // A replica started with another shard count (as in a rollout that changes `--shards`)
+    // maps namespaces differently: while it is live nobody acts on any shard; once it is gone
+    // the others take the shards back.
+    let mut odd = spawn_replica_with("replica-x", &kubeconfig, dir.path(), 3);
+    wait_for(
+        "every shard is given up while replica-x runs",
+        Duration::from_secs(30),
+        || async {
+            shard_holders(&env)
+                .await
+                .iter()
+                .all(Option::is_none)
+                .then_some(())
+        },
+    )
+    .await;
+    odd.child.as_mut().unwrap().kill().await.unwrap();
+    odd.ended = Some(Utc::now());
+    assert!(
+        shard_lines(&odd).iter().all(|l| l.event != "acquired"),
+        "replica-x took no shard either"
+    );
+    replicas.push(odd);
+    wait_for(
+        "the shards are held again once replica-x is gone",
+        Duration::from_secs(60),
+        || async {
+            shard_holders(&env)
+                .await
+                .iter()
+                .all(Option::is_some)
+                .then_some(())
+        },
+    )
+    .await;
 
     // SIGTERM: every replica gives its shards up and exits 0.
     for r in replicas.iter_mut().filter(|r| r.ended.is_none()) {
