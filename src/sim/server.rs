@@ -220,6 +220,7 @@ async fn api(
         path: path.clone(),
         query: query.clone(),
         account: None,
+        context: context.clone(),
         idempotency_key: idem.clone(),
         status: None,
         fault: fault.as_ref().map(|f| f.label().to_owned()),

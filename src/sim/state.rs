@@ -201,6 +201,9 @@ pub struct RequestLogEntry {
     pub query: String,
     /// Account the request acted on, when authenticated.
     pub account: Option<String>,
+    /// The `Stripe-Context` header as sent (also for requests a fault answered).
+    #[serde(default)]
+    pub context: Option<String>,
     /// `Idempotency-Key` header.
     pub idempotency_key: Option<String>,
     /// Status answered; `None` when the connection was dropped.
