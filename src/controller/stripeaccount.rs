@@ -765,4 +765,73 @@ mod tests {
         });
         assert_eq!(failure_reason(&connection), "StripeUnreachable");
     }
+
+    #[test]
+    fn the_status_shows_the_breaker_and_the_pause_in_whole_utc_seconds() {
+        use crate::stripe::breaker::BreakerSnapshot;
+        let now = std::time::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let open = HealthSnapshot {
+            breaker: BreakerSnapshot {
+                state: crate::stripe::CircuitState::Open,
+                opened_at: Some(now - Duration::from_millis(2500)),
+                next_probe: Some(now + Duration::from_secs(30)),
+                consecutive_failures: 5,
+            },
+            paused_for: Some(Duration::from_millis(1200)),
+        };
+        let shown = call_health(&open, now);
+        assert_eq!(shown.circuit, CircuitState::Open);
+        assert_eq!(
+            shown.circuit_opened_at.as_deref(),
+            Some("2027-01-15T07:59:57Z")
+        );
+        assert_eq!(shown.next_probe_at.as_deref(), Some("2027-01-15T08:00:30Z"));
+        // rounded up: never before the pause ends
+        assert_eq!(
+            shown.rate_limited_until.as_deref(),
+            Some("2027-01-15T08:00:02Z")
+        );
+        let message = circuit_open_message("acct_B", &shown, 5);
+        assert!(
+            message.contains("open since 2027-01-15T07:59:57Z after 5"),
+            "{message}"
+        );
+        assert!(
+            message.contains("next probe at 2027-01-15T08:00:30Z"),
+            "{message}"
+        );
+        let closed = HealthSnapshot {
+            breaker: BreakerSnapshot {
+                state: crate::stripe::CircuitState::Closed,
+                opened_at: None,
+                next_probe: None,
+                consecutive_failures: 0,
+            },
+            paused_for: None,
+        };
+        // A healthy account shows only `circuit: Closed`: the same value every time (no write).
+        assert_eq!(
+            call_health(&closed, now),
+            StripeCallHealth {
+                circuit: CircuitState::Closed,
+                ..Default::default()
+            }
+        );
+        assert_eq!(
+            call_health(&closed, now),
+            call_health(&closed, now + Duration::from_secs(9))
+        );
+    }
+
+    #[test]
+    fn an_open_breaker_reads_as_stripe_unavailable() {
+        let e = ReconcileError::Stripe(StripeError::CircuitOpen {
+            context: "acct_B".into(),
+            method: "GET".into(),
+            path: "/v2/iam/api_keys".into(),
+            retry_in: Duration::from_secs(3),
+        });
+        assert_eq!(failure_reason(&e), "StripeUnavailable");
+        assert_eq!(e.reason(), "StripeUnavailable");
+    }
 }
