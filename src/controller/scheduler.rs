@@ -423,8 +423,7 @@ mod tests {
         for t in tasks {
             t.await.unwrap();
         }
-        let out = order.lock().unwrap().clone();
-        out
+        order.lock().unwrap().clone()
     }
 
     #[tokio::test]
