@@ -90,7 +90,13 @@ impl Default for EnvOptions {
             key_usage_check_interval: crate::controller::DEFAULT_KEY_USAGE_CHECK_INTERVAL,
             concurrency: crate::controller::DEFAULT_CONCURRENCY,
             max_in_flight_per_account: crate::controller::DEFAULT_IN_FLIGHT_PER_ACCOUNT,
-            breaker: crate::stripe::BreakerSettings::default(),
+            // Short cooldowns: a test's injected faults may open a breaker, and its probe should
+            // not outlast the test's waits.
+            breaker: crate::stripe::BreakerSettings {
+                cooldown: Duration::from_secs(1),
+                max_cooldown: Duration::from_secs(4),
+                ..Default::default()
+            },
             extra_sim_accounts: 0,
             sim_hang: Duration::from_secs(30),
         }
