@@ -57,17 +57,27 @@ pub struct StripeCallLabels {
     pub code: String,
 }
 
+/// Labels of per-account metrics: the StripeAccount's name (scheduler, activity log) or its
+/// Stripe context (`acct_...`, circuit breaker), both bounded by the accounts configured.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AccountLabels {
+    pub account: String,
+}
+
+/// Labels of circuit-breaker transitions.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CircuitLabels {
+    /// The Stripe context (`acct_...`).
+    pub account: String,
+    /// The state entered: `Open`, `HalfOpen` or `Closed`.
+    pub to: String,
+}
+
 /// Labels of secret-store calls.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StoreCallLabels {
     pub operation: String,
     pub outcome: String,
-}
-
-/// Labels of per-account metrics (the StripeAccount's name).
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct AccountLabels {
-    pub account: String,
 }
 
 /// Labels of activity-log reads.
@@ -128,6 +138,16 @@ pub struct Metrics {
     pub activity_log_reads: Family<ActivityReadLabels, Counter>,
     /// Activity-log entries handled, by action (`api_key_viewed`, ...).
     pub activity_log_entries: Family<ActivityEntryLabels, Counter>,
+    /// Circuit-breaker state changes per Stripe account, by the state entered.
+    pub stripe_circuit_transitions: Family<CircuitLabels, Counter>,
+    /// Circuit-breaker state per Stripe account: 0 closed, 1 half-open, 2 open.
+    pub stripe_circuit_state: Family<AccountLabels, Gauge>,
+    /// Reconciles of a StripeAccount's resources running now (fair scheduler).
+    pub scheduler_in_flight: Family<AccountLabels, Gauge>,
+    /// Reconciles of a StripeAccount's resources waiting for a worker now.
+    pub scheduler_waiting: Family<AccountLabels, Gauge>,
+    /// Reconciles of a StripeAccount's resources given a worker.
+    pub scheduler_dispatched: Family<AccountLabels, Counter>,
     registry: Arc<Registry>,
 }
 
@@ -285,12 +305,47 @@ impl Metrics {
             "Activity-log entries handled, by action",
             activity_log_entries.clone(),
         );
+        let stripe_circuit_transitions = Family::<CircuitLabels, Counter>::default();
+        registry.register(
+            "stripe_circuit_transitions",
+            "Circuit-breaker state changes per Stripe account, by the state entered",
+            stripe_circuit_transitions.clone(),
+        );
+        let stripe_circuit_state = Family::<AccountLabels, Gauge>::default();
+        registry.register(
+            "stripe_circuit_state",
+            "Circuit-breaker state per Stripe account: 0 closed, 1 half-open, 2 open",
+            stripe_circuit_state.clone(),
+        );
+        let scheduler_in_flight = Family::<AccountLabels, Gauge>::default();
+        registry.register(
+            "account_reconciles_in_flight",
+            "Reconciles of a StripeAccount's resources running now (at most --max-in-flight-per-account)",
+            scheduler_in_flight.clone(),
+        );
+        let scheduler_waiting = Family::<AccountLabels, Gauge>::default();
+        registry.register(
+            "account_reconciles_waiting",
+            "Reconciles of a StripeAccount's resources waiting for a worker",
+            scheduler_waiting.clone(),
+        );
+        let scheduler_dispatched = Family::<AccountLabels, Counter>::default();
+        registry.register(
+            "account_reconciles_dispatched",
+            "Reconciles of a StripeAccount's resources given a worker by the fair scheduler",
+            scheduler_dispatched.clone(),
+        );
         Self {
             key_viewed,
             key_tampered,
             unmanaged_keys,
             activity_log_reads,
             activity_log_entries,
+            stripe_circuit_transitions,
+            stripe_circuit_state,
+            scheduler_in_flight,
+            scheduler_waiting,
+            scheduler_dispatched,
             reconciliations,
             reconcile_errors,
             reconcile_duration,

@@ -216,6 +216,8 @@ fn stripeaccounts_show_readiness_and_why() {
             "Context",
             "Ready",
             "Reason",
+            "Circuit",
+            "Rate Limited Until",
             "Keys",
             "Unmanaged",
             "Last Checked",
@@ -223,6 +225,15 @@ fn stripeaccounts_show_readiness_and_why() {
             "Age"
         ]
     );
+    // The rate-limit pause ends in the future: a `date` column would print `<invalid>`.
+    for c in account.spec.versions[0]
+        .additional_printer_columns
+        .iter()
+        .flatten()
+        .filter(|c| c.json_path.starts_with(".status.stripe."))
+    {
+        assert_eq!(c.type_, "string", "{}", c.name);
+    }
     // Every column reads a field the status (or spec) schema has.
     let schema = serde_json::to_value(&account.spec.versions[0].schema).unwrap();
     for (name, path) in &columns {

@@ -123,6 +123,19 @@ fn operator_metrics() -> Metrics {
             action: "api_key_viewed".into(),
         })
         .inc();
+    let account = stripe_key_operator::metrics::AccountLabels {
+        account: "acct_1".into(),
+    };
+    m.stripe_circuit_transitions
+        .get_or_create(&stripe_key_operator::metrics::CircuitLabels {
+            account: "acct_1".into(),
+            to: "Open".into(),
+        })
+        .inc();
+    m.stripe_circuit_state.get_or_create(&account).set(2);
+    m.scheduler_in_flight.get_or_create(&account).set(4);
+    m.scheduler_waiting.get_or_create(&account).set(7);
+    m.scheduler_dispatched.get_or_create(&account).inc();
     m.stripe_requests
         .get_or_create(&StripeCallLabels {
             account: "acct_1".into(),

@@ -55,6 +55,18 @@ pub const DEFAULT_API_BASE: &str = "https://api.stripe.com";
         json_path = ".status.conditions[?(@.type==\"Ready\")].reason"
     ),
     printcolumn(
+        name = "Circuit",
+        type_ = "string",
+        description = "The Stripe account's circuit breaker: Closed (calls go through), Open (Stripe failed repeatedly; no call is made until the next probe), HalfOpen (one probe call under way).",
+        json_path = ".status.stripe.circuit"
+    ),
+    printcolumn(
+        name = "Rate Limited Until",
+        type_ = "string",
+        description = "While Stripe's 429 Retry-After pauses every call to the account: until when (UTC).",
+        json_path = ".status.stripe.rateLimitedUntil"
+    ),
+    printcolumn(
         name = "Keys",
         type_ = "integer",
         description = "Policies and webhook endpoints holding a credential of this account.",
@@ -240,6 +252,11 @@ pub struct StripeAccountStatus {
     /// How many unmanaged keys are known (the list above shows the newest 50).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unmanaged_key_count: Option<i64>,
+    /// How the operator's calls to this Stripe account fare now: its circuit breaker and any
+    /// rate-limit pause. The operator keeps this in memory: after a restart it starts `Closed`
+    /// and finds out again with its first calls.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stripe: Option<StripeCallHealth>,
 }
 
 /// The activity-log cursor of an account.
@@ -281,4 +298,39 @@ pub struct UnmanagedKey {
     /// When it was created.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub created: Option<Time>,
+}
+
+/// The state of a Stripe account's circuit breaker.
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema,
+)]
+pub enum CircuitState {
+    /// Calls go through.
+    #[default]
+    Closed,
+    /// Stripe failed repeatedly (timeouts, connection errors, 5xx): no call is made to the
+    /// account until the next probe, and its resources' reconciles wait without holding a
+    /// worker.
+    Open,
+    /// One probe call is under way: its success closes the breaker, its failure opens it again
+    /// for twice as long (at most the maximum cooldown).
+    HalfOpen,
+}
+
+/// How the operator's calls to a Stripe account fare now.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StripeCallHealth {
+    /// The circuit breaker's state.
+    pub circuit: CircuitState,
+    /// When the circuit breaker opened (RFC 3339, UTC), while it is not `Closed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub circuit_opened_at: Option<String>,
+    /// When the next probe call may go (RFC 3339, UTC), while the breaker is `Open`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_probe_at: Option<String>,
+    /// Stripe answered 429 with `Retry-After`: no call goes to the account before this time
+    /// (RFC 3339, UTC). Absent when no pause is under way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limited_until: Option<String>,
 }

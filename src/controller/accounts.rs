@@ -18,7 +18,10 @@ use super::error::ReconcileError;
 use crate::api::{Mode, StripeAccount};
 use crate::rules::{self, AccountTrust};
 use crate::secret::SecretString;
-use crate::stripe::{JweKeyPair, RateLimiter, StripeClient, StripeConfig};
+use crate::stripe::{
+    BreakerSettings, CircuitBreaker, CircuitState, JweKeyPair, RateLimiter, StripeClient,
+    StripeConfig,
+};
 use crate::vault::{AccountKey, Cas, StorePath};
 
 /// A resolved account.
@@ -43,34 +46,213 @@ struct CacheKey {
 #[derive(Default)]
 pub struct Accounts {
     cache: Mutex<HashMap<String, (CacheKey, AccountHandle)>>,
-    limiters: Limiters,
+    /// Rate limiters and circuit breakers per Stripe account (shared with the scheduler).
+    pub health: Arc<StripeHealth>,
 }
+
+/// What Stripe limits, and what a circuit breaker guards: one Stripe account reached at one API
+/// base (the `Stripe-Context` account).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ContextKey {
+    /// The API base, without trailing `/`, lower case.
+    pub api_base: String,
+    /// The `Stripe-Context` account (`acct_...`).
+    pub context: String,
+}
+
+impl ContextKey {
+    pub fn new(api_base: &str, context: &str) -> Self {
+        Self {
+            api_base: api_base.trim_end_matches('/').to_ascii_lowercase(),
+            context: context.to_string(),
+        }
+    }
+}
+
+/// Told when a Stripe account's breaker changes state or its limiter starts a pause.
+pub type HealthListener = Arc<dyn Fn(&ContextKey) + Send + Sync>;
 
 /// One rate limiter per Stripe account, keyed by what Stripe limits: the API base and the
 /// `Stripe-Context` account. An edit of the `StripeAccount` object keeps its limiter (no fresh
 /// bucket), and two objects naming the same context share one.
 #[derive(Default)]
 pub struct Limiters {
-    by_context: std::sync::Mutex<HashMap<(String, String), Arc<RateLimiter>>>,
+    by_context: std::sync::Mutex<HashMap<ContextKey, Arc<RateLimiter>>>,
+    listener: std::sync::OnceLock<HealthListener>,
 }
 
 impl Limiters {
     /// The limiter of `context` at `api_base`, created at `requests_per_second` on first use. A
     /// later call with another rate changes the rate of the same limiter, keeping its tokens.
     pub fn get(&self, api_base: &str, context: &str, requests_per_second: f64) -> Arc<RateLimiter> {
-        let key = (
-            api_base.trim_end_matches('/').to_ascii_lowercase(),
-            context.to_string(),
-        );
+        let key = ContextKey::new(api_base, context);
         let mut map = self.by_context.lock().unwrap_or_else(|e| e.into_inner());
         let limiter = map
-            .entry(key)
-            .or_insert_with(|| Arc::new(RateLimiter::new(requests_per_second, 1)))
+            .entry(key.clone())
+            .or_insert_with(|| {
+                let limiter = RateLimiter::new(requests_per_second, 1);
+                Arc::new(match self.listener.get() {
+                    Some(listener) => {
+                        let listener = listener.clone();
+                        limiter.with_listener(Arc::new(move || listener(&key)))
+                    }
+                    None => limiter,
+                })
+            })
             .clone();
         if (limiter.rate() - requests_per_second).abs() > f64::EPSILON {
             limiter.set_rate(requests_per_second);
         }
         limiter
+    }
+
+    /// The limiter of `key`, if one was made.
+    pub fn find(&self, key: &ContextKey) -> Option<Arc<RateLimiter>> {
+        self.by_context
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
+            .cloned()
+    }
+}
+
+/// The health of every Stripe account the operator talks to: its rate limiter, its circuit
+/// breaker, and which StripeAccount objects name it. Kept in memory only (a restart starts with
+/// full buckets' worth of caution: one token each, and closed breakers).
+pub struct StripeHealth {
+    pub limiters: Limiters,
+    breakers: std::sync::Mutex<HashMap<ContextKey, Arc<CircuitBreaker>>>,
+    names: std::sync::Mutex<HashMap<String, ContextKey>>,
+    settings: BreakerSettings,
+    metrics: Option<crate::metrics::Metrics>,
+    listener: std::sync::OnceLock<HealthListener>,
+}
+
+impl Default for StripeHealth {
+    fn default() -> Self {
+        Self::new(BreakerSettings::default(), None)
+    }
+}
+
+impl StripeHealth {
+    /// Breakers with `settings`, counting their transitions in `metrics`.
+    pub fn new(settings: BreakerSettings, metrics: Option<crate::metrics::Metrics>) -> Self {
+        Self {
+            limiters: Limiters::default(),
+            breakers: Default::default(),
+            names: Default::default(),
+            settings,
+            metrics,
+            listener: Default::default(),
+        }
+    }
+
+    /// Sets who hears about breaker transitions and rate-limit pauses (once).
+    pub fn set_listener(&self, listener: HealthListener) {
+        let _ = self.limiters.listener.set(listener.clone());
+        let _ = self.listener.set(listener);
+    }
+
+    /// The breaker of `key`, created closed on first use.
+    pub fn breaker(&self, key: &ContextKey) -> Arc<CircuitBreaker> {
+        let mut map = self.breakers.lock().unwrap_or_else(|e| e.into_inner());
+        map.entry(key.clone())
+            .or_insert_with(|| {
+                let metrics = self.metrics.clone();
+                let listener = self.listener.get().cloned();
+                let key = key.clone();
+                if let Some(m) = &metrics {
+                    m.stripe_circuit_state
+                        .get_or_create(&crate::metrics::AccountLabels {
+                            account: key.context.clone(),
+                        })
+                        .set(0);
+                }
+                Arc::new(CircuitBreaker::new(
+                    self.settings.clone(),
+                    Some(Arc::new(move |to: CircuitState| {
+                        tracing::warn!(account = %key.context, to = to.as_str(), "Stripe circuit breaker changed state");
+                        if let Some(m) = &metrics {
+                            m.stripe_circuit_transitions
+                                .get_or_create(&crate::metrics::CircuitLabels {
+                                    account: key.context.clone(),
+                                    to: to.as_str().into(),
+                                })
+                                .inc();
+                            m.stripe_circuit_state
+                                .get_or_create(&crate::metrics::AccountLabels {
+                                    account: key.context.clone(),
+                                })
+                                .set(to.gauge_value());
+                        }
+                        if let Some(l) = &listener {
+                            l(&key);
+                        }
+                    })),
+                ))
+            })
+            .clone()
+    }
+
+    /// Records that the StripeAccount `name` reaches `key`.
+    pub fn name(&self, name: &str, key: &ContextKey) {
+        let mut names = self.names.lock().unwrap_or_else(|e| e.into_inner());
+        if names.get(name) != Some(key) {
+            names.insert(name.to_string(), key.clone());
+        }
+    }
+
+    /// The Stripe account the StripeAccount `name` reaches, once resolved.
+    pub fn key_of(&self, name: &str) -> Option<ContextKey> {
+        self.names
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned()
+    }
+
+    /// The breaker state and the rate-limit pause of `key` now.
+    pub fn snapshot(&self, key: &ContextKey) -> HealthSnapshot {
+        HealthSnapshot {
+            breaker: self.breaker(key).snapshot(),
+            paused_for: self.limiters.find(key).and_then(|l| l.paused_for()),
+        }
+    }
+}
+
+/// A Stripe account's health now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthSnapshot {
+    pub breaker: crate::stripe::breaker::BreakerSnapshot,
+    /// How long the rate-limit pause under way (a 429's `Retry-After`) still lasts.
+    pub paused_for: Option<std::time::Duration>,
+}
+
+/// A token is this far away or more: the account is skipped rather than handed a worker that
+/// would only wait for it.
+const TOKEN_WAIT_SKIP: std::time::Duration = std::time::Duration::from_millis(250);
+
+impl super::scheduler::AccountGate for StripeHealth {
+    fn gate(&self, account: &str) -> super::scheduler::Gate {
+        use super::scheduler::Gate;
+        let Some(key) = self.key_of(account) else {
+            return Gate::Open;
+        };
+        let breaker = self.breaker(&key);
+        match breaker.state() {
+            CircuitState::HalfOpen => return Gate::Probe,
+            CircuitState::Open => {
+                return match breaker.blocked_for() {
+                    Some(wait) if !wait.is_zero() => Gate::Blocked(wait),
+                    _ => Gate::Probe,
+                };
+            }
+            CircuitState::Closed => {}
+        }
+        match self.limiters.find(&key).map(|l| l.ready_in()) {
+            Some(wait) if wait >= TOKEN_WAIT_SKIP => Gate::Blocked(wait),
+            _ => Gate::Open,
+        }
     }
 }
 
@@ -104,6 +286,14 @@ fn untrusted(refusal: rules::AccountRefusal) -> ReconcileError {
 }
 
 impl Accounts {
+    /// Accounts whose Stripe health is kept in `health`.
+    pub fn new(health: Arc<StripeHealth>) -> Self {
+        Self {
+            cache: Mutex::default(),
+            health,
+        }
+    }
+
     /// The client for `account`, building it when the account or its app key changed. Refuses
     /// an account that [`rules::validate_account`] refuses, before reading any credential.
     pub async fn resolve(
@@ -141,10 +331,14 @@ impl Accounts {
         if let Some(retry) = &ctx.config.stripe_retry {
             config.retry = retry.clone();
         }
-        let limiter = self
-            .limiters
-            .get(&spec.api_base, &spec.context, config.requests_per_second);
-        let client = StripeClient::with_parts(config, limiter, None)?;
+        let limiter =
+            self.health
+                .limiters
+                .get(&spec.api_base, &spec.context, config.requests_per_second);
+        let context_key = ContextKey::new(&spec.api_base, &spec.context);
+        self.health.name(&name, &context_key);
+        let client = StripeClient::with_parts(config, limiter, None)?
+            .with_breaker(self.health.breaker(&context_key));
         // Stripe requires a public key on every secret-key create (test mode too); live mode
         // returns the secret only encrypted to it.
         let keys = Some(Arc::new(load_or_create_key_pair(ctx, account).await?));

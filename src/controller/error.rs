@@ -45,6 +45,7 @@ impl ReconcileError {
                 "KubernetesConflict".into()
             }
             ReconcileError::Kube(_) => "KubernetesApiError".into(),
+            ReconcileError::Stripe(StripeError::CircuitOpen { .. }) => "StripeUnavailable".into(),
             ReconcileError::Stripe(e) => match e.status() {
                 Some(429) => "StripeRateLimited".into(),
                 Some(401) => "StripeUnauthorized".into(),

@@ -7,6 +7,7 @@ pub mod clock;
 pub mod crd_check;
 pub mod error;
 pub mod keypolicy;
+pub mod scheduler;
 pub mod shared;
 pub mod stripeaccount;
 pub mod webhook;
@@ -191,11 +192,28 @@ pub struct RunConfig {
     /// The literal-keys webhook also refuses test-mode keys (`sk_test_`, `rk_test_`).
     #[arg(long, env = "WEBHOOK_INCLUDE_TEST_KEYS", default_value_t = false, action = clap::ArgAction::Set)]
     pub webhook_include_test_keys: bool,
-    /// Reconciles each controller runs at once (at least 1). Stripe's per-account rate limit is
-    /// the real bound on throughput, so a few workers keep it busy; more only hold memory while
-    /// they wait for a token.
+    /// Reconciles of StripeKeyPolicies and StripeWebhookEndpoints that run at once, over every
+    /// account (at least 1; the StripeAccount controller has as many of its own). Stripe's
+    /// per-account rate limit is the real bound on throughput, so a few workers keep it busy.
     #[arg(long, env = "MAX_CONCURRENT_RECONCILES", default_value_t = DEFAULT_CONCURRENCY, value_parser = clap::value_parser!(u16).range(1..))]
     pub max_concurrent_reconciles: u16,
+    /// Reconciles of one StripeAccount's resources that run at once (at least 1): an account
+    /// whose Stripe calls hang holds at most this many of the `--max-concurrent-reconciles`
+    /// workers, and the other accounts share the rest, round-robin.
+    #[arg(long, env = "MAX_IN_FLIGHT_PER_ACCOUNT", default_value_t = DEFAULT_IN_FLIGHT_PER_ACCOUNT, value_parser = clap::value_parser!(u16).range(1..))]
+    pub max_in_flight_per_account: u16,
+    /// Consecutive failed Stripe calls of one account (timeouts, connection errors, 5xx) that
+    /// open its circuit breaker: its reconciles then wait without calling Stripe until a probe
+    /// call succeeds.
+    #[arg(long, env = "CIRCUIT_BREAKER_FAILURES", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    pub circuit_breaker_failures: u32,
+    /// How long an opened circuit breaker waits before its first probe call; it doubles after
+    /// each failed probe, up to `--circuit-breaker-max-cooldown`.
+    #[arg(long, env = "CIRCUIT_BREAKER_COOLDOWN", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub circuit_breaker_cooldown: Duration,
+    /// The longest wait between probe calls of an open circuit breaker.
+    #[arg(long, env = "CIRCUIT_BREAKER_MAX_COOLDOWN", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub circuit_breaker_max_cooldown: Duration,
     /// Hosts a StripeAccount's `apiBase` may name (`host` or `host:port`, comma-separated): the
     /// operator sends an app key nowhere else.
     #[arg(
@@ -238,6 +256,8 @@ pub struct RunConfig {
 
 /// Reconciles each controller runs at once unless configured otherwise.
 pub const DEFAULT_CONCURRENCY: u16 = 16;
+/// Reconciles of one account's resources that run at once unless configured otherwise.
+pub const DEFAULT_IN_FLIGHT_PER_ACCOUNT: u16 = 4;
 /// How long one listing of an account serves its orphan sweeps unless configured otherwise.
 pub const DEFAULT_ORPHAN_SWEEP_INTERVAL: Duration = Duration::from_secs(300);
 /// Default of `--last-used-lag`: Stripe documents neither the lag nor the granularity of
@@ -372,8 +392,13 @@ pub struct ControllerConfig {
     pub resync: Duration,
     /// Test hook: makes the controller stop right after a named side effect, as a crash would.
     pub crash_hook: Option<Arc<CrashHook>>,
-    /// Reconciles each controller runs at once.
+    /// Workers of the fair scheduler (credential reconciles at once, every account), and the
+    /// StripeAccount controller's concurrency.
     pub concurrency: u16,
+    /// Credential reconciles of one StripeAccount at once.
+    pub max_in_flight_per_account: u16,
+    /// When a Stripe account's circuit breaker opens, and for how long.
+    pub breaker: crate::stripe::BreakerSettings,
     /// Hosts a StripeAccount's `apiBase` may name (default: Stripe's API host only).
     pub api_hosts: crate::rules::ApiHosts,
     /// How long one listing of an account's credentials serves every orphan sweep of the
@@ -436,6 +461,8 @@ impl ControllerConfig {
             activity_log_interval: DEFAULT_ACTIVITY_LOG_INTERVAL,
             crash_hook: None,
             concurrency: DEFAULT_CONCURRENCY,
+            max_in_flight_per_account: DEFAULT_IN_FLIGHT_PER_ACCOUNT,
+            breaker: crate::stripe::BreakerSettings::default(),
             api_hosts: crate::rules::ApiHosts::stripe_only(),
             orphan_sweep_interval: DEFAULT_ORPHAN_SWEEP_INTERVAL,
         }
@@ -465,6 +492,11 @@ pub struct Context {
     pub listings: crate::rotation::listing::Listings,
     /// The shards this replica holds (`--shards` > 1); `None`: this replica does all the work.
     pub shards: Option<Arc<crate::shard::Shards>>,
+    /// Hands the credential controllers' workers to the accounts fairly.
+    pub scheduler: Arc<scheduler::FairScheduler>,
+    /// The Stripe accounts whose breaker changed state or whose limiter started a pause (the
+    /// StripeAccount controller shows it).
+    pub health_events: tokio::sync::broadcast::Sender<accounts::ContextKey>,
 }
 
 /// Reports each Stripe HTTP attempt of one reconcile to the metrics and the audit log.
@@ -530,11 +562,34 @@ impl Context {
         };
         let store: Arc<dyn SecretStore> =
             Arc::new(crate::vault::InstrumentedStore::new(store, metrics.clone()));
+        let health = Arc::new(accounts::StripeHealth::new(
+            config.breaker.clone(),
+            Some(metrics.clone()),
+        ));
+        let scheduler = scheduler::FairScheduler::new(
+            usize::from(config.concurrency),
+            usize::from(config.max_in_flight_per_account),
+            health.clone(),
+            Some(metrics.clone()),
+        );
+        let (health_events, _) = tokio::sync::broadcast::channel(256);
+        health.set_listener({
+            let scheduler = Arc::downgrade(&scheduler);
+            let events = health_events.clone();
+            Arc::new(move |key| {
+                if let Some(s) = scheduler.upgrade() {
+                    s.wake();
+                }
+                let _ = events.send(key.clone());
+            })
+        });
         Self {
             recorder: Recorder::new(client.clone(), reporter),
             client,
             store,
-            accounts: accounts::Accounts::default(),
+            accounts: accounts::Accounts::new(health),
+            scheduler,
+            health_events,
             metrics,
             clock,
             config,
@@ -815,9 +870,13 @@ fn namespace_watch(
 fn tracked<K, F, Fut>(
     progress: crate::http::ControllerProgress,
     reconcile: F,
-) -> impl FnMut(Arc<K>, Arc<Context>) -> futures::future::BoxFuture<'static, Fut::Output>
+) -> impl Fn(Arc<K>, Arc<Context>) -> futures::future::BoxFuture<'static, Fut::Output>
++ Clone
++ Send
++ Sync
++ 'static
 where
-    F: Fn(Arc<K>, Arc<Context>) -> Fut,
+    F: Fn(Arc<K>, Arc<Context>) -> Fut + Clone + Send + Sync + 'static,
     Fut: std::future::Future + Send + 'static,
 {
     move |obj, ctx| {
@@ -896,9 +955,12 @@ pub async fn run_credential_controller<C: crate::rotation::engine::Credential>(
     ));
     let progress = ctx.health.controller(C::NAMES.controller);
     let thresholds = ctx.health.thresholds();
+    // The fair scheduler bounds the reconciles that run (`--max-concurrent-reconciles`, and
+    // per account); kube-runtime's own bound would only let one account's waiting reconciles
+    // crowd out the others', so it has none.
     let controller = Controller::new(resources, watcher::Config::default())
         .owns(secrets, owned)
-        .with_config(controller_config(&ctx.config));
+        .with_config(controller_config(&ctx.config).concurrency(0));
     let store = controller.store();
     // A shard taken over: reconcile each of its objects at once.
     let controller = match ctx.shards.clone() {
@@ -949,12 +1011,23 @@ pub async fn run_credential_controller<C: crate::rotation::engine::Credential>(
         )
         .graceful_shutdown_on(async move { shutdown.cancelled().await })
         .run(
-            tracked(progress.clone(), sharded(engine::reconcile::<C>)),
+            // A reconcile of a shard another replica holds is skipped before it queues for a
+            // worker; one that waits for a worker is dropped if its shard goes meanwhile.
+            sharded(scheduler::fair(
+                ctx.scheduler.clone(),
+                account_of::<C>,
+                tracked(progress.clone(), engine::reconcile::<C>),
+            )),
             engine::error_policy::<C>,
             ctx,
         )
         .for_each(report_watch_errors(progress, thresholds))
         .await;
+}
+
+/// The StripeAccount a credential resource names: the fair scheduler's key.
+fn account_of<C: crate::rotation::engine::Credential>(obj: &C::Resource) -> String {
+    C::declared(obj).account.to_string()
 }
 
 /// Startup and runtime errors of the process.
@@ -1186,6 +1259,12 @@ pub async fn run_with_client(
         Arc::new(clock::SystemClock),
         ControllerConfig {
             concurrency: config.max_concurrent_reconciles,
+            max_in_flight_per_account: config.max_in_flight_per_account,
+            breaker: crate::stripe::BreakerSettings {
+                failure_threshold: config.circuit_breaker_failures,
+                cooldown: config.circuit_breaker_cooldown,
+                max_cooldown: config.circuit_breaker_max_cooldown,
+            },
             api_hosts: webhook_config.account_trust.api_hosts.clone(),
             orphan_sweep_interval: config.orphan_sweep_interval,
             last_used_lag: config.last_used_lag,

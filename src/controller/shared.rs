@@ -565,6 +565,32 @@ pub(crate) fn requeue_after_error(
         );
         return kube::runtime::controller::Action::requeue(CONFLICT_REQUEUE);
     }
+    if let ReconcileError::Stripe(crate::stripe::StripeError::CircuitOpen { retry_in, .. }) = error
+    {
+        // The account's breaker is open: nothing was sent. Come back for the probe, spread
+        // over a second so the account's resources do not all arrive at once (the scheduler
+        // lets one through while the probe runs).
+        tracing::debug!(
+            namespace = %meta.namespace.as_deref().unwrap_or_default(),
+            name = %meta.name.as_deref().unwrap_or_default(),
+            "the Stripe account's circuit breaker is open; waiting for its probe"
+        );
+        ctx.metrics
+            .reconcile_errors
+            .get_or_create(&crate::metrics::ErrorLabels {
+                controller: controller.into(),
+                reason: error.reason(),
+            })
+            .inc();
+        let uid = meta.uid.as_deref().unwrap_or_default();
+        let spread = uid
+            .bytes()
+            .fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)))
+            % 1000;
+        return kube::runtime::controller::Action::requeue(
+            *retry_in + std::time::Duration::from_millis(spread),
+        );
+    }
     let reason = error.reason();
     tracing::warn!(
         namespace = %meta.namespace.as_deref().unwrap_or_default(),

@@ -28,10 +28,11 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use super::Context;
+use super::accounts::{ContextKey, HealthSnapshot};
 use super::error::ReconcileError;
 use crate::api::{
-    CredentialStatus, FIELD_MANAGER, StripeAccount, StripeAccountStatus, StripeKeyPolicy,
-    StripeWebhookEndpoint, conditions,
+    CircuitState, CredentialStatus, FIELD_MANAGER, StripeAccount, StripeAccountStatus,
+    StripeCallHealth, StripeKeyPolicy, StripeWebhookEndpoint, conditions,
 };
 use crate::stripe::{ListApiKeysParams, StripeError};
 
@@ -142,6 +143,9 @@ pub fn failure_reason(error: &ReconcileError) -> &'static str {
 }
 
 fn stripe_reason(e: &StripeError) -> &'static str {
+    if matches!(e, StripeError::CircuitOpen { .. }) {
+        return "StripeUnavailable";
+    }
     match e.status() {
         Some(401) => "Unauthorized",
         Some(403) => "PermissionDenied",
@@ -163,6 +167,46 @@ pub fn redact(message: &str) -> String {
             .expect("static regex is valid")
     });
     KEY.replace_all(message, "<redacted key>").into_owned()
+}
+
+fn rfc3339(t: std::time::SystemTime) -> String {
+    // Whole seconds: the status changes only when the time it shows does.
+    let secs = t
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    k8s_openapi::jiff::Timestamp::from_second(secs)
+        .map(|t| t.to_string())
+        .unwrap_or_default()
+}
+
+/// What `status.stripe` shows for a Stripe account's health. Pure.
+pub fn call_health(health: &HealthSnapshot, now: std::time::SystemTime) -> StripeCallHealth {
+    let circuit = match health.breaker.state {
+        crate::stripe::CircuitState::Closed => CircuitState::Closed,
+        crate::stripe::CircuitState::Open => CircuitState::Open,
+        crate::stripe::CircuitState::HalfOpen => CircuitState::HalfOpen,
+    };
+    StripeCallHealth {
+        circuit,
+        circuit_opened_at: health.breaker.opened_at.map(rfc3339),
+        next_probe_at: health.breaker.next_probe.map(rfc3339),
+        // Rounded up to the second, so the time shown is never before the pause ends.
+        rate_limited_until: health
+            .paused_for
+            .map(|d| rfc3339(now + d + Duration::from_millis(999))),
+    }
+}
+
+/// The `Ready` message of an account whose breaker is open. Pure.
+pub fn circuit_open_message(context: &str, health: &StripeCallHealth, failures: u32) -> String {
+    format!(
+        "the circuit breaker of Stripe account {context} is open since {} after {failures} \
+         consecutive failed calls (timeouts, connection errors or 5xx answers): its resources' \
+         reconciles wait without calling Stripe; next probe at {}",
+        health.circuit_opened_at.as_deref().unwrap_or("unknown"),
+        health.next_probe_at.as_deref().unwrap_or("unknown"),
+    )
 }
 
 /// Whether the account is due for a check at `now`. Pure.
@@ -438,13 +482,63 @@ async fn apply(
     let now = ctx.clock.now();
     let mut status = account.status.clone().unwrap_or_default();
     status.keys_under_management = Some(keys);
-    if let Some(wait) = check_due(account, now) {
-        // Not due: only the count (and what the activity log showed) may have changed.
+    let key = ContextKey::new(&account.spec.api_base, &account.spec.context);
+    let health = ctx.accounts.health.snapshot(&key);
+    let shown = call_health(&health, std::time::SystemTime::now());
+    let before = status
+        .stripe
+        .as_ref()
+        .map(|s| s.circuit)
+        .unwrap_or_default();
+    status.stripe = Some(shown.clone());
+    // A rate-limit pause shown in status is cleared once it is over.
+    let pause_end = health
+        .paused_for
+        .map(|d| d + Duration::from_secs(1))
+        .unwrap_or(CHECK_INTERVAL);
+    let generation = account.metadata.generation;
+    if health.breaker.state == crate::stripe::CircuitState::HalfOpen
+        || (health.breaker.state == crate::stripe::CircuitState::Open
+            && !ctx.accounts.health.breaker(&key).probe_due())
+    {
+        // The breaker is open (or its probe runs): say so, call nobody, look again at the
+        // probe time. Only a change is written.
+        let wait = health
+            .breaker
+            .next_probe
+            .and_then(|t| t.duration_since(std::time::SystemTime::now()).ok())
+            .unwrap_or(Duration::from_secs(1))
+            + Duration::from_millis(100);
+        conditions::set_condition(
+            &mut status.conditions,
+            "Ready",
+            false,
+            "StripeUnavailable",
+            circuit_open_message(
+                &account.spec.context,
+                &shown,
+                health.breaker.consecutive_failures,
+            ),
+            generation,
+            now,
+        );
+        write_status(api, account, status).await?;
+        return Ok(Action::requeue(wait.min(pause_end)));
+    }
+    // A breaker that closed again since the status was written (or whose probe is due) makes
+    // the check due now: it confirms Stripe answers (or is the probe).
+    let circuit_changed = before != CircuitState::Closed;
+    let probe = health.breaker.state == crate::stripe::CircuitState::Open;
+    if !circuit_changed
+        && !probe
+        && let Some(wait) = check_due(account, now)
+    {
+        // Not due: only the count, the rate-limit state or what the activity log showed may
+        // have changed.
         let activity_wait = actx.read_activity(api, account, &mut status).await;
         write_status(api, account, status).await?;
-        return Ok(Action::requeue(wait.min(activity_wait)));
+        return Ok(Action::requeue(wait.min(pause_end).min(activity_wait)));
     }
-    let generation = account.metadata.generation;
     let (ready, reason, message, wait) = match check(ctx, account).await {
         Ok(fingerprint) => {
             status.encryption_key_fingerprint = fingerprint;
@@ -469,6 +563,35 @@ async fn apply(
             (false, reason, redact(&e.to_string()), wait)
         }
     };
+    // The check may have moved the breaker (it may have been the probe).
+    let health = ctx.accounts.health.snapshot(&key);
+    let shown = call_health(&health, std::time::SystemTime::now());
+    status.stripe = Some(shown.clone());
+    let (ready, reason, message, wait) =
+        if health.breaker.state == crate::stripe::CircuitState::Closed {
+            (ready, reason, message, wait)
+        } else {
+            let wait = health
+                .breaker
+                .next_probe
+                .and_then(|t| t.duration_since(std::time::SystemTime::now()).ok())
+                .unwrap_or(Duration::from_secs(1))
+                + Duration::from_millis(100);
+            (
+                false,
+                "StripeUnavailable",
+                circuit_open_message(
+                    &account.spec.context,
+                    &shown,
+                    health.breaker.consecutive_failures,
+                ),
+                wait,
+            )
+        };
+    let pause_end = health
+        .paused_for
+        .map(|d| d + Duration::from_secs(1))
+        .unwrap_or(CHECK_INTERVAL);
     status.observed_generation = generation;
     status.last_checked_time = Some(Time(now));
     conditions::set_condition(
@@ -483,7 +606,7 @@ async fn apply(
     // After the check: a new account's first Stripe call stays its health check.
     let activity_wait = actx.read_activity(api, account, &mut status).await;
     write_status(api, account, status).await?;
-    Ok(Action::requeue(wait.min(activity_wait)))
+    Ok(Action::requeue(wait.min(pause_end).min(activity_wait)))
 }
 
 async fn cleanup(
@@ -540,6 +663,20 @@ pub fn error_policy(
     super::shared::requeue_after_error(&actx.ctx, CONTROLLER, &account.metadata, error)
 }
 
+/// The Stripe accounts whose health changed (`None`: some changes were missed, look at all).
+fn health_changes(
+    ctx: &Context,
+) -> impl futures::Stream<Item = Option<ContextKey>> + Send + 'static {
+    let rx = ctx.health_events.subscribe();
+    futures::stream::unfold(rx, |mut rx| async move {
+        match rx.recv().await {
+            Ok(key) => Some((Some(key), rx)),
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => Some((None, rx)),
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => None,
+        }
+    })
+}
+
 type Reflected<K> =
     std::pin::Pin<Box<dyn futures::Stream<Item = Result<K, watcher::Error>> + Send>>;
 
@@ -594,21 +731,39 @@ pub async fn run(ctx: Arc<Context>, namespaces: Vec<Option<String>>, shutdown: C
         namespaces,
         activity_reads: Default::default(),
     });
-    Controller::new(
+    let controller = Controller::new(
         Api::<StripeAccount>::all(client),
         watcher::Config::default(),
-    )
-    .with_config(super::controller_config(&ctx.config))
-    .watches_stream(futures::stream::select_all(policy_streams), |p| {
-        Some(ObjectRef::<StripeAccount>::new(&p.spec.account_ref.name))
-    })
-    .watches_stream(futures::stream::select_all(endpoint_streams), |e| {
-        Some(ObjectRef::<StripeAccount>::new(&e.spec.account_ref.name))
-    })
-    .graceful_shutdown_on(async move { shutdown.cancelled().await })
-    .run(reconcile, error_policy, actx)
-    .for_each(|_| futures::future::ready(()))
-    .await;
+    );
+    let accounts = controller.store();
+    controller
+        .with_config(super::controller_config(&ctx.config))
+        // A breaker that changes state, or a 429 pause that starts, shows on every account naming
+        // that Stripe account at once.
+        .reconcile_on(health_changes(&ctx).flat_map(move |key| {
+            futures::stream::iter(
+                accounts
+                    .state()
+                    .into_iter()
+                    .filter(|a| {
+                        key.as_ref().is_none_or(|k| {
+                            *k == ContextKey::new(&a.spec.api_base, &a.spec.context)
+                        })
+                    })
+                    .map(|a| ObjectRef::from_obj(&*a))
+                    .collect::<Vec<_>>(),
+            )
+        }))
+        .watches_stream(futures::stream::select_all(policy_streams), |p| {
+            Some(ObjectRef::<StripeAccount>::new(&p.spec.account_ref.name))
+        })
+        .watches_stream(futures::stream::select_all(endpoint_streams), |e| {
+            Some(ObjectRef::<StripeAccount>::new(&e.spec.account_ref.name))
+        })
+        .graceful_shutdown_on(async move { shutdown.cancelled().await })
+        .run(reconcile, error_policy, actx)
+        .for_each(|_| futures::future::ready(()))
+        .await;
 }
 
 #[cfg(test)]
@@ -694,5 +849,74 @@ mod tests {
             message: "refused".into(),
         });
         assert_eq!(failure_reason(&connection), "StripeUnreachable");
+    }
+
+    #[test]
+    fn the_status_shows_the_breaker_and_the_pause_in_whole_utc_seconds() {
+        use crate::stripe::breaker::BreakerSnapshot;
+        let now = std::time::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let open = HealthSnapshot {
+            breaker: BreakerSnapshot {
+                state: crate::stripe::CircuitState::Open,
+                opened_at: Some(now - Duration::from_millis(2500)),
+                next_probe: Some(now + Duration::from_secs(30)),
+                consecutive_failures: 5,
+            },
+            paused_for: Some(Duration::from_millis(1200)),
+        };
+        let shown = call_health(&open, now);
+        assert_eq!(shown.circuit, CircuitState::Open);
+        assert_eq!(
+            shown.circuit_opened_at.as_deref(),
+            Some("2027-01-15T07:59:57Z")
+        );
+        assert_eq!(shown.next_probe_at.as_deref(), Some("2027-01-15T08:00:30Z"));
+        // rounded up: never before the pause ends
+        assert_eq!(
+            shown.rate_limited_until.as_deref(),
+            Some("2027-01-15T08:00:02Z")
+        );
+        let message = circuit_open_message("acct_B", &shown, 5);
+        assert!(
+            message.contains("open since 2027-01-15T07:59:57Z after 5"),
+            "{message}"
+        );
+        assert!(
+            message.contains("next probe at 2027-01-15T08:00:30Z"),
+            "{message}"
+        );
+        let closed = HealthSnapshot {
+            breaker: BreakerSnapshot {
+                state: crate::stripe::CircuitState::Closed,
+                opened_at: None,
+                next_probe: None,
+                consecutive_failures: 0,
+            },
+            paused_for: None,
+        };
+        // A healthy account shows only `circuit: Closed`: the same value every time (no write).
+        assert_eq!(
+            call_health(&closed, now),
+            StripeCallHealth {
+                circuit: CircuitState::Closed,
+                ..Default::default()
+            }
+        );
+        assert_eq!(
+            call_health(&closed, now),
+            call_health(&closed, now + Duration::from_secs(9))
+        );
+    }
+
+    #[test]
+    fn an_open_breaker_reads_as_stripe_unavailable() {
+        let e = ReconcileError::Stripe(StripeError::CircuitOpen {
+            context: "acct_B".into(),
+            method: "GET".into(),
+            path: "/v2/iam/api_keys".into(),
+            retry_in: Duration::from_secs(3),
+        });
+        assert_eq!(failure_reason(&e), "StripeUnavailable");
+        assert_eq!(e.reason(), "StripeUnavailable");
     }
 }

@@ -61,6 +61,17 @@ pub struct EnvOptions {
     /// The operator's `--activity-log-interval`. Zero (the default here): the activity-log
     /// reader is off, so tests that count Stripe calls see none of its reads.
     pub activity_log_interval: Duration,
+    /// The operator's `--max-concurrent-reconciles`.
+    pub concurrency: u16,
+    /// The operator's `--max-in-flight-per-account`.
+    pub max_in_flight_per_account: u16,
+    /// The operator's circuit-breaker settings.
+    pub breaker: crate::stripe::BreakerSettings,
+    /// Further test-mode accounts of the simulator (besides [`LocalEnv::account_id`]), for
+    /// tests with several Stripe accounts: see [`LocalEnv::sim_account_ids`].
+    pub extra_sim_accounts: usize,
+    /// How long the simulator holds a request it answers with a `hang` fault.
+    pub sim_hang: Duration,
 }
 
 impl Default for EnvOptions {
@@ -81,6 +92,17 @@ impl Default for EnvOptions {
             last_used_lag: crate::controller::DEFAULT_LAST_USED_LAG,
             key_usage_check_interval: crate::controller::DEFAULT_KEY_USAGE_CHECK_INTERVAL,
             activity_log_interval: Duration::ZERO,
+            concurrency: crate::controller::DEFAULT_CONCURRENCY,
+            max_in_flight_per_account: crate::controller::DEFAULT_IN_FLIGHT_PER_ACCOUNT,
+            // Short cooldowns: a test's injected faults may open a breaker, and its probe should
+            // not outlast the test's waits.
+            breaker: crate::stripe::BreakerSettings {
+                cooldown: Duration::from_secs(1),
+                max_cooldown: Duration::from_secs(4),
+                ..Default::default()
+            },
+            extra_sim_accounts: 0,
+            sim_hang: Duration::from_secs(30),
         }
     }
 }
@@ -119,11 +141,16 @@ impl LocalEnv {
                 .await
                 .context("creating a CRD")?;
         }
-        let sim = Simulator::start(SimConfig {
+        let mut sim_config = SimConfig {
             rate_limit_test: options.sim_rate_limit_test,
+            hang_duration: options.sim_hang,
             ..SimConfig::new().with_account(format!("acct_1Sandbox{}", rand_suffix()), Mode::Test)
-        })
-        .await?;
+        };
+        for n in 0..options.extra_sim_accounts {
+            sim_config =
+                sim_config.with_account(format!("acct_{n}Extra{}", rand_suffix()), Mode::Test);
+        }
+        let sim = Simulator::start(sim_config).await?;
         let account_id = sim.accounts()[0].id.clone();
         let env = Self {
             api,
@@ -148,6 +175,11 @@ impl LocalEnv {
         }))
         .await?;
         Ok(env)
+    }
+
+    /// Every simulator account: [`LocalEnv::account_id`] first, then the extra ones.
+    pub fn sim_account_ids(&self) -> Vec<String> {
+        self.sim.accounts().iter().map(|a| a.id.clone()).collect()
     }
 
     /// The StripeAccount manifest that points at the simulator.
@@ -194,6 +226,9 @@ impl LocalEnv {
         config.stripe_timeout = Some(self.options.stripe_timeout);
         config.stripe_retry = self.options.stripe_retry.clone();
         config.crash_hook = Some(self.crash.clone());
+        config.concurrency = self.options.concurrency;
+        config.max_in_flight_per_account = self.options.max_in_flight_per_account;
+        config.breaker = self.options.breaker.clone();
         config.api_hosts = self.api_hosts();
         let store: Arc<dyn crate::vault::SecretStore> = match &self.options.store {
             Some(store) => store.clone(),

@@ -37,7 +37,8 @@
 //! accepted app key may read it. The last 10 000 entries per account are kept.
 //!
 //! Fault JSON example: `{"fault":{"kind":"rate_limited","retry_after_secs":1},"count":3,
-//! "method":"POST","path_prefix":"/v2/"}`; kinds: `rate_limited`, `server_error`
+//! "method":"POST","path_prefix":"/v2/"}`; add `"context":"acct_..."` to fault only the
+//! requests of one account (their `Stripe-Context`); kinds: `rate_limited`, `server_error`
 //! (`saved`, `should_retry`), `latency` (`millis`), `hang`, `drop_after_commit`.
 //!
 //! Where Stripe's answer is *unconfirmed* the simulator has a setting ([`SimConfig`]):
@@ -447,7 +448,23 @@ impl SimHandle {
 
     /// Injects a fault; returns its id.
     pub fn inject_fault(&self, spec: FaultSpec) -> u64 {
-        self.shared.lock().add_fault(spec)
+        self.shared.lock().add_fault(spec, None)
+    }
+
+    /// Injects a fault for the requests of one account only (their `Stripe-Context`); returns
+    /// its id.
+    pub fn inject_fault_for(&self, context: &str, spec: FaultSpec) -> u64 {
+        self.shared
+            .lock()
+            .add_fault(spec, Some(context.to_string()))
+    }
+
+    /// Removes one fault rule; returns whether it existed.
+    pub fn remove_fault(&self, id: u64) -> bool {
+        let mut st = self.shared.lock();
+        let before = st.faults.len();
+        st.faults.retain(|f| f.id != id);
+        st.faults.len() != before
     }
 
     /// The active fault rules.

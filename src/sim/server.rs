@@ -203,7 +203,7 @@ async fn api(
         let fault = if conflict {
             None
         } else {
-            st.take_fault(&m, &path)
+            st.take_fault_for(&m, &path, context.as_deref())
         };
         (fault, st.clock.now(), conflict)
     };
@@ -220,6 +220,7 @@ async fn api(
         path: path.clone(),
         query: query.clone(),
         account: None,
+        context: context.clone(),
         idempotency_key: idem.clone(),
         status: None,
         fault: fault.as_ref().map(|f| f.label().to_owned()),
@@ -721,11 +722,12 @@ fn control_router() -> Router<Arc<Shared>> {
         .route(
             "/_sim/faults",
             get(|AxState(s): AxState<Arc<Shared>>| async move { Json::<Vec<FaultRule>>(s.lock().faults.clone()) })
-                .post(|AxState(s): AxState<Arc<Shared>>, Json(spec): Json<FaultSpec>| async move {
+                .post(|AxState(s): AxState<Arc<Shared>>, Json(request): Json<FaultRequest>| async move {
+                    let FaultRequest { spec, context } = request;
                     if spec.ratio.is_some_and(|r| !(0.0..=1.0).contains(&r)) {
                         return (StatusCode::BAD_REQUEST, Json(json!({ "error": { "message": "ratio must be between 0 and 1" } })));
                     }
-                    let id = s.lock().add_fault(spec);
+                    let id = s.lock().add_fault(spec, context);
                     (StatusCode::OK, Json(json!({ "id": id })))
                 })
                 .delete(|AxState(s): AxState<Arc<Shared>>| async move {
@@ -765,6 +767,16 @@ async fn add_request_id(mut resp: Response) -> Response {
         resp.headers_mut().insert("request-id", v);
     }
     resp
+}
+
+/// `POST /_sim/faults`: a [`FaultSpec`], optionally only for one account (`"context":
+/// "acct_..."`, matched against the request's `Stripe-Context`).
+#[derive(Debug, Clone, Deserialize)]
+struct FaultRequest {
+    #[serde(flatten)]
+    spec: FaultSpec,
+    #[serde(default)]
+    context: Option<String>,
 }
 
 pub(crate) fn router(shared: Arc<Shared>) -> Router {

@@ -179,6 +179,9 @@ impl FaultSpec {
 pub struct FaultRule {
     /// Id for reference.
     pub id: u64,
+    /// Only requests for this account (`Stripe-Context`); `None`: every account.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<String>,
     /// The rule.
     #[serde(flatten)]
     pub spec: FaultSpec,
@@ -198,6 +201,9 @@ pub struct RequestLogEntry {
     pub query: String,
     /// Account the request acted on, when authenticated.
     pub account: Option<String>,
+    /// The `Stripe-Context` header as sent (also for requests a fault answered).
+    #[serde(default)]
+    pub context: Option<String>,
     /// `Idempotency-Key` header.
     pub idempotency_key: Option<String>,
     /// Status answered; `None` when the connection was dropped.
@@ -493,19 +499,32 @@ impl State {
         self.accounts.iter().position(|a| a.id == id)
     }
 
-    pub(crate) fn add_fault(&mut self, spec: FaultSpec) -> u64 {
+    pub(crate) fn add_fault(&mut self, spec: FaultSpec, context: Option<String>) -> u64 {
         let id = self.next_fault_id;
         self.next_fault_id += 1;
-        self.faults.push(FaultRule { id, spec });
+        self.faults.push(FaultRule { id, context, spec });
         id
     }
 
     /// Picks the fault for a request, consuming one use of a counted rule.
+    #[cfg(test)]
     pub(crate) fn take_fault(&mut self, method: &str, path: &str) -> Option<FaultKind> {
+        self.take_fault_for(method, path, None)
+    }
+
+    /// Picks the fault for a request made for account `context` (its `Stripe-Context`).
+    pub(crate) fn take_fault_for(
+        &mut self,
+        method: &str,
+        path: &str,
+        context: Option<&str>,
+    ) -> Option<FaultKind> {
         let mut rng = rand::rng();
         let mut chosen = None;
         for (i, rule) in self.faults.iter_mut().enumerate() {
-            if !rule.spec.matches(method, path) {
+            if !rule.spec.matches(method, path)
+                || rule.context.as_deref().is_some_and(|c| Some(c) != context)
+            {
                 continue;
             }
             if let Some(ratio) = rule.spec.ratio
@@ -591,7 +610,7 @@ mod tests {
     #[test]
     fn counted_faults_fire_exactly_count_times_on_matching_requests() {
         let mut s = State::new(&[], ClockMode::Real, 25, 100);
-        s.add_fault(FaultSpec::next(2, FaultKind::Hang).for_method("POST"));
+        s.add_fault(FaultSpec::next(2, FaultKind::Hang).for_method("POST"), None);
         assert_eq!(s.take_fault("GET", "/v1/x"), None);
         assert_eq!(s.take_fault("POST", "/v1/x"), Some(FaultKind::Hang));
         assert_eq!(s.take_fault("POST", "/v1/x"), Some(FaultKind::Hang));
@@ -637,7 +656,10 @@ mod tests {
     #[test]
     fn path_prefix_filters_faults() {
         let mut s = State::new(&[], ClockMode::Real, 25, 100);
-        s.add_fault(FaultSpec::ratio(1.0, FaultKind::DropAfterCommit).for_path_prefix("/v2/"));
+        s.add_fault(
+            FaultSpec::ratio(1.0, FaultKind::DropAfterCommit).for_path_prefix("/v2/"),
+            None,
+        );
         assert_eq!(s.take_fault("GET", "/v1/webhook_endpoints"), None);
         assert_eq!(
             s.take_fault("GET", "/v2/iam/api_keys"),
@@ -645,7 +667,7 @@ mod tests {
         );
         // ratio 0 never fires
         let mut s = State::new(&[], ClockMode::Real, 25, 100);
-        s.add_fault(FaultSpec::ratio(0.0, FaultKind::Hang));
+        s.add_fault(FaultSpec::ratio(0.0, FaultKind::Hang), None);
         assert!((0..100).all(|_| s.take_fault("GET", "/").is_none()));
     }
 
@@ -658,5 +680,23 @@ mod tests {
         assert_eq!(c.now(), start);
         c.advance(Duration::from_secs(90));
         assert_eq!(c.now(), start + chrono::Duration::seconds(90));
+    }
+
+    #[test]
+    fn a_fault_for_one_account_spares_the_others() {
+        let mut s = State::new(&[], ClockMode::Real, 25, 100);
+        s.add_fault(
+            FaultSpec::ratio(1.0, FaultKind::Hang),
+            Some("acct_B".into()),
+        );
+        assert_eq!(
+            s.take_fault_for("GET", "/v2/iam/api_keys", Some("acct_A")),
+            None
+        );
+        assert_eq!(s.take_fault_for("GET", "/v2/iam/api_keys", None), None);
+        assert_eq!(
+            s.take_fault_for("GET", "/v2/iam/api_keys", Some("acct_B")),
+            Some(FaultKind::Hang)
+        );
     }
 }

@@ -8,6 +8,7 @@ use reqwest::Method;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use super::breaker::CircuitBreaker;
 use super::config::StripeConfig;
 use super::error::{ApiError, ConnectionErrorKind, StripeError, map_error_response};
 use super::ratelimit::RateLimiter;
@@ -144,6 +145,8 @@ struct Inner {
     config: StripeConfig,
     base: String,
     limiter: Arc<RateLimiter>,
+    /// The account's circuit breaker (shared like the limiter), if any.
+    breaker: Option<Arc<CircuitBreaker>>,
     observer: Option<Arc<dyn CallObserver>>,
 }
 
@@ -258,9 +261,32 @@ impl StripeClient {
                 config,
                 base,
                 limiter,
+                breaker: None,
                 observer,
             }),
         })
+    }
+
+    /// The same client (sharing pool and limiter) guarded by `breaker`: share one breaker per
+    /// Stripe account. While it is open, calls fail at once with
+    /// [`StripeError::CircuitOpen`] without being sent.
+    pub fn with_breaker(&self, breaker: Arc<CircuitBreaker>) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                http: self.inner.http.clone(),
+                authorization: self.inner.authorization.clone(),
+                config: self.inner.config.clone(),
+                base: self.inner.base.clone(),
+                limiter: self.inner.limiter.clone(),
+                breaker: Some(breaker),
+                observer: self.inner.observer.clone(),
+            }),
+        }
+    }
+
+    /// The account's circuit breaker, if the client has one.
+    pub fn breaker(&self) -> Option<Arc<CircuitBreaker>> {
+        self.inner.breaker.clone()
     }
 
     /// The same client (sharing pool and limiter) reporting to `observer`.
@@ -272,6 +298,7 @@ impl StripeClient {
                 config: self.inner.config.clone(),
                 base: self.inner.base.clone(),
                 limiter: self.inner.limiter.clone(),
+                breaker: self.inner.breaker.clone(),
                 observer: Some(observer),
             }),
         }
@@ -768,7 +795,24 @@ impl StripeClient {
         loop {
             attempt += 1;
             let can_retry = attempt <= policy.max_retries;
+            let refused = |retry_in| StripeError::CircuitOpen {
+                context: inner.config.context.clone(),
+                method: method.as_str().to_owned(),
+                path: path.clone(),
+                retry_in,
+            };
+            // An open breaker refuses before the call waits for a token, and again after (it
+            // may have opened meanwhile); the admitted attempt reports its outcome to it.
+            if let Some(b) = &inner.breaker
+                && let Err(r) = b.check()
+            {
+                return Err(refused(r.retry_in));
+            }
             inner.limiter.acquire().await;
+            let admitted = match &inner.breaker {
+                Some(b) => Some(b.admit().map_err(|r| refused(r.retry_in))?),
+                None => None,
+            };
             let mut req = inner
                 .http
                 .request(method.clone(), &url)
@@ -833,6 +877,11 @@ impl StripeClient {
                 }
             };
             record.duration = started.elapsed();
+            if let Some(attempt) = admitted {
+                // Stripe answered (anything but a 5xx) or it did not.
+                let answered = matches!(&outcome, Ok((status, ..)) if *status < 500);
+                attempt.record(answered);
+            }
             match outcome {
                 Err((kind, message)) => {
                     record.connection_error = Some(kind);

@@ -151,6 +151,24 @@ pub enum StripeError {
     /// for a key that a listing still shows active). Retry later.
     #[error("Stripe's answer could not be confirmed: {0}")]
     Unconfirmed(String),
+    /// The account's circuit breaker is open (Stripe failed repeatedly for it): the call was
+    /// not sent. Retry after `retry_in`.
+    #[error(
+        "Stripe is unavailable for account {context}: its circuit breaker is open after repeated \
+         timeouts, connection errors or 5xx answers, so {method} {path} was not sent; the next \
+         probe is in {}s",
+        retry_in.as_secs()
+    )]
+    CircuitOpen {
+        /// The `Stripe-Context` account.
+        context: String,
+        /// HTTP method of the call.
+        method: String,
+        /// Path of the call (no query).
+        path: String,
+        /// When a call may be let through again.
+        retry_in: std::time::Duration,
+    },
 }
 
 impl StripeError {
@@ -159,7 +177,9 @@ impl StripeError {
     pub fn is_retryable(&self) -> bool {
         match self {
             StripeError::Api(e) => e.is_retryable(),
-            StripeError::Connection { .. } | StripeError::Unconfirmed(_) => true,
+            StripeError::Connection { .. }
+            | StripeError::Unconfirmed(_)
+            | StripeError::CircuitOpen { .. } => true,
             StripeError::Decode { .. }
             | StripeError::InvalidRequest(_)
             | StripeError::Config(_)
@@ -231,6 +251,7 @@ impl StripeError {
             StripeError::Config(_) => "config".to_owned(),
             StripeError::Jwe(_) => "jwe".to_owned(),
             StripeError::Unconfirmed(_) => "unconfirmed".to_owned(),
+            StripeError::CircuitOpen { .. } => "circuit_open".to_owned(),
         }
     }
 }

@@ -11,6 +11,7 @@
 //!
 //! Live-mode secrets arrive as compact JWE encrypted to the operator's RSA key: see [`jwe`].
 
+pub mod breaker;
 pub mod client;
 pub mod config;
 pub mod error;
@@ -20,6 +21,7 @@ pub mod retry;
 pub mod types;
 pub mod verify;
 
+pub use breaker::{BreakerSettings, CircuitBreaker, CircuitState};
 pub use client::{
     ApiResponse, CallObserver, CallRecord, ExpireOutcome, Paged, StripeClient, idempotency_key,
 };

@@ -1,6 +1,6 @@
 //! Client-side token bucket, so the operator stays under Stripe's per-account limits by itself.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// A token bucket: `rate` tokens per second, holding at most `capacity` tokens. Pure state; the
@@ -76,6 +76,23 @@ impl TokenBucket {
         }
     }
 
+    /// How long from `now` until a token is available (zero: one is), pauses included. Takes
+    /// nothing.
+    pub fn ready_in(&mut self, now: Instant) -> Duration {
+        if let Some(until) = self.paused_until
+            && now < until
+        {
+            return until - now;
+        }
+        let mut probe = self.clone();
+        probe.try_acquire(now).err().unwrap_or(Duration::ZERO)
+    }
+
+    /// The end of the pause under way at `now`, if any.
+    pub fn paused_until(&self, now: Instant) -> Option<Instant> {
+        self.paused_until.filter(|until| *until > now)
+    }
+
     /// Tokens available at `now` (fractional).
     pub fn available(&mut self, now: Instant) -> f64 {
         self.refill(now);
@@ -91,9 +108,18 @@ impl TokenBucket {
 /// An async rate limiter around a [`TokenBucket`]; share it (it sits behind an `Arc` in the
 /// client) so that every clone of a client, and every client of the same account given the same
 /// limiter, draws from one budget.
-#[derive(Debug)]
 pub struct RateLimiter {
     bucket: Mutex<TokenBucket>,
+    /// Told when a pause starts (a 429 paused an account that was not paused).
+    listener: Option<Arc<dyn Fn() + Send + Sync>>,
+}
+
+impl std::fmt::Debug for RateLimiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RateLimiter")
+            .field("bucket", &self.bucket)
+            .finish_non_exhaustive()
+    }
 }
 
 impl RateLimiter {
@@ -101,7 +127,27 @@ impl RateLimiter {
     pub fn new(requests_per_second: f64, burst: u32) -> Self {
         Self {
             bucket: Mutex::new(TokenBucket::new(requests_per_second, burst, Instant::now())),
+            listener: None,
         }
+    }
+
+    /// The same limiter, telling `listener` whenever a pause starts.
+    pub fn with_listener(mut self, listener: Arc<dyn Fn() + Send + Sync>) -> Self {
+        self.listener = Some(listener);
+        self
+    }
+
+    /// How long until a request could go (zero: now), a pause included.
+    pub fn ready_in(&self) -> Duration {
+        let mut bucket = self.bucket.lock().unwrap_or_else(|e| e.into_inner());
+        bucket.ready_in(Instant::now())
+    }
+
+    /// How long the pause under way (a 429's `Retry-After`) still lasts, if one is.
+    pub fn paused_for(&self) -> Option<Duration> {
+        let now = Instant::now();
+        let bucket = self.bucket.lock().unwrap_or_else(|e| e.into_inner());
+        bucket.paused_until(now).map(|until| until - now)
     }
 
     /// Waits until a request may be sent, then takes its token.
@@ -128,8 +174,15 @@ impl RateLimiter {
     /// the account, so every call to it waits, not only the one that was refused).
     pub fn pause_for(&self, duration: Duration) {
         let now = Instant::now();
-        let mut bucket = self.bucket.lock().unwrap_or_else(|e| e.into_inner());
-        bucket.pause_until(now + duration, now);
+        let started = {
+            let mut bucket = self.bucket.lock().unwrap_or_else(|e| e.into_inner());
+            let was_paused = bucket.paused_until(now).is_some();
+            bucket.pause_until(now + duration, now);
+            !was_paused
+        };
+        if started && let Some(listener) = &self.listener {
+            listener();
+        }
     }
 
     /// Changes the rate (an edited account) keeping the tokens held: no fresh burst.
@@ -224,6 +277,43 @@ mod tests {
         b.set_rate(100.0, t0);
         assert!(b.try_acquire(t0).is_err(), "an edit is not a refill");
         assert!(b.try_acquire(t0 + Duration::from_millis(10)).is_ok());
+    }
+
+    #[test]
+    fn ready_in_tells_the_wait_for_a_token_and_for_a_pause_without_taking_one() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new(10.0, 1, t0);
+        assert_eq!(b.ready_in(t0), Duration::ZERO);
+        assert_eq!(b.ready_in(t0), Duration::ZERO, "asking takes no token");
+        assert!(b.try_acquire(t0).is_ok());
+        assert_eq!(b.ready_in(t0), Duration::from_millis(100));
+        b.pause_until(t0 + Duration::from_secs(3), t0);
+        assert_eq!(
+            b.ready_in(t0 + Duration::from_secs(1)),
+            Duration::from_secs(2)
+        );
+        assert_eq!(
+            b.paused_until(t0 + Duration::from_secs(1)),
+            Some(t0 + Duration::from_secs(3))
+        );
+        assert_eq!(b.paused_until(t0 + Duration::from_secs(3)), None);
+    }
+
+    #[test]
+    fn the_listener_hears_when_a_pause_starts_not_when_it_is_extended() {
+        let heard = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let h = heard.clone();
+        let limiter = RateLimiter::new(10.0, 1).with_listener(Arc::new(move || {
+            h.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }));
+        limiter.pause_for(Duration::from_secs(5));
+        limiter.pause_for(Duration::from_secs(6));
+        assert_eq!(heard.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert!(
+            limiter
+                .paused_for()
+                .is_some_and(|d| d > Duration::from_secs(5))
+        );
     }
 
     #[tokio::test]

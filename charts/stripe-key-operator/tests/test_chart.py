@@ -255,6 +255,10 @@ def test_deployment_runs_two_hardened_replicas_with_probes():
     assert env["LEADER_ELECT"]["value"] == "true"
     assert env["WATCH_NAMESPACES"]["value"] == ""
     assert env["MAX_CONCURRENT_RECONCILES"]["value"] == "16"
+    assert env["MAX_IN_FLIGHT_PER_ACCOUNT"]["value"] == "4"
+    assert env["CIRCUIT_BREAKER_FAILURES"]["value"] == "5"
+    assert env["CIRCUIT_BREAKER_COOLDOWN"]["value"] == "30s"
+    assert env["CIRCUIT_BREAKER_MAX_COOLDOWN"]["value"] == "5m"
     assert env["ORPHAN_SWEEP_INTERVAL"]["value"] == "5m"
 
 

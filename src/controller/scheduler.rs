@@ -1,0 +1,526 @@
+//! Fair scheduling of reconciles between Stripe accounts.
+//!
+//! kube-runtime runs reconciles from one pool per controller: an account whose Stripe calls
+//! hang would hold every worker while it retries. The credential controllers therefore hand
+//! each reconcile to a [`FairScheduler`] first:
+//!
+//! - **`W` workers** (`--max-concurrent-reconciles`) run reconciles at once, over every account
+//!   and both credential kinds;
+//! - **`K` per account** (`--max-in-flight-per-account`): an account never runs more than `K`
+//!   of them, so a hanging account holds at most `K` workers and the others keep `W - K`;
+//! - an account whose rate limiter is paused (a 429's `Retry-After`), or waits long for its
+//!   next token, or whose circuit breaker is open, gets **no** worker until that ends; while the
+//!   breaker is half-open it gets one (the probe);
+//! - a free worker goes to the **next account in round-robin order** that has a reconcile
+//!   waiting and may run one. Waiting reconciles are small futures (the object's `Arc` and a
+//!   channel): the reconcile itself is only built once it has a worker.
+//!
+//! Round-robin rather than deficit round-robin: a reconcile's cost is mostly its Stripe calls,
+//! which the account's own token bucket already paces, and `K` caps how much of the pool one
+//! account's slow reconciles can hold; deficit scheduling would need each reconcile's cost
+//! before it runs, which nobody knows (a quiet reconcile makes no call, a mint one, a sweep a
+//! listing).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+
+/// What an account may do now, as its limiter and breaker say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gate {
+    /// Up to the per-account bound.
+    Open,
+    /// One reconcile at a time: the breaker is half-open (or its probe is due).
+    Probe,
+    /// None until this long from now (a rate-limit pause, an open breaker).
+    Blocked(Duration),
+}
+
+/// Tells the scheduler what an account may do (see [`Gate`]).
+pub trait AccountGate: Send + Sync {
+    /// The gate of the StripeAccount named `account`.
+    fn gate(&self, account: &str) -> Gate;
+}
+
+/// Every account may run (no limiter or breaker known).
+#[derive(Debug, Default)]
+pub struct AlwaysOpen;
+
+impl AccountGate for AlwaysOpen {
+    fn gate(&self, _: &str) -> Gate {
+        Gate::Open
+    }
+}
+
+/// Per-account figures of the scheduler.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AccountStats {
+    /// Reconciles running now.
+    pub in_flight: usize,
+    /// Reconciles waiting for a worker now.
+    pub waiting: usize,
+    /// The most reconciles that ran at once since start.
+    pub peak_in_flight: usize,
+    /// Reconciles given a worker since start.
+    pub dispatched: u64,
+}
+
+#[derive(Default)]
+struct Queue {
+    waiting: VecDeque<oneshot::Sender<Permit>>,
+    in_flight: usize,
+    in_ring: bool,
+}
+
+#[derive(Default)]
+struct State {
+    queues: HashMap<String, Queue>,
+    /// Accounts with waiting reconciles, in round-robin order.
+    ring: VecDeque<String>,
+    busy: usize,
+    stats: HashMap<String, AccountStats>,
+    /// When the pending timer wakes the scheduler (for blocked accounts).
+    timer_at: Option<Instant>,
+}
+
+/// The fair scheduler (see the module documentation).
+pub struct FairScheduler {
+    state: Mutex<State>,
+    workers: usize,
+    per_account: usize,
+    gate: Arc<dyn AccountGate>,
+    metrics: Option<crate::metrics::Metrics>,
+    me: Weak<FairScheduler>,
+}
+
+impl std::fmt::Debug for FairScheduler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FairScheduler")
+            .field("workers", &self.workers)
+            .field("per_account", &self.per_account)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A worker held by one reconcile; dropping it frees the worker.
+pub struct Permit {
+    scheduler: Weak<FairScheduler>,
+    account: String,
+    armed: bool,
+}
+
+impl std::fmt::Debug for Permit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Permit")
+            .field("account", &self.account)
+            .finish()
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        if self.armed
+            && let Some(s) = self.scheduler.upgrade()
+        {
+            s.release(&self.account);
+        }
+    }
+}
+
+impl FairScheduler {
+    /// `workers` reconciles at once, at most `per_account` of one account (both at least 1).
+    pub fn new(
+        workers: usize,
+        per_account: usize,
+        gate: Arc<dyn AccountGate>,
+        metrics: Option<crate::metrics::Metrics>,
+    ) -> Arc<Self> {
+        Arc::new_cyclic(|me| Self {
+            state: Mutex::new(State::default()),
+            workers: workers.max(1),
+            per_account: per_account.max(1),
+            gate,
+            metrics,
+            me: me.clone(),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits for a worker for a reconcile of `account`. Cancel-safe: a waiter that goes away
+    /// is skipped, and a permit handed to it is given back.
+    pub async fn acquire(&self, account: &str) -> Permit {
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut st = self.lock();
+            let q = st.queues.entry(account.to_string()).or_default();
+            q.waiting.push_back(tx);
+            if !q.in_ring {
+                q.in_ring = true;
+                st.ring.push_back(account.to_string());
+            }
+            st.stats.entry(account.to_string()).or_default().waiting += 1;
+            self.dispatch(&mut st);
+            self.publish(&st, account);
+        }
+        match rx.await {
+            Ok(permit) => permit,
+            // The scheduler dropped the sender: it is gone (shutdown). Run unscheduled.
+            Err(_) => Permit {
+                scheduler: Weak::new(),
+                account: account.to_string(),
+                armed: false,
+            },
+        }
+    }
+
+    /// Looks again at the accounts that wait (a breaker or a limiter changed).
+    pub fn wake(&self) {
+        let mut st = self.lock();
+        self.dispatch(&mut st);
+    }
+
+    /// The figures of `account`.
+    pub fn stats(&self, account: &str) -> AccountStats {
+        self.lock().stats.get(account).copied().unwrap_or_default()
+    }
+
+    /// Workers in use now.
+    pub fn busy(&self) -> usize {
+        self.lock().busy
+    }
+
+    fn release(&self, account: &str) {
+        let mut st = self.lock();
+        st.busy = st.busy.saturating_sub(1);
+        if let Some(q) = st.queues.get_mut(account) {
+            q.in_flight = q.in_flight.saturating_sub(1);
+            if q.in_flight == 0 && q.waiting.is_empty() && !q.in_ring {
+                st.queues.remove(account);
+            }
+        }
+        if let Some(s) = st.stats.get_mut(account) {
+            s.in_flight = s.in_flight.saturating_sub(1);
+        }
+        self.dispatch(&mut st);
+        self.publish(&st, account);
+    }
+
+    fn publish(&self, st: &State, account: &str) {
+        if let (Some(m), Some(s)) = (&self.metrics, st.stats.get(account)) {
+            let labels = crate::metrics::AccountLabels {
+                account: account.to_string(),
+            };
+            m.scheduler_in_flight
+                .get_or_create(&labels)
+                .set(s.in_flight as i64);
+            m.scheduler_waiting
+                .get_or_create(&labels)
+                .set(s.waiting as i64);
+        }
+    }
+
+    /// Hands free workers to waiting reconciles, round-robin over the accounts that may run.
+    fn dispatch(&self, st: &mut State) {
+        let mut blocked: Option<Duration> = None;
+        'workers: while st.busy < self.workers {
+            for _ in 0..st.ring.len() {
+                let Some(account) = st.ring.pop_front() else {
+                    break 'workers;
+                };
+                let Some(q) = st.queues.get_mut(&account) else {
+                    continue;
+                };
+                // Waiters that went away (their reconcile was dropped) leave the queue.
+                let before = q.waiting.len();
+                q.waiting.retain(|tx| !tx.is_closed());
+                let gone = before - q.waiting.len();
+                if q.waiting.is_empty() {
+                    q.in_ring = false;
+                    if q.in_flight == 0 {
+                        st.queues.remove(&account);
+                    }
+                    if let Some(s) = st.stats.get_mut(&account) {
+                        s.waiting = s.waiting.saturating_sub(gone);
+                    }
+                    continue;
+                }
+                let bound = match self.gate.gate(&account) {
+                    Gate::Open => self.per_account,
+                    Gate::Probe => 1,
+                    Gate::Blocked(d) => {
+                        blocked = Some(blocked.map_or(d, |b| b.min(d)));
+                        0
+                    }
+                };
+                if q.in_flight >= bound {
+                    st.ring.push_back(account.clone());
+                    if let Some(s) = st.stats.get_mut(&account) {
+                        s.waiting = s.waiting.saturating_sub(gone);
+                    }
+                    continue;
+                }
+                let tx = q.waiting.pop_front().expect("not empty");
+                let permit = Permit {
+                    scheduler: self.me.clone(),
+                    account: account.clone(),
+                    armed: true,
+                };
+                let granted = match tx.send(permit) {
+                    Ok(()) => true,
+                    Err(mut permit) => {
+                        // Went away just now: not counted, nothing to release.
+                        permit.armed = false;
+                        false
+                    }
+                };
+                if granted {
+                    q.in_flight += 1;
+                }
+                let in_flight = q.in_flight;
+                if q.waiting.is_empty() {
+                    q.in_ring = false;
+                } else {
+                    st.ring.push_back(account.clone());
+                }
+                let s = st.stats.entry(account.clone()).or_default();
+                s.waiting = s.waiting.saturating_sub(gone + 1);
+                if granted {
+                    st.busy += 1;
+                    s.in_flight = in_flight;
+                    s.peak_in_flight = s.peak_in_flight.max(in_flight);
+                    s.dispatched += 1;
+                    if let Some(m) = &self.metrics {
+                        m.scheduler_dispatched
+                            .get_or_create(&crate::metrics::AccountLabels {
+                                account: account.clone(),
+                            })
+                            .inc();
+                    }
+                }
+                self.publish(st, &account);
+                continue 'workers;
+            }
+            break;
+        }
+        if let Some(wait) = blocked {
+            self.wake_after(st, wait.max(Duration::from_millis(10)));
+        }
+    }
+
+    /// Makes sure the scheduler looks again within `wait` (a blocked account may run then).
+    fn wake_after(&self, st: &mut State, wait: Duration) {
+        let at = Instant::now() + wait;
+        if st.timer_at.is_some_and(|t| t <= at && t > Instant::now()) {
+            return;
+        }
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        st.timer_at = Some(at);
+        let me = self.me.clone();
+        handle.spawn(async move {
+            tokio::time::sleep(wait).await;
+            if let Some(s) = me.upgrade() {
+                let mut st = s.lock();
+                if st.timer_at == Some(at) {
+                    st.timer_at = None;
+                }
+                s.dispatch(&mut st);
+            }
+        });
+    }
+}
+
+/// Wraps a reconcile function so that each reconcile first waits for a worker of
+/// `scheduler` for the account `account_of` names; the reconcile's future is only built once
+/// it has one, so a waiting reconcile costs a few hundred bytes.
+pub fn fair<K, O, F>(
+    scheduler: Arc<FairScheduler>,
+    account_of: fn(&K) -> String,
+    reconcile: F,
+) -> impl Fn(Arc<K>, Arc<super::Context>) -> futures::future::BoxFuture<'static, O>
++ Clone
++ Send
++ Sync
++ 'static
+where
+    K: Send + Sync + 'static,
+    O: Send + 'static,
+    F: Fn(Arc<K>, Arc<super::Context>) -> futures::future::BoxFuture<'static, O>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+{
+    move |obj, ctx| {
+        let scheduler = scheduler.clone();
+        let reconcile = reconcile.clone();
+        let account = account_of(&obj);
+        Box::pin(async move {
+            let permit = scheduler.acquire(&account).await;
+            let out = reconcile(obj, ctx).await;
+            drop(permit);
+            out
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    /// A gate the test sets per account.
+    #[derive(Default)]
+    struct TestGate(Mutex<HashMap<String, Gate>>);
+
+    impl TestGate {
+        fn set(&self, account: &str, gate: Gate) {
+            self.0.lock().unwrap().insert(account.into(), gate);
+        }
+    }
+
+    impl AccountGate for TestGate {
+        fn gate(&self, account: &str) -> Gate {
+            self.0
+                .lock()
+                .unwrap()
+                .get(account)
+                .copied()
+                .unwrap_or(Gate::Open)
+        }
+    }
+
+    /// Queues one waiter per account name (in this order) behind `hold`; returns the order in
+    /// which they got a worker, each releasing at once.
+    async fn grant_order(s: &Arc<FairScheduler>, hold: Permit, accounts: &[&str]) -> Vec<String> {
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let seq = Arc::new(AtomicU64::new(0));
+        let mut tasks = Vec::new();
+        for a in accounts {
+            let (s, order, a) = (s.clone(), order.clone(), a.to_string());
+            let seq = seq.clone();
+            // Enqueue in order: each task registers before the next is spawned.
+            let (queued_tx, queued_rx) = oneshot::channel();
+            tasks.push(tokio::spawn(async move {
+                let fut = s.acquire(&a);
+                tokio::pin!(fut);
+                // First poll registers the waiter.
+                let first = futures::poll!(&mut fut);
+                let _ = queued_tx.send(());
+                let permit = match first {
+                    std::task::Poll::Ready(p) => p,
+                    std::task::Poll::Pending => fut.await,
+                };
+                seq.fetch_add(1, Ordering::SeqCst);
+                order.lock().unwrap().push(a.clone());
+                drop(permit);
+            }));
+            queued_rx.await.unwrap();
+        }
+        drop(hold);
+        for t in tasks {
+            t.await.unwrap();
+        }
+        order.lock().unwrap().clone()
+    }
+
+    #[tokio::test]
+    async fn a_free_worker_goes_to_the_next_account_round_robin() {
+        let s = FairScheduler::new(1, 4, Arc::new(AlwaysOpen), None);
+        let hold = s.acquire("x").await;
+        let order = grant_order(&s, hold, &["a", "a", "a", "b", "b", "c"]).await;
+        assert_eq!(order, ["a", "b", "c", "a", "b", "a"]);
+    }
+
+    #[tokio::test]
+    async fn an_account_never_runs_more_than_its_bound_while_others_get_the_rest() {
+        let s = FairScheduler::new(6, 2, Arc::new(AlwaysOpen), None);
+        let mut held = Vec::new();
+        // The hanging account asks for 5 workers: it gets 2.
+        let mut slow = Vec::new();
+        for _ in 0..5 {
+            let s = s.clone();
+            slow.push(tokio::spawn(async move { s.acquire("slow").await }));
+        }
+        tokio::task::yield_now().await;
+        for _ in 0..20 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(s.stats("slow").in_flight, 2);
+        assert_eq!(s.stats("slow").waiting, 3);
+        // Another account gets the 4 workers left, at once.
+        for i in 0..4 {
+            let p =
+                tokio::time::timeout(Duration::from_secs(1), s.acquire(&format!("ok{}", i % 2)))
+                    .await
+                    .expect("a worker is free for the healthy accounts");
+            held.push(p);
+        }
+        assert_eq!(s.busy(), 6);
+        assert_eq!(s.stats("slow").peak_in_flight, 2);
+        drop(held);
+        for t in slow.into_iter().take(2) {
+            drop(t.await.unwrap());
+        }
+        for _ in 0..20 {
+            tokio::task::yield_now().await;
+        }
+        assert!(s.stats("slow").peak_in_flight <= 2);
+    }
+
+    #[tokio::test]
+    async fn a_blocked_account_is_skipped_and_runs_when_its_gate_opens() {
+        let gate = Arc::new(TestGate::default());
+        let s = FairScheduler::new(1, 4, gate.clone(), None);
+        gate.set("paused", Gate::Blocked(Duration::from_millis(300)));
+        let hold = s.acquire("x").await;
+        let opener = gate.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            opener.set("paused", Gate::Open);
+        });
+        let order = grant_order(&s, hold, &["paused", "a", "b"]).await;
+        // `paused` was first in line; `a` and `b` went before it while it was blocked, and it
+        // ran once the scheduler's timer found its gate open.
+        assert_eq!(order, ["a", "b", "paused"]);
+    }
+
+    #[tokio::test]
+    async fn a_half_open_account_gets_one_worker() {
+        let gate = Arc::new(TestGate::default());
+        let s = FairScheduler::new(8, 4, gate.clone(), None);
+        gate.set("probing", Gate::Probe);
+        let first = s.acquire("probing").await;
+        let second = tokio::time::timeout(Duration::from_millis(100), s.acquire("probing")).await;
+        assert!(second.is_err(), "only the probe runs while half-open");
+        gate.set("probing", Gate::Open);
+        s.wake();
+        let second = tokio::time::timeout(Duration::from_secs(1), s.acquire("probing"))
+            .await
+            .expect("closed again: the bound is back");
+        drop((first, second));
+    }
+
+    #[tokio::test]
+    async fn a_waiter_that_goes_away_neither_holds_nor_leaks_a_worker() {
+        let s = FairScheduler::new(1, 1, Arc::new(AlwaysOpen), None);
+        let hold = s.acquire("a").await;
+        let gone = tokio::time::timeout(Duration::from_millis(20), s.acquire("b")).await;
+        assert!(gone.is_err());
+        drop(hold);
+        assert_eq!(s.busy(), 0, "the dropped waiter got nothing");
+        let p = tokio::time::timeout(Duration::from_secs(1), s.acquire("c"))
+            .await
+            .unwrap();
+        assert_eq!(s.busy(), 1);
+        drop(p);
+        assert_eq!(s.busy(), 0);
+        assert_eq!(s.stats("b").waiting, 0);
+    }
+}
