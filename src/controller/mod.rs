@@ -406,7 +406,11 @@ pub struct Context {
     pub stripe_observer: Option<Arc<dyn CallObserver>>,
     /// The tamper-evident audit log (disabled unless set with [`Context::with_audit`]).
     pub audit: crate::audit::AuditLog,
+    /// Records Warning Events, aggregating repeats into a series (its cache keeps each Event
+    /// for six minutes). Normal Events go through a recorder of their own each, kept by nobody:
+    /// they do not repeat, and at thousands of resources the shared cache would hold every one.
     recorder: Recorder,
+    reporter: Reporter,
     /// Stripe accounts (contexts) whose scope catalogue was proven by live probes since start.
     probed_accounts: std::sync::Mutex<std::collections::HashSet<String>>,
     /// Consecutive failed reconciles per object (UID): the error requeue backs off on them.
@@ -499,7 +503,8 @@ impl Context {
         let store: Arc<dyn SecretStore> =
             Arc::new(crate::vault::InstrumentedStore::new(store, metrics.clone()));
         Self {
-            recorder: Recorder::new(client.clone(), reporter),
+            recorder: Recorder::new(client.clone(), reporter.clone()),
+            reporter,
             client,
             store,
             accounts: accounts::Accounts::default(),
@@ -688,7 +693,15 @@ impl Context {
             action: action.into(),
             secondary: None,
         };
-        if let Err(e) = self.recorder.publish(&event, reference).await {
+        let published = match type_ {
+            EventType::Warning => self.recorder.publish(&event, reference).await,
+            EventType::Normal => {
+                Recorder::new(self.client.clone(), self.reporter.clone())
+                    .publish(&event, reference)
+                    .await
+            }
+        };
+        if let Err(e) = published {
             tracing::warn!(error = %e, reason, "could not record an Event");
         }
     }
@@ -871,8 +884,22 @@ pub async fn run_credential_controller<C: crate::rotation::engine::Credential>(
     ));
     let progress = ctx.health.controller(C::NAMES.controller);
     let thresholds = ctx.health.thresholds();
-    let controller = Controller::new(resources, watcher::Config::default())
-        .with_config(controller_config(&ctx.config));
+    // The controller's own cache of its resources, without what no reconcile reads
+    // (`managedFields`, `kubectl`'s last-applied copy).
+    let writer = kube::runtime::reflector::store::Writer::<C::Resource>::default();
+    let reader = writer.as_reader();
+    let main_stream = {
+        use kube::runtime::WatchStreamExt;
+        kube::runtime::reflector::reflector(
+            writer,
+            watcher(resources, watcher::Config::default())
+                .default_backoff()
+                .modify(|o| caches::strip(o.meta_mut())),
+        )
+        .applied_objects()
+    };
+    let controller =
+        Controller::for_stream(main_stream, reader).with_config(controller_config(&ctx.config));
     let store = controller.store();
     let by_account = store.clone();
     let all = store.clone();
