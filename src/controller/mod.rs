@@ -406,11 +406,7 @@ pub struct Context {
     pub stripe_observer: Option<Arc<dyn CallObserver>>,
     /// The tamper-evident audit log (disabled unless set with [`Context::with_audit`]).
     pub audit: crate::audit::AuditLog,
-    /// Records Warning Events, aggregating repeats into a series (its cache keeps each Event
-    /// for six minutes). Normal Events go through a recorder of their own each, kept by nobody:
-    /// they do not repeat, and at thousands of resources the shared cache would hold every one.
     recorder: Recorder,
-    reporter: Reporter,
     /// Stripe accounts (contexts) whose scope catalogue was proven by live probes since start.
     probed_accounts: std::sync::Mutex<std::collections::HashSet<String>>,
     /// Consecutive failed reconciles per object (UID): the error requeue backs off on them.
@@ -503,8 +499,7 @@ impl Context {
         let store: Arc<dyn SecretStore> =
             Arc::new(crate::vault::InstrumentedStore::new(store, metrics.clone()));
         Self {
-            recorder: Recorder::new(client.clone(), reporter.clone()),
-            reporter,
+            recorder: Recorder::new(client.clone(), reporter),
             client,
             store,
             accounts: accounts::Accounts::default(),
@@ -693,15 +688,7 @@ impl Context {
             action: action.into(),
             secondary: None,
         };
-        let published = match type_ {
-            EventType::Warning => self.recorder.publish(&event, reference).await,
-            EventType::Normal => {
-                Recorder::new(self.client.clone(), self.reporter.clone())
-                    .publish(&event, reference)
-                    .await
-            }
-        };
-        if let Err(e) = published {
+        if let Err(e) = self.recorder.publish(&event, reference).await {
             tracing::warn!(error = %e, reason, "could not record an Event");
         }
     }
@@ -733,7 +720,14 @@ pub async fn run_controllers(
         ),
     );
     for reflector in reflectors {
-        tasks.spawn(reflector);
+        // The caches stop with the controllers (their stores stay readable, frozen).
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move {
+            tokio::select! {
+                _ = reflector => {}
+                _ = shutdown.cancelled() => {}
+            }
+        });
     }
     // A policy is judged only once the caches hold their first listing: an account or a
     // namespace missing from a cache that is still filling must not refuse it.
@@ -894,7 +888,7 @@ pub async fn run_credential_controller<C: crate::rotation::engine::Credential>(
             writer,
             watcher(resources, watcher::Config::default())
                 .default_backoff()
-                .modify(|o| caches::strip(o.meta_mut())),
+                .modify(|o| caches::strip(kube::Resource::meta_mut(o))),
         )
         .applied_objects()
     };
