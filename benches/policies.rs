@@ -1,21 +1,26 @@
-//! Benchmark (not a test): N StripeKeyPolicies in M namespaces applied at once against the Stripe
-//! simulator in test mode (25 requests/s). Runs the operator as a separate process
-//! (`stripe-key-operator run`) against the Kubernetes API for tests, so its peak RSS is its own.
+//! Benchmark (not a test): N StripeKeyPolicies in M namespaces created at once against the Stripe
+//! simulator in test mode. Runs the operator as a separate process (`stripe-key-operator run`)
+//! against the Kubernetes API for tests, so its peak RSS and CPU time are its own.
 //!
 //! `cargo bench --bench policies` (release), or quicker to build:
 //! `cargo bench --profile dev --bench policies`. `BENCH_POLICIES` (1000) and `BENCH_NAMESPACES`
-//! (50) change the size. `BENCH_OPERATOR_LOG=FILE` keeps the operator's logs, at the level of
-//! `BENCH_OPERATOR_RUST_LOG` (default `error`).
+//! (50) change the size; `BENCH_STRIPE_RPS` (25, at most 100) is the account's request rate and
+//! the simulator's limit: raise it (`BENCH_POLICIES=10000 BENCH_STRIPE_RPS=100`) so that the
+//! operator, not Stripe, is the bottleneck. `BENCH_OPERATOR_LOG=FILE` keeps the operator's logs,
+//! at the level of `BENCH_OPERATOR_RUST_LOG` (default `error`).
 //!
 //! Reports: time until every policy is Ready, the floor set by Stripe's rate limit (every mint
 //! is one create, whose answer proves its scopes; only the account's first key is also probed
-//! live, and the account controller checks the account once), Stripe requests and 429s, reconcile failures
-//! caused by a 429, and the operator's peak RSS (VmHWM).
+//! live, and the account controller checks the account once), Stripe requests and 429s, reconcile
+//! failures caused by a 429, the operator's peak RSS (VmHWM) and CPU seconds per reconcile
+//! (`/proc/<pid>/stat` over its `reconciliations_total`); Kubernetes API requests per mint and per
+//! quiet reconcile (a guardrail that changes nothing wakes every policy), counted by the
+//! Kubernetes API for tests; and a restart with every policy existing: time until each was
+//! reconciled once, and the writes it made (goal: none).
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
 use serde_json::json;
 use stripe_key_operator::sandbox::env::{EnvOptions, LocalEnv, OPERATOR_NAMESPACE};
 
@@ -37,17 +42,163 @@ fn peak_rss_kib(pid: u32) -> Option<u64> {
         .ok()
 }
 
+/// CPU seconds (user + system) the process `pid` used so far.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / clock_ticks())
+}
+
+fn clock_ticks() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// The operator's `reconciliations_total` of the StripeKeyPolicy controller.
+async fn reconciles(port: u16) -> Option<u64> {
+    let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    text.lines()
+        .find(|l| {
+            l.starts_with("stripe_key_operator_reconciliations_total{")
+                && l.contains("controller=\"stripekeypolicy\"")
+        })?
+        .rsplit(' ')
+        .next()?
+        .parse::<f64>()
+        .ok()
+        .map(|v| v as u64)
+}
+
+type Counts = std::collections::BTreeMap<(String, String), u64>;
+
+/// Requests besides watch and list starts (the reflectors'), and the writes among them.
+fn charged(counts: &Counts) -> (u64, u64) {
+    let mut all = 0;
+    let mut writes = 0;
+    for ((verb, _), n) in counts {
+        if matches!(verb.as_str(), "watch" | "list") {
+            continue;
+        }
+        all += n;
+        if matches!(
+            verb.as_str(),
+            "create" | "update" | "patch" | "delete" | "deletecollection"
+        ) {
+            writes += n;
+        }
+    }
+    (all, writes)
+}
+
+fn print_counts(counts: &Counts) {
+    for ((verb, resource), n) in counts {
+        println!("    {verb:<8} {resource:<36} {n:>8}");
+    }
+}
+
+/// Waits until the request counts stop changing for `quiet` (bounded by `limit`).
+async fn settle(env: &LocalEnv, quiet: Duration, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    let mut last = env.api.request_counts();
+    let mut since = Instant::now();
+    while Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = env.api.request_counts();
+        if now != last {
+            last = now;
+            since = Instant::now();
+        } else if since.elapsed() >= quiet {
+            return;
+        }
+    }
+}
+
+fn spawn_operator(kubeconfig: &std::path::Path, port: u16) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_stripe-key-operator"))
+        .args([
+            "run",
+            "--store",
+            "memory",
+            "--audit-log",
+            "off",
+            "--leader-elect",
+            "false",
+        ])
+        .args([
+            "--http-addr",
+            &format!("127.0.0.1:{port}"),
+            "--pod-name",
+            "bench",
+        ])
+        // The simulator listens on loopback: trust it as a local sandbox does.
+        .args(["--allow-loopback-api", "true"])
+        .env("KUBECONFIG", kubeconfig)
+        .env("POD_NAMESPACE", OPERATOR_NAMESPACE)
+        .env(
+            "RUST_LOG",
+            std::env::var("BENCH_OPERATOR_RUST_LOG").unwrap_or_else(|_| "error".into()),
+        )
+        .stdout(Stdio::null())
+        .stderr(match std::env::var_os("BENCH_OPERATOR_LOG") {
+            Some(path) => Stdio::from(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .expect("the operator log file"),
+            ),
+            None => Stdio::null(),
+        })
+        .spawn()
+        .expect("the operator starts")
+}
+
+/// Stops the operator as Kubernetes does (SIGTERM: it finishes and exits; with
+/// `--features heap-profile` it writes `dhat-heap.json` then), killing it after 30 s.
+fn stop(operator: &mut std::process::Child) {
+    let _ = Command::new("kill").arg(operator.id().to_string()).status();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = operator.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = operator.kill();
+    let _ = operator.wait();
+}
+
 fn main() {
     let policies = env_usize("BENCH_POLICIES", 1000);
     let namespaces = env_usize("BENCH_NAMESPACES", 50);
+    let rps = env_usize("BENCH_STRIPE_RPS", 25).clamp(1, 100);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .unwrap();
     rt.block_on(async move {
-        let env = LocalEnv::start(EnvOptions::default()).await.expect("environment starts");
+        let env = LocalEnv::start(EnvOptions {
+            sim_rate_limit_test: rps as u32,
+            ..EnvOptions::default()
+        })
+        .await
+        .expect("environment starts");
         let mut account = env.account_manifest("bench", json!({"matchLabels": {"bench": "yes"}}));
-        account["spec"]["requestsPerSecond"] = json!(25);
+        account["spec"]["requestsPerSecond"] = json!(rps);
         env.apply_json(&account).await.unwrap();
         for n in 0..namespaces {
             env.apply_json(&json!({"apiVersion": "v1", "kind": "Namespace",
@@ -59,44 +210,31 @@ fn main() {
         let kubeconfig = dir.path().join("kubeconfig");
         std::fs::write(&kubeconfig, env.api.kubeconfig_yaml()).unwrap();
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let mut operator = Command::new(env!("CARGO_BIN_EXE_stripe-key-operator"))
-            .args(["run", "--store", "memory", "--audit-log", "off", "--leader-elect", "false"])
-            .args(["--http-addr", &format!("127.0.0.1:{port}"), "--pod-name", "bench"])
-            // The simulator listens on loopback: trust it as a local sandbox does.
-            .args(["--allow-loopback-api", "true"])
-            .env("KUBECONFIG", &kubeconfig)
-            .env("POD_NAMESPACE", OPERATOR_NAMESPACE)
-            .env("RUST_LOG", std::env::var("BENCH_OPERATOR_RUST_LOG").unwrap_or_else(|_| "error".into()))
-            .stdout(Stdio::null())
-            .stderr(match std::env::var_os("BENCH_OPERATOR_LOG") {
-                Some(path) => Stdio::from(std::fs::File::create(path).expect("the operator log file")),
-                None => Stdio::null(),
-            })
-            .spawn()
-            .expect("the operator starts");
+        let mut operator = spawn_operator(&kubeconfig, port);
+        // Startup (CRD checks, the caches' first listings) is not the mints' cost.
         tokio::time::sleep(Duration::from_secs(1)).await;
+        settle(&env, Duration::from_secs(1), Duration::from_secs(30)).await;
+        let idle_rss = peak_rss_kib(operator.id());
+        env.api.reset_counts();
+        let cpu_before = cpu_seconds(operator.id()).unwrap_or(0.0);
+        let reconciles_before = reconciles(port).await.unwrap_or(0);
 
         let start = Instant::now();
-        // Applied "at once": 32 applies in flight, as `kubectl apply -f dir/` of many files would.
-        let env_ref = &env;
-        futures::stream::iter(0..policies)
-            .map(|i| async move {
-                env_ref
-                    .apply_json(&json!({
-                        "apiVersion": "stripekeys.io/v1alpha1", "kind": "StripeKeyPolicy",
-                        "metadata": {"name": format!("svc-{i}"), "namespace": format!("team-{}", i % namespaces)},
-                        "spec": {"accountRef": {"name": "bench"}, "permissions": ["charge_read", "refund_write"],
-                                 "delivery": {"secret": {"name": format!("svc-{i}-stripe")}},
-                                 "rotation": {"every": "720h"}}
-                    }))
-                    .await
-                    .unwrap();
-            })
-            .buffer_unordered(32)
-            .collect::<Vec<_>>()
-            .await;
+        // Created at once, straight into the API server's store (the bench's own writes are not
+        // counted as the operator's requests; watch events go out as for any write).
+        for i in 0..policies {
+            env.api
+                .put(json!({
+                    "apiVersion": "stripekeys.io/v1alpha1", "kind": "StripeKeyPolicy",
+                    "metadata": {"name": format!("svc-{i}"), "namespace": format!("team-{}", i % namespaces)},
+                    "spec": {"accountRef": {"name": "bench"}, "permissions": ["charge_read", "refund_write"],
+                             "delivery": {"secret": {"name": format!("svc-{i}-stripe")}},
+                             "rotation": {"every": "720h"}}
+                }))
+                .unwrap();
+        }
         let applied = start.elapsed();
-        let deadline = Instant::now() + Duration::from_secs(900);
+        let deadline = Instant::now() + Duration::from_secs(900 + policies as u64 / 10);
         let mut last_report = Instant::now();
         let ready = loop {
             let ready = env
@@ -120,9 +258,58 @@ fn main() {
             tokio::time::sleep(Duration::from_millis(200)).await;
         };
         let elapsed = start.elapsed();
+        // The reconciles the last status writes trigger belong to the mints too.
+        settle(&env, Duration::from_secs(2), Duration::from_secs(60)).await;
         let rss = peak_rss_kib(operator.id());
-        let _ = operator.kill();
-        let _ = operator.wait();
+        let cpu_mint = cpu_seconds(operator.id()).unwrap_or(0.0) - cpu_before;
+        let reconciles_mint = reconciles(port).await.unwrap_or(0).saturating_sub(reconciles_before);
+        let mint_counts = env.api.request_counts();
+        let (mint_requests, _) = charged(&mint_counts);
+
+        // Quiet reconciles: a guardrail that refuses nothing these policies ask for wakes every
+        // one of them; nothing changes, so nothing should be written.
+        env.api.reset_counts();
+        let cpu_before = cpu_seconds(operator.id()).unwrap_or(0.0);
+        let reconciles_before = reconciles(port).await.unwrap_or(0);
+        env.api
+            .put(json!({"apiVersion": "stripekeys.io/v1alpha1", "kind": "StripeGuardrail",
+                "metadata": {"name": "bench-no-payouts"},
+                "spec": {"namespaceSelector": {}, "deniedPermissions": ["payout_*"]}}))
+            .unwrap();
+        let quiet_deadline = Instant::now() + Duration::from_secs(120 + policies as u64 / 20);
+        while reconciles(port).await.unwrap_or(0).saturating_sub(reconciles_before) < policies as u64
+            && Instant::now() < quiet_deadline
+        {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        settle(&env, Duration::from_secs(2), Duration::from_secs(60)).await;
+        let quiet_reconciles = reconciles(port).await.unwrap_or(0).saturating_sub(reconciles_before);
+        let cpu_quiet = cpu_seconds(operator.id()).unwrap_or(0.0) - cpu_before;
+        let quiet_counts = env.api.request_counts();
+        let (quiet_requests, quiet_writes) = charged(&quiet_counts);
+        let rss_after_quiet = peak_rss_kib(operator.id());
+
+        // Restart with every policy existing: each is reconciled once, and nothing is written.
+        stop(&mut operator);
+        env.api.reset_counts();
+        let restart = Instant::now();
+        let mut operator = spawn_operator(&kubeconfig, port);
+        let restart_deadline = Instant::now() + Duration::from_secs(300 + policies as u64 / 10);
+        let mut restarted = 0;
+        while Instant::now() < restart_deadline {
+            restarted = reconciles(port).await.unwrap_or(0);
+            if restarted >= policies as u64 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let restart_elapsed = restart.elapsed();
+        settle(&env, Duration::from_secs(2), Duration::from_secs(60)).await;
+        let restart_counts = env.api.request_counts();
+        let (restart_requests, restart_writes) = charged(&restart_counts);
+        let restart_rss = peak_rss_kib(operator.id());
+        stop(&mut operator);
+
         let log = env.sim.request_log();
         let throttled = log.iter().filter(|r| r.status == Some(429)).count();
         let rate_failures = env
@@ -132,8 +319,8 @@ fn main() {
             .filter(|e| e["reason"] == "StripeRateLimited")
             .count();
         let requests = log.len();
-        let floor = Duration::from_secs_f64(requests.max(policies) as f64 / 25.0);
-        println!("policies: {policies} in {namespaces} namespaces (applied in {:.1}s)", applied.as_secs_f64());
+        let floor = Duration::from_secs_f64(requests.max(policies) as f64 / rps as f64);
+        println!("policies: {policies} in {namespaces} namespaces (created in {:.1}s)", applied.as_secs_f64());
         println!("ready: {ready}/{policies} after {:.1}s", elapsed.as_secs_f64());
         println!(
             "Stripe requests: {requests} ({} mints, {} scope probes, {} account checks, {throttled} answered 429)",
@@ -144,9 +331,9 @@ fn main() {
                 .count()
         );
         println!(
-            "floor at 25 requests/s: {:.1}s for these requests ({:.1}s for the mints alone); ratio {:.2}",
+            "floor at {rps} requests/s: {:.1}s for these requests ({:.1}s for the mints alone); ratio {:.2}",
             floor.as_secs_f64(),
-            policies as f64 / 25.0,
+            policies as f64 / rps as f64,
             elapsed.as_secs_f64() / floor.as_secs_f64()
         );
         println!("reconcile failures caused by a 429: {rate_failures}");
@@ -165,9 +352,29 @@ fn main() {
             keys.iter().filter(|k| k.status == "active").count(),
             keys.iter().filter(|k| k.status == "expired").count(),
         );
-        match rss {
-            Some(kib) => println!("operator peak RSS: {:.1} MiB", kib as f64 / 1024.0),
-            None => println!("operator peak RSS: unavailable"),
-        }
+        let per = |n: f64, d: u64| if d == 0 { f64::NAN } else { n / d as f64 };
+        println!(
+            "reconciles while minting: {reconciles_mint}; CPU {cpu_mint:.1}s = {:.2} ms per reconcile",
+            per(cpu_mint * 1000.0, reconciles_mint)
+        );
+        println!(
+            "Kubernetes API requests while minting (watch/list starts not charged): {mint_requests} = {:.2} per mint",
+            per(mint_requests as f64, policies as u64)
+        );
+        print_counts(&mint_counts);
+        println!(
+            "quiet reconciles (a guardrail that changes nothing): {quiet_reconciles}; {quiet_requests} requests = {:.2} per reconcile, {quiet_writes} writes; CPU {cpu_quiet:.1}s = {:.2} ms per reconcile",
+            per(quiet_requests as f64, quiet_reconciles),
+            per(cpu_quiet * 1000.0, quiet_reconciles)
+        );
+        print_counts(&quiet_counts);
+        println!(
+            "restart with {policies} policies: {restarted} reconciled after {:.1}s; {restart_requests} requests, {restart_writes} writes (goal 0)",
+            restart_elapsed.as_secs_f64()
+        );
+        print_counts(&restart_counts);
+        let mib = |k: Option<u64>| k.map(|k| format!("{:.1} MiB", k as f64 / 1024.0)).unwrap_or_else(|| "unavailable".into());
+        println!("operator peak RSS: idle {}, after the mints {}, after the quiet reconciles {}", mib(idle_rss), mib(rss), mib(rss_after_quiet));
+        println!("operator peak RSS after the restart: {}", mib(restart_rss));
     });
 }

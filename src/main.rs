@@ -36,8 +36,36 @@ enum Command {
     VerifyProxy(Box<stripe_key_operator::webhook::proxy::VerifyProxyArgs>),
 }
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+/// With `--features heap-profile`, every allocation goes through dhat's profiler, which writes
+/// `dhat-heap.json` (view it at <https://nnethercote.github.io/dh_view/dh_view.html>) when the
+/// process exits normally (SIGTERM or Ctrl-C). See the README, "Where the memory goes".
+#[cfg(feature = "heap-profile")]
+#[global_allocator]
+static ALLOC: dhat::Alloc = dhat::Alloc;
+
+/// Async worker threads unless `TOKIO_WORKER_THREADS` says otherwise: the operator waits on
+/// the network, and each worker thread costs a stack and its own malloc arena, so a pod on a
+/// 64-core node must not start 64 of them.
+const DEFAULT_WORKER_THREADS: usize = 2;
+
+fn main() -> std::process::ExitCode {
+    #[cfg(feature = "heap-profile")]
+    let _profiler = dhat::Profiler::new_heap();
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.enable_all();
+    if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
+        runtime.worker_threads(DEFAULT_WORKER_THREADS);
+    }
+    match runtime.build() {
+        Ok(rt) => rt.block_on(run()),
+        Err(e) => {
+            eprintln!("error: starting the async runtime: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> std::process::ExitCode {
     let cli = Cli::parse();
     // Commands with their own exit statuses.
     match &cli.command {

@@ -42,10 +42,13 @@ struct CacheKey {
     app_key_fingerprint: String,
 }
 
+/// How long a resolved account's app key is trusted without reading it again.
+pub const APP_KEY_RECHECK: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Resolved accounts, cached until the account or its app key changes.
 #[derive(Default)]
 pub struct Accounts {
-    cache: Mutex<HashMap<String, (CacheKey, AccountHandle)>>,
+    cache: Mutex<HashMap<String, (CacheKey, AccountHandle, std::time::Instant)>>,
     /// Rate limiters and circuit breakers per Stripe account (shared with the scheduler).
     pub health: Arc<StripeHealth>,
 }
@@ -304,6 +307,16 @@ impl Accounts {
         let name = account.name_any();
         let trust = trust(ctx);
         rules::validate_account(&name, &account.spec, &trust, None).map_err(untrusted)?;
+        // The app key was read moments ago for this very account (same object, same spec):
+        // reuse the client instead of reading its Secret (or Vault) on every reconcile. A
+        // changed or withdrawn app key is seen within APP_KEY_RECHECK.
+        if let Some((cached_key, handle, read_at)) = self.cache.lock().await.get(&name)
+            && cached_key.uid == account.uid().unwrap_or_default()
+            && cached_key.generation == account.metadata.generation
+            && read_at.elapsed() < APP_KEY_RECHECK
+        {
+            return Ok(handle.clone());
+        }
         let app_key = load_app_key(ctx, account, &trust).await?;
         let key = CacheKey {
             uid: account.uid().unwrap_or_default(),
@@ -311,9 +324,10 @@ impl Accounts {
             app_key_fingerprint: app_key.fingerprint(),
         };
         let mut cache = self.cache.lock().await;
-        if let Some((cached_key, handle)) = cache.get(&name)
+        if let Some((cached_key, handle, read_at)) = cache.get_mut(&name)
             && *cached_key == key
         {
+            *read_at = std::time::Instant::now();
             return Ok(handle.clone());
         }
         let spec = &account.spec;
@@ -347,7 +361,7 @@ impl Accounts {
             mode: spec.mode,
             keys,
         };
-        cache.insert(name, (key, handle.clone()));
+        cache.insert(name, (key, handle.clone(), std::time::Instant::now()));
         Ok(handle)
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod accounts;
 pub mod activity;
+pub mod caches;
 pub mod clock;
 pub mod crd_check;
 pub mod error;
@@ -497,6 +498,26 @@ pub struct Context {
     /// The Stripe accounts whose breaker changed state or whose limiter started a pause (the
     /// StripeAccount controller shows it).
     pub health_events: tokio::sync::broadcast::Sender<accounts::ContextKey>,
+    /// The watch caches reconciles read (set when the controllers start; unset, every read
+    /// goes to the API server).
+    caches: std::sync::OnceLock<Arc<caches::Caches>>,
+    /// Per resource (UID): the synced Secret it last wrote or found as desired, with the
+    /// Secret's resourceVersion then and a digest of what it held. While the Secret cache shows
+    /// that resourceVersion and the desired content has that digest, nothing changed and no read
+    /// is needed. Forgotten when the resource is deleted.
+    synced_secrets: std::sync::Mutex<std::collections::HashMap<String, SyncedSecret>>,
+    /// Per resource (UID): the resourceVersion of this process's last write to it. A reconcile
+    /// handed exactly that version by the watch cache needs no fresh read (see
+    /// `shared::reconcile_with_finalizer`). Forgotten when the resource is deleted.
+    written_versions: std::sync::Mutex<std::collections::HashMap<String, String>>,
+}
+
+/// What a resource last knew its synced Secret to hold (see `Context::synced_secrets`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct SyncedSecret {
+    pub name: String,
+    pub resource_version: String,
+    pub digest: u64,
 }
 
 /// Reports each Stripe HTTP attempt of one reconcile to the metrics and the audit log.
@@ -600,7 +621,89 @@ impl Context {
             health: Health::default(),
             listings: Default::default(),
             shards: None,
+            caches: Default::default(),
+            synced_secrets: Default::default(),
+            written_versions: Default::default(),
         }
+    }
+
+    /// Records that this process wrote resource `uid` last, at `resource_version`.
+    pub(crate) fn record_written(&self, uid: &str, resource_version: Option<&str>) {
+        let mut map = self
+            .written_versions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        match resource_version {
+            Some(rv) => {
+                map.insert(uid.to_string(), rv.to_string());
+            }
+            None => {
+                map.remove(uid);
+            }
+        }
+    }
+
+    /// Whether this process's last write to resource `uid` produced `resource_version`.
+    pub(crate) fn wrote_last(&self, uid: &str, resource_version: Option<&str>) -> bool {
+        resource_version.is_some_and(|rv| {
+            self.written_versions
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(uid)
+                .is_some_and(|w| w == rv)
+        })
+    }
+
+    /// Forgets what this process remembers of the deleted resource `uid`.
+    pub(crate) fn forget_resource(&self, uid: &str) {
+        self.record_synced_secret(uid, None);
+        self.record_written(uid, None);
+        self.record_success(uid);
+    }
+
+    /// The watch caches, once the controllers started them.
+    pub fn caches(&self) -> Option<&Arc<caches::Caches>> {
+        self.caches.get()
+    }
+
+    /// Lets reconciles read `caches` instead of the API server (once per context).
+    pub fn use_caches(&self, caches: Arc<caches::Caches>) {
+        let _ = self.caches.set(caches);
+    }
+
+    /// What resource `uid` last knew its synced Secret to hold.
+    pub(crate) fn synced_secret(&self, uid: &str) -> Option<SyncedSecret> {
+        self.synced_secrets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(uid)
+            .cloned()
+    }
+
+    /// Records what resource `uid`'s synced Secret holds now (`None`: forget it).
+    pub(crate) fn record_synced_secret(&self, uid: &str, synced: Option<SyncedSecret>) {
+        let mut map = self
+            .synced_secrets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        match synced {
+            Some(s) => {
+                map.insert(uid.to_string(), s);
+            }
+            None => {
+                map.remove(uid);
+            }
+        }
+    }
+
+    /// The StripeAccount `name`: from the watch cache when the controllers run, else read.
+    pub async fn account(&self, name: &str) -> Result<Option<StripeAccount>, kube::Error> {
+        if let Some(c) = self.caches() {
+            return Ok(c.account(name).map(|a| (*a).clone()));
+        }
+        Api::<StripeAccount>::all(self.client.clone())
+            .get_opt(name)
+            .await
     }
 
     /// Makes the controllers act only on the shards this replica holds.
@@ -674,8 +777,11 @@ impl Context {
         }
     }
 
-    /// Every StripeGuardrail in the cluster.
+    /// Every StripeGuardrail in the cluster (from the watch cache when the controllers run).
     pub async fn guardrails(&self) -> Result<Vec<crate::api::StripeGuardrail>, kube::Error> {
+        if let Some(c) = self.caches() {
+            return Ok(c.guardrails().iter().map(|g| (**g).clone()).collect());
+        }
         let api: Api<crate::api::StripeGuardrail> = Api::all(self.client.clone());
         Ok(api.list(&ListParams::default()).await?.items)
     }
@@ -717,6 +823,34 @@ pub async fn run_controllers(
     // A JoinSet aborts its tasks when dropped: if this future is dropped or aborted, no
     // controller keeps running behind its back.
     let mut tasks = tokio::task::JoinSet::new();
+    // The watch caches the reconciles read; two credential controllers per scope take feeds.
+    let (caches, reflectors) = caches::Caches::start(
+        &ctx.client,
+        &scopes,
+        2,
+        &format!(
+            "{}={}",
+            crate::api::MANAGED_BY_LABEL,
+            crate::api::MANAGED_BY
+        ),
+    );
+    for reflector in reflectors {
+        // The caches stop with the controllers (their stores stay readable, frozen).
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move {
+            tokio::select! {
+                _ = reflector => {}
+                _ = shutdown.cancelled() => {}
+            }
+        });
+    }
+    // A policy is judged only once the caches hold their first listing: an account or a
+    // namespace missing from a cache that is still filling must not refuse it.
+    tokio::select! {
+        _ = caches.wait_until_ready() => {}
+        _ = shutdown.cancelled() => return,
+    }
+    ctx.use_caches(caches);
     match ctx.shards.clone() {
         None => {
             tasks.spawn(stripeaccount::run(
@@ -955,11 +1089,24 @@ pub async fn run_credential_controller<C: crate::rotation::engine::Credential>(
     ));
     let progress = ctx.health.controller(C::NAMES.controller);
     let thresholds = ctx.health.thresholds();
+    // The controller's own cache of its resources, without what no reconcile reads
+    // (`managedFields`, `kubectl`'s last-applied copy).
+    let writer = kube::runtime::reflector::store::Writer::<C::Resource>::default();
+    let reader = writer.as_reader();
+    let main_stream = {
+        use kube::runtime::WatchStreamExt;
+        kube::runtime::reflector::reflector(
+            writer,
+            watcher(resources, watcher::Config::default())
+                .default_backoff()
+                .modify(|o| caches::strip(kube::Resource::meta_mut(o))),
+        )
+        .applied_objects()
+    };
     // The fair scheduler bounds the reconciles that run (`--max-concurrent-reconciles`, and
     // per account); kube-runtime's own bound would only let one account's waiting reconciles
     // crowd out the others', so it has none.
-    let controller = Controller::new(resources, watcher::Config::default())
-        .owns(secrets, owned)
+    let controller = Controller::for_stream(main_stream, reader)
         .with_config(controller_config(&ctx.config).concurrency(0));
     let store = controller.store();
     // A shard taken over: reconcile each of its objects at once.
@@ -981,8 +1128,8 @@ pub async fn run_credential_controller<C: crate::rotation::engine::Credential>(
     let by_account = store.clone();
     let all = store.clone();
     let by_namespace = store.clone();
-    controller
-        .watches_stream(namespace_watch(&client, &namespace), move |ns| {
+    let namespace_mapper =
+        move |ns: kube::core::PartialObjectMeta<k8s_openapi::api::core::v1::Namespace>| {
             let ns = ns.name_any();
             by_namespace
                 .state()
@@ -990,25 +1137,55 @@ pub async fn run_credential_controller<C: crate::rotation::engine::Credential>(
                 .filter(|o| o.namespace().as_deref() == Some(ns.as_str()))
                 .map(|o| ObjectRef::from_obj(&*o))
                 .collect::<Vec<_>>()
-        })
-        .watches_stream(account_spec_watch(&client), move |account| {
-            by_account
-                .state()
-                .into_iter()
-                .filter(|o| C::declared(o).account == account.name_any())
-                .map(|o| ObjectRef::from_obj(&*o))
-                .collect::<Vec<_>>()
-        })
-        .watches(
-            Api::<StripeGuardrail>::all(client),
-            watcher::Config::default(),
-            move |_| {
-                all.state()
-                    .into_iter()
-                    .map(|o| ObjectRef::from_obj(&*o))
-                    .collect::<Vec<_>>()
-            },
-        )
+        };
+    let account_mapper = move |account: StripeAccount| {
+        by_account
+            .state()
+            .into_iter()
+            .filter(|o| C::declared(o).account == account.name_any())
+            .map(|o| ObjectRef::from_obj(&*o))
+            .collect::<Vec<_>>()
+    };
+    let guardrail_mapper = move |_: StripeGuardrail| {
+        all.state()
+            .into_iter()
+            .map(|o| ObjectRef::from_obj(&*o))
+            .collect::<Vec<_>>()
+    };
+    let controller = match ctx.caches().and_then(|c| c.take_feeds(&namespace)) {
+        // Woken by the watch caches the reconciles read: a change is in the cache before the
+        // reconcile it triggers runs.
+        Some(feeds) => {
+            use kube::runtime::{PredicateConfig, WatchStreamExt, predicates};
+            controller
+                .owns_stream(feeds.secrets.map(Ok::<_, watcher::Error>))
+                .watches_stream(
+                    feeds.namespaces.map(Ok::<_, watcher::Error>),
+                    namespace_mapper,
+                )
+                .watches_stream(
+                    feeds
+                        .accounts
+                        .map(Ok::<_, watcher::Error>)
+                        .predicate_filter(predicates::generation, PredicateConfig::default()),
+                    account_mapper,
+                )
+                .watches_stream(
+                    feeds.guardrails.map(Ok::<_, watcher::Error>),
+                    guardrail_mapper,
+                )
+        }
+        None => controller
+            .owns(secrets, owned)
+            .watches_stream(namespace_watch(&client, &namespace), namespace_mapper)
+            .watches_stream(account_spec_watch(&client), account_mapper)
+            .watches(
+                Api::<StripeGuardrail>::all(client),
+                watcher::Config::default(),
+                guardrail_mapper,
+            ),
+    };
+    controller
         .graceful_shutdown_on(async move { shutdown.cancelled().await })
         .run(
             // A reconcile of a shard another replica holds is skipped before it queues for a

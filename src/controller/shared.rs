@@ -117,6 +117,9 @@ pub(crate) async fn fetch_namespace_labels(
     ctx: &Context,
     ns: &str,
 ) -> Result<BTreeMap<String, String>, ReconcileError> {
+    if let Some(labels) = ctx.caches().and_then(|c| c.namespace_labels(ns)) {
+        return Ok(labels);
+    }
     let api: Api<Namespace> = Api::all(ctx.client.clone());
     Ok(api
         .get_opt(ns)
@@ -125,9 +128,33 @@ pub(crate) async fn fetch_namespace_labels(
         .unwrap_or_default())
 }
 
+/// A digest of what the synced Secret `s` holds (its data and key id): in memory only, to
+/// tell "unchanged" without reading the Secret again.
+fn secret_digest(s: &Secret) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    if let Some(data) = &s.data {
+        for (k, v) in data {
+            k.hash(&mut h);
+            v.0.hash(&mut h);
+        }
+    }
+    s.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(inject::KEY_ID_ANNOTATION))
+        .hash(&mut h);
+    h.finish()
+}
+
 /// Applies the synced Secret `desired` when its data or key id differ from what the cluster
 /// holds. A Secret that exists and is not controlled by `owner_uid` is never overwritten.
 /// Returns whether it wrote.
+///
+/// Steady state reads nothing: when the operator's Secret cache shows the Secret at the
+/// resourceVersion this resource last wrote (or found as desired), still controlled by it, and
+/// the desired content is what it held then, nothing changed. Otherwise (first sync, a change
+/// by anyone, a cold start) the Secret is read and compared.
 pub(crate) async fn write_secret_if_changed(
     ctx: &Context,
     ns: &str,
@@ -135,7 +162,69 @@ pub(crate) async fn write_secret_if_changed(
     desired: &Secret,
 ) -> Result<bool, ReconcileError> {
     let name = desired.metadata.name.clone().unwrap_or_default();
+    let digest = secret_digest(desired);
+    if let (Some(Some(cached)), Some(known)) = (
+        ctx.caches().and_then(|c| c.secret_meta(ns, &name)),
+        ctx.synced_secret(owner_uid),
+    ) && known.name == name
+        && known.digest == digest
+        && cached.metadata.resource_version.as_deref() == Some(known.resource_version.as_str())
+        && cached
+            .metadata
+            .owner_references
+            .iter()
+            .flatten()
+            .any(|o| o.controller == Some(true) && o.uid == owner_uid)
+    {
+        return Ok(false);
+    }
+    tracing::debug!(
+        namespace = ns,
+        secret = %name,
+        cached = ?ctx
+            .caches()
+            .and_then(|c| c.secret_meta(ns, &name))
+            .map(|m| m.and_then(|m| m.metadata.resource_version.clone())),
+        known = ?ctx.synced_secret(owner_uid).map(|k| (k.resource_version, k.digest == digest)),
+        "reading the synced Secret"
+    );
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    let remember = |rv: Option<String>| {
+        ctx.record_synced_secret(
+            owner_uid,
+            rv.map(|resource_version| super::SyncedSecret {
+                name: name.clone(),
+                resource_version,
+                digest,
+            }),
+        )
+    };
+    let known = ctx.synced_secret(owner_uid).is_some_and(|k| k.name == name);
+    if let (Some(None), false) = (ctx.caches().and_then(|c| c.secret_meta(ns, &name)), known) {
+        // None of the operator's Secrets has this name (and this resource wrote none, which the
+        // cache might not show yet): create it, which the API server refuses
+        // when any Secret of that name exists (someone else's, or ours not yet in the cache):
+        // then it is read and judged as below.
+        let mut body = desired.clone();
+        body.metadata.resource_version = None;
+        match secrets
+            .create(
+                &kube::api::PostParams {
+                    field_manager: Some(FIELD_MANAGER.into()),
+                    ..Default::default()
+                },
+                &body,
+            )
+            .await
+        {
+            Ok(created) => {
+                remember(created.metadata.resource_version.clone());
+                return Ok(true);
+            }
+            Err(kube::Error::Api(s)) if s.code == 409 => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
     let existing = secrets.get_opt(&name).await?;
     if !inject::may_write_secret(existing.as_ref(), owner_uid) {
         return Err(ReconcileError::SecretNotOwned {
@@ -153,13 +242,15 @@ pub(crate) async fn write_secret_if_changed(
         && existing.data == desired.data
         && key_id(existing) == key_id(desired)
     {
+        remember(existing.metadata.resource_version.clone());
         return Ok(false);
     }
     let pp = PatchParams::apply(FIELD_MANAGER).force();
     let mut body = serde_json::to_value(desired)?;
     body["apiVersion"] = json!("v1");
     body["kind"] = json!("Secret");
-    secrets.patch(&name, &pp, &Patch::Apply(&body)).await?;
+    let written = secrets.patch(&name, &pp, &Patch::Apply(&body)).await?;
+    remember(written.metadata.resource_version.clone());
     Ok(true)
 }
 
@@ -426,6 +517,10 @@ pub(crate) async fn write_status<K: RotatingResource>(
     let rv = obj.meta().resource_version.clone();
     let updated = apply_status(api, &name, &kind, rv.as_deref(), &status).await?;
     obj.meta_mut().resource_version = updated.meta().resource_version.clone();
+    ctx.record_written(
+        obj.meta().uid.as_deref().unwrap_or_default(),
+        obj.meta().resource_version.as_deref(),
+    );
     audit_transition(
         ctx,
         (&kind, &ns, &name),
@@ -497,9 +592,29 @@ where
         // another watch (the owned Secret, an Event) may run on an object older than the
         // rotation state we recorded, and would redo steps from there. The state machine is
         // decided on a fresh read.
-        let Some(obj) = fresh(&api, &obj).await? else {
-            return Ok(kube::runtime::controller::Action::await_change());
+        let uid = obj.meta().uid.clone().unwrap_or_default();
+        let obj = if ctx.caches().is_some()
+            && ctx.wrote_last(&uid, obj.meta().resource_version.as_deref())
+        {
+            // The cache hands us exactly the version our own last write produced: nothing is
+            // newer that a fresh read could show (anyone's later write has another version, and
+            // our writes are conditional on this one).
+            obj.clone()
+        } else {
+            let Some(obj) = fresh(&api, &obj).await? else {
+                return Ok(kube::runtime::controller::Action::await_change());
+            };
+            obj
         };
+        if obj.meta().deletion_timestamp.is_none()
+            && !obj.finalizers().iter().any(|f| f == finalizer_name)
+        {
+            // Add the finalizer and go on with the object it returns, in this reconcile (the
+            // finalizer helper would end the reconcile and wait for the watch to bring it back).
+            let obj = add_finalizer(&api, &obj, finalizer_name).await?;
+            ctx.record_written(&uid, obj.meta().resource_version.as_deref());
+            return apply(std::sync::Arc::new(obj), ctx.clone()).await;
+        }
         finalizer(&api, finalizer_name, obj, |event| async {
             match event {
                 FinalizerEvent::Apply(o) => apply(o, ctx.clone()).await,
@@ -521,6 +636,31 @@ where
         ctx.record_success(obj.meta().uid.as_deref().unwrap_or_default());
     }
     result
+}
+
+/// Adds `finalizer` to `obj` on the condition that it is still at the version read (a JSON
+/// patch with a test, as kube's finalizer helper does); returns the object as written.
+async fn add_finalizer<K>(api: &Api<K>, obj: &K, finalizer: &str) -> Result<K, ReconcileError>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let current = obj.meta().finalizers.clone().unwrap_or_default();
+    let ops = if current.is_empty() {
+        json!([
+            {"op": "test", "path": "/metadata/resourceVersion", "value": obj.meta().resource_version},
+            {"op": "add", "path": "/metadata/finalizers", "value": [finalizer]},
+        ])
+    } else {
+        json!([
+            {"op": "test", "path": "/metadata/finalizers", "value": current},
+            {"op": "add", "path": "/metadata/finalizers/-", "value": finalizer},
+        ])
+    };
+    let patch: json_patch::Patch = serde_json::from_value(ops)?;
+    let name = obj.meta().name.clone().unwrap_or_default();
+    Ok(api
+        .patch(&name, &PatchParams::default(), &Patch::Json::<()>(patch))
+        .await?)
 }
 
 /// The object as the API server has it now (`None`: gone, or replaced by another object of the

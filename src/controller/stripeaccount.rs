@@ -680,7 +680,7 @@ fn health_changes(
 type Reflected<K> =
     std::pin::Pin<Box<dyn futures::Stream<Item = Result<K, watcher::Error>> + Send>>;
 
-fn reflect<K>(api: Api<K>) -> (Store<K>, Reflected<K>)
+fn reflect<K>(api: Api<K>, slim: fn(&mut K)) -> (Store<K>, Reflected<K>)
 where
     K: Resource<DynamicType = ()>
         + Clone
@@ -694,7 +694,9 @@ where
     let store = writer.as_reader();
     let stream = reflector::reflector(
         writer,
-        watcher::watcher(api, watcher::Config::default()).default_backoff(),
+        watcher::watcher(api, watcher::Config::default())
+            .default_backoff()
+            .modify(slim),
     )
     .touched_objects()
     .boxed();
@@ -717,10 +719,21 @@ pub async fn run(ctx: Arc<Context>, namespaces: Vec<Option<String>>, shutdown: C
             ),
             None => (Api::all(client.clone()), Api::all(client.clone())),
         };
-        let (store, stream) = reflect(p);
+        let (store, stream) = reflect(p, |p| {
+            super::caches::strip(&mut p.metadata);
+            // Only the account reference and the credentials held are read here.
+            if let Some(s) = p.status.as_mut() {
+                s.conditions.clear();
+            }
+        });
         policies.push(store);
         policy_streams.push(stream);
-        let (store, stream) = reflect(e);
+        let (store, stream) = reflect(e, |e| {
+            super::caches::strip(&mut e.metadata);
+            if let Some(s) = e.status.as_mut() {
+                s.conditions.clear();
+            }
+        });
         endpoints.push(store);
         endpoint_streams.push(stream);
     }

@@ -497,6 +497,8 @@ pub struct Run<'a, C: Credential> {
     /// The credential minted in this reconcile: the store step uses it instead of replaying
     /// the create. After a crash it is gone and the replay brings it back.
     minted: Option<Minted>,
+    /// While a staged status waits for the next write: the status the API server holds.
+    persisted: Option<Option<C::Status>>,
 }
 
 impl<'a, C: Credential> Run<'a, C> {
@@ -510,6 +512,7 @@ impl<'a, C: Credential> Run<'a, C> {
             obj: obj.clone(),
             context: None,
             minted: None,
+            persisted: None,
             ns,
         }
     }
@@ -523,10 +526,37 @@ impl<'a, C: Credential> Run<'a, C> {
         self.obj.meta().generation
     }
 
-    /// Writes the status when it differs from what the object has (no write otherwise).
+    /// Writes the status (and whatever was staged before it) when it differs from what the API
+    /// server holds (no write otherwise). Every step writes this way before a side effect of its
+    /// own: the phase and idempotency key are recorded first.
     pub async fn write_status(&mut self, status: C::Status) -> Result<(), ReconcileError> {
         self.ctx.metrics.observe_status(&self.labels(), &status);
+        if let Some(persisted) = self.persisted.take() {
+            // Judged (and audited) against what the API server holds, not the staged status.
+            *self.obj.status_slot() = persisted;
+        }
         shared::write_status(self.ctx, &self.api, &mut self.obj, status).await
+    }
+
+    /// Keeps `status` for the next write instead of writing it now: for a step whose own effects
+    /// are idempotent and redone from the recorded phase after a crash (the Secret sync, a
+    /// rollout without targets, a rotation's end), so a mint costs three status writes instead
+    /// of eight. A crash or conflict before the next write loses only what is redone anyway.
+    fn stage(&mut self, status: C::Status) {
+        self.ctx.metrics.observe_status(&self.labels(), &status);
+        if self.persisted.is_none() {
+            self.persisted = Some(status_ref::<C>(&self.obj).cloned());
+        }
+        *self.obj.status_slot() = Some(status);
+    }
+
+    /// Writes what was staged (nothing when nothing was).
+    async fn flush(&mut self) -> Result<(), ReconcileError> {
+        if self.persisted.is_some() {
+            let status = self.status();
+            self.write_status(status).await?;
+        }
+        Ok(())
     }
 
     /// Who acts, for the audit log: this resource and what triggered the current rotation.
@@ -819,9 +849,9 @@ pub fn next_step<C: Credential>(obj: &C::Resource, spec: &C::Spec, now: Timestam
 
 async fn apply<C: Credential>(obj: &C::Resource, ctx: &Context) -> Result<Action, ReconcileError> {
     let mut run = Run::<C>::new(ctx, obj);
-    // fetch
-    let accounts: Api<StripeAccount> = Api::all(ctx.client.clone());
-    let account = accounts.get_opt(C::declared(obj).account).await?;
+    // fetch: account, namespace labels and guardrails come from the watch caches when the
+    // controllers run (their changes wake this resource through the same caches)
+    let account = ctx.account(C::declared(obj).account).await?;
     let labels = shared::fetch_namespace_labels(ctx, &run.ns).await?;
     let guardrails = ctx.guardrails().await?;
     let now = ctx.clock.now();
@@ -871,7 +901,10 @@ async fn apply<C: Credential>(obj: &C::Resource, ctx: &Context) -> Result<Action
         None => unreachable!("validate refuses a missing account"),
     };
     let handle = observed(&run, &handle);
-    let result = drive(&mut run, &spec, &handle).await;
+    let result = match drive(&mut run, &spec, &handle).await {
+        Ok(action) => run.flush().await.map(|()| action),
+        Err(e) => Err(e),
+    };
     if let Err(e) = &result {
         record_failure(&mut run, e).await?;
     }
@@ -1067,7 +1100,8 @@ async fn start<C: Credential>(
         format!("rotation {number} ({trigger:?}) started"),
     );
     status.observed_generation = run.generation();
-    run.write_status(status).await?;
+    // Recorded with the first step's write (the mint's, before its create).
+    run.stage(status);
     match trigger {
         RotationTrigger::Initial => {}
         RotationTrigger::Recreate => {
@@ -1104,7 +1138,8 @@ async fn prepare_rotation<C: Credential>(
     C::prepare(&run.obj, spec, &mut status, &mut rotation);
     rotation.unprepared = false;
     status.rotation = Some(rotation);
-    run.write_status(status).await
+    run.stage(status);
+    Ok(())
 }
 
 async fn escalate_now<C: Credential>(
@@ -1335,7 +1370,7 @@ async fn step<C: Credential>(
         RotationPhase::Idle => {
             let mut status = run.status();
             status.rotation = None;
-            run.write_status(status).await?;
+            run.stage(status);
             Ok(StepOutcome::Continue)
         }
     }
@@ -1573,7 +1608,9 @@ async fn store<C: Credential>(
     C::on_stored(&mut status, &rotation);
     rotation.phase = RotationPhase::Syncing;
     status.rotation = Some(rotation);
-    run.write_status(status).await?;
+    // The sync that follows is redone from `Storing` after a crash (the bundle is found
+    // stored): staged, written with the next step's record.
+    run.stage(status);
     Ok(StepOutcome::Continue)
 }
 
@@ -1648,7 +1685,7 @@ pub async fn sync_secret<C: Credential>(run: &mut Run<'_, C>) -> Result<bool, Re
         }
         let mut status = run.status();
         status.published_secret = Some(name);
-        run.write_status(status).await?;
+        run.stage(status);
     }
     Ok(written)
 }
@@ -1663,7 +1700,12 @@ async fn sync_step<C: Credential>(run: &mut Run<'_, C>) -> Result<StepOutcome, R
     rotation.rollout_started_at = Some(time(now));
     status.rotation = Some(rotation);
     let fp = current_fingerprint(&status);
-    run.write_status(status).await?;
+    if C::declared(&run.obj).targets.is_empty() {
+        // Nothing to roll: the rollout step has no side effect to record the phase before.
+        run.stage(status);
+    } else {
+        run.write_status(status).await?;
+    }
     run.event(
         EventType::Normal,
         "SecretSynced",
@@ -2155,7 +2197,8 @@ async fn finish<C: Credential>(
     mut status: C::Status,
     rotation: RotationState,
 ) -> Result<(), ReconcileError> {
-    run.write_status(status.clone()).await?;
+    // The sweep records what it retires before retiring it (its own write).
+    run.stage(status.clone());
     sweep_orphans(run, handle, finish_need(run.ctx, &rotation)).await?;
     status = run.status();
     status.rotation = None;
@@ -2173,7 +2216,8 @@ async fn finish<C: Credential>(
         "RotationComplete",
         message.clone(),
     );
-    run.write_status(status).await?;
+    // Written by the idle step that follows in this reconcile (or the flush at its end).
+    run.stage(status);
     run.ctx
         .metrics
         .rotations
@@ -2182,8 +2226,11 @@ async fn finish<C: Credential>(
             trigger: format!("{:?}", rotation.trigger),
         })
         .inc();
-    run.event(EventType::Normal, "RotationComplete", message)
-        .await;
+    // A first credential has no RotationStarted either: its KeyMinted and SecretSynced say it.
+    if rotation.trigger != RotationTrigger::Initial {
+        run.event(EventType::Normal, "RotationComplete", message)
+            .await;
+    }
     Ok(())
 }
 
@@ -2388,8 +2435,7 @@ async fn cleanup<C: Credential>(
     let mut run = Run::<C>::new(ctx, obj);
     let declared = C::declared(obj);
     if declared.revoke_on_delete {
-        let accounts: Api<StripeAccount> = Api::all(ctx.client.clone());
-        match accounts.get_opt(declared.account).await? {
+        match ctx.account(declared.account).await? {
             Some(account) => {
                 run.context = Some(account.spec.context.clone());
                 let handle = ctx.accounts.resolve(ctx, &account).await?;
@@ -2464,6 +2510,7 @@ async fn cleanup<C: Credential>(
         .success(),
     );
     ctx.metrics.forget_object(&run.labels());
+    ctx.forget_resource(&run.uid);
     info!("resource deleted: credentials retired and store entry removed");
     Ok(Action::await_change())
 }

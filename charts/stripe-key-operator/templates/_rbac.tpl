@@ -47,17 +47,18 @@ fails on a request no rule allows and on a rule (verb) no request uses. */}}
     - stripekeypolicies.stripekeys.io
     - stripewebhookendpoints.stripekeys.io
   verbs: ["get"]
-# Namespace labels (an account's namespaceSelector): read one namespace at a time, and watched
-# (metadata only) so that a relabelled namespace is re-judged at once.
+# Namespace labels (an account's namespaceSelector): the controllers watch them (metadata only)
+# and read them from that cache; the admission webhook reads one namespace at a time.
 - apiGroups: [""]
   resources: ["namespaces"]
-  verbs: ["get", "list", "watch"]
+  verbs: [{{ if .Values.webhook.enabled }}"get", {{ end }}"list", "watch"]
 {{- end }}
 
 {{/* Secrets next to the workloads: the synced Secrets. */}}
 {{- define "sko.rules.tenantSecrets" -}}
-# Synced Secrets: watched through a label selector (RBAC cannot narrow by label), read before
-# each write and written by server-side apply (which needs create when the Secret is new).
+# Synced Secrets: watched (metadata only) through a label selector (RBAC cannot narrow by
+# label), created when new, read when the cache cannot tell that nothing changed, and written by
+# server-side apply.
 # Never updated or deleted: the garbage collector removes them with their owner.
 - apiGroups: [""]
   resources: ["secrets"]

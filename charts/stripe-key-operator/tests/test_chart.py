@@ -601,14 +601,15 @@ CLUSTER_RULES = [
     ("stripekeys.io", "stripeaccounts", ["get", "list", "watch", "patch"]),
     ("stripekeys.io", "stripeaccounts/status", ["patch"]),
     ("stripekeys.io", "stripeguardrails", ["list", "watch"]),
-    ("", "namespaces", ["get", "list", "watch"]),
+    # Watched, labels read from that cache (get: only the admission webhook, off here).
+    ("", "namespaces", ["list", "watch"]),
 ]
 CLUSTER_UNUSED = [
     ("stripekeys.io", "stripeaccounts/status", ["get", "update"]),
     ("stripekeys.io", "stripeaccounts", ["update", "delete", "create"]),
     ("stripekeys.io", "stripeguardrails/status", ["get", "patch", "update"]),
     ("stripekeys.io", "stripeguardrails", ["get"]),
-    ("", "namespaces", ["create", "update", "patch", "delete"]),
+    ("", "namespaces", ["get", "create", "update", "patch", "delete"]),
 ]
 # The operator's own Secrets in the release namespace, by store (webhook off).
 SELF_SECRET_VERBS = {
@@ -737,8 +738,9 @@ def test_namespaced_mode_renders_no_cluster_role_beyond_the_cluster_scoped_kinds
     }
     for rule in cluster_roles[0]["rules"]:
         if rule["resources"] == ["namespaces"]:
-            # Read and watched (labels only matter); never written.
-            assert rule["verbs"] == ["get", "list", "watch"]
+            # Watched (labels only matter), read one at a time only by the admission webhook
+            # (off here); never written.
+            assert rule["verbs"] == ["list", "watch"]
         if rule["resources"] == ["customresourcedefinitions"]:
             assert rule["verbs"] == ["get"]
             assert len(rule["resourceNames"]) == 4
