@@ -97,6 +97,10 @@ pub struct Metrics {
     /// 1 while the current key shows no use since its rollout finished, long after it
     /// (`CurrentKeyUnused`); 0 otherwise.
     pub current_key_unused: Family<NamespacedLabels, Gauge>,
+    /// Canary trips (a canary key was used), by canary policy.
+    pub canary_trips: Family<NamespacedLabels, Counter>,
+    /// 1 from a canary's trip until it has been re-minted and is quiet, else 0.
+    pub canary_tripped: Family<NamespacedLabels, Gauge>,
     registry: Arc<Registry>,
 }
 
@@ -224,6 +228,18 @@ impl Metrics {
             "1 while the current key shows no use at Stripe long after its rollout finished",
             current_key_unused.clone(),
         );
+        let canary_trips = Family::<NamespacedLabels, Counter>::default();
+        registry.register(
+            "canary_trips",
+            "Canary trips: a canary key (honeytoken) was used",
+            canary_trips.clone(),
+        );
+        let canary_tripped = Family::<NamespacedLabels, Gauge>::default();
+        registry.register(
+            "canary_tripped",
+            "1 from a canary's trip until it has been re-minted and is quiet, else 0",
+            canary_tripped.clone(),
+        );
         Self {
             reconciliations,
             reconcile_errors,
@@ -242,6 +258,8 @@ impl Metrics {
             leader,
             old_key_in_use,
             current_key_unused,
+            canary_trips,
+            canary_tripped,
             registry: Arc::new(registry),
         }
     }
@@ -274,6 +292,9 @@ impl Metrics {
         };
         self.old_key_in_use.remove(&ns);
         self.current_key_unused.remove(&ns);
+        if labels.kind == "StripeKeyPolicy" {
+            self.canary_tripped.remove(&ns);
+        }
     }
 
     /// Mirrors what a status about to be written says into the per-object gauges the alerts

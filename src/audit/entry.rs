@@ -32,6 +32,9 @@ pub enum Action {
     /// The audit log itself recovered from an interrupted write at start-up.
     #[serde(rename = "audit.recovery")]
     AuditRecovery,
+    /// A canary key was used: the canary tripped.
+    #[serde(rename = "canary.trip")]
+    CanaryTrip,
 }
 
 impl Action {
@@ -45,6 +48,7 @@ impl Action {
             Action::RolloutPatch => "rollout.patch",
             Action::RotationTransition => "rotation.transition",
             Action::AuditRecovery => "audit.recovery",
+            Action::CanaryTrip => "canary.trip",
         }
     }
 }
@@ -240,6 +244,11 @@ impl AuditEntry {
     /// A workload (`Deployment`, `StatefulSet`, `DaemonSet`...) patched to roll its pods.
     pub fn rollout_patch(actor: Actor, kind: &str, namespace: &str, name: &str) -> Self {
         Self::new(Action::RolloutPatch, actor).object(kind, Some(namespace), name)
+    }
+
+    /// A canary (the StripeKeyPolicy `namespace/name`) tripped.
+    pub fn canary_trip(actor: Actor, namespace: &str, name: &str) -> Self {
+        Self::new(Action::CanaryTrip, actor).object("StripeKeyPolicy", Some(namespace), name)
     }
 
     /// A rotation moved from phase `from` to phase `to`.

@@ -2,6 +2,7 @@
 //! controllers.
 
 pub mod accounts;
+pub mod canary;
 pub mod clock;
 pub mod crd_check;
 pub mod error;
@@ -214,6 +215,10 @@ pub struct RunConfig {
     /// has been used (one retrieve per key and interval, only while it shows none).
     #[arg(long, env = "KEY_USAGE_CHECK_INTERVAL", default_value = "15m", value_parser = humantime::parse_duration)]
     pub key_usage_check_interval: Duration,
+    /// How often the canary check looks at the canary keys of each Stripe account (one
+    /// listing of the account's keys per interval covers all its canaries; at least 1s).
+    #[arg(long, env = "CANARY_CHECK_INTERVAL", default_value = "1m", value_parser = humantime::parse_duration)]
+    pub canary_check_interval: Duration,
 }
 
 /// Reconciles each controller runs at once unless configured otherwise.
@@ -338,6 +343,8 @@ pub struct ControllerConfig {
     pub last_used_lag: Duration,
     /// How often the unused-current-key check asks Stripe about one key at most.
     pub key_usage_check_interval: Duration,
+    /// How often the canary check lists each account's keys (see [`canary`]).
+    pub canary_check_interval: Duration,
 }
 
 /// A test hook that simulates a crash right after a side effect and before its status write.
@@ -385,6 +392,7 @@ impl ControllerConfig {
             resync: Duration::from_secs(600),
             last_used_lag: DEFAULT_LAST_USED_LAG,
             key_usage_check_interval: DEFAULT_KEY_USAGE_CHECK_INTERVAL,
+            canary_check_interval: canary::DEFAULT_CHECK_INTERVAL,
             crash_hook: None,
             concurrency: DEFAULT_CONCURRENCY,
             api_hosts: crate::rules::ApiHosts::stripe_only(),
@@ -607,6 +615,7 @@ pub async fn run_controllers(
         scopes.clone(),
         shutdown.clone(),
     ));
+    tasks.spawn(canary::run(ctx.clone(), scopes.clone(), shutdown.clone()));
     for ns in scopes {
         let ctx = ctx.clone();
         let shutdown = shutdown.clone();
@@ -1014,6 +1023,7 @@ pub async fn run_with_client(
                 orphan_sweep_interval: config.orphan_sweep_interval,
                 last_used_lag: config.last_used_lag,
                 key_usage_check_interval: config.key_usage_check_interval,
+                canary_check_interval: config.canary_check_interval.max(Duration::from_secs(1)),
                 ..ControllerConfig::new(&config.namespace, prefix)
             },
             None,
