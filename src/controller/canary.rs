@@ -630,6 +630,26 @@ mod tests {
         assert_eq!(validate_spec(&spec(plain)), Ok(()));
     }
 
+    #[test]
+    fn the_controller_refuses_a_harmful_canary_and_never_watches_a_canary_for_expiry() {
+        use crate::rotation::engine::fixtures;
+        let open = fixtures::account(json!({}), "test");
+        let resource =
+            |perms| fixtures::resource::<KeyPolicy>("decoy", canary_spec(perms), None, json!(null));
+        let refusal =
+            fixtures::validate::<KeyPolicy>(&resource(json!(["refund_write"])), Some(&open), &[])
+                .unwrap_err();
+        assert_eq!(refusal.reason, "InvalidSpec");
+        assert!(refusal.message.contains("harmless"), "{}", refusal.message);
+        let ok =
+            fixtures::validate::<KeyPolicy>(&resource(json!(["balance_read"])), Some(&open), &[])
+                .unwrap();
+        assert!(
+            ok.usage.is_none(),
+            "a canary is never used: no usage-aware expiry"
+        );
+    }
+
     fn policy(status: serde_json::Value) -> StripeKeyPolicy {
         serde_json::from_value(json!({
             "apiVersion": "stripekeys.io/v1alpha1", "kind": "StripeKeyPolicy",
