@@ -104,6 +104,8 @@ fn operator_metrics() -> Metrics {
     };
     m.old_key_in_use.get_or_create(&namespaced).set(1);
     m.current_key_unused.get_or_create(&namespaced).set(1);
+    m.canary_trips.get_or_create(&namespaced).inc();
+    m.canary_tripped.get_or_create(&namespaced).set(1);
     m.stripe_requests
         .get_or_create(&StripeCallLabels {
             account: "acct_1".into(),
@@ -342,7 +344,7 @@ fn every_metric_the_dashboard_queries_is_exported() {
 fn every_metric_the_alert_rules_query_is_exported() {
     let exported = everything_exported();
     let exprs = rule_exprs();
-    assert_eq!(exprs.len(), 7, "one expr per alert: {exprs:?}");
+    assert_eq!(exprs.len(), 8, "one expr per alert: {exprs:?}");
     let mut problems = Vec::new();
     for expr in &exprs {
         let names = referenced(expr);

@@ -214,10 +214,13 @@ pub async fn check_once(ctx: &Context, scopes: &[Option<String>]) -> Result<(), 
     // naming one context share its listing.
     let mut by_account: BTreeMap<String, Vec<StripeKeyPolicy>> = BTreeMap::new();
     for c in canaries {
+        let l = labels(&c);
         ctx.metrics
             .canary_tripped
-            .get_or_create(&labels(&c))
+            .get_or_create(&l)
             .set(i64::from(tripped(&c)));
+        // The counter exists at 0 before the first trip, so `increase()` sees that trip.
+        let _ = ctx.metrics.canary_trips.get_or_create(&l);
         by_account
             .entry(c.spec.account_ref.name.clone())
             .or_default()

@@ -1085,6 +1085,7 @@ ALERT_NAMES = {
     "StripeKeyOperatorRotationFailing",
     "StripeKeyOperatorRolloutStuck",
     "StripeKeyOperatorOldKeyStillInUse",
+    "StripeKeyOperatorCanaryTripped",
     "StripeKeyOperatorNoLeader",
     "StripeKeyOperatorWebhookForgeries",
     "StripeKeyOperatorWebhookSignedForgery",
