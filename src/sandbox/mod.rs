@@ -492,6 +492,11 @@ async fn canary_step(
     let c = wait("the canary is minted", timeout, || async {
         let p = canaries.get(cname).await?;
         let s = p.status.clone().unwrap_or_default();
+        if let Some((status, message)) = ready_condition(&s.conditions)
+            && status == "False"
+        {
+            bail!("the canary StripeKeyPolicy {cns}/{cname} was refused: {message}");
+        }
         Ok((conditions::is_true(&s.conditions, "Ready") && s.rotation.is_none()).then_some(p))
     })
     .await?;
