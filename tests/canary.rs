@@ -407,3 +407,30 @@ async fn a_canary_with_a_harmful_permission_is_refused() {
     );
     assert!(active_keys(&env).is_empty(), "nothing was minted");
 }
+
+#[tokio::test]
+async fn a_use_stripe_reports_late_trips_once_it_shows_and_records_when_it_happened() {
+    let env = env_with(options()).await;
+    env.apply_json(&canary("payments-live", "Alert"))
+        .await
+        .unwrap();
+    wait_ready(&env, &["payments-live"]).await;
+    // Stripe's `last_used` lags behind the use (unconfirmed at Stripe, a setting here).
+    env.sim.set_last_used_lag(Duration::from_secs(600));
+    let token = steal(&env, "payments-live").await;
+    let before = k8s_openapi::jiff::Timestamp::now();
+    use_key(&env, &token).await;
+    tokio::time::sleep(INTERVAL * 4).await;
+    assert!(
+        !tripped(&get_policy(&env, "payments-live").await),
+        "Stripe does not show the use yet"
+    );
+    env.sim.advance_clock(Duration::from_secs(600));
+    let p = wait_policy(&env, "payments-live", "the late trip", tripped).await;
+    let trip = p.status.unwrap().canary.unwrap().last_trip.unwrap();
+    let at = trip.last_used.0;
+    assert!(
+        at.as_second() >= before.as_second() && at.as_second() <= before.as_second() + 5,
+        "the trip records the use ({at}), not when it showed"
+    );
+}
