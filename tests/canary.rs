@@ -434,3 +434,54 @@ async fn a_use_stripe_reports_late_trips_once_it_shows_and_records_when_it_happe
         "the trip records the use ({at}), not when it showed"
     );
 }
+
+#[tokio::test]
+async fn a_recorded_trip_is_never_tripped_again_even_before_the_canary_is_re_minted() {
+    use stripe_key_operator::controller::canary::check_once;
+    let mut env = env_with(options()).await;
+    env.apply_json(&guarded_policy("checkout", true))
+        .await
+        .unwrap();
+    env.apply_json(&canary("payments-live", "IncidentRotation"))
+        .await
+        .unwrap();
+    wait_ready(&env, &["checkout", "payments-live"]).await;
+    let before = rotation_number(&get_policy(&env, "checkout").await);
+    // No controllers from here on: nothing re-mints the canary, so its used key stays current
+    // and only the recorded trip keeps a later check from handling the same use again.
+    env.kill_operator().await;
+    let token = steal(&env, "payments-live").await;
+    use_key(&env, &token).await;
+    check_once(&env.new_context(), &[None]).await.unwrap();
+    let p = get_policy(&env, "payments-live").await;
+    assert!(tripped(&p));
+    assert_eq!(trips(&p), 1);
+    let request = trip_request(&p);
+    let trip = p.status.clone().unwrap().canary.unwrap().last_trip.unwrap();
+    assert!(!trip.actions_pending);
+    assert_eq!(trip.rotated, ["StripeKeyPolicy/checkout"]);
+    for name in ["checkout", "payments-live"] {
+        let annotations = get_policy(&env, name).await.metadata.annotations.unwrap();
+        assert_eq!(annotations["stripekeys.io/rotate"], request, "{name}");
+        assert_eq!(annotations["stripekeys.io/rotate-reason"], "incident", "{name}");
+    }
+    // Restarted operators (fresh contexts, cold caches) look again: the same use is no trip.
+    for _ in 0..2 {
+        check_once(&env.new_context(), &[None]).await.unwrap();
+    }
+    let p = get_policy(&env, "payments-live").await;
+    assert_eq!(trips(&p), 1, "one use, one trip");
+    let events = event_reasons(&env, "payments-live").await;
+    assert_eq!(
+        events.iter().filter(|(_, r)| r == "CanaryTripped").count(),
+        1,
+        "{events:?}"
+    );
+    // The controllers carry the requested incident rotations out, once.
+    env.start_operator();
+    wait_incident_done(&env, "checkout", &request).await;
+    wait_incident_done(&env, "payments-live", &request).await;
+    tokio::time::sleep(INTERVAL * 3).await;
+    assert_eq!(rotation_number(&get_policy(&env, "checkout").await), before + 1);
+    assert_eq!(trips(&get_policy(&env, "payments-live").await), 1);
+}
