@@ -463,7 +463,10 @@ async fn a_recorded_trip_is_never_tripped_again_even_before_the_canary_is_re_min
     for name in ["checkout", "payments-live"] {
         let annotations = get_policy(&env, name).await.metadata.annotations.unwrap();
         assert_eq!(annotations["stripekeys.io/rotate"], request, "{name}");
-        assert_eq!(annotations["stripekeys.io/rotate-reason"], "incident", "{name}");
+        assert_eq!(
+            annotations["stripekeys.io/rotate-reason"], "incident",
+            "{name}"
+        );
     }
     // Restarted operators (fresh contexts, cold caches) look again: the same use is no trip.
     for _ in 0..2 {
@@ -482,6 +485,85 @@ async fn a_recorded_trip_is_never_tripped_again_even_before_the_canary_is_re_min
     wait_incident_done(&env, "checkout", &request).await;
     wait_incident_done(&env, "payments-live", &request).await;
     tokio::time::sleep(INTERVAL * 3).await;
-    assert_eq!(rotation_number(&get_policy(&env, "checkout").await), before + 1);
+    assert_eq!(
+        rotation_number(&get_policy(&env, "checkout").await),
+        before + 1
+    );
     assert_eq!(trips(&get_policy(&env, "payments-live").await), 1);
+}
+
+#[tokio::test]
+async fn a_trip_also_rotates_a_guarded_webhook_endpoint_as_an_incident() {
+    use kube::api::Api;
+    use stripe_key_operator::api::StripeWebhookEndpoint;
+    let env = env_with(options()).await;
+    env.apply_json(&json!({
+        "apiVersion": "stripekeys.io/v1alpha1", "kind": "StripeWebhookEndpoint",
+        "metadata": {"name": "orders", "namespace": NS, "labels": {"tier": "payments"}},
+        "spec": {
+            "accountRef": {"name": ACCOUNT},
+            "url": "https://hooks.example.com/stripe",
+            "enabledEvents": ["charge.succeeded"],
+            "delivery": {"secret": {"name": "orders-webhook"}},
+            "rotation": {"every": "720h", "overlap": "1h"}
+        }
+    }))
+    .await
+    .unwrap();
+    env.apply_json(&canary("payments-live", "IncidentRotation"))
+        .await
+        .unwrap();
+    wait_ready(&env, &["payments-live"]).await;
+    let endpoints: Api<StripeWebhookEndpoint> = Api::namespaced(env.client.clone(), NS);
+    let current = |e: &StripeWebhookEndpoint| {
+        e.status
+            .as_ref()
+            .filter(|s| conditions::is_true(&s.conditions, "Ready") && s.rotation.is_none())
+            .and_then(|s| s.current_key.as_ref())
+            .map(|k| k.id.clone())
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let first = loop {
+        if let Some(id) = current(&endpoints.get("orders").await.unwrap()) {
+            break id;
+        }
+        assert!(Instant::now() < deadline, "the endpoint never became Ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let token = steal(&env, "payments-live").await;
+    use_key(&env, &token).await;
+    let p = wait_policy(&env, "payments-live", "the trip", tripped).await;
+    let request = trip_request(&p);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let e = endpoints.get("orders").await.unwrap();
+        let s = e.status.clone().unwrap();
+        if s.last_handled_rotate_request.as_deref() == Some(request.as_str())
+            && s.rotation.is_none()
+            && s.retiring_keys.is_empty()
+        {
+            assert_ne!(current(&e), Some(first.clone()));
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no incident rotation of the endpoint: {s:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let now = current(&endpoints.get("orders").await.unwrap()).expect("a new endpoint");
+    let at_stripe: Vec<String> = env
+        .sim
+        .state()
+        .account(&env.account_id)
+        .unwrap()
+        .webhook_endpoints
+        .iter()
+        .map(|ep| ep.id.clone())
+        .collect();
+    assert!(at_stripe.contains(&now), "{at_stripe:?}");
+    assert!(
+        !at_stripe.contains(&first),
+        "the old endpoint was deleted at once: {at_stripe:?}"
+    );
 }
