@@ -148,6 +148,10 @@ pub struct Metrics {
     pub scheduler_waiting: Family<AccountLabels, Gauge>,
     /// Reconciles of a StripeAccount's resources given a worker.
     pub scheduler_dispatched: Family<AccountLabels, Counter>,
+    /// Canary trips (a canary key was used), by canary policy.
+    pub canary_trips: Family<NamespacedLabels, Counter>,
+    /// 1 from a canary's trip until it has been re-minted and is quiet, else 0.
+    pub canary_tripped: Family<NamespacedLabels, Gauge>,
     registry: Arc<Registry>,
 }
 
@@ -335,6 +339,18 @@ impl Metrics {
             "Reconciles of a StripeAccount's resources given a worker by the fair scheduler",
             scheduler_dispatched.clone(),
         );
+        let canary_trips = Family::<NamespacedLabels, Counter>::default();
+        registry.register(
+            "canary_trips",
+            "Canary trips: a canary key (honeytoken) was used",
+            canary_trips.clone(),
+        );
+        let canary_tripped = Family::<NamespacedLabels, Gauge>::default();
+        registry.register(
+            "canary_tripped",
+            "1 from a canary's trip until it has been re-minted and is quiet, else 0",
+            canary_tripped.clone(),
+        );
         Self {
             key_viewed,
             key_tampered,
@@ -363,6 +379,8 @@ impl Metrics {
             leader,
             old_key_in_use,
             current_key_unused,
+            canary_trips,
+            canary_tripped,
             registry: Arc::new(registry),
         }
     }
@@ -398,6 +416,7 @@ impl Metrics {
             };
             self.old_key_in_use.remove(&ns);
             self.current_key_unused.remove(&ns);
+            self.canary_tripped.remove(&ns);
         }
     }
 

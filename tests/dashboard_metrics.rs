@@ -136,6 +136,8 @@ fn operator_metrics() -> Metrics {
     m.scheduler_in_flight.get_or_create(&account).set(4);
     m.scheduler_waiting.get_or_create(&account).set(7);
     m.scheduler_dispatched.get_or_create(&account).inc();
+    m.canary_trips.get_or_create(&namespaced).inc();
+    m.canary_tripped.get_or_create(&namespaced).set(1);
     m.stripe_requests
         .get_or_create(&StripeCallLabels {
             account: "acct_1".into(),
@@ -374,7 +376,7 @@ fn every_metric_the_dashboard_queries_is_exported() {
 fn every_metric_the_alert_rules_query_is_exported() {
     let exported = everything_exported();
     let exprs = rule_exprs();
-    assert_eq!(exprs.len(), 9, "one expr per alert: {exprs:?}");
+    assert_eq!(exprs.len(), 10, "one expr per alert: {exprs:?}");
     let mut problems = Vec::new();
     for expr in &exprs {
         let names = referenced(expr);

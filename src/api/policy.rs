@@ -1,6 +1,6 @@
 //! `StripeKeyPolicy`: a least-privilege restricted key, its delivery and its rotation.
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, Time};
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
@@ -56,6 +56,8 @@ pub const DEFAULT_PREVIOUS_API_KEY_KEY: &str = "STRIPE_API_KEY_PREVIOUS";
     )
 )]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.canary) || (size(self.permissions) == 1 && self.permissions[0] in ['balance_read', 'country_spec_read'])").message("a canary holds exactly one harmless read permission: balance_read or country_spec_read"))]
+#[x_kube(validation = Rule::new("!has(self.canary) || !has(self.connectPermissions) || size(self.connectPermissions) == 0").message("a canary has no connectPermissions"))]
 pub struct StripeKeyPolicySpec {
     /// The StripeAccount that mints the key. Immutable: create a new policy to move accounts.
     #[x_kube(validation = Rule::new("self == oldSelf").message("accountRef is immutable"))]
@@ -97,6 +99,98 @@ pub struct StripeKeyPolicySpec {
     /// When the key is replaced. Absent: only on request and on permission changes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rotation: Option<KeyRotation>,
+    /// Makes this policy a canary (honeytoken): a key nothing legitimate ever uses, published
+    /// in its Secret as a decoy. Any use Stripe reports trips it: a Warning Event
+    /// `CanaryTripped`, `Tripped=True`, metrics, an audit record and (by default) incident
+    /// rotations of the policies it guards; the canary itself is then re-minted so that it can
+    /// trip again. `permissions` must be exactly one harmless read permission
+    /// (`balance_read` or `country_spec_read`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary: Option<Canary>,
+}
+
+/// The read permissions a canary may hold: harmless if the decoy is stolen (`balance_read`
+/// shows balance figures and answers the call an attacker tries first; `country_spec_read`
+/// shows only Stripe's public country data).
+pub const CANARY_PERMISSIONS: &[&str] = &["balance_read", "country_spec_read"];
+
+/// The condition type a canary sets when it is used (`True`, reason `CanaryUsed`).
+pub const CANARY_TRIPPED_CONDITION: &str = "Tripped";
+
+/// A canary key: what it guards and what a trip does.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Canary {
+    /// The StripeKeyPolicies and StripeWebhookEndpoints in this namespace whose credentials a
+    /// trip rotates as an incident (old credential revoked at once). `{}` selects every one;
+    /// absent: none. Other canaries are never guarded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guards: Option<LabelSelector>,
+    /// What a trip does besides the Event, condition, metrics and audit record:
+    /// `IncidentRotation` (default) also rotates every guarded resource as an incident;
+    /// `Alert` only reports. Either way the canary itself is re-minted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_trip: Option<CanaryOnTrip>,
+}
+
+/// What a canary trip does to the resources it guards.
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, schemars::JsonSchema,
+)]
+pub enum CanaryOnTrip {
+    /// Incident rotation of every guarded resource (the old credentials are revoked at once).
+    #[default]
+    IncidentRotation,
+    /// Report only.
+    Alert,
+}
+
+impl Canary {
+    /// The effective `onTrip`.
+    pub fn on_trip(&self) -> CanaryOnTrip {
+        self.on_trip.unwrap_or_default()
+    }
+}
+
+/// What a canary has seen and done (see `spec.canary`).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CanaryStatus {
+    /// The latest use Stripe reported that was already handled as a trip (whole seconds): a
+    /// use is a new trip only when it is later, so a trip is handled once, across restarts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handled_last_used: Option<Time>,
+    /// The latest trip.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_trip: Option<CanaryTrip>,
+    /// How many times the canary tripped.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub trips: i64,
+}
+
+fn is_zero(n: &i64) -> bool {
+    *n == 0
+}
+
+/// One trip of a canary.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CanaryTrip {
+    /// The canary key that was used (id only).
+    pub key_id: String,
+    /// When Stripe says it was used.
+    pub last_used: Time,
+    /// When the operator saw it.
+    pub detected_at: Time,
+    /// The `stripekeys.io/rotate` value of the incident rotations this trip requested.
+    pub request: String,
+    /// The guarded resources (`Kind/name`) asked to rotate as an incident.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rotated: Vec<String>,
+    /// Set until every incident rotation of this trip has been requested (a restart finishes
+    /// what a crash interrupted).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub actions_pending: bool,
 }
 
 /// Where a key is delivered.
@@ -362,6 +456,9 @@ pub struct StripeKeyPolicyStatus {
     /// Connect permissions of the current key, sorted (to detect scope changes).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub current_connect_permissions: Vec<String>,
+    /// Canary bookkeeping (canaries only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary: Option<CanaryStatus>,
 }
 
 super::common::credential_status_deref!(StripeKeyPolicyStatus);

@@ -36,6 +36,9 @@ pub enum Action {
     /// person viewed it, or someone changed or deleted it), and what the operator did about it.
     #[serde(rename = "stripe.activity")]
     StripeActivity,
+    /// A canary key was used: the canary tripped.
+    #[serde(rename = "canary.trip")]
+    CanaryTrip,
 }
 
 impl Action {
@@ -50,6 +53,7 @@ impl Action {
             Action::RotationTransition => "rotation.transition",
             Action::AuditRecovery => "audit.recovery",
             Action::StripeActivity => "stripe.activity",
+            Action::CanaryTrip => "canary.trip",
         }
     }
 }
@@ -245,6 +249,11 @@ impl AuditEntry {
     /// A workload (`Deployment`, `StatefulSet`, `DaemonSet`...) patched to roll its pods.
     pub fn rollout_patch(actor: Actor, kind: &str, namespace: &str, name: &str) -> Self {
         Self::new(Action::RolloutPatch, actor).object(kind, Some(namespace), name)
+    }
+
+    /// A canary (the StripeKeyPolicy `namespace/name`) tripped.
+    pub fn canary_trip(actor: Actor, namespace: &str, name: &str) -> Self {
+        Self::new(Action::CanaryTrip, actor).object("StripeKeyPolicy", Some(namespace), name)
     }
 
     /// A rotation moved from phase `from` to phase `to`.

@@ -100,6 +100,7 @@ pub fn validate(
             "permissions must name at least one permission".into(),
         ));
     }
+    super::canary::validate_spec(spec).map_err(invalid)?;
     let declared = || spec.permissions.iter().chain(&spec.connect_permissions);
     if !spec.allow_unlisted_permissions {
         let unknown = permissions::unknown(declared());
@@ -124,7 +125,9 @@ pub fn validate(
         rotation.overlap,
         rules::max_overlap(guardrails, namespace_labels),
     )
-    .map_err(invalid)?;
+    .map_err(invalid)?
+    // A canary is never meant to be used: its use is watched by the canary check instead.
+    .filter(|_| spec.canary.is_none());
     Ok(Validated {
         permissions: permissions::normalized(&spec.permissions),
         connect_permissions: permissions::normalized(&spec.connect_permissions),
@@ -347,7 +350,8 @@ impl Credential for KeyPolicy {
             return Ok(Verdict::Wrong(message));
         }
         let account = run.context.clone().unwrap_or_default();
-        if run.ctx.scope_probes_done(&account) {
+        // A canary is used by nobody, the operator included: a probe would set its `last_used`.
+        if run.obj.spec.canary.is_some() || run.ctx.scope_probes_done(&account) {
             return Ok(Verdict::Good);
         }
         match check_scopes(&handle.client, &minted.secret, &rotation.permissions).await {
@@ -444,6 +448,10 @@ fn listed(key: crate::stripe::ApiKey) -> Listed {
     Listed {
         owner: key.name.as_deref().zip(uid).map(|(n, u)| owner_mark(n, &u)),
         active: key.status == crate::stripe::ApiKeyStatus::Active,
+        // Full precision: the canary check compares it with what it handled.
+        last_used: key
+            .last_used
+            .and_then(|t| Timestamp::new(t.timestamp(), t.timestamp_subsec_nanos() as i32).ok()),
         id: key.id,
     }
 }

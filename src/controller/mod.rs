@@ -4,6 +4,7 @@
 pub mod accounts;
 pub mod activity;
 pub mod caches;
+pub mod canary;
 pub mod clock;
 pub mod crd_check;
 pub mod error;
@@ -253,6 +254,10 @@ pub struct RunConfig {
     /// `0s` turns the reader off.
     #[arg(long, env = "ACTIVITY_LOG_INTERVAL", default_value = "1m", value_parser = humantime::parse_duration)]
     pub activity_log_interval: Duration,
+    /// How often the canary check looks at the canary keys of each Stripe account (one
+    /// listing of the account's keys per interval covers all its canaries; at least 1s).
+    #[arg(long, env = "CANARY_CHECK_INTERVAL", default_value = "1m", value_parser = humantime::parse_duration)]
+    pub canary_check_interval: Duration,
 }
 
 /// Reconciles each controller runs at once unless configured otherwise.
@@ -412,6 +417,8 @@ pub struct ControllerConfig {
     pub key_usage_check_interval: Duration,
     /// How often each account's Stripe activity log is read (zero: never).
     pub activity_log_interval: Duration,
+    /// How often the canary check lists each account's keys (see [`canary`]).
+    pub canary_check_interval: Duration,
 }
 
 /// A test hook that simulates a crash right after a side effect and before its status write.
@@ -460,6 +467,7 @@ impl ControllerConfig {
             last_used_lag: DEFAULT_LAST_USED_LAG,
             key_usage_check_interval: DEFAULT_KEY_USAGE_CHECK_INTERVAL,
             activity_log_interval: DEFAULT_ACTIVITY_LOG_INTERVAL,
+            canary_check_interval: canary::DEFAULT_CHECK_INTERVAL,
             crash_hook: None,
             concurrency: DEFAULT_CONCURRENCY,
             max_in_flight_per_account: DEFAULT_IN_FLIGHT_PER_ACCOUNT,
@@ -858,6 +866,7 @@ pub async fn run_controllers(
                 scopes.clone(),
                 shutdown.clone(),
             ));
+            tasks.spawn(canary::run(ctx.clone(), scopes.clone(), shutdown.clone()));
         }
         Some(shards) => {
             tasks.spawn(run_cluster_scoped_on_shard_zero(
@@ -884,7 +893,8 @@ pub async fn run_controllers(
     while tasks.join_next().await.is_some() {}
 }
 
-/// Runs the StripeAccount controller (the cluster-scoped work) while this replica holds shard 0:
+/// Runs the cluster-scoped work (the StripeAccount controller, the canary check) while this
+/// replica holds shard 0:
 /// it starts when shard 0 is taken and is dropped at once when shard 0 is lost or given up, so
 /// one replica at a time checks accounts and guards their deletion.
 async fn run_cluster_scoped_on_shard_zero(
@@ -898,7 +908,13 @@ async fn run_cluster_scoped_on_shard_zero(
         if let Some(fence) = shards.enter_shard(0) {
             tracing::info!("holding shard 0: running the StripeAccount controller");
             ctx.metrics.leader.set(1);
-            let controller = stripeaccount::run(ctx.clone(), scopes.clone(), shutdown.clone());
+            // The cluster-scoped work: the StripeAccount controller and the canary check.
+            let controller = async {
+                tokio::join!(
+                    stripeaccount::run(ctx.clone(), scopes.clone(), shutdown.clone()),
+                    canary::run(ctx.clone(), scopes.clone(), shutdown.clone()),
+                );
+            };
             let finished = fence.run(controller).await.is_some();
             ctx.metrics.leader.set(0);
             drop(fence);
@@ -1447,6 +1463,7 @@ pub async fn run_with_client(
             last_used_lag: config.last_used_lag,
             key_usage_check_interval: config.key_usage_check_interval,
             activity_log_interval: config.activity_log_interval,
+            canary_check_interval: config.canary_check_interval.max(Duration::from_secs(1)),
             ..ControllerConfig::new(&config.namespace, prefix)
         },
         None,

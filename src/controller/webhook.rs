@@ -464,6 +464,7 @@ impl Credential for Endpoint {
                 },
                 id: ep.id,
                 active: true,
+                last_used: None,
             })
             .collect())
     }

@@ -1286,7 +1286,7 @@ async fn retire_one<C: Credential>(
 
 /// Where the listings of this kind under `handle`'s Stripe account are kept: per API base
 /// and context, whichever StripeAccount object names them.
-fn listing_key<C: Credential>(handle: &AccountHandle) -> ListingKey {
+pub fn listing_key<C: Credential>(handle: &AccountHandle) -> ListingKey {
     let config = handle.client.config();
     ListingKey {
         api_base: config.api_base.clone(),

@@ -46,6 +46,9 @@ pub struct Listed {
     /// The mark of the resource that created it (see `Credential::owner_mark`), if it carries
     /// one of this operator's marks.
     pub owner: Option<String>,
+    /// When Stripe last saw it used (API keys; `None`: never, or the kind has no such field).
+    /// The canary check reads it from the shared listing instead of retrieving each key.
+    pub last_used: Option<Timestamp>,
 }
 
 /// Which listing an account's credentials of one kind are kept under.
@@ -224,6 +227,7 @@ mod tests {
             id: id.into(),
             active: true,
             owner: Some("uid-1".into()),
+            last_used: None,
         }
     }
 

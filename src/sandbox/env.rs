@@ -72,6 +72,8 @@ pub struct EnvOptions {
     pub extra_sim_accounts: usize,
     /// How long the simulator holds a request it answers with a `hang` fault.
     pub sim_hang: Duration,
+    /// The operator's `--canary-check-interval`.
+    pub canary_check_interval: Duration,
 }
 
 impl Default for EnvOptions {
@@ -103,6 +105,7 @@ impl Default for EnvOptions {
             },
             extra_sim_accounts: 0,
             sim_hang: Duration::from_secs(30),
+            canary_check_interval: crate::controller::canary::DEFAULT_CHECK_INTERVAL,
         }
     }
 }
@@ -223,6 +226,7 @@ impl LocalEnv {
         config.last_used_lag = self.options.last_used_lag;
         config.key_usage_check_interval = self.options.key_usage_check_interval;
         config.activity_log_interval = self.options.activity_log_interval;
+        config.canary_check_interval = self.options.canary_check_interval;
         config.stripe_timeout = Some(self.options.stripe_timeout);
         config.stripe_retry = self.options.stripe_retry.clone();
         config.crash_hook = Some(self.crash.clone());

@@ -129,6 +129,8 @@ pub async fn run(args: SandboxArgs) -> anyhow::Result<()> {
     let options = EnvOptions {
         audit: Some(audit.clone()),
         activity_log_interval: SANDBOX_ACTIVITY_LOG_INTERVAL,
+        // The canary step should not wait a minute for its trip.
+        canary_check_interval: Duration::from_secs(1),
         ..EnvOptions::default()
     };
     let mut env = LocalEnv::start(options).await?;
@@ -152,6 +154,7 @@ pub async fn run(args: SandboxArgs) -> anyhow::Result<()> {
     docs.sort_by_key(|(_, v)| order(v["kind"].as_str().unwrap_or_default()));
     let mut policy: Option<(String, String)> = None;
     let mut endpoint: Option<(String, String)> = None;
+    let mut canary: Option<(String, String)> = None;
     for (file, mut doc) in docs {
         let kind = doc["kind"].as_str().unwrap_or_default().to_string();
         if kind == "StripeAccount" {
@@ -166,8 +169,14 @@ pub async fn run(args: SandboxArgs) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("applying {file}"))?;
         let ns = obj.namespace().unwrap_or_default();
+        let is_canary = !doc["spec"]["canary"].is_null();
         match kind.as_str() {
-            "StripeKeyPolicy" if policy.is_none() => policy = Some((ns.clone(), obj.name_any())),
+            "StripeKeyPolicy" if is_canary && canary.is_none() => {
+                canary = Some((ns.clone(), obj.name_any()))
+            }
+            "StripeKeyPolicy" if !is_canary && policy.is_none() => {
+                policy = Some((ns.clone(), obj.name_any()))
+            }
             "StripeWebhookEndpoint" if endpoint.is_none() => {
                 endpoint = Some((ns.clone(), obj.name_any()))
             }
@@ -373,6 +382,10 @@ pub async fn run(args: SandboxArgs) -> anyhow::Result<()> {
         3
     ));
 
+    // 3b. A canary trip: the decoy key is used, the guarded policy is rotated as an incident.
+    if let Some((cns, cname)) = canary {
+        canary_step(&env, &t, (&cns, &cname), (&ns, &name), timeout).await?;
+    }
     // 3b. A person reveals the current key in the (simulated) Dashboard.
     key_viewed_step(&env, &t, &ns, &name, &third.id, timeout).await?;
 
@@ -522,6 +535,122 @@ async fn key_viewed_step(
     .await?;
     t.say(format!(
         "activity log read: Warning KeyViewed on StripeKeyPolicy {ns}/{name}: {note}"
+    ));
+    Ok(())
+}
+
+/// The canary step: someone who read the decoy Secret calls Stripe with the canary key; the
+/// canary check trips it, the guarded policy `guarded` is rotated as an incident (its key
+/// revoked at once) and the canary is re-minted.
+async fn canary_step(
+    env: &LocalEnv,
+    t: &Timeline,
+    (cns, cname): (&str, &str),
+    (gns, gname): (&str, &str),
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let canaries: Api<StripeKeyPolicy> = Api::namespaced(env.client.clone(), cns);
+    let c = wait("the canary is minted", timeout, || async {
+        let p = canaries.get(cname).await?;
+        let s = p.status.clone().unwrap_or_default();
+        if let Some((status, message)) = ready_condition(&s.conditions)
+            && status == "False"
+        {
+            bail!("the canary StripeKeyPolicy {cns}/{cname} was refused: {message}");
+        }
+        Ok((conditions::is_true(&s.conditions, "Ready") && s.rotation.is_none()).then_some(p))
+    })
+    .await?;
+    let decoy = c
+        .status
+        .clone()
+        .unwrap_or_default()
+        .current_key
+        .clone()
+        .context("no canary key")?;
+    let secret_name = c.spec.delivery.secret.name.clone();
+    t.say(format!(
+        "canary {cns}/{cname}: decoy key {} published in Secret {cns}/{secret_name}; nothing legitimate uses it",
+        decoy.id
+    ));
+    let guarded: Api<StripeKeyPolicy> = Api::namespaced(env.client.clone(), gns);
+    let before = guarded
+        .get(gname)
+        .await?
+        .status
+        .unwrap_or_default()
+        .current_key
+        .clone()
+        .context("the guarded policy has no key")?;
+    let secret = Api::<Secret>::namespaced(env.client.clone(), cns)
+        .get(&secret_name)
+        .await?;
+    let token = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(c.spec.delivery.secret.key_name()))
+        .map(|b| String::from_utf8_lossy(&b.0).into_owned())
+        .context("the decoy Secret holds no key")?;
+    let used = reqwest::Client::new()
+        .get(format!("{}/v1/balance", env.sim.base_url()))
+        .bearer_auth(&token)
+        .send()
+        .await?
+        .status();
+    drop(token);
+    t.say(format!(
+        "an intruder who read Secret {cns}/{secret_name} calls GET /v1/balance with the decoy key (HTTP {})",
+        used.as_u16()
+    ));
+    let trip = wait("the canary trips", timeout, || async {
+        let p = canaries.get(cname).await?;
+        let s = p.status.unwrap_or_default();
+        Ok(
+            conditions::is_true(&s.conditions, crate::api::CANARY_TRIPPED_CONDITION)
+                .then_some(())
+                .and(s.canary.and_then(|c| c.last_trip)),
+        )
+    })
+    .await?;
+    t.say(format!(
+        "canary tripped: key {} used at {} (Tripped=True, reason CanaryUsed; Warning Event CanaryTripped)",
+        trip.key_id, trip.last_used.0
+    ));
+    wait(
+        "the guarded policy's incident rotation completes",
+        timeout,
+        || async {
+            let s = guarded.get(gname).await?.status.unwrap_or_default();
+            Ok(
+                (s.last_handled_rotate_request.as_deref() == Some(trip.request.as_str())
+                    && s.rotation.is_none())
+                .then_some(()),
+            )
+        },
+    )
+    .await?;
+    let state = key_status(env, &before.id).unwrap_or_default();
+    if state != "expired" {
+        bail!(
+            "after the canary trip the guarded key {} is {state}, not expired",
+            before.id
+        );
+    }
+    t.say(format!(
+        "guarded policy {gns}/{gname} rotated as an incident: key {} expired at once (simulator says: {state})",
+        before.id
+    ));
+    let rearmed = wait("the canary is re-minted", timeout, || async {
+        let s = canaries.get(cname).await?.status.unwrap_or_default();
+        Ok(s.current_key
+            .as_ref()
+            .filter(|k| k.id != decoy.id && s.rotation.is_none())
+            .map(|k| k.id.clone()))
+    })
+    .await?;
+    t.say(format!(
+        "canary re-minted as key {rearmed}; the used decoy key {} is expired, so it can trip again",
+        decoy.id
     ));
     Ok(())
 }

@@ -1134,6 +1134,7 @@ ALERT_NAMES = {
     "StripeKeyOperatorOldKeyStillInUse",
     "StripeKeyOperatorKeyTampered",
     "StripeKeyOperatorKeyViewed",
+    "StripeKeyOperatorCanaryTripped",
     "StripeKeyOperatorNoLeader",
     "StripeKeyOperatorWebhookForgeries",
     "StripeKeyOperatorWebhookSignedForgery",
