@@ -6,6 +6,7 @@ pub mod admission;
 pub mod api;
 pub mod audit;
 pub mod controller;
+pub mod egress;
 pub mod error;
 pub mod http;
 pub mod inject;

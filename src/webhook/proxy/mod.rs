@@ -41,7 +41,7 @@ pub mod incident;
 pub mod metrics;
 pub mod replay;
 pub mod secrets;
-mod serve;
+pub(crate) mod serve;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -810,7 +810,10 @@ impl VerifyProxy {
             listener,
             app,
             limits,
-            shared.metrics.clone(),
+            serve::ConnMetrics {
+                open: shared.metrics.connections_open.clone(),
+                refused: shared.metrics.connections_refused.clone(),
+            },
             shutdown.clone(),
         )));
         if let Some(listener) = metrics_listener {
@@ -1086,7 +1089,7 @@ fn declare_incident(shared: &Shared, forgery: &Forgery, secret_fingerprint: &str
 }
 
 /// Headers that apply to one connection only and are never forwarded (RFC 9110 §7.6.1).
-const HOP_BY_HOP: [&str; 9] = [
+pub(crate) const HOP_BY_HOP: [&str; 9] = [
     "connection",
     "keep-alive",
     "proxy-connection",

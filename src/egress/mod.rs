@@ -1,0 +1,8 @@
+//! The egress key broker: workloads call Stripe through a sidecar that holds the real key.
+//!
+//! - [`routes`]: the versioned route → permission table, shared with the simulator.
+//! - [`proxy`]: `stripe-key-operator egress-proxy`, the sidecar that swaps the placeholder for
+//!   the real key, refuses what the key's permissions cannot serve, and counts usage.
+
+pub mod proxy;
+pub mod routes;
