@@ -1263,7 +1263,7 @@ pub(crate) fn handle_scoped_call(
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     if let ["v1", "events", id] = segments.as_slice() {
         // `GET /v1/events/{id}`: the events this account created (what the simulator delivered)
-        return match acct.events.get(*id) {
+        return match acct.events.get(id) {
             Some(event) => (Some(ai), Reply::ok(event.clone())),
             None => (
                 Some(ai),
