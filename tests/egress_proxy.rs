@@ -878,3 +878,138 @@ async fn the_sidecar_process_never_logs_a_key_the_placeholder_or_a_body() {
         assert!(!text.contains("rk_test_"), "{what} carry key material");
     }
 }
+
+/// Waits (bounded) until the recording upstream saw `n` requests.
+async fn wait_seen(up: &Upstream, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while up.seen.lock().unwrap().len() < n {
+        assert!(
+            Instant::now() < deadline,
+            "the upstream never saw request {n}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_key_switch_lets_requests_in_flight_finish_on_the_old_key() {
+    let (upstream, up) = start_upstream().await;
+    let (old, new) = (
+        "rk_test_51OldKeyOfTheSwitch000000000000",
+        "rk_test_51NewKeyOfTheSwitch000000000000",
+    );
+    let placeholder = placeholder_for("uid-switch");
+    let mut volume = Volume::new();
+    let write = |volume: &mut Volume, key: &str| {
+        volume.write(&entries(&[
+            (DEFAULT_KEY_ENTRY, key),
+            (DEFAULT_PERMISSIONS_ENTRY, "event_read,customer_write"),
+            (DEFAULT_PLACEHOLDER_ENTRY, &placeholder),
+        ]))
+    };
+    write(&mut volume, old);
+    let broker = EgressProxy::start(broker_config(&upstream, volume.path()))
+        .await
+        .unwrap();
+    // a request in flight on the old key: the upstream holds its answer
+    let held = {
+        let (url, token) = (format!("{}/v1/events", broker.url()), placeholder.clone());
+        tokio::spawn(async move {
+            let resp = reqwest::Client::new()
+                .get(url)
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap();
+            (resp.status().as_u16(), resp.text().await.unwrap())
+        })
+    };
+    wait_seen(&up, 1).await;
+    write(&mut volume, new);
+    assert!(broker.reload_now().unwrap(), "the new key is applied");
+    assert_eq!(broker.key_fingerprint(), Some(fingerprint(new)));
+    let resp = reqwest::Client::new()
+        .post(format!("{}/v1/customers", broker.url()))
+        .bearer_auth(&placeholder)
+        .body("email=x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 201);
+    let _ = resp.bytes().await.unwrap();
+    up.release.notify_one();
+    let (status, body) = held.await.unwrap();
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "{\"first\":true,\"rest\":true}")
+    );
+    let seen = up.seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 2);
+    assert_eq!(
+        seen[0].headers["authorization"],
+        format!("Bearer {old}").as_str()
+    );
+    assert_eq!(
+        seen[1].headers["authorization"],
+        format!("Bearer {new}").as_str()
+    );
+    assert_eq!(
+        usage(&broker).await["keyFingerprint"],
+        fingerprint(new).as_str()
+    );
+    broker.shutdown().await;
+}
+
+#[tokio::test]
+async fn requests_beyond_the_concurrency_bound_get_a_retryable_503() {
+    let (upstream, up) = start_upstream().await;
+    let placeholder = placeholder_for("uid-bound");
+    let mut volume = Volume::new();
+    volume.write(&entries(&[
+        (DEFAULT_KEY_ENTRY, "rk_test_51BoundKey0000000000000000000"),
+        (DEFAULT_PERMISSIONS_ENTRY, "event_read"),
+        (DEFAULT_PLACEHOLDER_ENTRY, &placeholder),
+    ]));
+    let mut config = broker_config(&upstream, volume.path());
+    config.max_concurrent_requests = 1;
+    let broker = EgressProxy::start(config).await.unwrap();
+    let held = {
+        let (url, token) = (format!("{}/v1/events", broker.url()), placeholder.clone());
+        tokio::spawn(async move {
+            let resp = reqwest::Client::new()
+                .get(url)
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap();
+            (resp.status().as_u16(), resp.bytes().await.unwrap().len())
+        })
+    };
+    wait_seen(&up, 1).await;
+    let (status, body, headers) = call(&broker.url(), "GET", "/v1/events", &placeholder).await;
+    assert_eq!(status, 503);
+    assert_eq!(body["error"]["code"], "broker_overloaded");
+    assert_eq!(headers["stripe-should-retry"], "true");
+    assert_eq!(
+        up.seen.lock().unwrap().len(),
+        1,
+        "the second request was not forwarded"
+    );
+    up.release.notify_one();
+    assert_eq!(held.await.unwrap().0, 200);
+    // the slot is free again once the first answer is complete
+    let mut resp = reqwest::Client::new()
+        .get(format!("{}/v1/events", broker.url()))
+        .bearer_auth(&placeholder)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let _ = resp.chunk().await.unwrap();
+    up.release.notify_one();
+    let _ = resp.bytes().await;
+    assert!(broker.metrics().encode().contains(
+        "stripe_key_operator_egress_requests_total{permission=\"event_read\",outcome=\"unavailable\"} 1"
+    ));
+    broker.shutdown().await;
+}

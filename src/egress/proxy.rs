@@ -350,7 +350,8 @@ pub struct EgressProxyArgs {
     /// Most client connections open at once; more are answered 503 and closed.
     #[arg(long, env = "EGRESS_MAX_CONNECTIONS", default_value_t = DEFAULT_MAX_CONNECTIONS)]
     pub max_connections: usize,
-    /// Most requests forwarded at once; more are answered `503 broker_overloaded`.
+    /// Most requests forwarded at once, each until its answer is complete (streamed bodies
+    /// included); more are answered `503 broker_overloaded`.
     #[arg(long, env = "EGRESS_MAX_CONCURRENT_REQUESTS", default_value_t = DEFAULT_MAX_CONCURRENT_REQUESTS)]
     pub max_concurrent_requests: usize,
     /// Time a client has to send its request headers (and an idle keep-alive connection its
@@ -685,7 +686,7 @@ struct Shared {
     source: KeySource,
     key: RwLock<Option<Arc<LoadedKey>>>,
     allow_unlisted_routes: bool,
-    in_flight: tokio::sync::Semaphore,
+    in_flight: Arc<tokio::sync::Semaphore>,
     usage: Mutex<Usage>,
     metrics: EgressMetrics,
     http: reqwest::Client,
@@ -940,12 +941,42 @@ impl HttpBody for SyncBody {
     }
 }
 
-/// Releases the in-flight gauge.
-struct InFlight<'a>(&'a EgressMetrics);
+/// A slot of `--max-concurrent-requests` and the in-flight gauge, held until the response
+/// body is complete (or the client goes away): a streamed answer still occupies its slot.
+struct Slot {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    gauge: Gauge,
+}
 
-impl Drop for InFlight<'_> {
+impl Drop for Slot {
     fn drop(&mut self) {
-        self.0.requests_in_flight.dec();
+        self.gauge.dec();
+    }
+}
+
+/// The upstream's response body, holding the request's [`Slot`].
+struct SlotBody {
+    inner: reqwest::Body,
+    _slot: Slot,
+}
+
+impl HttpBody for SlotBody {
+    type Data = Bytes;
+    type Error = reqwest::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, reqwest::Error>>> {
+        Pin::new(&mut self.get_mut().inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -1044,7 +1075,7 @@ async fn handle(State(shared): State<Arc<Shared>>, request: Request) -> Response
             );
         }
     };
-    let Ok(_permit) = shared.in_flight.try_acquire() else {
+    let Ok(permit) = shared.in_flight.clone().try_acquire_owned() else {
         shared.metrics.count(label, Outcome::Unavailable);
         return stripe_error(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -1055,7 +1086,10 @@ async fn handle(State(shared): State<Arc<Shared>>, request: Request) -> Response
         );
     };
     shared.metrics.requests_in_flight.inc();
-    let _gauge = InFlight(&shared.metrics);
+    let slot = Slot {
+        _permit: permit,
+        gauge: shared.metrics.requests_in_flight.clone(),
+    };
     if let Some(p) = permission {
         bump(&mut lock(&shared.usage).permissions, p);
     }
@@ -1087,7 +1121,10 @@ async fn handle(State(shared): State<Arc<Shared>>, request: Request) -> Response
             shared.metrics.count(label, Outcome::Forwarded);
             let upstream: http::Response<reqwest::Body> = upstream.into();
             let (up_parts, up_body) = upstream.into_parts();
-            let mut response = Response::new(Body::new(up_body));
+            let mut response = Response::new(Body::new(SlotBody {
+                inner: up_body,
+                _slot: slot,
+            }));
             *response.status_mut() = up_parts.status;
             *response.headers_mut() = end_to_end_headers(&up_parts.headers, false);
             response
@@ -1194,7 +1231,7 @@ impl EgressProxy {
             source: config.key.clone(),
             key: RwLock::new(None),
             allow_unlisted_routes: config.allow_unlisted_routes,
-            in_flight: tokio::sync::Semaphore::new(config.max_concurrent_requests),
+            in_flight: Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_requests)),
             usage: Mutex::new(Usage {
                 since: Utc::now(),
                 permissions: Default::default(),
