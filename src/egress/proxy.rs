@@ -1154,30 +1154,7 @@ async fn usage_handler(State(shared): State<Arc<Shared>>) -> Response {
 }
 
 async fn metrics_handler(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
-    let wants_openmetrics = headers
-        .get(header::ACCEPT)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.contains("application/openmetrics-text"));
-    let text = shared.metrics.encode();
-    if wants_openmetrics {
-        (
-            [(
-                header::CONTENT_TYPE,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            )],
-            text,
-        )
-            .into_response()
-    } else {
-        (
-            [(
-                header::CONTENT_TYPE,
-                "text/plain; version=0.0.4; charset=utf-8",
-            )],
-            crate::metrics::openmetrics_to_prometheus_text(&text),
-        )
-            .into_response()
-    }
+    crate::webhook::proxy::metrics_response(&headers, shared.metrics.encode())
 }
 
 async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
@@ -1413,31 +1390,10 @@ impl Drop for EgressHandle {
 pub async fn run_cli(args: EgressProxyArgs) -> anyhow::Result<()> {
     crate::telemetry::init(args.log_format, "info");
     let handle = EgressProxy::start(args.config()).await?;
-    shutdown_signal().await;
+    crate::webhook::proxy::shutdown_signal().await;
     tracing::info!("shutting down");
     handle.shutdown().await;
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = term => {}
-    }
 }
 
 #[cfg(test)]
