@@ -29,6 +29,9 @@ enum Command {
     /// Prints `file:line:col: <kind> <masked>` per finding (never the secret). Exit status:
     /// 0 nothing found, 1 findings, 2 a path could not be read.
     Scan(stripe_key_operator::scan::ScanArgs),
+    /// Permission tools (`permissions suggest REPORT... [--policy FILE]`: the least permission
+    /// set from the egress proxy's usage reports).
+    Permissions(stripe_key_operator::egress::suggest::PermissionsArgs),
     /// Run the webhook verifying proxy: a sidecar that forwards only requests Stripe signed.
     VerifyProxy(Box<stripe_key_operator::webhook::proxy::VerifyProxyArgs>),
     /// Run the egress key broker: a sidecar on loopback that holds the real Stripe key, swaps
@@ -67,6 +70,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Rotate(args) => stripe_key_operator::rotate_cli::run(args).await,
         Command::VerifyProxy(args) => stripe_key_operator::webhook::proxy::run_cli(*args).await,
         Command::EgressProxy(args) => stripe_key_operator::egress::proxy::run_cli(*args).await,
+        Command::Permissions(args) => stripe_key_operator::egress::suggest::run_cli(args).await,
         Command::Audit(_) | Command::Scan(_) => unreachable!("handled in main"),
     }
 }

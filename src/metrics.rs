@@ -268,12 +268,16 @@ impl Metrics {
         self.key_created_timestamp_seconds.remove(labels);
         self.next_rotation_timestamp_seconds.remove(labels);
         self.rollout_stuck.remove(labels);
-        let ns = NamespacedLabels {
-            namespace: labels.namespace.clone(),
-            name: labels.name.clone(),
-        };
-        self.old_key_in_use.remove(&ns);
-        self.current_key_unused.remove(&ns);
+        // The usage gauges are labelled by namespace and name only, and only key policies
+        // have a usage signal: an endpoint of the same name must not drop its policy's gauges.
+        if labels.kind == "StripeKeyPolicy" {
+            let ns = NamespacedLabels {
+                namespace: labels.namespace.clone(),
+                name: labels.name.clone(),
+            };
+            self.old_key_in_use.remove(&ns);
+            self.current_key_unused.remove(&ns);
+        }
     }
 
     /// Mirrors what a status about to be written says into the per-object gauges the alerts
@@ -442,6 +446,35 @@ mod tests {
 
         // Deletion forgets every per-object series.
         m.forget_object(&labels);
+        let text = m.encode();
+        assert!(!text.contains(r#"name="api""#), "{text}");
+    }
+
+    #[test]
+    fn deleting_an_endpoint_keeps_the_usage_gauges_of_a_policy_of_the_same_name() {
+        let m = Metrics::new();
+        let usage = NamespacedLabels {
+            namespace: "payments".into(),
+            name: "api".into(),
+        };
+        m.old_key_in_use.get_or_create(&usage).set(1);
+        m.current_key_unused.get_or_create(&usage).set(1);
+        let labels = |kind: &str| ObjectLabels {
+            kind: kind.into(),
+            namespace: "payments".into(),
+            name: "api".into(),
+        };
+        m.forget_object(&labels("StripeWebhookEndpoint"));
+        let text = m.encode();
+        for gauge in ["old_key_in_use", "current_key_unused"] {
+            assert!(
+                text.contains(&format!(
+                    "stripe_key_operator_{gauge}{{namespace=\"payments\",name=\"api\"}} 1"
+                )),
+                "{text}"
+            );
+        }
+        m.forget_object(&labels("StripeKeyPolicy"));
         let text = m.encode();
         assert!(!text.contains(r#"name="api""#), "{text}");
     }

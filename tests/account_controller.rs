@@ -333,6 +333,27 @@ async fn deletion_waits_until_the_policy_retired_its_key_then_completes() {
         1,
         "the key is still active: nothing retired it yet"
     );
+    // A policy created now mints nothing under the terminating account: it would only hold the
+    // deletion up.
+    env.apply_json(&policy("late", &["charge_read"]))
+        .await
+        .unwrap();
+    let late = wait_policy(&env, "late", "AccountTerminating", |p| {
+        condition(p, "Ready").is_some_and(|(s, r, _)| s == "False" && r == "AccountTerminating")
+    })
+    .await;
+    let (_, _, message) = condition(&late, "Ready").unwrap();
+    assert!(message.contains("is being deleted"), "{message}");
+    assert!(late.status.unwrap().current_key.is_none());
+    assert_eq!(
+        active_keys(&env).len(),
+        1,
+        "no key was minted for the late policy"
+    );
+    Api::<StripeKeyPolicy>::namespaced(env.client.clone(), NS)
+        .delete("late", &DeleteParams::default())
+        .await
+        .unwrap();
 
     // The policy goes: its finalizer retires the key through the terminating account, and only
     // then does the account go.

@@ -336,6 +336,25 @@ async fn policy_within_guardrails_is_allowed() {
 }
 
 #[tokio::test]
+async fn a_new_policy_under_an_account_being_deleted_is_refused() {
+    let mut lookups = cluster();
+    let account = lookups.accounts.get_mut("payments").unwrap();
+    account.metadata.deletion_timestamp = Some(
+        k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now()),
+    );
+    let v = judge(
+        &lookups,
+        "CREATE",
+        Some(&policy("shop", "payments", &["charge_read"])),
+        None,
+    )
+    .await;
+    assert!(!v.allowed);
+    assert!(v.message.contains("AccountTerminating"), "{}", v.message);
+    assert!(v.message.contains("is being deleted"), "{}", v.message);
+}
+
+#[tokio::test]
 async fn payout_write_is_refused_naming_the_guardrail() {
     let v = judge(
         &cluster(),
@@ -468,6 +487,30 @@ async fn webhook_endpoint_in_a_namespace_the_account_does_not_serve_is_refused()
     .await;
     assert!(!v.allowed);
     assert!(v.message.contains("NamespaceNotAllowed"), "{}", v.message);
+}
+
+/// Admission judges an endpoint with the controller's own validation, so what the controller
+/// would refuse as InvalidSpec never gets in.
+#[tokio::test]
+async fn webhook_endpoint_the_controller_would_refuse_is_refused_at_admission() {
+    let mut no_events = endpoint("shop", "https://hooks.example.com/stripe");
+    no_events["spec"]["enabledEvents"] = json!([]);
+    let mut reserved = endpoint("shop", "https://hooks.example.com/stripe");
+    reserved["spec"]["metadata"] = json!({"stripekeys_namespace": "other"});
+    let mut short_overlap = endpoint("shop", "https://hooks.example.com/stripe");
+    short_overlap["spec"]["rotation"]["overlap"] = json!("1s");
+    for (object, expected) in [
+        (&no_events, "enabledEvents must name at least one event"),
+        (
+            &reserved,
+            "metadata key \"stripekeys_namespace\" is reserved",
+        ),
+        (&short_overlap, "overlap must be"),
+    ] {
+        let v = judge(&cluster(), "CREATE", Some(object), None).await;
+        assert!(!v.allowed, "{object}");
+        assert!(v.message.contains(expected), "{}", v.message);
+    }
 }
 
 #[tokio::test]

@@ -1410,6 +1410,22 @@ async fn an_account_in_use_is_deleted_only_after_its_policy_retired_its_key() {
     .await;
     assert_eq!(c.key_status(&key.id), "active", "nothing retired it yet");
 
+    // A policy created now mints nothing under the terminating account.
+    c.apply_policy(&c.policy("late", &["charge_read"])).await;
+    let late = c
+        .wait_policy("late", "Ready=False AccountTerminating", |p| {
+            p.status
+                .as_ref()
+                .and_then(|s| conditions::find(&s.conditions, "Ready"))
+                .is_some_and(|r| r.status == "False" && r.reason == "AccountTerminating")
+        })
+        .await;
+    assert!(late.status.unwrap().current_key.is_none());
+    c.policies()
+        .delete("late", &DeleteParams::default())
+        .await
+        .unwrap();
+
     // The policy goes: its finalizer retires the key through the terminating account, then the
     // account goes.
     c.policies()

@@ -243,12 +243,30 @@ async fn healthz_fails_when_reconciles_run_and_none_finishes() {
     shutdown.cancel();
 }
 
+/// How the policy watch fails.
+#[derive(Clone, Copy, PartialEq)]
+enum WatchFailure {
+    /// Every request on policies answers 500.
+    ServerErrors,
+    /// The API server goes away after the watches started.
+    ServerGone,
+    /// Every LIST of policies hangs without an answer (no error ever comes back by itself).
+    ListHangs,
+}
+
 /// The real controllers against a Kubernetes API for tests whose policy watch keeps failing.
-async fn controllers_with_failing_watch(stop_server: bool) {
-    use stripe_key_operator::controller::{Context, ControllerConfig, clock, run_controllers};
+/// The client is the operator's own (`kube_client_config`), with a short read timeout.
+async fn controllers_with_failing_watch(failure: WatchFailure) {
+    use stripe_key_operator::controller::{
+        Context, ControllerConfig, clock, kube_client_config, run_controllers,
+    };
     stripe_key_operator::controller::install_crypto_provider();
     let server = kube_test_api::TestApiServer::start().await.unwrap();
-    let client = kube::Client::try_from(kube::Config::new(server.url().parse().unwrap())).unwrap();
+    let client = kube::Client::try_from(kube_client_config(
+        kube::Config::new(server.url().parse().unwrap()),
+        Duration::from_secs(1),
+    ))
+    .unwrap();
     let crds: kube::Api<
         k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
     > = kube::Api::all(client.clone());
@@ -270,13 +288,21 @@ async fn controllers_with_failing_watch(stop_server: bool) {
     .with_health(health.clone());
     let (base, shutdown) = serve_health(health).await;
     let http = reqwest::Client::new();
-    if !stop_server {
-        server.inject_fault(
+    let stop_server = failure == WatchFailure::ServerGone;
+    match failure {
+        WatchFailure::ServerErrors => server.inject_fault(
             "*",
             "stripekeypolicies",
             kube_test_api::Fault::Status(500),
             None,
-        );
+        ),
+        WatchFailure::ListHangs => server.inject_fault(
+            "list",
+            "stripekeypolicies",
+            kube_test_api::Fault::Hang,
+            None,
+        ),
+        WatchFailure::ServerGone => {}
     }
     let stop = CancellationToken::new();
     let controllers = tokio::spawn({
@@ -303,10 +329,17 @@ async fn controllers_with_failing_watch(stop_server: bool) {
 
 #[tokio::test]
 async fn healthz_fails_when_a_watch_keeps_getting_server_errors() {
-    controllers_with_failing_watch(false).await;
+    controllers_with_failing_watch(WatchFailure::ServerErrors).await;
 }
 
 #[tokio::test]
 async fn healthz_fails_when_the_api_server_is_gone() {
-    controllers_with_failing_watch(true).await;
+    controllers_with_failing_watch(WatchFailure::ServerGone).await;
+}
+
+/// A LIST that never answers raises no error by itself: the client's read timeout turns it into
+/// one, so a watch that cannot start shows on `/healthz`.
+#[tokio::test]
+async fn healthz_fails_when_the_watch_list_hangs() {
+    controllers_with_failing_watch(WatchFailure::ListHangs).await;
 }

@@ -13,7 +13,7 @@
 //! - `DELETE` and `CONNECT` are always allowed, and so is an `UPDATE` that leaves `spec` as it
 //!   was or that belongs to an object being deleted (finalizer removal must never be blocked).
 //! - A StripeKeyPolicy is judged by [`crate::controller::keypolicy::validate`]; a
-//!   StripeWebhookEndpoint by [`validate_webhook_endpoint`]. A missing StripeAccount is allowed
+//!   StripeWebhookEndpoint by [`crate::controller::webhook::validate`]. A missing StripeAccount is allowed
 //!   with a warning (a `kubectl apply -f dir/` may create the policy first); everything that does
 //!   not depend on the account (permissions, guardrails on permissions, rotation) is still
 //!   checked.
@@ -44,11 +44,11 @@ use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview
 use serde_json::Value;
 
 use crate::api::{
-    DEFAULT_WEBHOOK_OVERLAP, StripeAccount, StripeAccountSpec, StripeGuardrail, StripeKeyPolicy,
-    StripeWebhookEndpoint,
+    StripeAccount, StripeAccountSpec, StripeGuardrail, StripeKeyPolicy, StripeWebhookEndpoint,
 };
 use crate::controller::keypolicy::{self, Refusal};
-use crate::rotation::schedule::{Schedule, parse_duration};
+use crate::controller::webhook;
+use crate::rotation::schedule::parse_duration;
 use crate::rules::{self, AccountTrust};
 use crate::scan::{self, Finding};
 
@@ -342,17 +342,21 @@ async fn judge_endpoint(obj: &DynamicObject, namespace: &str, lookups: &dyn Look
     let name = endpoint.name_any();
     let account_name = endpoint.spec.account_ref.name.clone();
     let (account, labels, guardrails) = lookup_all(lookups, &account_name, namespace).await?;
-    let warning = account
-        .is_none()
-        .then(|| missing_account_warning(&account_name));
-    validate_webhook_endpoint(
+    let (account, warning) = match account {
+        Some(a) => (a, None),
+        None => (
+            placeholder_account(&account_name),
+            Some(missing_account_warning(&account_name)),
+        ),
+    };
+    webhook::validate(
         &endpoint,
-        account.as_ref(),
+        Some(&account),
         &labels,
         &guardrails,
         Timestamp::now(),
     )
-    .map(|()| warning)
+    .map(|_| warning)
     .map_err(|r| refusal_message("StripeWebhookEndpoint", &name, &r))
 }
 
@@ -375,79 +379,6 @@ async fn lookup_all(
         .map_err(|e| e.to_string())?;
     let guardrails = lookups.guardrails().await.map_err(|e| e.to_string())?;
     Ok((account, labels, guardrails))
-}
-
-/// Validates a StripeWebhookEndpoint against its account (when it exists: `None` skips the
-/// account's mode and namespace selector), its namespace and the guardrails. Pure.
-pub fn validate_webhook_endpoint(
-    endpoint: &StripeWebhookEndpoint,
-    account: Option<&StripeAccount>,
-    namespace_labels: &BTreeMap<String, String>,
-    guardrails: &[StripeGuardrail],
-    now: Timestamp,
-) -> Result<(), Refusal> {
-    let spec = &endpoint.spec;
-    let invalid = |message: String| Refusal {
-        reason: "InvalidSpec",
-        message,
-    };
-    if let Some(account) = account
-        && !rules::account_allows_namespace(account, namespace_labels)
-    {
-        return Err(Refusal {
-            reason: "NamespaceNotAllowed",
-            message: format!(
-                "StripeAccount {:?} does not serve namespace {:?} (its namespaceSelector does not select it)",
-                spec.account_ref.name,
-                endpoint.namespace().unwrap_or_default()
-            ),
-        });
-    }
-    let url = url::Url::parse(&spec.url)
-        .map_err(|e| invalid(format!("url {:?} is not a URL: {e}", spec.url)))?;
-    if url.scheme() != "https" {
-        return Err(invalid("url must be an https URL".into()));
-    }
-    let host = url
-        .host_str()
-        .ok_or_else(|| invalid("url has no host".into()))?
-        .to_string();
-    let rotation = spec.rotation.as_ref();
-    let schedule = match rotation.and_then(|r| r.schedule()) {
-        Some(s) => Some(Schedule::parse(&s).map_err(|e| invalid(e.to_string()))?),
-        None => None,
-    };
-    let overlap_text = rotation
-        .and_then(|r| r.overlap.as_deref())
-        .unwrap_or(DEFAULT_WEBHOOK_OVERLAP);
-    let overlap = parse_duration("overlap", overlap_text).map_err(|e| invalid(e.to_string()))?;
-    let rotation_period = match &schedule {
-        Some(s) => Some(s.longest_period(now).map_err(|e| invalid(e.to_string()))?),
-        None => None,
-    };
-    let violations = rules::evaluate(
-        guardrails,
-        &rules::Request {
-            namespace_labels: namespace_labels.clone(),
-            mode: account.map(|a| a.spec.mode),
-            permissions: Vec::new(),
-            rotation_period,
-            rotates: schedule.is_some(),
-            overlap: Some(overlap),
-            webhook_host: Some(&host),
-        },
-    );
-    if !violations.is_empty() {
-        return Err(Refusal {
-            reason: "GuardrailViolation",
-            message: violations
-                .iter()
-                .map(|v| v.message.clone())
-                .collect::<Vec<_>>()
-                .join("; "),
-        });
-    }
-    Ok(())
 }
 
 fn judge_guardrail(obj: &DynamicObject) -> Result<(), String> {

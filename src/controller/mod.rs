@@ -1142,6 +1142,22 @@ fn default_identity() -> String {
         .unwrap_or_else(|_| format!("stripe-key-operator-{}", std::process::id()))
 }
 
+/// How long the operator's Kubernetes client waits on a silent connection. kube-runtime's
+/// watcher already reconnects a watch stream that goes quiet, but nothing bounds the LIST that
+/// starts it: a LIST whose connection hangs (a dead API server behind a live TCP peer) would
+/// wait forever, raise no error, and leave `/healthz` green. With this bound it fails and is
+/// retried, and `--health-watch-failure` sees the failures. It is longer than a watch's
+/// server-side timeout (290 s) plus the watcher's own idle margin, so a quiet watch is never cut.
+pub const KUBE_READ_TIMEOUT: Duration = Duration::from_secs(330);
+
+/// The operator's Kubernetes client settings: `config` with a read timeout that counts from each
+/// request written (not from when a pooled connection went idle).
+pub fn kube_client_config(mut config: kube::Config, read_timeout: Duration) -> kube::Config {
+    config.read_timeout = Some(read_timeout);
+    config.reset_reader_on_write = true;
+    config
+}
+
 /// `stripe-key-operator run`.
 pub async fn run(config: RunConfig) -> Result<(), RunError> {
     install_crypto_provider();
@@ -1149,8 +1165,10 @@ pub async fn run(config: RunConfig) -> Result<(), RunError> {
         config.log_format,
         "info,kube=warn,hyper=warn,tower=warn,vaultrs=off,rustify=off",
     );
-    let client = kube::Client::try_default()
+    let kube_config = kube::Config::infer()
         .await
+        .map_err(|e| RunError::Config(e.to_string()))?;
+    let client = kube::Client::try_from(kube_client_config(kube_config, KUBE_READ_TIMEOUT))
         .map_err(|e| RunError::Config(e.to_string()))?;
     let shutdown = CancellationToken::new();
     let signal_token = shutdown.clone();

@@ -91,6 +91,24 @@ const OVERLAP: OverlapBounds = OverlapBounds {
 /// The webhook-endpoint adapter of the rotation engine.
 pub struct Endpoint;
 
+/// Validates an endpoint against its account, its namespace and the guardrails. Pure: no client
+/// calls. Admission judges with the same function, as it does for key policies.
+pub fn validate(
+    endpoint: &StripeWebhookEndpoint,
+    account: Option<&crate::api::StripeAccount>,
+    namespace_labels: &BTreeMap<String, String>,
+    guardrails: &[crate::api::StripeGuardrail],
+    now: Timestamp,
+) -> Result<Validated, Refusal> {
+    let input = Inputs {
+        account,
+        namespace_labels,
+        guardrails,
+        now,
+    };
+    <Endpoint as Credential>::validate(endpoint, &input)
+}
+
 /// Reconciles one endpoint (the entry point tests call; the controller calls the engine's).
 pub fn reconcile(
     e: Arc<StripeWebhookEndpoint>,

@@ -294,6 +294,20 @@ pub fn validate_common<'a, C: Credential>(
         input.namespace_labels,
         d.vault_sub_path,
     )?;
+    // An account being deleted waits for its resources to retire their keys; a resource that
+    // holds no key yet must not mint one under it (and so hold the deletion up). Resources that
+    // already hold a key keep rotating until they are deleted or moved.
+    let holds_key = status_ref::<C>(obj).is_some_and(|s| s.current_key.is_some());
+    if account.metadata.deletion_timestamp.is_some() && !holds_key {
+        return Err(Refusal {
+            reason: "AccountTerminating",
+            message: format!(
+                "StripeAccount {:?} is being deleted: no new {} is minted under it; name another account",
+                d.account,
+                C::NAMES.noun
+            ),
+        });
+    }
     let schedule = match &d.schedule {
         Some(s) => Some(Schedule::parse(s).map_err(|e| invalid(e.to_string()))?),
         None => None,
