@@ -743,7 +743,17 @@ impl Shared {
     }
 
     fn usage_report(&self) -> UsageReport {
-        let usage = lock(&self.usage);
+        let fingerprint = self
+            .current_key()
+            .map(|k| k.fingerprint.clone())
+            .unwrap_or_default();
+        lock(&self.usage).report(fingerprint)
+    }
+}
+
+impl Usage {
+    /// The `/usage` report of these counters.
+    fn report(&self, key_fingerprint: String) -> UsageReport {
         let convert = |m: &std::collections::BTreeMap<&'static str, (u64, DateTime<Utc>)>| {
             m.iter()
                 .map(|(k, (count, at))| {
@@ -759,13 +769,10 @@ impl Shared {
         };
         UsageReport {
             routes_version: ROUTES_VERSION,
-            since: rfc3339(usage.since),
-            key_fingerprint: self
-                .current_key()
-                .map(|k| k.fingerprint.clone())
-                .unwrap_or_default(),
-            permissions: convert(&usage.permissions),
-            refused: convert(&usage.refused),
+            since: rfc3339(self.since),
+            key_fingerprint,
+            permissions: convert(&self.permissions),
+            refused: convert(&self.refused),
         }
     }
 }
@@ -1576,6 +1583,24 @@ mod tests {
         write(DEFAULT_PLACEHOLDER_ENTRY, "rk_test_abcdef");
         let err = source.read().unwrap_err().to_string();
         assert!(!err.contains("abcdef"), "{err}");
+    }
+
+    #[test]
+    fn the_usage_report_is_what_permissions_suggest_reads() {
+        let mut usage = Usage {
+            since: Utc::now(),
+            permissions: Default::default(),
+            refused: Default::default(),
+        };
+        bump(&mut usage.permissions, "charge_read");
+        bump(&mut usage.permissions, "charge_read");
+        bump(&mut usage.refused, "refund_write");
+        let report = usage.report("3f2a9c1b7d4e".into());
+        let text = serde_json::to_string(&report).unwrap();
+        let parsed = crate::egress::suggest::parse_report("usage", &text).unwrap();
+        assert_eq!(parsed.routes_version, ROUTES_VERSION);
+        assert_eq!(parsed.permissions["charge_read"].count, 2);
+        assert_eq!(parsed.refused["refund_write"].count, 1);
     }
 
     #[test]
