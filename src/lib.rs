@@ -18,6 +18,7 @@ pub mod rules;
 pub mod sandbox;
 pub mod scan;
 pub mod secret;
+pub mod shard;
 pub mod sim;
 pub mod stripe;
 pub mod telemetry;

@@ -64,6 +64,26 @@ pub struct StoreCallLabels {
     pub outcome: String,
 }
 
+/// Labels of per-account metrics (the StripeAccount's name).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AccountLabels {
+    pub account: String,
+}
+
+/// Labels of activity-log reads.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ActivityReadLabels {
+    pub account: String,
+    pub outcome: String,
+}
+
+/// Labels of activity-log entries handled.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ActivityEntryLabels {
+    pub account: String,
+    pub action: String,
+}
+
 /// Every metric of the operator.
 #[derive(Clone)]
 pub struct Metrics {
@@ -97,6 +117,17 @@ pub struct Metrics {
     /// 1 while the current key shows no use since its rollout finished, long after it
     /// (`CurrentKeyUnused`); 0 otherwise.
     pub current_key_unused: Family<NamespacedLabels, Gauge>,
+    /// Times the activity log showed a person viewing one of the policy's keys.
+    pub key_viewed: Family<NamespacedLabels, Counter>,
+    /// Times the activity log showed one of the policy's keys changed or deleted by someone
+    /// other than the operator.
+    pub key_tampered: Family<NamespacedLabels, Counter>,
+    /// Keys a person created in the account, outside the operator (`status.unmanagedKeyCount`).
+    pub unmanaged_keys: Family<AccountLabels, Gauge>,
+    /// Activity-log reads, by outcome (`success`, or the failure reason).
+    pub activity_log_reads: Family<ActivityReadLabels, Counter>,
+    /// Activity-log entries handled, by action (`api_key_viewed`, ...).
+    pub activity_log_entries: Family<ActivityEntryLabels, Counter>,
     registry: Arc<Registry>,
 }
 
@@ -224,7 +255,42 @@ impl Metrics {
             "1 while the current key shows no use at Stripe long after its rollout finished",
             current_key_unused.clone(),
         );
+        let key_viewed = Family::<NamespacedLabels, Counter>::default();
+        registry.register(
+            "key_viewed",
+            "Times Stripe's activity log showed a person viewing one of the policy's keys in the Dashboard (KeyViewed)",
+            key_viewed.clone(),
+        );
+        let key_tampered = Family::<NamespacedLabels, Counter>::default();
+        registry.register(
+            "key_tampered",
+            "Times Stripe's activity log showed one of the policy's keys changed or deleted by someone other than the operator (KeyTampered)",
+            key_tampered.clone(),
+        );
+        let unmanaged_keys = Family::<AccountLabels, Gauge>::default();
+        registry.register(
+            "unmanaged_keys",
+            "Keys a person created in the Stripe account outside the operator (shadow keys), from the activity log",
+            unmanaged_keys.clone(),
+        );
+        let activity_log_reads = Family::<ActivityReadLabels, Counter>::default();
+        registry.register(
+            "activity_log_reads",
+            "Reads of a Stripe account's activity log, by outcome",
+            activity_log_reads.clone(),
+        );
+        let activity_log_entries = Family::<ActivityEntryLabels, Counter>::default();
+        registry.register(
+            "activity_log_entries",
+            "Activity-log entries handled, by action",
+            activity_log_entries.clone(),
+        );
         Self {
+            key_viewed,
+            key_tampered,
+            unmanaged_keys,
+            activity_log_reads,
+            activity_log_entries,
             reconciliations,
             reconcile_errors,
             reconcile_duration,

@@ -217,6 +217,7 @@ fn stripeaccounts_show_readiness_and_why() {
             "Ready",
             "Reason",
             "Keys",
+            "Unmanaged",
             "Last Checked",
             "Encryption Key",
             "Age"

@@ -104,6 +104,25 @@ fn operator_metrics() -> Metrics {
     };
     m.old_key_in_use.get_or_create(&namespaced).set(1);
     m.current_key_unused.get_or_create(&namespaced).set(1);
+    m.key_viewed.get_or_create(&namespaced).inc();
+    m.key_tampered.get_or_create(&namespaced).inc();
+    m.unmanaged_keys
+        .get_or_create(&stripe_key_operator::metrics::AccountLabels {
+            account: "payments".into(),
+        })
+        .set(2);
+    m.activity_log_reads
+        .get_or_create(&stripe_key_operator::metrics::ActivityReadLabels {
+            account: "payments".into(),
+            outcome: "success".into(),
+        })
+        .inc();
+    m.activity_log_entries
+        .get_or_create(&stripe_key_operator::metrics::ActivityEntryLabels {
+            account: "payments".into(),
+            action: "api_key_viewed".into(),
+        })
+        .inc();
     m.stripe_requests
         .get_or_create(&StripeCallLabels {
             account: "acct_1".into(),
@@ -342,7 +361,7 @@ fn every_metric_the_dashboard_queries_is_exported() {
 fn every_metric_the_alert_rules_query_is_exported() {
     let exported = everything_exported();
     let exprs = rule_exprs();
-    assert_eq!(exprs.len(), 7, "one expr per alert: {exprs:?}");
+    assert_eq!(exprs.len(), 9, "one expr per alert: {exprs:?}");
     let mut problems = Vec::new();
     for expr in &exprs {
         let names = referenced(expr);

@@ -40,6 +40,8 @@ fn sandbox_shows_the_whole_timeline_and_leaks_no_secret() {
         "reason=OldKeyStillInUse",
         "expired at Stripe (simulator says: expired)",
         "incident rotation: new key",
+        "in the (simulated) Stripe Dashboard",
+        "Warning KeyViewed on StripeKeyPolicy",
         "webhook endpoint we_",
         "hash chain intact",
         "sandbox complete: every step happened",

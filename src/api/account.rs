@@ -61,6 +61,12 @@ pub const DEFAULT_API_BASE: &str = "https://api.stripe.com";
         json_path = ".status.keysUnderManagement"
     ),
     printcolumn(
+        name = "Unmanaged",
+        type_ = "integer",
+        description = "Keys created in this Stripe account by a person (not by the operator), from the activity log.",
+        json_path = ".status.unmanagedKeyCount"
+    ),
+    printcolumn(
         name = "Last Checked",
         type_ = "date",
         description = "When the credentials and the Stripe context were last checked.",
@@ -221,4 +227,58 @@ pub struct StripeAccountStatus {
     /// Fingerprint of the public key that live-mode secrets are encrypted to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encryption_key_fingerprint: Option<String>,
+    /// Where the operator stands in the account's Stripe activity log (read every
+    /// `--activity-log-interval`): the newest entry it handled. Kept here so that a restart
+    /// neither handles an entry twice nor skips one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub activity_log: Option<ActivityLogStatus>,
+    /// Keys a person created in this Stripe account (the activity log's `api_key_created` by a
+    /// user): "shadow" keys the operator does not manage, newest first, at most 50. A key
+    /// leaves the list when the activity log shows it deleted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unmanaged_keys: Vec<UnmanagedKey>,
+    /// How many unmanaged keys are known (the list above shows the newest 50).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unmanaged_key_count: Option<i64>,
+}
+
+/// The activity-log cursor of an account.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ActivityLogStatus {
+    /// When the operator started reading this account's activity log. Entries older than the
+    /// first read are not replayed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<Time>,
+    /// The id of the newest entry handled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 255))]
+    pub last_entry_id: Option<String>,
+    /// When the newest entry handled was recorded at Stripe.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_entry_time: Option<Time>,
+    /// Ids of the API keys the log names as actor of the operator's own key changes (learned
+    /// from the creates of keys the operator marked as its own, and from its own repairs).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub operator_key_ids: Vec<String>,
+    /// Keys whose permissions the operator re-applied after tampering: the update entry that
+    /// repair makes is the operator's own.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pending_repairs: Vec<String>,
+}
+
+/// A key that a person created in the Stripe account, outside the operator.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UnmanagedKey {
+    /// Stripe's key id.
+    pub id: String,
+    /// Its name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Who created it (`user <email>`, or `api_key <id>`).
+    pub created_by: String,
+    /// When it was created.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created: Option<Time>,
 }

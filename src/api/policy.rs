@@ -222,6 +222,29 @@ pub struct KeyRotation {
     /// Also warns when the current key shows no use long after its rollout. On by default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage_aware_expiry: Option<UsageAwareExpiry>,
+    /// What happens when Stripe's activity log shows a person viewing (revealing) one of this
+    /// policy's keys in the Dashboard: its secret may have been copied. `Alert` (default): a
+    /// Warning Event `KeyViewed`, an audit record and the metric
+    /// `stripe_key_operator_key_viewed_total`. `IncidentRotation`: the same, and an incident
+    /// rotation (as with `stripekeys.io/rotate-reason=incident`) revokes every key handed out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_key_viewed: Option<OnKeyViewed>,
+}
+
+/// What happens when Stripe's activity log shows a person viewing (revealing) one of this
+/// policy's keys in the Dashboard: its secret may have been copied. `Alert` (default): a Warning
+/// Event `KeyViewed`, an audit record and the metric `stripe_key_operator_key_viewed_total`.
+/// `IncidentRotation`: the same, and an incident rotation (as with
+/// `stripekeys.io/rotate-reason=incident`) replaces the key and revokes every key handed out.
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema,
+)]
+pub enum OnKeyViewed {
+    /// Warn (Event, audit record, metric) and leave the key in place.
+    #[default]
+    Alert,
+    /// Warn, and replace the key at once through an incident rotation.
+    IncidentRotation,
 }
 
 /// Usage-aware expiry of the old key, and the unused-key warning.

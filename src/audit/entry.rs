@@ -32,6 +32,10 @@ pub enum Action {
     /// The audit log itself recovered from an interrupted write at start-up.
     #[serde(rename = "audit.recovery")]
     AuditRecovery,
+    /// Stripe's activity log showed something done to a managed key outside the operator (a
+    /// person viewed it, or someone changed or deleted it), and what the operator did about it.
+    #[serde(rename = "stripe.activity")]
+    StripeActivity,
 }
 
 impl Action {
@@ -45,6 +49,7 @@ impl Action {
             Action::RolloutPatch => "rollout.patch",
             Action::RotationTransition => "rotation.transition",
             Action::AuditRecovery => "audit.recovery",
+            Action::StripeActivity => "stripe.activity",
         }
     }
 }

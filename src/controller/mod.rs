@@ -2,6 +2,7 @@
 //! controllers.
 
 pub mod accounts;
+pub mod activity;
 pub mod clock;
 pub mod crd_check;
 pub mod error;
@@ -96,6 +97,19 @@ pub struct RunConfig {
     /// Pause between attempts to take or renew the Lease.
     #[arg(long, env = "RETRY_PERIOD", default_value = "2s", value_parser = humantime::parse_duration)]
     pub retry_period: Duration,
+    /// Split the namespaced work into this many shards, each held through its own Lease
+    /// `<shard-lease-prefix>-shard-<i>`, so that several replicas share it (by a stable hash of
+    /// the namespace; the StripeAccount controller runs on the holder of shard 0). 1: one leader
+    /// does everything (the `--lease-name` Lease). Uses the lease timing flags above.
+    #[arg(long, env = "SHARDS", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=crate::shard::MAX_SHARDS as i64))]
+    pub shards: u32,
+    /// Prefix of the shard and membership Lease names (`--shards` > 1).
+    #[arg(
+        long,
+        env = "SHARD_LEASE_PREFIX",
+        default_value = "stripe-key-operator"
+    )]
+    pub shard_lease_prefix: String,
     /// `/healthz` fails when the runtime watchdog (a task that ticks every 5 s) has not ticked
     /// for this long: the async runtime is wedged (at least 15s).
     #[arg(long, env = "HEALTH_RUNTIME_STALL", default_value = "1m", value_parser = humantime::parse_duration)]
@@ -214,6 +228,12 @@ pub struct RunConfig {
     /// has been used (one retrieve per key and interval, only while it shows none).
     #[arg(long, env = "KEY_USAGE_CHECK_INTERVAL", default_value = "15m", value_parser = humantime::parse_duration)]
     pub key_usage_check_interval: Duration,
+    /// How often the operator reads each StripeAccount's Stripe activity log (one read per
+    /// account, pages followed back to the last entry handled): a key viewed in the Dashboard,
+    /// changed or deleted outside the operator, or created by hand is acted on within this long.
+    /// `0s` turns the reader off.
+    #[arg(long, env = "ACTIVITY_LOG_INTERVAL", default_value = "1m", value_parser = humantime::parse_duration)]
+    pub activity_log_interval: Duration,
 }
 
 /// Reconciles each controller runs at once unless configured otherwise.
@@ -225,6 +245,8 @@ pub const DEFAULT_ORPHAN_SWEEP_INTERVAL: Duration = Duration::from_secs(300);
 pub const DEFAULT_LAST_USED_LAG: Duration = Duration::from_secs(600);
 /// Default of `--key-usage-check-interval`.
 pub const DEFAULT_KEY_USAGE_CHECK_INTERVAL: Duration = Duration::from_secs(900);
+/// Default of `--activity-log-interval`.
+pub const DEFAULT_ACTIVITY_LOG_INTERVAL: Duration = Duration::from_secs(60);
 
 impl RunConfig {
     /// The leader election settings of these flags, validated.
@@ -238,6 +260,30 @@ impl RunConfig {
         };
         config.validate().map_err(RunError::Settings)?;
         Ok(config)
+    }
+
+    /// The sharding settings of these flags, validated; `None` with one shard (a single leader).
+    pub fn shard_config(&self) -> Result<Option<crate::shard::ShardConfig>, RunError> {
+        if self.shards <= 1 {
+            return Ok(None);
+        }
+        if !self.leader_elect {
+            return Err(RunError::Settings(
+                "--shards above 1 needs Leases: it cannot be combined with --leader-elect=false"
+                    .into(),
+            ));
+        }
+        let config = crate::shard::ShardConfig {
+            namespace: self.namespace.clone(),
+            prefix: self.shard_lease_prefix.clone(),
+            identity: self.pod_name.clone().unwrap_or_else(default_identity),
+            shards: self.shards,
+            lease_duration: self.lease_duration,
+            renew_deadline: self.renew_deadline,
+            retry_period: self.retry_period,
+        };
+        config.validate().map_err(RunError::Settings)?;
+        Ok(Some(config))
     }
 
     /// The `/healthz` thresholds of these flags, validated.
@@ -338,6 +384,8 @@ pub struct ControllerConfig {
     pub last_used_lag: Duration,
     /// How often the unused-current-key check asks Stripe about one key at most.
     pub key_usage_check_interval: Duration,
+    /// How often each account's Stripe activity log is read (zero: never).
+    pub activity_log_interval: Duration,
 }
 
 /// A test hook that simulates a crash right after a side effect and before its status write.
@@ -385,6 +433,7 @@ impl ControllerConfig {
             resync: Duration::from_secs(600),
             last_used_lag: DEFAULT_LAST_USED_LAG,
             key_usage_check_interval: DEFAULT_KEY_USAGE_CHECK_INTERVAL,
+            activity_log_interval: DEFAULT_ACTIVITY_LOG_INTERVAL,
             crash_hook: None,
             concurrency: DEFAULT_CONCURRENCY,
             api_hosts: crate::rules::ApiHosts::stripe_only(),
@@ -414,6 +463,8 @@ pub struct Context {
     pub health: Health,
     /// One listing per Stripe account and credential kind, shared by the orphan sweeps.
     pub listings: crate::rotation::listing::Listings,
+    /// The shards this replica holds (`--shards` > 1); `None`: this replica does all the work.
+    pub shards: Option<Arc<crate::shard::Shards>>,
 }
 
 /// Reports each Stripe HTTP attempt of one reconcile to the metrics and the audit log.
@@ -428,7 +479,9 @@ pub fn stripe_route(path: &str) -> String {
     let mut out = Vec::new();
     let mut previous = "";
     for segment in path.split('/') {
-        if matches!(previous, "api_keys" | "webhook_endpoints") && !segment.is_empty() {
+        if matches!(previous, "api_keys" | "webhook_endpoints" | "activity_logs")
+            && !segment.is_empty()
+        {
             out.push("{id}");
         } else {
             out.push(segment);
@@ -491,7 +544,14 @@ impl Context {
             failures: Default::default(),
             health: Health::default(),
             listings: Default::default(),
+            shards: None,
         }
+    }
+
+    /// Makes the controllers act only on the shards this replica holds.
+    pub fn with_shards(mut self, shards: Arc<crate::shard::Shards>) -> Self {
+        self.shards = Some(shards);
+        self
     }
 
     /// Sets where the controllers report their progress.
@@ -602,11 +662,23 @@ pub async fn run_controllers(
     // A JoinSet aborts its tasks when dropped: if this future is dropped or aborted, no
     // controller keeps running behind its back.
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(stripeaccount::run(
-        ctx.clone(),
-        scopes.clone(),
-        shutdown.clone(),
-    ));
+    match ctx.shards.clone() {
+        None => {
+            tasks.spawn(stripeaccount::run(
+                ctx.clone(),
+                scopes.clone(),
+                shutdown.clone(),
+            ));
+        }
+        Some(shards) => {
+            tasks.spawn(run_cluster_scoped_on_shard_zero(
+                ctx.clone(),
+                shards,
+                scopes.clone(),
+                shutdown.clone(),
+            ));
+        }
+    }
     for ns in scopes {
         let ctx = ctx.clone();
         let shutdown = shutdown.clone();
@@ -621,6 +693,86 @@ pub async fn run_controllers(
         });
     }
     while tasks.join_next().await.is_some() {}
+}
+
+/// Runs the StripeAccount controller (the cluster-scoped work) while this replica holds shard 0:
+/// it starts when shard 0 is taken and is dropped at once when shard 0 is lost or given up, so
+/// one replica at a time checks accounts and guards their deletion.
+async fn run_cluster_scoped_on_shard_zero(
+    ctx: Arc<Context>,
+    shards: Arc<crate::shard::Shards>,
+    scopes: Vec<Option<String>>,
+    shutdown: CancellationToken,
+) {
+    let mut acquired = shards.subscribe();
+    loop {
+        if let Some(fence) = shards.enter_shard(0) {
+            tracing::info!("holding shard 0: running the StripeAccount controller");
+            ctx.metrics.leader.set(1);
+            let controller = stripeaccount::run(ctx.clone(), scopes.clone(), shutdown.clone());
+            let finished = fence.run(controller).await.is_some();
+            ctx.metrics.leader.set(0);
+            drop(fence);
+            if finished || shutdown.is_cancelled() {
+                return;
+            }
+            tracing::warn!("shard 0 is no longer held: the StripeAccount controller stopped");
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            next = acquired.next() => if next.is_none() { return },
+        }
+    }
+}
+
+/// Skips the reconciles of objects whose shard this replica does not hold (before any API call:
+/// another replica acts on them), and drops a reconcile at once when its shard is lost or given
+/// up, so that nothing more of it reaches Stripe, the store or Kubernetes. Without sharding the
+/// reconcile runs as it is.
+fn sharded<K, F, Fut>(
+    reconcile: F,
+) -> impl Fn(
+    Arc<K>,
+    Arc<Context>,
+) -> futures::future::BoxFuture<
+    'static,
+    Result<kube::runtime::controller::Action, error::ReconcileError>,
+>
+where
+    K: kube::Resource + Send + Sync + 'static,
+    F: Fn(Arc<K>, Arc<Context>) -> Fut,
+    Fut: std::future::Future<
+            Output = Result<kube::runtime::controller::Action, error::ReconcileError>,
+        > + Send
+        + 'static,
+{
+    use futures::FutureExt;
+    move |obj, ctx| {
+        let Some(shards) = ctx.shards.clone() else {
+            return reconcile(obj, ctx).boxed();
+        };
+        let namespace = obj.meta().namespace.clone();
+        let name = obj.meta().name.clone().unwrap_or_default();
+        let Some(fence) = shards.enter_object(namespace.as_deref(), &name) else {
+            tracing::debug!(target: "stripe_key_operator::shard", namespace = namespace.as_deref().unwrap_or_default(), %name, "skipped: another replica holds the shard");
+            return futures::future::ready(Ok(kube::runtime::controller::Action::await_change()))
+                .boxed();
+        };
+        let work = reconcile(obj, ctx);
+        async move {
+            match fence.run(work).await {
+                Some(out) => out,
+                None => {
+                    tracing::info!(
+                        shard = fence.shard(),
+                        "shard lost or given up: reconcile dropped"
+                    );
+                    Ok(kube::runtime::controller::Action::await_change())
+                }
+            }
+        }
+        .boxed()
+    }
 }
 
 /// The kube-runtime settings of a controller: bounded concurrency, and a short debounce so a
@@ -748,6 +900,22 @@ pub async fn run_credential_controller<C: crate::rotation::engine::Credential>(
         .owns(secrets, owned)
         .with_config(controller_config(&ctx.config));
     let store = controller.store();
+    // A shard taken over: reconcile each of its objects at once.
+    let controller = match ctx.shards.clone() {
+        Some(shards) => {
+            let in_shard = store.clone();
+            controller.reconcile_on(shards.subscribe().flat_map(move |shard| {
+                let refs: Vec<_> = in_shard
+                    .state()
+                    .into_iter()
+                    .filter(|o| shards.shard_for(o.namespace().as_deref()) == shard)
+                    .map(|o| ObjectRef::from_obj(&*o))
+                    .collect();
+                futures::stream::iter(refs)
+            }))
+        }
+        None => controller,
+    };
     let by_account = store.clone();
     let all = store.clone();
     let by_namespace = store.clone();
@@ -781,7 +949,7 @@ pub async fn run_credential_controller<C: crate::rotation::engine::Credential>(
         )
         .graceful_shutdown_on(async move { shutdown.cancelled().await })
         .run(
-            tracked(progress.clone(), engine::reconcile::<C>),
+            tracked(progress.clone(), sharded(engine::reconcile::<C>)),
             engine::error_policy::<C>,
             ctx,
         )
@@ -929,6 +1097,7 @@ pub async fn run_with_client(
         .collect();
     let webhook_config = config.webhook_config()?;
     let leader_config = config.leader_config()?;
+    let shard_config = config.shard_config()?;
     let health = Health::with_thresholds(config.health_thresholds()?);
     check_crds(&client, &namespaces).await?;
     crd_check::check_crd_schemas(&client).await?;
@@ -966,7 +1135,10 @@ pub async fn run_with_client(
     // updates and node drains never wait on the leader. Leadership is the `leader` metric.
     health.set_ready(true);
 
-    let leadership = if config.leader_elect {
+    let leadership = if shard_config.is_some() {
+        // Sharding: the shard Leases take the place of the leader Lease.
+        None
+    } else if config.leader_elect {
         let elector = LeaderElector::new(client.clone(), leader_config);
         tracing::info!(lease = %config.lease_name, namespace = %config.namespace, "waiting for the leader lease");
         match elector.acquire(shutdown.clone()).await {
@@ -980,7 +1152,9 @@ pub async fn run_with_client(
     } else {
         None
     };
-    metrics.leader.set(1);
+    if shard_config.is_none() {
+        metrics.leader.set(1);
+    }
     let store = match build_store(&config, &client).await {
         Ok(s) => s,
         Err(e) => {
@@ -1002,25 +1176,44 @@ pub async fn run_with_client(
             return Err(RunError::Audit(e.to_string()));
         }
     };
-    let ctx = Arc::new(
-        Context::new(
-            client.clone(),
-            store,
-            metrics.clone(),
-            Arc::new(clock::SystemClock),
-            ControllerConfig {
-                concurrency: config.max_concurrent_reconciles,
-                api_hosts: webhook_config.account_trust.api_hosts.clone(),
-                orphan_sweep_interval: config.orphan_sweep_interval,
-                last_used_lag: config.last_used_lag,
-                key_usage_check_interval: config.key_usage_check_interval,
-                ..ControllerConfig::new(&config.namespace, prefix)
-            },
-            None,
-        )
-        .with_audit(audit.clone())
-        .with_health(health.clone()),
-    );
+    let shards = shard_config
+        .as_ref()
+        .map(|c| Arc::new(crate::shard::Shards::new(c.shards, c.identity.clone())));
+    let ctx = Context::new(
+        client.clone(),
+        store,
+        metrics.clone(),
+        Arc::new(clock::SystemClock),
+        ControllerConfig {
+            concurrency: config.max_concurrent_reconciles,
+            api_hosts: webhook_config.account_trust.api_hosts.clone(),
+            orphan_sweep_interval: config.orphan_sweep_interval,
+            last_used_lag: config.last_used_lag,
+            key_usage_check_interval: config.key_usage_check_interval,
+            activity_log_interval: config.activity_log_interval,
+            ..ControllerConfig::new(&config.namespace, prefix)
+        },
+        None,
+    )
+    .with_audit(audit.clone())
+    .with_health(health.clone());
+    let ctx = Arc::new(match &shards {
+        Some(s) => ctx.with_shards(s.clone()),
+        None => ctx,
+    });
+    // The shard Leases are kept from here on: a shard is acted on once taken, and given up when
+    // the manager stops (after the controllers did).
+    let manager_stop = CancellationToken::new();
+    let manager = match (shard_config, &shards) {
+        (Some(c), Some(s)) => {
+            tracing::info!(shards = c.shards, prefix = %c.prefix, namespace = %c.namespace, "sharding through leases");
+            Some(tokio::spawn(
+                crate::shard::ShardManager::new(client.clone(), c, s.clone())
+                    .run(manager_stop.clone()),
+            ))
+        }
+        _ => None,
+    };
     let lost = leadership.as_ref().map(|l| l.lost()).unwrap_or_default();
     let controllers_stop = CancellationToken::new();
     let stop = controllers_stop.clone();
@@ -1055,6 +1248,11 @@ pub async fn run_with_client(
         tracing::error!(
             "lost the leader lease: every reconcile in flight was dropped; exiting so that a restart rejoins the election"
         );
+    }
+    if let Some(manager) = manager {
+        // Gives every shard up (the controllers have stopped) and withdraws the membership.
+        manager_stop.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(10), manager).await;
     }
     audit.close();
     health.set_ready(false);

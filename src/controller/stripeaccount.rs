@@ -60,6 +60,10 @@ pub struct AccountContext {
     policies: Vec<Store<StripeKeyPolicy>>,
     endpoints: Vec<Store<StripeWebhookEndpoint>>,
     namespaces: Vec<Option<String>>,
+    /// When each account's activity log was last read (by UID; in memory: after a restart the
+    /// first reconcile reads at once, and the cursor in status says where to resume).
+    activity_reads:
+        std::sync::Mutex<std::collections::HashMap<String, k8s_openapi::jiff::Timestamp>>,
 }
 
 /// A resource holds credentials of its account: something is still to be retired at Stripe.
@@ -200,6 +204,82 @@ async fn check(ctx: &Context, account: &StripeAccount) -> Result<Option<String>,
 }
 
 impl AccountContext {
+    /// Reads the account's Stripe activity log when due (see [`super::activity`]); returns
+    /// how soon the next read is due. A failed read is logged and counted, and retried at the
+    /// next interval; what it handled before failing stays in `status`.
+    async fn read_activity(
+        &self,
+        api: &Api<StripeAccount>,
+        account: &StripeAccount,
+        status: &mut StripeAccountStatus,
+    ) -> Duration {
+        let ctx = &self.ctx;
+        let name = account.name_any();
+        let interval = ctx.config.activity_log_interval;
+        ctx.metrics
+            .unmanaged_keys
+            .get_or_create(&crate::metrics::AccountLabels {
+                account: name.clone(),
+            })
+            .set(status.unmanaged_key_count.unwrap_or(0));
+        if interval.is_zero() {
+            return CHECK_INTERVAL;
+        }
+        let uid = account.uid().unwrap_or_default();
+        let now = ctx.clock.now();
+        let last = self
+            .activity_reads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&uid)
+            .copied();
+        if let Some(wait) = super::activity::read_due(interval, last, now) {
+            return wait;
+        }
+        self.activity_reads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(uid, now);
+        let reader = super::activity::Reader {
+            ctx,
+            api,
+            account,
+            namespaces: &self.namespaces,
+        };
+        let outcome = match super::activity::read(&reader, status).await {
+            Ok(()) => "success".to_string(),
+            Err(e) => {
+                let reason = failure_reason(&e);
+                let message = redact(&e.to_string());
+                tracing::warn!(account = %name, reason, error = %message, "reading the Stripe activity log failed; retrying at the next interval");
+                ctx.publish_event(
+                    &account.object_ref(&()),
+                    EventType::Warning,
+                    "ActivityLogUnreadable",
+                    "ReadActivityLog",
+                    format!(
+                        "reading Stripe's activity log failed ({reason}): {message}; the Stripe App needs the \"Activity logs: Read\" permission. Retried every {}; nothing is skipped meanwhile",
+                        humantime::format_duration(interval)
+                    ),
+                )
+                .await;
+                reason.to_string()
+            }
+        };
+        ctx.metrics
+            .activity_log_reads
+            .get_or_create(&crate::metrics::ActivityReadLabels {
+                account: name.clone(),
+                outcome,
+            })
+            .inc();
+        ctx.metrics
+            .unmanaged_keys
+            .get_or_create(&crate::metrics::AccountLabels { account: name })
+            .set(status.unmanaged_key_count.unwrap_or(0));
+        interval
+    }
+
     fn cached_holders(&self, account: &str) -> Vec<String> {
         let policies: Vec<Arc<StripeKeyPolicy>> =
             self.policies.iter().flat_map(|s| s.state()).collect();
@@ -232,7 +312,7 @@ impl AccountContext {
     }
 }
 
-async fn write_status(
+pub(super) async fn write_status(
     api: &Api<StripeAccount>,
     account: &StripeAccount,
     status: StripeAccountStatus,
@@ -359,9 +439,10 @@ async fn apply(
     let mut status = account.status.clone().unwrap_or_default();
     status.keys_under_management = Some(keys);
     if let Some(wait) = check_due(account, now) {
-        // Not due: only the count may have changed.
+        // Not due: only the count (and what the activity log showed) may have changed.
+        let activity_wait = actx.read_activity(api, account, &mut status).await;
         write_status(api, account, status).await?;
-        return Ok(Action::requeue(wait));
+        return Ok(Action::requeue(wait.min(activity_wait)));
     }
     let generation = account.metadata.generation;
     let (ready, reason, message, wait) = match check(ctx, account).await {
@@ -399,8 +480,10 @@ async fn apply(
         generation,
         now,
     );
+    // After the check: a new account's first Stripe call stays its health check.
+    let activity_wait = actx.read_activity(api, account, &mut status).await;
     write_status(api, account, status).await?;
-    Ok(Action::requeue(wait))
+    Ok(Action::requeue(wait.min(activity_wait)))
 }
 
 async fn cleanup(
@@ -509,6 +592,7 @@ pub async fn run(ctx: Arc<Context>, namespaces: Vec<Option<String>>, shutdown: C
         policies,
         endpoints,
         namespaces,
+        activity_reads: Default::default(),
     });
     Controller::new(
         Api::<StripeAccount>::all(client),

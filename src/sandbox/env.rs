@@ -58,6 +58,9 @@ pub struct EnvOptions {
     pub last_used_lag: Duration,
     /// The operator's `--key-usage-check-interval`.
     pub key_usage_check_interval: Duration,
+    /// The operator's `--activity-log-interval`. Zero (the default here): the activity-log
+    /// reader is off, so tests that count Stripe calls see none of its reads.
+    pub activity_log_interval: Duration,
 }
 
 impl Default for EnvOptions {
@@ -77,6 +80,7 @@ impl Default for EnvOptions {
             allow_loopback_api: true,
             last_used_lag: crate::controller::DEFAULT_LAST_USED_LAG,
             key_usage_check_interval: crate::controller::DEFAULT_KEY_USAGE_CHECK_INTERVAL,
+            activity_log_interval: Duration::ZERO,
         }
     }
 }
@@ -186,6 +190,7 @@ impl LocalEnv {
         config.resync = self.options.resync;
         config.last_used_lag = self.options.last_used_lag;
         config.key_usage_check_interval = self.options.key_usage_check_interval;
+        config.activity_log_interval = self.options.activity_log_interval;
         config.stripe_timeout = Some(self.options.stripe_timeout);
         config.stripe_retry = self.options.stripe_retry.clone();
         config.crash_hook = Some(self.crash.clone());

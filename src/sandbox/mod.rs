@@ -3,8 +3,9 @@
 //! One process starts the Kubernetes API for tests, the Stripe simulator, the in-memory secret
 //! store and the real controllers, applies `examples/`, and prints a timeline: the account, each
 //! key minted (id and fingerprint, never the secret), the Secret synced, the workload rolled, a
-//! rotation by annotation, an incident rotation, the old key expiring, the webhook endpoint and
-//! its secret, and the audit lines. It exits 0 when every step happened and non-zero with the
+//! rotation by annotation, an incident rotation, the old key expiring, a person viewing the key
+//! in the (simulated) Stripe Dashboard and the operator's `KeyViewed` from the activity log, the
+//! webhook endpoint and its secret, and the audit lines. It exits 0 when every step happened and non-zero with the
 //! reason otherwise. With `--serve` it stays up and prints a kubeconfig for `kubectl`.
 
 pub mod env;
@@ -127,6 +128,7 @@ pub async fn run(args: SandboxArgs) -> anyhow::Result<()> {
     let (audit, audit_lines) = AuditLog::memory();
     let options = EnvOptions {
         audit: Some(audit.clone()),
+        activity_log_interval: SANDBOX_ACTIVITY_LOG_INTERVAL,
         ..EnvOptions::default()
     };
     let mut env = LocalEnv::start(options).await?;
@@ -371,6 +373,9 @@ pub async fn run(args: SandboxArgs) -> anyhow::Result<()> {
         3
     ));
 
+    // 3b. A person reveals the current key in the (simulated) Dashboard.
+    key_viewed_step(&env, &t, &ns, &name, &third.id, timeout).await?;
+
     // 4. The webhook endpoint and its signing secret.
     if let Some((wns, wname)) = endpoint {
         let endpoints: Api<StripeWebhookEndpoint> = Api::namespaced(env.client.clone(), &wns);
@@ -461,6 +466,63 @@ pub async fn run(args: SandboxArgs) -> anyhow::Result<()> {
     }
     env.stop_operator().await;
     audit.close();
+    Ok(())
+}
+
+/// The sandbox's `--activity-log-interval`: short, so the Dashboard step shows in seconds.
+const SANDBOX_ACTIVITY_LOG_INTERVAL: Duration = Duration::from_secs(2);
+
+/// A person reveals the policy's current key in the simulated Stripe Dashboard; the operator
+/// reads Stripe's activity log and raises `KeyViewed` on the policy within one interval.
+async fn key_viewed_step(
+    env: &LocalEnv,
+    t: &Timeline,
+    ns: &str,
+    name: &str,
+    key_id: &str,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let policies: Api<StripeKeyPolicy> = Api::namespaced(env.client.clone(), ns);
+    let account = policies.get(name).await?.spec.account_ref.name;
+    let accounts: Api<crate::api::StripeAccount> = Api::all(env.client.clone());
+    wait("the activity-log reader starts", timeout, || async {
+        let a = accounts.get(&account).await?;
+        Ok(a.status
+            .and_then(|s| s.activity_log)
+            .and_then(|l| l.started_at)
+            .map(|_| ()))
+    })
+    .await?;
+    let email = "alice@example.com";
+    env.sim
+        .dashboard(
+            &env.account_id,
+            email,
+            crate::sim::DashboardAction::View {
+                key_id: key_id.to_string(),
+            },
+        )
+        .map_err(|e| anyhow::anyhow!("the simulated Dashboard: {e}"))?;
+    t.say(format!(
+        "{email} reveals key {key_id} in the (simulated) Stripe Dashboard"
+    ));
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(env.client.clone(), ns);
+    let note = wait("the operator reports the viewed key", timeout, || async {
+        Ok(events
+            .list(&Default::default())
+            .await?
+            .items
+            .into_iter()
+            .find(|e| {
+                e.reason.as_deref() == Some("KeyViewed")
+                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)
+            })
+            .and_then(|e| e.note))
+    })
+    .await?;
+    t.say(format!(
+        "activity log read: Warning KeyViewed on StripeKeyPolicy {ns}/{name}: {note}"
+    ));
     Ok(())
 }
 

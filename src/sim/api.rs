@@ -93,6 +93,8 @@ pub(crate) struct Ctx<'a> {
     pub behaviour: Behaviour,
     /// How long after a use it shows in `last_used`.
     pub last_used_lag: chrono::Duration,
+    /// The id of the API key that made the call (the app key's id), for the activity log.
+    pub caller_key_id: &'a str,
 }
 
 /// A parsed API request.
@@ -146,7 +148,11 @@ pub(crate) fn render_key(
         "last_used": k.reported_last_used(now, lag).map(rfc3339),
         "livemode": mode == Mode::Live,
         "ip_allowlist": [],
-        "managed_by": { "type": "application", "application": { "id": app_id } },
+        "managed_by": if k.dashboard_created {
+            Value::Null
+        } else {
+            json!({ "type": "application", "application": { "id": app_id } })
+        },
         "permissions": k.permissions,
         "connect_permissions": k.connect_permissions,
     });
@@ -432,6 +438,20 @@ impl Handler<'_, '_> {
         )
     }
 
+    /// Records an activity-log entry about `key`, made by the calling app key.
+    fn log_key(&mut self, action: &str, key: &KeyRecord, new_key: Option<&KeyRecord>) {
+        self.acct.activity.record_key(
+            action,
+            super::activity::SimActor::ApiKey {
+                id: self.ctx.caller_key_id.to_owned(),
+            },
+            self.ctx.now,
+            key,
+            self.ctx.app_id,
+            new_key,
+        );
+    }
+
     fn insert_key(&mut self, rec: KeyRecord) {
         self.tokens
             .insert(rec.token.clone(), (self.acct_index, rec.id.clone()));
@@ -527,8 +547,10 @@ impl Handler<'_, '_> {
             last_used: None,
             unreported_uses: Vec::new(),
             rotated_to: None,
+            dashboard_created: false,
         };
         let out = self.render(&rec, view);
+        self.log_key("api_key_created", &rec, None);
         self.insert_key(rec);
         Reply::ok(out)
     }
@@ -657,8 +679,9 @@ impl Handler<'_, '_> {
         if let Some(p) = cperms.filter(|p| !p.is_empty()) {
             key.connect_permissions = p;
         }
-        let key = &self.acct.keys[i];
-        Reply::ok(self.render(key, SecretView::Stored))
+        let key = self.acct.keys[i].clone();
+        self.log_key("api_key_updated", &key, None);
+        Reply::ok(self.render(&key, SecretView::Stored))
     }
 
     fn expire_key(&mut self, id: &str, body: &[u8]) -> Reply {
@@ -684,6 +707,8 @@ impl Handler<'_, '_> {
             }
         } else {
             key.expires_at = Some(now);
+            let key = key.clone();
+            self.log_key("api_key_deleted", &key, None);
         }
         let key = &self.acct.keys[i];
         Reply::ok(self.render(key, SecretView::Stored))
@@ -740,6 +765,7 @@ impl Handler<'_, '_> {
             last_used: None,
             unreported_uses: Vec::new(),
             rotated_to: None,
+            dashboard_created: false,
             ..old
         };
         let old_expiry = now + chrono::Duration::minutes(minutes.unwrap_or(0));
@@ -749,6 +775,8 @@ impl Handler<'_, '_> {
             _ => old_expiry,
         });
         old_key.rotated_to = Some(new.id.clone());
+        let old_key = old_key.clone();
+        self.log_key("api_key_rotated", &old_key, Some(&new));
         let out = self.render(&new, view);
         self.insert_key(new);
         Reply::ok(out)
@@ -1146,6 +1174,12 @@ pub(crate) fn handle_app_call(
         ("POST", ["v2", "iam", "api_keys", id]) => h.update_key(id, req.body),
         ("POST", ["v2", "iam", "api_keys", id, "expire"]) => h.expire_key(id, req.body),
         ("POST", ["v2", "iam", "api_keys", id, "rotate"]) => h.rotate_key(id, req.body),
+        ("GET", ["v2", "iam", "activity_logs"]) => {
+            super::activity::list(h.acct, req.query, ctx.request_id)
+        }
+        ("GET", ["v2", "iam", "activity_logs", id]) => {
+            super::activity::retrieve(h.acct, id, ctx.request_id)
+        }
         ("POST", ["v1", "webhook_endpoints"]) => h.create_endpoint(req.body),
         ("GET", ["v1", "webhook_endpoints"]) => h.list_endpoints(req.query),
         ("GET", ["v1", "webhook_endpoints", id]) => h.retrieve_endpoint(id),

@@ -21,6 +21,20 @@
 //! | `GET /_sim/last_used_lag`, `POST /_sim/last_used_lag {"seconds":N,"minutes":M}` | the reporting lag of `last_used` |
 //! | `POST /_sim/webhook_endpoints/{id}/send {"type":..,"data":..}` | deliver a signed event |
 //! | `POST /_sim/webhook_endpoints/{id}/roll_secret {"expire_current_in_hours":N}` | Dashboard-style secret roll |
+//! | `POST /_sim/accounts/{acct}/dashboard {"email":..,"action":"view"\|"update"\|"expire","key_id":..}` | a person views, edits (`name`, `permissions`) or expires a key in the Dashboard |
+//! | `POST /_sim/accounts/{acct}/dashboard {"email":..,"action":"create","name":..,"permissions":[..]}` | a person creates a restricted key by hand (answers its id, never its token) |
+//! | `GET /_sim/accounts/{acct}/activity_logs` | the account's activity log, oldest first ([`ActivityEntryState`]) |
+//!
+//! **Activity log.** `GET /v2/iam/activity_logs` (and `/{id}`) serves each account's security
+//! history as Stripe's public preview describes it: newest first, `limit` 1–100 (default 10),
+//! filters `action_groups` (`api_key`, `account_security`, `authentication`, `user_roles`) and
+//! `actions` (`api_key_created`, `api_key_updated`, `api_key_deleted`, `api_key_viewed`,
+//! `api_key_rotated`, ...), paged with `next_page_url`. Keys created, updated, rotated or
+//! expired through the API are recorded with the calling app key as actor (`type: api_key`, id
+//! `apikey_app_<fingerprint>`, see [`SimHandle::app_key_id`]); Dashboard actions with the
+//! person's email (`type: user`). An expiry is recorded as `api_key_deleted`. Stripe requires
+//! the "Activity logs: Read" permission; the simulator does not model app permissions, so any
+//! accepted app key may read it. The last 10 000 entries per account are kept.
 //!
 //! Fault JSON example: `{"fault":{"kind":"rate_limited","retry_after_secs":1},"count":3,
 //! "method":"POST","path_prefix":"/v2/"}`; kinds: `rate_limited`, `server_error`
@@ -42,6 +56,7 @@
 //! verify them) unless a `timestamp` is given; expiry is exact (real Stripe was observed to keep
 //! accepting an expired key for seconds to minutes); there is no concurrent-request 409.
 
+mod activity;
 mod api;
 mod server;
 mod state;
@@ -52,6 +67,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 
+pub use activity::{ActivityEntryState, DashboardAction, SimActor};
 pub use server::{DeliveryOutcome, SendEventRequest};
 pub use state::{
     AccountState, ClockMode, EndpointState, FaultKind, FaultRule, FaultSpec, KeyState,
@@ -191,6 +207,14 @@ impl SimConfig {
         self.clock = ClockMode::Manual { start };
         self
     }
+}
+
+/// The activity log's id for an app key: `apikey_app_` and the token's fingerprint.
+pub(crate) fn app_key_id(token: &str) -> String {
+    format!(
+        "apikey_app_{}",
+        crate::secret::fingerprint(token.as_bytes())
+    )
 }
 
 /// Generates a simulator app key (`sk_test_sim_...`): a simulator credential, not a Stripe key.
@@ -369,6 +393,38 @@ impl SimHandle {
             .expired_app_keys
             .insert(crate::secret::fingerprint(key.expose().as_bytes()));
         Ok(())
+    }
+
+    /// The id the activity log gives an app key (actor `api_key` of the app's own calls).
+    pub fn app_key_id(&self, key: &SecretString) -> String {
+        app_key_id(key.expose())
+    }
+
+    /// Plays a person (`email`) acting in the Dashboard of `account` (view, edit, expire or
+    /// create a key); the change and its activity-log entry are made at once. Returns the id
+    /// of the key acted on (or created).
+    pub fn dashboard(
+        &self,
+        account: &str,
+        email: &str,
+        action: DashboardAction,
+    ) -> Result<String, SimError> {
+        let mut st = self.shared.lock();
+        activity::dashboard(&mut st, &self.shared.app_id, account, email, action)
+    }
+
+    /// The account's activity log, oldest first.
+    pub fn activity_log(&self, account: &str) -> Vec<ActivityEntryState> {
+        let st = self.shared.lock();
+        st.account_index(account)
+            .map(|ai| {
+                st.accounts[ai]
+                    .activity
+                    .entries()
+                    .map(ActivityEntryState::from)
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// The simulator's clock.

@@ -294,12 +294,14 @@ async fn api(
         let mut guard = shared.lock();
         let st = &mut *guard;
         let now = st.clock.now();
+        let caller_key_id = bearer.as_deref().map(super::app_key_id).unwrap_or_default();
         let ctx = Ctx {
             request_id: &request_id,
             app_id: &shared.app_id,
             now,
             behaviour: shared.behaviour,
             last_used_lag: st.last_used_lag,
+            caller_key_id: &caller_key_id,
         };
         // One route table for the broker and this surface. The app's own surface (`/v2/`,
         // `/v1/webhook_endpoints`) stays the app's unless a minted key calls it.
@@ -649,8 +651,42 @@ pub(crate) fn roll_secret(
     Ok(SecretString::new(secret))
 }
 
+#[derive(Debug, Deserialize)]
+struct DashboardBody {
+    email: String,
+    #[serde(flatten)]
+    action: super::activity::DashboardAction,
+}
+
 fn control_router() -> Router<Arc<Shared>> {
     Router::new()
+        .route(
+            "/_sim/accounts/{account}/dashboard",
+            post(|AxState(s): AxState<Arc<Shared>>, Path(account): Path<String>, Json(b): Json<DashboardBody>| async move {
+                let mut st = s.lock();
+                match super::activity::dashboard(&mut st, &s.app_id, &account, &b.email, b.action) {
+                    Ok(id) => Json(json!({ "key_id": id })).into_response(),
+                    Err(e) => sim_error(e),
+                }
+            }),
+        )
+        .route(
+            "/_sim/accounts/{account}/activity_logs",
+            get(|AxState(s): AxState<Arc<Shared>>, Path(account): Path<String>| async move {
+                let st = s.lock();
+                match st.account_index(&account) {
+                    Some(ai) => Json(
+                        st.accounts[ai]
+                            .activity
+                            .entries()
+                            .map(super::activity::ActivityEntryState::from)
+                            .collect::<Vec<_>>(),
+                    )
+                    .into_response(),
+                    None => sim_error(SimError::NotFound(format!("account {account}"))),
+                }
+            }),
+        )
         .route(
             "/_sim/state",
             get(|AxState(s): AxState<Arc<Shared>>| async move { Json::<SimState>(s.lock().snapshot()) }),

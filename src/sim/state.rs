@@ -310,6 +310,8 @@ pub(crate) struct KeyRecord {
     /// Uses not visible yet (the reporting lag), oldest first.
     pub unreported_uses: Vec<DateTime<Utc>>,
     pub rotated_to: Option<String>,
+    /// Created by a person in the (simulated) Dashboard: not managed by the app.
+    pub dashboard_created: bool,
 }
 
 /// Pending uses kept per key at most (older pending ones are dropped: a later use exists).
@@ -400,6 +402,8 @@ pub(crate) struct Account {
     pub bucket: TokenBucket,
     /// Events created for this account (what `GET /v1/events/{id}` serves).
     pub events: EventStore,
+    /// The account's activity log (`GET /v2/iam/activity_logs`).
+    pub activity: super::activity::ActivityLog,
 }
 
 /// Most events kept per account; the oldest is forgotten first (Stripe keeps 30 days).
@@ -470,6 +474,7 @@ impl State {
                         idempotency: HashMap::new(),
                         bucket: TokenBucket::new(f64::from(rate.max(1)), rate.max(1), now),
                         events: EventStore::default(),
+                        activity: Default::default(),
                     }
                 })
                 .collect(),
@@ -611,6 +616,7 @@ mod tests {
             last_used: None,
             unreported_uses: vec![],
             rotated_to: None,
+            dashboard_created: false,
         };
         let lag = m(5);
         k.record_use(t0 + m(1), lag);

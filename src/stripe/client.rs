@@ -390,6 +390,57 @@ impl StripeClient {
         }
     }
 
+    /// `GET /v2/iam/activity_logs`: one page of the account's activity log, newest first
+    /// (Stripe's public preview; the app needs the "Activity logs: Read" permission). Follow
+    /// `next_page_url` with [`StripeClient::list_activity_logs_page`].
+    pub async fn list_activity_logs(
+        &self,
+        params: &ListActivityLogsParams,
+    ) -> Result<ApiResponse<ActivityLogList>, StripeError> {
+        if params.limit.is_some_and(|l| l == 0 || l > 100) {
+            return Err(StripeError::InvalidRequest(
+                "limit must be between 1 and 100".into(),
+            ));
+        }
+        let q = {
+            let mut q = url::form_urlencoded::Serializer::new(String::new());
+            for g in &params.action_groups {
+                q.append_pair("action_groups", g);
+            }
+            for a in &params.actions {
+                q.append_pair("actions", a);
+            }
+            if let Some(l) = params.limit {
+                q.append_pair("limit", &l.to_string());
+            }
+            q.finish()
+        };
+        let mut path = "/v2/iam/activity_logs".to_owned();
+        if !q.is_empty() {
+            path.push('?');
+            path.push_str(&q);
+        }
+        self.execute(Method::GET, &path, Body::None, None).await
+    }
+
+    /// Fetches the activity-log page a `next_page_url` names (same origin only).
+    pub async fn list_activity_logs_page(
+        &self,
+        page_url: &str,
+    ) -> Result<ApiResponse<ActivityLogList>, StripeError> {
+        let path = self.relative_page_url(page_url)?;
+        self.execute(Method::GET, &path, Body::None, None).await
+    }
+
+    /// `GET /v2/iam/activity_logs/{id}`.
+    pub async fn retrieve_activity_log(
+        &self,
+        id: &str,
+    ) -> Result<ApiResponse<ActivityLog>, StripeError> {
+        let path = format!("/v2/iam/activity_logs/{}", encode_segment(id));
+        self.execute(Method::GET, &path, Body::None, None).await
+    }
+
     /// `POST /v2/iam/api_keys/{id}`: changes name, note or permissions. Stripe answers 200 to
     /// `permissions: []` without changing anything: compare the result when it matters.
     pub async fn update_api_key(

@@ -269,6 +269,149 @@ pub struct RotateApiKeyParams {
     pub public_key: Option<PublicKeyParam>,
 }
 
+/// Who acted in an activity-log entry: an API key (by id) or a person (by email).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct ActivityLogActor {
+    /// `api_key` or `user` (others may appear: kept as is).
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Set when `type` is `api_key`.
+    #[serde(default)]
+    pub api_key: Option<ActivityLogActorKey>,
+    /// Set when `type` is `user`.
+    #[serde(default)]
+    pub user: Option<ActivityLogActorUser>,
+}
+
+impl ActivityLogActor {
+    /// The acting API key's id, when an API key acted.
+    pub fn api_key_id(&self) -> Option<&str> {
+        (self.kind == "api_key")
+            .then(|| self.api_key.as_ref().map(|k| k.id.as_str()))
+            .flatten()
+    }
+
+    /// The person's email, when a person acted.
+    pub fn user_email(&self) -> Option<&str> {
+        (self.kind == "user")
+            .then(|| self.user.as_ref().map(|u| u.email.as_str()))
+            .flatten()
+    }
+
+    /// `api_key apikey_...`, `user a@example.com` or the bare type: for Events and status.
+    pub fn describe(&self) -> String {
+        match (self.api_key_id(), self.user_email()) {
+            (Some(id), _) => format!("api_key {id}"),
+            (_, Some(email)) => format!("user {email}"),
+            _ => self.kind.clone(),
+        }
+    }
+}
+
+/// `actor.api_key` of an activity-log entry.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct ActivityLogActorKey {
+    /// The key's id.
+    pub id: String,
+}
+
+/// `actor.user` of an activity-log entry.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct ActivityLogActorUser {
+    /// The person's email.
+    pub email: String,
+}
+
+/// `details.api_key` of an activity-log entry (never a secret).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct ActivityLogApiKey {
+    /// The key's id.
+    pub id: String,
+    /// Its name.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Its note.
+    #[serde(default)]
+    pub note: Option<String>,
+    /// `secret_key` or `publishable_key`.
+    #[serde(default, rename = "type")]
+    pub key_type: Option<String>,
+    /// When it was created.
+    #[serde(default)]
+    pub created: Option<DateTime<Utc>>,
+    /// When it expires.
+    #[serde(default)]
+    pub expires_at: Option<DateTime<Utc>>,
+    /// Who manages it.
+    #[serde(default)]
+    pub managed_by: Option<ManagedBy>,
+    /// The key a rotation made (`api_key_rotated`).
+    #[serde(default)]
+    pub new_key: Option<Box<ActivityLogApiKey>>,
+}
+
+/// `details` of an activity-log entry.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct ActivityLogDetails {
+    /// What the details describe (`api_key`, ...).
+    #[serde(default, rename = "type")]
+    pub kind: Option<String>,
+    /// Set for API-key entries.
+    #[serde(default)]
+    pub api_key: Option<ActivityLogApiKey>,
+}
+
+/// One entry of the account's activity log (`object: "v2.iam.activity_log"`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct ActivityLog {
+    /// Entry id.
+    pub id: String,
+    /// The action, e.g. `api_key_viewed`.
+    #[serde(rename = "type")]
+    pub action: String,
+    /// Who acted.
+    pub actor: ActivityLogActor,
+    /// The account (`acct_...`).
+    #[serde(default)]
+    pub context: Option<String>,
+    /// When (RFC 3339).
+    pub created: DateTime<Utc>,
+    /// Live or test mode.
+    #[serde(default)]
+    pub livemode: bool,
+    /// What the entry is about.
+    #[serde(default)]
+    pub details: Option<ActivityLogDetails>,
+}
+
+impl ActivityLog {
+    /// `details.api_key`, when the entry is about an API key.
+    pub fn api_key(&self) -> Option<&ActivityLogApiKey> {
+        self.details.as_ref().and_then(|d| d.api_key.as_ref())
+    }
+}
+
+/// A page of activity-log entries, newest first.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct ActivityLogList {
+    /// The entries of this page.
+    pub data: Vec<ActivityLog>,
+    /// Path and query of the next (older) page, `None` on the last page.
+    #[serde(default)]
+    pub next_page_url: Option<String>,
+}
+
+/// Query of `GET /v2/iam/activity_logs`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ListActivityLogsParams {
+    /// Only these action groups (`api_key`, `account_security`, ...).
+    pub action_groups: Vec<String>,
+    /// Only these actions (`api_key_viewed`, ...).
+    pub actions: Vec<String>,
+    /// Page size, at most 100.
+    pub limit: Option<u32>,
+}
+
 /// Query of `GET /v2/iam/api_keys`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct ListApiKeysParams {

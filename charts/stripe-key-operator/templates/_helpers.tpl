@@ -67,6 +67,18 @@ Call it right after the labels as {{- include "sko.annotations" (dict "root" .) 
 {{- default (printf "%s-leader" (include "sko.fullname" .)) .Values.leaderElection.leaseName -}}
 {{- end -}}
 
+{{/* Shards (the operator's --shards): sharding.shards when set; otherwise replicaCount from
+three replicas up (they share the work), else 1 (one leader acts, the others stand by). */}}
+{{- define "sko.shards" -}}
+{{- if .Values.sharding.shards -}}
+{{- .Values.sharding.shards | int -}}
+{{- else if ge (int .Values.replicaCount) 3 -}}
+{{- .Values.replicaCount | int -}}
+{{- else -}}
+1
+{{- end -}}
+{{- end -}}
+
 {{/* Name of the ValidatingWebhookConfiguration (cluster-scoped, so it carries the namespace). */}}
 {{- define "sko.webhookName" -}}
 {{- printf "%s-%s" (include "sko.fullname" .) .Release.Namespace | trunc 63 | trimSuffix "-" -}}
@@ -107,6 +119,9 @@ operator derives from --webhook-service in self-signed mode. */}}
 {{- end -}}
 {{- if and (not .Values.leaderElection.enabled) (gt (int .Values.replicaCount) 1) -}}
 {{- fail "leaderElection.enabled: false with more than one replica would let several operators mint and rotate keys at once; set replicaCount: 1 or enable leader election" -}}
+{{- end -}}
+{{- if and (not .Values.leaderElection.enabled) (gt (int (include "sko.shards" .)) 1) -}}
+{{- fail "sharding needs Leases: leaderElection.enabled: false cannot be combined with more than one shard; set sharding.shards: 1 or enable leader election" -}}
 {{- end -}}
 {{- if and .Values.vault.caCert.configMap.name .Values.vault.caCert.secret.name -}}
 {{- fail "vault.caCert: set configMap.name or secret.name, not both" -}}

@@ -123,6 +123,14 @@ mode when `default` is not a watched namespace. */}}
   resources: ["leases"]
   resourceNames: [{{ include "sko.leaseName" . | quote }}]
   verbs: ["get", "update"]
+{{- if gt (int (include "sko.shards" .)) 1 }}
+{{- /* Sharding: the shard Leases and one membership Lease per replica (named after its pod,
+so not known here), listed by label; a membership Lease expired for long is deleted. Only in
+the release namespace, which holds nothing but the operator's own objects. */}}
+- apiGroups: ["coordination.k8s.io"]
+  resources: ["leases"]
+  verbs: ["get", "list", "update", "delete"]
+{{- end }}
 {{- end }}
 
 {{/* The admission webhook's caBundle (self-signed mode only), on its own configuration. */}}

@@ -381,6 +381,40 @@ def test_servicemonitor_scrapes_the_metrics_service_port():
     assert not [o for o in rendered("defaults") if o["kind"] == "ServiceMonitor"]
 
 
+def test_one_or_two_replicas_elect_a_leader_and_three_share_the_work_through_shards():
+    defaults = {k: v.get("value") for k, v in env_of(rendered("defaults")).items()}
+    assert defaults["SHARDS"] == "1", "two replicas: one leader, one standby"
+    fullname = one(rendered("defaults"), "Deployment")["metadata"]["name"]
+    assert defaults["SHARD_LEASE_PREFIX"] == fullname
+    objs = rendered("sharded")
+    assert one(objs, "Deployment")["spec"]["replicas"] == 3
+    env = {k: v.get("value") for k, v in env_of(objs).items()}
+    assert env["SHARDS"] == "3", "sharding.shards defaults to replicaCount"
+    assert env["SHARD_LEASE_PREFIX"] == fullname
+    assert env["LEADER_ELECT"] == "true"
+    assert (env["LEASE_DURATION"], env["RENEW_DEADLINE"], env["RETRY_PERIOD"]) == ("15s", "10s", "2s")
+    for i in range(3):
+        assert granted(objs, "coordination.k8s.io", "leases", "update", NAMESPACE, f"{fullname}-shard-{i}")
+    assert granted(objs, "coordination.k8s.io", "leases", "list", NAMESPACE)
+    # One replica out at a time: its shards move to the others within a lease duration.
+    pdb = one(objs, "PodDisruptionBudget")
+    assert pdb["spec"]["maxUnavailable"] == 1
+    # An explicit count wins, in both directions.
+    six = objects_of(render({"replicaCount": 3, "sharding": {"shards": 6}}))
+    assert env_of(six)["SHARDS"]["value"] == "6"
+    single = objects_of(render({"replicaCount": 3, "sharding": {"shards": 1}}))
+    assert env_of(single)["SHARDS"]["value"] == "1"
+    assert not granted(single, "coordination.k8s.io", "leases", "list", NAMESPACE)
+    two = objects_of(render({"replicaCount": 2, "sharding": {"shards": 4}}))
+    assert env_of(two)["SHARDS"]["value"] == "4"
+
+
+def test_sharding_without_leases_is_refused():
+    with pytest.raises(Exception, match="sharding needs Leases"):
+        render({"replicaCount": 1, "leaderElection": {"enabled": False}, "sharding": {"shards": 3}})
+    render({"replicaCount": 1, "leaderElection": {"enabled": False}})
+
+
 def test_pod_disruption_budget_never_blocks_on_an_unhealthy_replica():
     pdb = one(rendered("defaults"), "PodDisruptionBudget")
     assert pdb["spec"]["maxUnavailable"] == 1
@@ -596,14 +630,21 @@ def test_leases_are_granted_only_in_a_role_in_the_release_namespace(name):
     role = lease_roles[0]
     assert role["kind"] == "Role" and role["metadata"]["namespace"] == NAMESPACE
     lease = env_of(objs)["LEASE_NAME"]["value"]
+    sharded = int(env_of(objs)["SHARDS"]["value"]) > 1
     for rule in (r for r in role["rules"] if "leases" in r["resources"]):
         assert rule["apiGroups"] == ["coordination.k8s.io"]
-        if set(rule["verbs"]) - {"create"}:
+        if sharded and "resourceNames" not in rule and rule["verbs"] != ["create"]:
+            # Shard and membership Leases (named after pods): in the release namespace only.
+            assert set(rule["verbs"]) == {"get", "list", "update", "delete"}, rule
+        elif set(rule["verbs"]) - {"create"}:
             assert rule["resourceNames"] == [lease], "get/update only on the operator's own Lease"
     for verb in ("get", "create", "update"):
         assert granted(objs, "coordination.k8s.io", "leases", verb, NAMESPACE, lease)
-    assert not granted(objs, "coordination.k8s.io", "leases", "update", NAMESPACE, "someone-elses-lease")
+    assert (
+        granted(objs, "coordination.k8s.io", "leases", "update", NAMESPACE, "someone-elses-lease") == sharded
+    ), "other Leases of the release namespace only when sharding"
     assert not granted(objs, "coordination.k8s.io", "leases", "get", "payments", lease)
+    assert not granted(objs, "coordination.k8s.io", "leases", "update", "payments", "sko-shard-0")
 
 
 def test_cluster_mode_grants_what_the_operator_needs_everywhere():
@@ -1085,6 +1126,8 @@ ALERT_NAMES = {
     "StripeKeyOperatorRotationFailing",
     "StripeKeyOperatorRolloutStuck",
     "StripeKeyOperatorOldKeyStillInUse",
+    "StripeKeyOperatorKeyTampered",
+    "StripeKeyOperatorKeyViewed",
     "StripeKeyOperatorNoLeader",
     "StripeKeyOperatorWebhookForgeries",
     "StripeKeyOperatorWebhookSignedForgery",
