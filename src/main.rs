@@ -34,6 +34,10 @@ enum Command {
     Permissions(stripe_key_operator::egress::suggest::PermissionsArgs),
     /// Run the webhook verifying proxy: a sidecar that forwards only requests Stripe signed.
     VerifyProxy(Box<stripe_key_operator::webhook::proxy::VerifyProxyArgs>),
+    /// Run the egress key broker: a sidecar on loopback that holds the real Stripe key, swaps
+    /// the application's placeholder for it, refuses routes the key's permissions cannot serve
+    /// and counts usage per permission (`/usage`).
+    EgressProxy(Box<stripe_key_operator::egress::proxy::EgressProxyArgs>),
 }
 
 /// With `--features heap-profile`, every allocation goes through dhat's profiler, which writes
@@ -93,6 +97,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Sandbox(args) => stripe_key_operator::sandbox::run(args).await,
         Command::Rotate(args) => stripe_key_operator::rotate_cli::run(args).await,
         Command::VerifyProxy(args) => stripe_key_operator::webhook::proxy::run_cli(*args).await,
+        Command::EgressProxy(args) => stripe_key_operator::egress::proxy::run_cli(*args).await,
         Command::Permissions(args) => stripe_key_operator::egress::suggest::run_cli(args).await,
         Command::Audit(_) | Command::Scan(_) => unreachable!("handled in main"),
     }

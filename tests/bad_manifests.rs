@@ -434,7 +434,7 @@ fn cel_rules_over_strings_lists_and_maps_are_bounded_for_the_cost_budget() {
 /// Every good manifest and every stripekeys.io object of `examples/`, with its file.
 fn good_objects() -> Vec<(String, Value)> {
     let mut out = Vec::new();
-    for dir in ["tests/manifests/good", "examples"] {
+    for dir in ["tests/manifests/good", "examples", "examples/brokered"] {
         let mut paths: Vec<PathBuf> = std::fs::read_dir(repo_path(dir))
             .unwrap_or_else(|e| panic!("{dir}: {e}"))
             .map(|e| e.expect("dir entry").path())

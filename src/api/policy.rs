@@ -196,6 +196,7 @@ pub struct CanaryTrip {
 /// Where a key is delivered.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.broker) || !has(self.rolloutTargets) || size(self.rolloutTargets) == 0").message("a brokered key needs no rollout: remove rolloutTargets (the egress-proxy sidecar switches keys itself)"))]
 pub struct KeyDelivery {
     /// Also write the key below this resource's path in Vault (workloads that read Vault
     /// directly). The bundle is always kept in the store; this only adds a sub-path.
@@ -208,6 +209,38 @@ pub struct KeyDelivery {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 50))]
     pub rollout_targets: Vec<RolloutTarget>,
+    /// Brokered delivery: the workload never holds the key. The Secret's `key` holds a
+    /// placeholder (`rk_broker_placeholder_...`, stable for the policy's life) and
+    /// `STRIPE_API_BASE` the broker's loopback address; the real key and its permissions are in
+    /// `STRIPE_BROKER_API_KEY` and `STRIPE_BROKER_PERMISSIONS`, to be mounted only into the
+    /// `stripe-key-operator egress-proxy` sidecar, which swaps the placeholder for the key and
+    /// refuses routes the permissions cannot serve. A rotation needs no rollout (the sidecar
+    /// re-reads its Secret volume), so `rolloutTargets` must be empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub broker: Option<BrokerDelivery>,
+}
+
+/// Settings of brokered delivery.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BrokerDelivery {
+    /// Loopback port of the egress-proxy sidecar, published as
+    /// `STRIPE_API_BASE=http://127.0.0.1:<port>`. Default 12111.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1024, max = 65535))]
+    pub port: Option<u16>,
+}
+
+impl BrokerDelivery {
+    /// The effective port.
+    pub fn port(&self) -> u16 {
+        self.port.unwrap_or(crate::egress::proxy::DEFAULT_PORT)
+    }
+
+    /// The API base the application uses.
+    pub fn api_base(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port())
+    }
 }
 
 /// The synced Secret and its key names.

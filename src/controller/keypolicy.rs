@@ -101,6 +101,7 @@ pub fn validate(
         ));
     }
     super::canary::validate_spec(spec).map_err(invalid)?;
+    validate_broker(&spec.delivery).map_err(invalid)?;
     let declared = || spec.permissions.iter().chain(&spec.connect_permissions);
     if !spec.allow_unlisted_permissions {
         let unknown = permissions::unknown(declared());
@@ -134,6 +135,65 @@ pub fn validate(
         rotation,
         usage,
     })
+}
+
+/// Brokered delivery: no rollout targets (the sidecar switches keys itself) and no Secret key
+/// name of the application's entries that is also one of the broker's. Pure.
+pub fn validate_broker(delivery: &crate::api::KeyDelivery) -> Result<(), String> {
+    if delivery.broker.is_none() {
+        return Ok(());
+    }
+    if !delivery.rollout_targets.is_empty() {
+        return Err(
+            "a brokered key needs no rollout: remove delivery.rolloutTargets (the egress-proxy \
+             sidecar re-reads its Secret volume and switches keys itself)"
+                .into(),
+        );
+    }
+    let reserved = [
+        crate::egress::proxy::DEFAULT_KEY_ENTRY,
+        crate::egress::proxy::DEFAULT_PERMISSIONS_ENTRY,
+        crate::egress::proxy::API_BASE_ENTRY,
+    ];
+    let key = delivery.secret.key_name();
+    if reserved.contains(&key) {
+        return Err(format!(
+            "delivery.secret.key {key} is an entry of brokered delivery; choose another name for \
+             the placeholder"
+        ));
+    }
+    Ok(())
+}
+
+/// The Secret entries of brokered delivery: the placeholder under the application's key name
+/// and the broker's address for the application; the real key and its permissions under the
+/// broker's entries (mounted only into the sidecar). The previous key is not published: the
+/// sidecar always uses the current key, and requests in flight finish on the key they started
+/// with, which Stripe keeps valid for the overlap. Pure.
+pub fn brokered_entries(
+    obj: &StripeKeyPolicy,
+    broker: &crate::api::BrokerDelivery,
+    current: &SecretString,
+) -> Vec<(String, SecretString)> {
+    use crate::egress::proxy::{
+        API_BASE_ENTRY, DEFAULT_KEY_ENTRY, DEFAULT_PERMISSIONS_ENTRY, placeholder_for,
+    };
+    let uid = obj.metadata.uid.as_deref().unwrap_or_default();
+    vec![
+        (
+            obj.spec.delivery.secret.key_name().to_string(),
+            SecretString::new(placeholder_for(uid)),
+        ),
+        (
+            API_BASE_ENTRY.to_string(),
+            SecretString::new(broker.api_base()),
+        ),
+        (DEFAULT_KEY_ENTRY.to_string(), current.clone()),
+        (
+            DEFAULT_PERMISSIONS_ENTRY.to_string(),
+            SecretString::new(permissions::normalized(&obj.spec.permissions).join(",")),
+        ),
+    ]
 }
 
 /// The usage-aware expiry settings of a policy, with their defaults: `maxHold` defaults to the
@@ -399,6 +459,9 @@ impl Credential for KeyPolicy {
         current: &SecretString,
         previous: Option<&SecretString>,
     ) -> Vec<(String, SecretString)> {
+        if let Some(broker) = &obj.spec.delivery.broker {
+            return brokered_entries(obj, broker, current);
+        }
         let delivery = &obj.spec.delivery.secret;
         let mut entries = vec![(delivery.key_name().to_string(), current.clone())];
         if let Some(p) = previous {
@@ -511,6 +574,59 @@ mod tests {
         let ok = validate(&p, Some(&open), &BTreeMap::new(), &[], now()).unwrap();
         assert_eq!(ok.permissions, ["charge_read", "refund_write"], "sorted");
         assert_eq!(ok.rotation.overlap, Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn brokered_delivery_publishes_a_placeholder_and_the_key_only_under_the_broker_entries() {
+        let mut brokered = spec();
+        brokered["delivery"]["broker"] = json!({"port": 12999});
+        let p = policy(brokered.clone(), None);
+        let open = account(json!({}), "test");
+        fixtures::validate::<KeyPolicy>(&p, Some(&open), &[]).unwrap();
+        let key = SecretString::new("rk_test_realkey0001");
+        let old = SecretString::new("rk_test_oldkey0001");
+        let entries = KeyPolicy::publish(&p, &key, Some(&old));
+        let get = |name: &str| {
+            entries
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.expose().to_owned())
+        };
+        let placeholder = get("STRIPE_API_KEY").unwrap();
+        assert!(placeholder.starts_with(crate::egress::proxy::PLACEHOLDER_PREFIX));
+        assert_eq!(get("STRIPE_API_BASE").unwrap(), "http://127.0.0.1:12999");
+        assert_eq!(get("STRIPE_BROKER_API_KEY").unwrap(), key.expose());
+        assert_eq!(
+            get("STRIPE_BROKER_PERMISSIONS").unwrap(),
+            "charge_read,refund_write"
+        );
+        // the previous key is not published: the sidecar never needs it
+        assert!(entries.iter().all(|(_, v)| v.expose() != old.expose()));
+        assert_eq!(get("STRIPE_API_KEY_PREVIOUS"), None);
+        // the placeholder does not change when the key does: no rollout
+        let rotated = KeyPolicy::publish(&p, &SecretString::new("rk_test_next"), None);
+        assert_eq!(rotated[0].1.expose(), placeholder);
+
+        let mut with_targets = brokered.clone();
+        with_targets["delivery"]["rolloutTargets"] =
+            json!([{"kind": "Deployment", "name": "checkout"}]);
+        let refusal =
+            fixtures::validate::<KeyPolicy>(&policy(with_targets, None), Some(&open), &[])
+                .unwrap_err();
+        assert!(
+            refusal.message.contains("needs no rollout"),
+            "{}",
+            refusal.message
+        );
+        let mut clash = brokered;
+        clash["delivery"]["secret"]["key"] = json!("STRIPE_BROKER_API_KEY");
+        let refusal =
+            fixtures::validate::<KeyPolicy>(&policy(clash, None), Some(&open), &[]).unwrap_err();
+        assert!(refusal.message.contains("brokered"), "{}", refusal.message);
+        // without a broker nothing changes
+        let plain = KeyPolicy::publish(&policy(spec(), None), &key, Some(&old));
+        assert_eq!(plain.len(), 2);
+        assert_eq!(plain[0].1.expose(), key.expose());
     }
 
     #[test]

@@ -6,6 +6,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::{Map, Value, json};
 
 use super::state::{Account, EndpointRecord, EndpointSecret, KeyRecord, State, random_alnum};
+use crate::egress::routes::{Route, grants};
 use crate::stripe::config::Mode;
 use crate::stripe::jwe::{KeyWrapAlgorithm, encrypt_compact, parse_public_key_pem};
 
@@ -1149,19 +1150,6 @@ pub(crate) fn valid_permission(p: &str) -> bool {
         && b.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'_'))
 }
 
-/// Whether `held` grants `needed` (`x_write` implies `x_read`).
-pub(crate) fn grants(held: &[String], needed: &str) -> bool {
-    if held.iter().any(|p| p == needed) {
-        return true;
-    }
-    match needed.strip_suffix("_read") {
-        Some(resource) => held
-            .iter()
-            .any(|p| p.strip_suffix("_write") == Some(resource)),
-        None => false,
-    }
-}
-
 /// Dispatches an authenticated app call for account `acct_index`.
 pub(crate) fn handle_app_call(
     state: &mut State,
@@ -1214,33 +1202,16 @@ pub(crate) fn unrecognized(req: &ApiRequest<'_>, request_id: &str, mode: Option<
     )
 }
 
-/// The permission a scope-enforcing surface route needs, if the route is one.
-pub(crate) fn scope_route(method: &str, path: &str) -> Option<&'static str> {
-    match (method, path.trim_end_matches('/')) {
-        ("GET", "/v1/charges") => Some("charge_read"),
-        ("GET", "/v1/customers") => Some("customer_read"),
-        ("POST", "/v1/refunds") => Some("refund_write"),
-        ("GET", "/v1/balance") => Some("balance_read"),
-        ("GET", "/v1/payment_intents") => Some("payment_intent_read"),
-        ("GET", p)
-            if p.strip_prefix("/v1/events/")
-                .is_some_and(|id| !id.contains('/')) =>
-        {
-            Some("event_read")
-        }
-        _ => None,
-    }
-}
-
 /// Serves the scope-enforcing surface for a minted key. Returns the key's account (for rate
 /// limiting and the log) and the answer.
 pub(crate) fn handle_scoped_call(
     state: &mut State,
     token: Option<&str>,
-    needed: &'static str,
+    route: &'static Route,
     req: &ApiRequest<'_>,
     ctx: &Ctx<'_>,
 ) -> (Option<usize>, Reply) {
+    let needed = route.permission;
     let now = ctx.now;
     let found = token.and_then(|t| state.tokens.get(t).cloned());
     let Some((ai, key_id)) = found else {
@@ -1323,9 +1294,9 @@ pub(crate) fn handle_scoped_call(
     }
     let livemode = mode == Mode::Live;
     let path = req.path.trim_end_matches('/');
-    if needed == "event_read" {
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    if let ["v1", "events", id] = segments.as_slice() {
         // `GET /v1/events/{id}`: the events this account created (what the simulator delivered)
-        let id = path.strip_prefix("/v1/events/").unwrap_or_default();
         return match acct.events.get(id) {
             Some(event) => (Some(ai), Reply::ok(event.clone())),
             None => (
@@ -1342,35 +1313,51 @@ pub(crate) fn handle_scoped_call(
             ),
         };
     }
-    let body = match needed {
-        "balance_read" => {
+    (
+        Some(ai),
+        Reply::ok(scoped_body(route, req.method, &segments, livemode)),
+    )
+}
+
+/// A plausible answer of a scope-enforcing route (the simulator keeps no such objects): the
+/// balance, a refund, an empty list, or the object named by the path.
+fn scoped_body(route: &Route, method: &str, segments: &[&str], livemode: bool) -> Value {
+    let object = route
+        .permission
+        .strip_suffix("_read")
+        .or_else(|| route.permission.strip_suffix("_write"))
+        .unwrap_or(route.permission);
+    let ends_with_id = route.pattern.ends_with("{id}");
+    let last = segments.last().copied().unwrap_or_default();
+    match (method, route.pattern) {
+        ("GET", "/v1/balance") => {
             json!({ "object": "balance", "available": [], "pending": [], "livemode": livemode })
         }
-        "refund_write" => json!({
+        ("POST", "/v1/refunds") => json!({
             "id": format!("re_{}", random_alnum(24)),
             "object": "refund",
             "status": "succeeded",
             "livemode": livemode,
         }),
-        _ => json!({ "object": "list", "data": [], "has_more": false, "url": path }),
-    };
-    (Some(ai), Reply::ok(body))
+        ("GET", _) if !ends_with_id => json!({
+            "object": "list",
+            "data": [],
+            "has_more": false,
+            "url": format!("/{}", segments.join("/")),
+        }),
+        ("DELETE", _) => json!({ "id": last, "object": object, "deleted": true }),
+        ("POST", _) if !route.pattern.contains("{id}") => json!({
+            "id": format!("{object}_{}", random_alnum(24)),
+            "object": object,
+            "livemode": livemode,
+        }),
+        _ => json!({ "id": last, "object": object, "livemode": livemode }),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn write_implies_read_but_not_the_reverse() {
-        let held = vec!["charge_write".to_owned(), "customer_read".to_owned()];
-        assert!(grants(&held, "charge_read"));
-        assert!(grants(&held, "charge_write"));
-        assert!(grants(&held, "customer_read"));
-        assert!(!grants(&held, "customer_write"));
-        assert!(!grants(&held, "refund_write"));
-        assert!(!grants(&["payment_intent_write".to_owned()], "intent_read"));
-    }
 
     #[test]
     fn permission_names_are_resource_read_or_write() {

@@ -22,7 +22,7 @@ use tower::ServiceExt as _;
 use super::SimError;
 use super::api::{
     ApiRequest, Behaviour, Ctx, Reply, error_reply, handle_app_call, handle_scoped_call, redacted,
-    scope_route, unrecognized,
+    unrecognized,
 };
 use super::state::{
     FaultKind, FaultRule, FaultSpec, RequestLogEntry, SavedResponse, SimState, State, random_alnum,
@@ -304,7 +304,12 @@ async fn api(
             last_used_lag: st.last_used_lag,
             caller_key_id: &caller_key_id,
         };
-        if let Some(needed) = scope_route(&m, &path) {
+        // One route table for the broker and this surface. The app's own surface (`/v2/`,
+        // `/v1/webhook_endpoints`) stays the app's unless a minted key calls it.
+        let minted = bearer.as_deref().is_some_and(|t| st.tokens.contains_key(t));
+        let app_surface = path.starts_with("/v2/") || path.starts_with("/v1/webhook_endpoints");
+        let scoped = crate::egress::routes::route_for(&m, &path).filter(|_| minted || !app_surface);
+        if let Some(route) = scoped {
             let ai = bearer
                 .as_deref()
                 .and_then(|t| st.tokens.get(t))
@@ -318,7 +323,7 @@ async fn api(
                     &request_id,
                 )
             } else {
-                let (ai, reply) = handle_scoped_call(st, bearer.as_deref(), needed, &req, &ctx);
+                let (ai, reply) = handle_scoped_call(st, bearer.as_deref(), route, &req, &ctx);
                 entry.account = ai.map(|ai| st.accounts[ai].id.clone());
                 Answer::from_reply(reply, &request_id)
             }

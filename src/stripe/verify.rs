@@ -27,10 +27,7 @@ pub const PROBES: &[(&str, &str)] = &[
 
 /// Whether `permissions` grant `read` (a `_write` of the same resource implies it).
 pub fn grants(permissions: &[String], read: &str) -> bool {
-    let write = read.strip_suffix("_read").map(|r| format!("{r}_write"));
-    permissions
-        .iter()
-        .any(|p| p == read || Some(p) == write.as_ref())
+    crate::egress::routes::grants(permissions, read)
 }
 
 /// The probes to make: one the key may call and one it may not (either may be absent when the

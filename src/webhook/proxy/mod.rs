@@ -41,7 +41,7 @@ pub mod incident;
 pub mod metrics;
 pub mod replay;
 pub mod secrets;
-mod serve;
+pub(crate) mod serve;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -810,7 +810,10 @@ impl VerifyProxy {
             listener,
             app,
             limits,
-            shared.metrics.clone(),
+            serve::ConnMetrics {
+                open: shared.metrics.connections_open.clone(),
+                refused: shared.metrics.connections_refused.clone(),
+            },
             shutdown.clone(),
         )));
         if let Some(listener) = metrics_listener {
@@ -1086,7 +1089,7 @@ fn declare_incident(shared: &Shared, forgery: &Forgery, secret_fingerprint: &str
 }
 
 /// Headers that apply to one connection only and are never forwarded (RFC 9110 §7.6.1).
-const HOP_BY_HOP: [&str; 9] = [
+pub(crate) const HOP_BY_HOP: [&str; 9] = [
     "connection",
     "keep-alive",
     "proxy-connection",
@@ -1342,18 +1345,23 @@ async fn forward(
 }
 
 async fn metrics_handler(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+    metrics_response(&headers, shared.metrics.encode())
+}
+
+/// A sidecar's `/metrics` answer: the OpenMetrics text when the scraper asks for it (`Accept`),
+/// the Prometheus text format otherwise. Shared by verify-proxy and the egress broker.
+pub(crate) fn metrics_response(headers: &HeaderMap, openmetrics: String) -> Response {
     let wants_openmetrics = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.contains("application/openmetrics-text"));
-    let text = shared.metrics.encode();
     if wants_openmetrics {
         (
             [(
                 header::CONTENT_TYPE,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
             )],
-            text,
+            openmetrics,
         )
             .into_response()
     } else {
@@ -1362,7 +1370,7 @@ async fn metrics_handler(State(shared): State<Arc<Shared>>, headers: HeaderMap) 
                 header::CONTENT_TYPE,
                 "text/plain; version=0.0.4; charset=utf-8",
             )],
-            crate::metrics::openmetrics_to_prometheus_text(&text),
+            crate::metrics::openmetrics_to_prometheus_text(&openmetrics),
         )
             .into_response()
     }
@@ -1396,7 +1404,8 @@ pub async fn run_cli(args: VerifyProxyArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn shutdown_signal() {
+/// Resolves on SIGTERM or Ctrl-C (the sidecars' shutdown).
+pub(crate) async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };

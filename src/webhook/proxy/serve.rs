@@ -25,7 +25,14 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt as _;
 
-use super::metrics::ProxyMetrics;
+/// The connection metrics the accept loop keeps (the verify-proxy's and the egress broker's).
+#[derive(Clone, Debug)]
+pub(crate) struct ConnMetrics {
+    /// Connections open now.
+    pub open: prometheus_client::metrics::gauge::Gauge,
+    /// Connections refused because `max_connections` were open.
+    pub refused: prometheus_client::metrics::counter::Counter,
+}
 
 /// Largest request head (start line and headers), in bytes.
 pub const MAX_HEADER_BYTES: usize = 16 * 1024;
@@ -51,7 +58,7 @@ pub(crate) async fn serve(
     listener: TcpListener,
     router: Router,
     limits: ServeLimits,
-    metrics: ProxyMetrics,
+    metrics: ConnMetrics,
     shutdown: CancellationToken,
 ) {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
@@ -73,20 +80,20 @@ pub(crate) async fn serve(
             Ok(a) => a,
             Err(e) => {
                 // out of file descriptors and the like: do not spin
-                tracing::warn!(error = %e, "verify-proxy could not accept a connection");
+                tracing::warn!(error = %e, "could not accept a connection");
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
         let Ok(permit) = slots.clone().try_acquire_owned() else {
-            metrics.connections_refused.inc();
+            metrics.refused.inc();
             // one non-blocking write, then close: a flood of connections costs no task
             let _ = stream.try_write(OVER_CAPACITY);
             drop(stream);
             continue;
         };
         let _ = stream.set_nodelay(true);
-        metrics.connections_open.inc();
+        metrics.open.inc();
         let router = router.clone();
         let builder = builder.clone();
         let token = shutdown.clone();
@@ -111,7 +118,7 @@ pub(crate) async fn serve(
                     let _ = conn.await;
                 }
             }
-            metrics.connections_open.dec();
+            metrics.open.dec();
             drop(permit);
         });
     }

@@ -1,0 +1,1015 @@
+//! The egress key broker against the Stripe simulator (and, for byte-level checks, a local
+//! recording upstream): requests through the broker succeed with the real key while the
+//! application holds only the placeholder; requests outside the key's permissions and requests
+//! that carry a literal key are refused locally; headers and streamed bodies pass unchanged;
+//! `/usage` counts; a rotation under steady traffic switches keys with no failed request and
+//! no rollout; the broker and the simulator enforce one route table; the sidecar's logs carry
+//! no key, placeholder or body.
+//!
+//! The kubelet's Secret volume is emulated as the kubelet writes it: files are symlinks into
+//! `..data`, which points at a versioned directory and is swapped atomically.
+
+#[path = "common/stripe_harness.rs"]
+mod harness;
+#[path = "common/operator.rs"]
+mod operator;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::response::Response;
+use http_body_util::BodyExt as _;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::Api;
+use operator::*;
+use serde_json::{Value, json};
+use stripe_key_operator::egress::proxy::{
+    DEFAULT_KEY_ENTRY, DEFAULT_PERMISSIONS_ENTRY, DEFAULT_PLACEHOLDER_ENTRY, EgressConfig,
+    EgressHandle, EgressProxy, PLACEHOLDER_PREFIX, placeholder_for,
+};
+use stripe_key_operator::egress::routes::{ROUTES, ROUTES_VERSION};
+use stripe_key_operator::sandbox::env::EnvOptions;
+use stripe_key_operator::sim::{SimConfig, SimHandle};
+use stripe_key_operator::stripe::StripeClient;
+use stripe_key_operator::stripe::config::Mode;
+
+const ACCT: &str = "acct_broker1";
+
+/// A Secret volume written the way the kubelet writes it.
+struct Volume {
+    dir: tempfile::TempDir,
+    version: u32,
+}
+
+impl Volume {
+    fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().unwrap(),
+            version: 0,
+        }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Writes a new version of the volume and swaps `..data` to it atomically.
+    fn write(&mut self, entries: &BTreeMap<String, String>) {
+        self.version += 1;
+        let name = format!("..v{}", self.version);
+        let version_dir = self.path().join(&name);
+        std::fs::create_dir(&version_dir).unwrap();
+        for (k, v) in entries {
+            std::fs::write(version_dir.join(k), v).unwrap();
+        }
+        let tmp = self.path().join("..data_tmp");
+        let _ = std::fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(&name, &tmp).unwrap();
+        std::fs::rename(&tmp, self.path().join("..data")).unwrap();
+        for k in entries.keys() {
+            let link = self.path().join(k);
+            if std::fs::symlink_metadata(&link).is_err() {
+                std::os::unix::fs::symlink(format!("..data/{k}"), &link).unwrap();
+            }
+        }
+        if self.version > 2 {
+            let _ = std::fs::remove_dir_all(self.path().join(format!("..v{}", self.version - 2)));
+        }
+    }
+}
+
+fn entries(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
+/// The broker's entries of a Secret (what the sidecar's volume mounts with `items:`).
+fn sidecar_items(secret: &Secret) -> BTreeMap<String, String> {
+    [
+        DEFAULT_KEY_ENTRY,
+        DEFAULT_PERMISSIONS_ENTRY,
+        DEFAULT_PLACEHOLDER_ENTRY,
+    ]
+    .iter()
+    .filter_map(|k| secret_value(secret, k).map(|v| ((*k).to_owned(), v)))
+    .collect()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn broker_config(upstream: &str, dir: &Path) -> EgressConfig {
+    let mut c = EgressConfig::new(upstream.parse().unwrap(), dir);
+    c.allow_loopback_upstream = true;
+    c.reload_interval = Duration::from_millis(50);
+    c
+}
+
+async fn usage(handle: &EgressHandle) -> Value {
+    reqwest::get(format!("http://{}/usage", handle.admin_addr().unwrap()))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+fn sim_config() -> SimConfig {
+    let mut c = SimConfig::new().with_account(ACCT, Mode::Test);
+    c.rate_limit_test = 100_000;
+    c
+}
+
+/// Mints a key with `permissions` on the simulator; its token.
+async fn mint(sim: &SimHandle, name: &str, permissions: &[&str]) -> String {
+    let client = StripeClient::new(harness::fast_config(sim, ACCT)).unwrap();
+    let key = client
+        .create_api_key(&harness::secret_key_params(name, permissions), name)
+        .await
+        .unwrap()
+        .value;
+    key.plaintext_secret().unwrap().expose().to_owned()
+}
+
+fn concrete(pattern: &str) -> String {
+    pattern.replace("{id}", "obj_1")
+}
+
+async fn call(
+    base: &str,
+    method: &str,
+    path: &str,
+    token: &str,
+) -> (u16, Value, reqwest::header::HeaderMap) {
+    let resp = reqwest::Client::new()
+        .request(method.parse().unwrap(), format!("{base}{path}"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp.json().await.unwrap_or(Value::Null);
+    (status, body, headers)
+}
+
+#[tokio::test]
+async fn brokered_policy_serves_the_app_with_a_placeholder_and_rotates_under_traffic_without_rollout()
+ {
+    let env = env_with(EnvOptions {
+        sim_rate_limit_test: 100_000,
+        ..EnvOptions::default()
+    })
+    .await;
+    let port = free_port();
+    env.apply_json(&json!({
+        "apiVersion": "stripekeys.io/v1alpha1", "kind": "StripeKeyPolicy",
+        "metadata": {"name": "checkout", "namespace": NS},
+        "spec": {
+            "accountRef": {"name": ACCOUNT},
+            "permissions": ["charge_read", "customer_write"],
+            "delivery": {"secret": {"name": "checkout-stripe-key"}, "broker": {"port": port}},
+            "rotation": {"every": "720h", "overlap": "1h"}
+        }
+    }))
+    .await
+    .unwrap();
+    let p = wait_policy(&env, "checkout", "the first key", ready).await;
+    let first = p.status.as_ref().unwrap().current_key.clone().unwrap();
+
+    // what the application sees: the placeholder and the broker's address, never the key
+    let secrets: Api<Secret> = Api::namespaced(env.client.clone(), NS);
+    let secret = secrets.get("checkout-stripe-key").await.unwrap();
+    let app_key = secret_value(&secret, "STRIPE_API_KEY").unwrap();
+    let api_base = secret_value(&secret, "STRIPE_API_BASE").unwrap();
+    let real = secret_value(&secret, "STRIPE_BROKER_API_KEY").unwrap();
+    assert!(app_key.starts_with(PLACEHOLDER_PREFIX), "a placeholder");
+    assert_eq!(api_base, format!("http://127.0.0.1:{port}"));
+    assert!(real.starts_with("rk_test_"));
+    assert_eq!(
+        fingerprint(&real),
+        first.fingerprint,
+        "the real key is the current one"
+    );
+    assert_eq!(
+        secret_value(&secret, "STRIPE_BROKER_PERMISSIONS").as_deref(),
+        Some("charge_read,customer_write")
+    );
+    assert_eq!(secret_value(&secret, "STRIPE_API_KEY_PREVIOUS"), None);
+
+    let deployments: Api<Deployment> = Api::namespaced(env.client.clone(), NS);
+    let before = deployments.get("checkout").await.unwrap();
+
+    let volume = Arc::new(Mutex::new(Volume::new()));
+    volume.lock().unwrap().write(&sidecar_items(&secret));
+    let dir = volume.lock().unwrap().path().to_owned();
+    let mut config = broker_config(&env.sim.base_url(), &dir);
+    config.listen = format!("127.0.0.1:{port}").parse().unwrap();
+    let broker = EgressProxy::start(config).await.unwrap();
+    assert_eq!(
+        broker.key_fingerprint().as_deref(),
+        Some(first.fingerprint.as_str())
+    );
+
+    // an allowed request reaches the simulator with the real key (the simulator resolves it to
+    // the account; the placeholder would be a 401 without an account)
+    let log_len = env.sim.request_log().len();
+    let (status, body, _) = call(&api_base, "GET", "/v1/charges?limit=3", &app_key).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["object"], "list");
+    let log = env.sim.request_log();
+    assert_eq!(log.len(), log_len + 1);
+    let seen = log.last().unwrap();
+    assert_eq!(
+        (seen.path.as_str(), seen.query.as_str()),
+        ("/v1/charges", "limit=3")
+    );
+    assert_eq!(seen.account.as_deref(), Some(env.account_id.as_str()));
+    assert_eq!(seen.status, Some(200));
+    let resp = reqwest::Client::new()
+        .post(format!("{api_base}/v1/customers"))
+        .bearer_auth(&app_key)
+        .header("Idempotency-Key", "cust-1")
+        .form(&[("email", "a@example.com")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    assert_eq!(
+        env.sim
+            .request_log()
+            .last()
+            .unwrap()
+            .idempotency_key
+            .as_deref(),
+        Some("cust-1")
+    );
+
+    // outside the permissions: refused locally, naming the permission; Stripe sees nothing
+    let log_len = env.sim.request_log().len();
+    let (status, body, headers) = call(&api_base, "POST", "/v1/refunds", &app_key).await;
+    assert_eq!(status, 403);
+    assert_eq!(body["error"]["type"], "invalid_request_error");
+    assert_eq!(body["error"]["code"], "broker_permission_missing");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("'refund_write'"),
+        "{body}"
+    );
+    assert_eq!(headers["stripe-should-retry"], "false");
+    // a literal key is refused, even the right one
+    let (status, body, _) = call(&api_base, "GET", "/v1/charges", &real).await;
+    assert_eq!(status, 403);
+    assert_eq!(body["error"]["code"], "literal_api_key_refused");
+    assert!(!body.to_string().contains(&real));
+    // neither is forwarded
+    assert_eq!(
+        env.sim.request_log().len(),
+        log_len,
+        "no request left the pod"
+    );
+
+    let report = usage(&broker).await;
+    assert_eq!(report["routesVersion"], ROUTES_VERSION);
+    assert_eq!(report["keyFingerprint"], first.fingerprint.as_str());
+    assert_eq!(report["permissions"]["charge_read"]["count"], 1);
+    assert_eq!(report["permissions"]["customer_write"]["count"], 1);
+    assert_eq!(report["refused"]["refund_write"]["count"], 1);
+    assert!(report["permissions"].get("refund_write").is_none());
+    for t in [
+        report["since"].as_str().unwrap(),
+        report["permissions"]["charge_read"]["lastSeen"]
+            .as_str()
+            .unwrap(),
+    ] {
+        chrono::DateTime::parse_from_rfc3339(t).unwrap();
+    }
+
+    // a rotation under steady traffic
+    let stop = Arc::new(AtomicBool::new(false));
+    let kubelet = {
+        let (stop, volume, secrets) = (stop.clone(), volume.clone(), secrets.clone());
+        tokio::spawn(async move {
+            let mut last = BTreeMap::new();
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok(s) = secrets.get("checkout-stripe-key").await {
+                    let items = sidecar_items(&s);
+                    if items != last {
+                        volume.lock().unwrap().write(&items);
+                        last = items;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    let ok = Arc::new(AtomicU64::new(0));
+    let failures = Arc::new(Mutex::new(Vec::<String>::new()));
+    let mut traffic = Vec::new();
+    for _ in 0..4 {
+        let (stop, ok, failures) = (stop.clone(), ok.clone(), failures.clone());
+        let (base, token) = (api_base.clone(), app_key.clone());
+        traffic.push(tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            while !stop.load(Ordering::Relaxed) {
+                match client
+                    .get(format!("{base}/v1/charges"))
+                    .bearer_auth(&token)
+                    .send()
+                    .await
+                {
+                    Ok(r) if r.status().is_success() => {
+                        let _ = r.bytes().await;
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(r) => failures
+                        .lock()
+                        .unwrap()
+                        .push(format!("status {}", r.status())),
+                    Err(e) => failures.lock().unwrap().push(format!("{e}")),
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    annotate(
+        &env,
+        "checkout",
+        json!({"stripekeys.io/rotate": "broker-1"}),
+    )
+    .await;
+    let p = wait_policy(&env, "checkout", "the rotated key", |p| {
+        p.status
+            .as_ref()
+            .and_then(|s| s.current_key.as_ref())
+            .is_some_and(|k| k.id != first.id)
+    })
+    .await;
+    let second = p.status.as_ref().unwrap().current_key.clone().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while broker.key_fingerprint().as_deref() != Some(second.fingerprint.as_str()) {
+        assert!(Instant::now() < deadline, "the broker never switched keys");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let ok_at_switch = ok.load(Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in traffic {
+        t.await.unwrap();
+    }
+    kubelet.await.unwrap();
+    let failures = failures.lock().unwrap().clone();
+    assert!(
+        failures.is_empty(),
+        "failed requests across the rotation: {failures:?}"
+    );
+    let total = ok.load(Ordering::Relaxed);
+    assert!(
+        total > ok_at_switch && ok_at_switch > 10,
+        "traffic flowed before and after the switch ({ok_at_switch} then {total})"
+    );
+    let report = usage(&broker).await;
+    assert_eq!(report["keyFingerprint"], second.fingerprint.as_str());
+    assert_eq!(report["permissions"]["charge_read"]["count"], total + 1);
+    // the old key stays valid for the overlap (requests in flight on it finish)
+    let old = sim_keys(&env)
+        .into_iter()
+        .find(|k| k.id == first.id)
+        .unwrap();
+    assert_eq!(old.status, "active");
+    // the application's environment did not change and nothing was rolled
+    let secret = secrets.get("checkout-stripe-key").await.unwrap();
+    assert_eq!(secret_value(&secret, "STRIPE_API_KEY").unwrap(), app_key);
+    assert_eq!(secret_value(&secret, "STRIPE_API_BASE").unwrap(), api_base);
+    let after = deployments.get("checkout").await.unwrap();
+    assert_eq!(after.metadata.generation, before.metadata.generation);
+    assert_eq!(
+        after.spec.unwrap().template.metadata.unwrap().annotations,
+        before.spec.unwrap().template.metadata.unwrap().annotations,
+        "no rollout"
+    );
+    let metrics = broker.metrics().encode();
+    assert!(
+        metrics.contains(&format!(
+            "stripe_key_operator_egress_requests_total{{permission=\"charge_read\",outcome=\"forwarded\"}} {}",
+            total + 1
+        )),
+        "{metrics}"
+    );
+    assert!(metrics.contains(
+        "stripe_key_operator_egress_requests_total{permission=\"refund_write\",outcome=\"refused_permission\"} 1"
+    ));
+    assert!(metrics.contains(
+        "stripe_key_operator_egress_requests_total{permission=\"charge_read\",outcome=\"refused_literal_key\"} 1"
+    ));
+    for text in [metrics, usage(&broker).await.to_string()] {
+        assert!(!text.contains(&real) && !text.contains(&app_key));
+    }
+    broker.shutdown().await;
+}
+
+/// What the recording upstream saw of one request.
+#[derive(Debug, Clone)]
+struct Seen {
+    method: String,
+    path_and_query: String,
+    headers: axum::http::HeaderMap,
+    body_len: usize,
+    body_sha256: String,
+}
+
+#[derive(Default)]
+struct Upstream {
+    seen: Mutex<Vec<Seen>>,
+    release: tokio::sync::Notify,
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes).as_ref())
+}
+
+/// A deterministic body of `len` bytes.
+fn pattern_body(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ ((i >> 8) as u8))
+        .collect()
+}
+
+const LARGE: usize = 3 * 1024 * 1024 + 17;
+
+async fn upstream_handler(State(up): State<Arc<Upstream>>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let bytes = body.collect().await.unwrap().to_bytes();
+    up.seen.lock().unwrap().push(Seen {
+        method: parts.method.to_string(),
+        path_and_query: parts.uri.path_and_query().unwrap().to_string(),
+        headers: parts.headers.clone(),
+        body_len: bytes.len(),
+        body_sha256: sha256_hex(&bytes),
+    });
+    if parts.uri.path() == "/v1/events" {
+        // a first chunk, then the rest only when the test says so: the client can read the
+        // first chunk only if the broker streams
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(2);
+        tokio::spawn(async move {
+            let _ = tx.send(Ok(Bytes::from_static(b"{\"first\":true,"))).await;
+            up.release.notified().await;
+            let _ = tx.send(Ok(Bytes::from_static(b"\"rest\":true}"))).await;
+        });
+        let stream = tokio_stream_from(rx);
+        return Response::builder()
+            .status(200)
+            .header("content-type", "application/json")
+            .body(Body::from_stream(stream))
+            .unwrap();
+    }
+    let large = pattern_body(LARGE, 7);
+    let chunks: Vec<Result<Bytes, std::io::Error>> = large
+        .chunks(64 * 1024)
+        .map(|c| Ok(Bytes::copy_from_slice(c)))
+        .collect();
+    Response::builder()
+        .status(201)
+        .header("content-type", "application/json")
+        .header("request-id", "req_upstream1")
+        .header("stripe-version", "2026-10-14.preview")
+        .header("x-multi", "a")
+        .header("x-multi", "b")
+        .header("x-request-body-sha256", sha256_hex(&bytes))
+        .body(Body::from_stream(futures::stream::iter(chunks)))
+        .unwrap()
+}
+
+fn tokio_stream_from(
+    mut rx: tokio::sync::mpsc::Receiver<Result<Bytes, std::io::Error>>,
+) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+async fn start_upstream() -> (String, Arc<Upstream>) {
+    let up = Arc::new(Upstream::default());
+    let app = axum::Router::new()
+        .fallback(upstream_handler)
+        .with_state(up.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        axum::serve(listener, app).await.unwrap();
+    });
+    (format!("http://{addr}"), up)
+}
+
+#[tokio::test]
+async fn headers_and_streamed_bodies_pass_unchanged_in_both_directions() {
+    let (upstream, up) = start_upstream().await;
+    let real = "rk_test_51RecordingUpstreamKey000000000000";
+    let placeholder = placeholder_for("uid-headers");
+    let mut volume = Volume::new();
+    volume.write(&entries(&[
+        (DEFAULT_KEY_ENTRY, real),
+        (DEFAULT_PERMISSIONS_ENTRY, "customer_write,event_read"),
+        (DEFAULT_PLACEHOLDER_ENTRY, &placeholder),
+    ]));
+    let broker = EgressProxy::start(broker_config(&upstream, volume.path()))
+        .await
+        .unwrap();
+    let request_body = pattern_body(2 * 1024 * 1024 + 5, 3);
+    let resp = reqwest::Client::new()
+        .post(format!("{}/v1/customers?expand[]=sources", broker.url()))
+        .bearer_auth(&placeholder)
+        .header("Idempotency-Key", "idem-123")
+        .header("Stripe-Version", "2026-10-14.preview")
+        .header("Stripe-Context", "acct_1Context")
+        .header("X-Custom", "kept")
+        .header("Content-Type", "application/x-www-form-urlencoded")
+        .body(request_body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 201);
+    let h = resp.headers().clone();
+    assert_eq!(h["request-id"], "req_upstream1");
+    assert_eq!(h["stripe-version"], "2026-10-14.preview");
+    let multi: Vec<_> = h.get_all("x-multi").iter().collect();
+    assert_eq!(multi, ["a", "b"]);
+    assert_eq!(
+        h["x-request-body-sha256"],
+        sha256_hex(&request_body).as_str()
+    );
+    let body = resp.bytes().await.unwrap();
+    assert_eq!(body.len(), LARGE);
+    assert!(
+        body[..] == pattern_body(LARGE, 7)[..],
+        "the response body byte for byte"
+    );
+
+    let seen = up.seen.lock().unwrap().last().unwrap().clone();
+    assert_eq!(seen.method, "POST");
+    assert_eq!(seen.path_and_query, "/v1/customers?expand[]=sources");
+    assert_eq!(seen.body_len, request_body.len());
+    assert_eq!(seen.body_sha256, sha256_hex(&request_body));
+    for (name, value) in [
+        ("idempotency-key", "idem-123"),
+        ("stripe-version", "2026-10-14.preview"),
+        ("stripe-context", "acct_1Context"),
+        ("x-custom", "kept"),
+        ("content-type", "application/x-www-form-urlencoded"),
+    ] {
+        assert_eq!(seen.headers[name], value, "{name}");
+    }
+    assert_eq!(
+        seen.headers["authorization"],
+        format!("Bearer {real}").as_str()
+    );
+    assert_eq!(seen.headers.get_all("authorization").iter().count(), 1);
+    assert_ne!(
+        seen.headers["host"],
+        broker.addr().to_string().as_str(),
+        "Host names the upstream"
+    );
+    for (_, v) in &seen.headers {
+        assert!(
+            !String::from_utf8_lossy(v.as_bytes()).contains(&placeholder),
+            "the placeholder never leaves the pod"
+        );
+    }
+
+    // the response streams: the first chunk arrives while the upstream still holds the rest
+    let mut resp = reqwest::Client::new()
+        .get(format!("{}/v1/events", broker.url()))
+        .bearer_auth(&placeholder)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let first = tokio::time::timeout(Duration::from_secs(5), resp.chunk())
+        .await
+        .expect("the first chunk arrives before the upstream finished")
+        .unwrap()
+        .unwrap();
+    assert_eq!(&first[..], b"{\"first\":true,");
+    up.release.notify_one();
+    let rest = resp.bytes().await.unwrap();
+    assert_eq!(&rest[..], b"\"rest\":true}");
+
+    // an unlisted route and a bad placeholder are refused before anything is sent
+    let count = up.seen.lock().unwrap().len();
+    let (status, body, _) = call(&broker.url(), "GET", "/v1/warp_drives", &placeholder).await;
+    assert_eq!(status, 403);
+    assert_eq!(body["error"]["code"], "broker_route_unlisted");
+    let (status, body, _) = call(
+        &broker.url(),
+        "GET",
+        "/v1/customers",
+        &placeholder_for("someone-else"),
+    )
+    .await;
+    assert_eq!(status, 401);
+    assert_eq!(body["error"]["type"], "invalid_request_error");
+    let (status, _, _) = call(
+        &broker.url(),
+        "GET",
+        "/v1/customers/../charges",
+        &placeholder,
+    )
+    .await;
+    assert_eq!(
+        status, 403,
+        "dot segments are never matched, so never allowed"
+    );
+    let resp = reqwest::Client::new()
+        .get(format!("{}/v1/customers", broker.url()))
+        .bearer_auth(&placeholder)
+        .header("X-Other-Key", "sk_live_51SomethingTheAppShouldNotHave")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 403, "a literal key in any header");
+    assert_eq!(
+        up.seen.lock().unwrap().len(),
+        count,
+        "nothing was forwarded"
+    );
+    broker.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_broker_and_the_simulator_enforce_one_route_table() {
+    let sim = harness::start_sim(sim_config()).await;
+    // a key whose permission no route needs: every route is refused, by both, naming the same
+    // permission
+    let none = mint(&sim, "none", &["account_read"]).await;
+    let mut volume = Volume::new();
+    volume.write(&entries(&[
+        (DEFAULT_KEY_ENTRY, &none),
+        (DEFAULT_PERMISSIONS_ENTRY, "account_read"),
+    ]));
+    let broker = EgressProxy::start(broker_config(&sim.base_url(), volume.path()))
+        .await
+        .unwrap();
+    let placeholder = placeholder_for("any");
+    for route in ROUTES {
+        let path = concrete(route.pattern);
+        let (status, body, _) = call(&sim.base_url(), route.method, &path, &none).await;
+        assert_eq!(status, 403, "the simulator refuses {route:?}: {body}");
+        let named = format!("'{}'", route.permission);
+        assert!(
+            body["error"]["message"].as_str().unwrap().contains(&named),
+            "{route:?}: {body}"
+        );
+        let before = sim.request_log().len();
+        let (status, body, _) = call(&broker.url(), route.method, &path, &placeholder).await;
+        assert_eq!(status, 403, "{route:?}");
+        assert_eq!(body["error"]["code"], "broker_permission_missing");
+        assert!(
+            body["error"]["message"].as_str().unwrap().contains(&named),
+            "{route:?}: {body}"
+        );
+        assert_eq!(
+            sim.request_log().len(),
+            before,
+            "{route:?} was not forwarded"
+        );
+    }
+    // a key with every permission of the table: every route is served, by both
+    let mut all: Vec<&str> = ROUTES.iter().map(|r| r.permission).collect();
+    all.sort_unstable();
+    all.dedup();
+    let every = mint(&sim, "every", &all).await;
+    volume.write(&entries(&[
+        (DEFAULT_KEY_ENTRY, &every),
+        (DEFAULT_PERMISSIONS_ENTRY, &all.join(",")),
+    ]));
+    assert!(broker.reload_now().unwrap());
+    for route in ROUTES {
+        let path = concrete(route.pattern);
+        let before = sim.request_log().len();
+        let (status, body, _) = call(&broker.url(), route.method, &path, &placeholder).await;
+        assert_ne!(status, 403, "{route:?}: {body}");
+        assert_ne!(status, 401, "{route:?}: {body}");
+        let log = sim.request_log();
+        assert_eq!(log.len(), before + 1, "{route:?} was forwarded once");
+        assert_eq!(log.last().unwrap().account.as_deref(), Some(ACCT));
+    }
+    // write implies read, on both sides
+    let writer = mint(&sim, "writer", &["charge_write"]).await;
+    volume.write(&entries(&[
+        (DEFAULT_KEY_ENTRY, &writer),
+        (DEFAULT_PERMISSIONS_ENTRY, "charge_write"),
+    ]));
+    broker.reload_now().unwrap();
+    let (status, _, _) = call(&broker.url(), "GET", "/v1/charges/ch_1", &placeholder).await;
+    assert_eq!(status, 200);
+    let (status, _, _) = call(&broker.url(), "GET", "/v1/customers", &placeholder).await;
+    assert_eq!(status, 403);
+    broker.shutdown().await;
+}
+
+/// Text of a child's output files.
+fn read_all(paths: &[PathBuf]) -> String {
+    paths
+        .iter()
+        .map(|p| std::fs::read_to_string(p).unwrap_or_default())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[tokio::test]
+async fn the_sidecar_process_never_logs_a_key_the_placeholder_or_a_body() {
+    let sim = harness::start_sim(sim_config()).await;
+    let first = mint(&sim, "first", &["charge_read", "customer_write"]).await;
+    let second = mint(&sim, "second", &["charge_read", "customer_write"]).await;
+    let placeholder = placeholder_for("uid-logs");
+    let mut volume = Volume::new();
+    volume.write(&entries(&[
+        (DEFAULT_KEY_ENTRY, &first),
+        (DEFAULT_PERMISSIONS_ENTRY, "charge_read,customer_write"),
+        (DEFAULT_PLACEHOLDER_ENTRY, &placeholder),
+    ]));
+    let (port, admin) = (free_port(), free_port());
+    let out_dir = tempfile::tempdir().unwrap();
+    let (out, err) = (out_dir.path().join("out"), out_dir.path().join("err"));
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_stripe-key-operator"))
+        .args(["egress-proxy", "--key-dir"])
+        .arg(volume.path())
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--admin-addr",
+            &format!("127.0.0.1:{admin}"),
+            "--upstream",
+            &sim.base_url(),
+            "--allow-loopback-upstream",
+            "--reload-interval",
+            "100ms",
+            "--log-format",
+            "json",
+        ])
+        .env("RUST_LOG", "debug")
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .spawn()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let ready = reqwest::get(format!("http://127.0.0.1:{admin}/readyz")).await;
+        if ready.is_ok_and(|r| r.status().is_success()) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the sidecar never became ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let body_marker = "email=secret-body-marker%40example.com";
+    let client = reqwest::Client::new();
+    let send = |method: &str, path: &str, token: &str| {
+        client
+            .request(method.parse().unwrap(), format!("{base}{path}"))
+            .bearer_auth(token)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(body_marker)
+            .send()
+    };
+    assert_eq!(
+        send("GET", "/v1/charges", &placeholder)
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        send("POST", "/v1/customers", &placeholder)
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        send("POST", "/v1/refunds", &placeholder)
+            .await
+            .unwrap()
+            .status(),
+        403
+    );
+    assert_eq!(
+        send("GET", "/v1/charges", &first).await.unwrap().status(),
+        403
+    );
+    assert_eq!(
+        send("GET", "/v1/charges", "garbage")
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    volume.write(&entries(&[
+        (DEFAULT_KEY_ENTRY, &second),
+        (DEFAULT_PERMISSIONS_ENTRY, "charge_read,customer_write"),
+        (DEFAULT_PLACEHOLDER_ENTRY, &placeholder),
+    ]));
+    let usage_url = format!("http://127.0.0.1:{admin}/usage");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let u: Value = reqwest::get(&usage_url)
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if u["keyFingerprint"] == fingerprint(&second).as_str() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the sidecar never switched keys");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        send("GET", "/v1/charges", &placeholder)
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let metrics = reqwest::get(format!("http://127.0.0.1:{admin}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let usage_text = reqwest::get(&usage_url)
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    let logs = read_all(&[out, err]);
+    assert!(
+        logs.contains(&fingerprint(&second)) && logs.contains("switched"),
+        "the logs were captured and name the key by fingerprint: {logs}"
+    );
+    for (what, text) in [
+        ("logs", &logs),
+        ("metrics", &metrics),
+        ("usage", &usage_text),
+    ] {
+        for secret in [&first, &second, &placeholder] {
+            assert!(
+                !text.contains(secret.as_str()),
+                "{what} carry a key or the placeholder"
+            );
+        }
+        assert!(!text.contains("secret-body-marker"), "{what} carry a body");
+        assert!(!text.contains("rk_test_"), "{what} carry key material");
+    }
+}
+
+/// Waits (bounded) until the recording upstream saw `n` requests.
+async fn wait_seen(up: &Upstream, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while up.seen.lock().unwrap().len() < n {
+        assert!(
+            Instant::now() < deadline,
+            "the upstream never saw request {n}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_key_switch_lets_requests_in_flight_finish_on_the_old_key() {
+    let (upstream, up) = start_upstream().await;
+    let (old, new) = (
+        "rk_test_51OldKeyOfTheSwitch000000000000",
+        "rk_test_51NewKeyOfTheSwitch000000000000",
+    );
+    let placeholder = placeholder_for("uid-switch");
+    let mut volume = Volume::new();
+    let write = |volume: &mut Volume, key: &str| {
+        volume.write(&entries(&[
+            (DEFAULT_KEY_ENTRY, key),
+            (DEFAULT_PERMISSIONS_ENTRY, "event_read,customer_write"),
+            (DEFAULT_PLACEHOLDER_ENTRY, &placeholder),
+        ]))
+    };
+    write(&mut volume, old);
+    let broker = EgressProxy::start(broker_config(&upstream, volume.path()))
+        .await
+        .unwrap();
+    // a request in flight on the old key: the upstream holds its answer
+    let held = {
+        let (url, token) = (format!("{}/v1/events", broker.url()), placeholder.clone());
+        tokio::spawn(async move {
+            let resp = reqwest::Client::new()
+                .get(url)
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap();
+            (resp.status().as_u16(), resp.text().await.unwrap())
+        })
+    };
+    wait_seen(&up, 1).await;
+    write(&mut volume, new);
+    assert!(broker.reload_now().unwrap(), "the new key is applied");
+    assert_eq!(broker.key_fingerprint(), Some(fingerprint(new)));
+    let resp = reqwest::Client::new()
+        .post(format!("{}/v1/customers", broker.url()))
+        .bearer_auth(&placeholder)
+        .body("email=x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 201);
+    let _ = resp.bytes().await.unwrap();
+    up.release.notify_one();
+    let (status, body) = held.await.unwrap();
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "{\"first\":true,\"rest\":true}")
+    );
+    let seen = up.seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 2);
+    assert_eq!(
+        seen[0].headers["authorization"],
+        format!("Bearer {old}").as_str()
+    );
+    assert_eq!(
+        seen[1].headers["authorization"],
+        format!("Bearer {new}").as_str()
+    );
+    assert_eq!(
+        usage(&broker).await["keyFingerprint"],
+        fingerprint(new).as_str()
+    );
+    broker.shutdown().await;
+}
+
+#[tokio::test]
+async fn requests_beyond_the_concurrency_bound_get_a_retryable_503() {
+    let (upstream, up) = start_upstream().await;
+    let placeholder = placeholder_for("uid-bound");
+    let mut volume = Volume::new();
+    volume.write(&entries(&[
+        (DEFAULT_KEY_ENTRY, "rk_test_51BoundKey0000000000000000000"),
+        (DEFAULT_PERMISSIONS_ENTRY, "event_read"),
+        (DEFAULT_PLACEHOLDER_ENTRY, &placeholder),
+    ]));
+    let mut config = broker_config(&upstream, volume.path());
+    config.max_concurrent_requests = 1;
+    let broker = EgressProxy::start(config).await.unwrap();
+    let held = {
+        let (url, token) = (format!("{}/v1/events", broker.url()), placeholder.clone());
+        tokio::spawn(async move {
+            let resp = reqwest::Client::new()
+                .get(url)
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap();
+            (resp.status().as_u16(), resp.bytes().await.unwrap().len())
+        })
+    };
+    wait_seen(&up, 1).await;
+    let (status, body, headers) = call(&broker.url(), "GET", "/v1/events", &placeholder).await;
+    assert_eq!(status, 503);
+    assert_eq!(body["error"]["code"], "broker_overloaded");
+    assert_eq!(headers["stripe-should-retry"], "true");
+    assert_eq!(
+        up.seen.lock().unwrap().len(),
+        1,
+        "the second request was not forwarded"
+    );
+    up.release.notify_one();
+    assert_eq!(held.await.unwrap().0, 200);
+    // the slot is free again once the first answer is complete
+    let mut resp = reqwest::Client::new()
+        .get(format!("{}/v1/events", broker.url()))
+        .bearer_auth(&placeholder)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let _ = resp.chunk().await.unwrap();
+    up.release.notify_one();
+    let _ = resp.bytes().await;
+    assert!(broker.metrics().encode().contains(
+        "stripe_key_operator_egress_requests_total{permission=\"event_read\",outcome=\"unavailable\"} 1"
+    ));
+    broker.shutdown().await;
+}
