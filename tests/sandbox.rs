@@ -46,6 +46,11 @@ fn sandbox_shows_the_whole_timeline_and_leaks_no_secret() {
         "in the (simulated) Stripe Dashboard",
         "Warning KeyViewed on StripeKeyPolicy",
         "webhook endpoint we_",
+        "app -> broker -> Stripe: GET /v1/charges with the placeholder: HTTP 200",
+        "POST /v1/payouts refused in the pod",
+        "between requests;",
+        ", 0 failed; no rollout",
+        "permissions suggest from the broker's /usage:",
         "hash chain intact",
         "sandbox complete: every step happened",
     ] {

@@ -382,12 +382,12 @@ pub async fn run(args: SandboxArgs) -> anyhow::Result<()> {
         3
     ));
 
-    // 3b. A canary trip: the decoy key is used, the guarded policy is rotated as an incident.
+    // 3b. A person reveals the current key in the (simulated) Dashboard.
+    key_viewed_step(&env, &t, &ns, &name, &third.id, timeout).await?;
+    // 3c. A canary trip: the decoy key is used, the guarded policy is rotated as an incident.
     if let Some((cns, cname)) = canary {
         canary_step(&env, &t, (&cns, &cname), (&ns, &name), timeout).await?;
     }
-    // 3b. A person reveals the current key in the (simulated) Dashboard.
-    key_viewed_step(&env, &t, &ns, &name, &third.id, timeout).await?;
 
     // 4. The webhook endpoint and its signing secret.
     if let Some((wns, wname)) = endpoint {
@@ -423,6 +423,9 @@ pub async fn run(args: SandboxArgs) -> anyhow::Result<()> {
             e.spec.delivery.secret.all_key_name()
         ));
     }
+
+    // 4b. A brokered workload: it calls Stripe through the egress broker and never holds the key.
+    broker_step(&env, &t, &args.examples.join("brokered"), timeout).await?;
 
     // 5. The audit trail.
     audit.flush().await;
@@ -652,6 +655,291 @@ async fn canary_step(
         "canary re-minted as key {rearmed}; the used decoy key {} is expired, so it can trip again",
         decoy.id
     ));
+    Ok(())
+}
+
+/// A Secret volume as the kubelet writes one: each update is a new `..vN` directory that the
+/// `..data` link is swapped to atomically, and every entry is a link through `..data`, so the
+/// sidecar never reads a half-written key. Removed when dropped.
+struct SecretVolume {
+    dir: PathBuf,
+    version: u32,
+    written: std::collections::BTreeMap<String, String>,
+}
+
+impl SecretVolume {
+    fn new() -> anyhow::Result<Self> {
+        let dir = std::env::temp_dir().join(format!(
+            "stripe-key-operator-sandbox-broker-{}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        Ok(Self {
+            dir,
+            version: 0,
+            written: Default::default(),
+        })
+    }
+
+    /// Writes `entries` as the next version (nothing when they did not change).
+    fn write(
+        &mut self,
+        entries: &std::collections::BTreeMap<String, String>,
+    ) -> anyhow::Result<()> {
+        if *entries == self.written {
+            return Ok(());
+        }
+        self.version += 1;
+        let name = format!("..v{}", self.version);
+        std::fs::create_dir(self.dir.join(&name))?;
+        for (k, v) in entries {
+            std::fs::write(self.dir.join(&name).join(k), v)?;
+        }
+        let tmp = self.dir.join("..data_tmp");
+        let _ = std::fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(&name, &tmp)?;
+        std::fs::rename(&tmp, self.dir.join("..data"))?;
+        for k in entries.keys() {
+            let link = self.dir.join(k);
+            if std::fs::symlink_metadata(&link).is_err() {
+                std::os::unix::fs::symlink(format!("..data/{k}"), &link)?;
+            }
+        }
+        self.written = entries.clone();
+        Ok(())
+    }
+}
+
+impl Drop for SecretVolume {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The entries of Secret `ns/name`, as text.
+async fn secret_entries(
+    env: &LocalEnv,
+    ns: &str,
+    name: &str,
+) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
+    let secret = Api::<Secret>::namespaced(env.client.clone(), ns)
+        .get(name)
+        .await?;
+    Ok(secret
+        .data
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(k, v)| (k, String::from_utf8_lossy(&v.0).into_owned()))
+        .collect())
+}
+
+/// The brokered workload of `examples/brokered/`: the operator publishes a placeholder for the
+/// app and the real key for the egress-proxy sidecar only; requests through the broker succeed,
+/// one outside the key's permissions is refused in the pod, a rotation switches keys under
+/// traffic with no failed request and no rollout, and `permissions suggest` reads the broker's
+/// usage. Skipped (and said so) when `dir` does not exist.
+async fn broker_step(
+    env: &LocalEnv,
+    t: &Timeline,
+    dir: &Path,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    use crate::egress::proxy::{DEFAULT_PLACEHOLDER_ENTRY, EgressConfig, EgressProxy};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    if !dir.is_dir() {
+        t.say(format!(
+            "no {} directory: the brokered workload step is skipped",
+            dir.display()
+        ));
+        return Ok(());
+    }
+    let mut policy = None;
+    let mut deployment = None;
+    for (file, doc) in manifests(dir)? {
+        let obj = env
+            .apply_json(&doc)
+            .await
+            .with_context(|| format!("applying brokered/{file}"))?;
+        let kind = doc["kind"].as_str().unwrap_or_default().to_string();
+        let ns = obj.namespace().unwrap_or_default();
+        match kind.as_str() {
+            "StripeKeyPolicy" => policy = Some((ns.clone(), obj.name_any())),
+            "Deployment" => deployment = Some((ns.clone(), obj.name_any())),
+            _ => {}
+        }
+        t.say(format!(
+            "applied brokered/{file}: {kind} {ns}/{}",
+            obj.name_any()
+        ));
+    }
+    let (ns, name) = policy.context("examples/brokered holds no StripeKeyPolicy")?;
+    let policies: Api<StripeKeyPolicy> = Api::namespaced(env.client.clone(), &ns);
+    let p = wait("the brokered policy becomes Ready", timeout, || async {
+        let p = policies.get(&name).await?;
+        let s = p.status.clone().unwrap_or_default();
+        if let Some((status, message)) = ready_condition(&s.conditions)
+            && status == "False"
+        {
+            bail!("the brokered StripeKeyPolicy {ns}/{name} was refused: {message}");
+        }
+        Ok((conditions::is_true(&s.conditions, "Ready") && s.rotation.is_none()).then_some(p))
+    })
+    .await?;
+    let first = p
+        .status
+        .clone()
+        .unwrap_or_default()
+        .current_key
+        .clone()
+        .context("no current key")?;
+    let secret_name = p.spec.delivery.secret.name.clone();
+    let mut volume = SecretVolume::new()?;
+    volume.write(&secret_entries(env, &ns, &secret_name).await?)?;
+    let key_dir = volume.dir.clone();
+    let placeholder = volume
+        .written
+        .get(DEFAULT_PLACEHOLDER_ENTRY)
+        .cloned()
+        .context("the brokered Secret holds no placeholder")?;
+    let upstream = env.sim.base_url().parse()?;
+    let broker = EgressProxy::start(EgressConfig {
+        allow_loopback_upstream: true,
+        reload_interval: Duration::from_millis(100),
+        ..EgressConfig::new(upstream, key_dir)
+    })
+    .await?;
+    t.say(format!(
+        "brokered workload {ns}/{name}: Secret {secret_name} gives the app only a placeholder and \
+         STRIPE_API_BASE; the egress-proxy sidecar at {} holds key {} (from its own Secret volume)",
+        broker.url(),
+        first.id
+    ));
+    let http = reqwest::Client::new();
+    let call = |method: reqwest::Method, path: &str| {
+        http.request(method, format!("{}{path}", broker.url()))
+            .bearer_auth(&placeholder)
+    };
+    let ok = call(reqwest::Method::GET, "/v1/charges")
+        .send()
+        .await?
+        .status();
+    if !ok.is_success() {
+        bail!("GET /v1/charges through the broker answered {ok}");
+    }
+    t.say(format!(
+        "app -> broker -> Stripe: GET /v1/charges with the placeholder: HTTP {} (the broker put the real key on the wire)",
+        ok.as_u16()
+    ));
+    let refused = call(reqwest::Method::POST, "/v1/payouts")
+        .form(&[("amount", "1000"), ("currency", "usd")])
+        .send()
+        .await?;
+    let status = refused.status();
+    let body = refused.text().await.unwrap_or_default();
+    let reached = env
+        .sim
+        .request_log()
+        .iter()
+        .any(|r| r.path.starts_with("/v1/payouts"));
+    if status != reqwest::StatusCode::FORBIDDEN || !body.contains("payout_write") || reached {
+        bail!("POST /v1/payouts through the broker: HTTP {status}, reached Stripe: {reached}");
+    }
+    t.say(
+        "app -> broker: POST /v1/payouts refused in the pod with a Stripe-shaped 403 naming \
+         payout_write; no request left the pod",
+    );
+
+    // A rotation under steady traffic: the sidecar switches keys, nothing is rolled out.
+    let deployments: Api<k8s_openapi::api::apps::v1::Deployment> =
+        Api::namespaced(env.client.clone(), &ns);
+    let generation = match &deployment {
+        Some((_, d)) => deployments.get(d).await?.metadata.generation,
+        None => None,
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let (served, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let traffic = tokio::spawn({
+        let (stop, served, failed) = (stop.clone(), served.clone(), failed.clone());
+        let request = call(reqwest::Method::GET, "/v1/charges");
+        async move {
+            while !stop.load(Ordering::Relaxed) {
+                let Some(r) = request.try_clone() else { break };
+                match r.send().await {
+                    Ok(resp) if resp.status().is_success() => {
+                        served.fetch_add(1, Ordering::Relaxed)
+                    }
+                    _ => failed.fetch_add(1, Ordering::Relaxed),
+                };
+                // About 10 requests a second: under the test-mode rate limit (25/s) that the
+                // operator's own calls share.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    });
+    let request = format!("broker-{}", jiff_now_secs());
+    annotate(&policies, &name, json!({ROTATE_ANNOTATION: request})).await?;
+    let volume = std::sync::Mutex::new(volume);
+    let switched = wait("the broker switches to the new key", timeout, || async {
+        // The kubelet's part: the sidecar's Secret volume follows the Secret.
+        let entries = secret_entries(env, &ns, &secret_name).await?;
+        volume
+            .lock()
+            .map_err(|_| anyhow::anyhow!("the volume lock"))?
+            .write(&entries)?;
+        let s = policies.get(&name).await?.status.unwrap_or_default();
+        let current = s.current_key.clone().filter(|k| k.id != first.id);
+        Ok(current.filter(|_| {
+            broker
+                .key_fingerprint()
+                .is_some_and(|f| f != first.fingerprint)
+        }))
+    })
+    .await;
+    // Traffic keeps flowing a little after the switch, then stops.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    let _ = traffic.await;
+    let second = switched?;
+    let (served, failed) = (
+        served.load(Ordering::Relaxed),
+        failed.load(Ordering::Relaxed),
+    );
+    if failed > 0 || served == 0 {
+        bail!("during the brokered rotation {failed} requests failed ({served} served)");
+    }
+    let rolled = match &deployment {
+        Some((_, d)) => deployments.get(d).await?.metadata.generation != generation,
+        None => false,
+    };
+    if rolled {
+        bail!("the brokered rotation rolled the workload out");
+    }
+    t.say(format!(
+        "rotation under traffic: the sidecar switched from key {} to {} between requests; {served} requests, 0 failed; no rollout (the Deployment's generation is unchanged)",
+        first.id, second.id
+    ));
+
+    // Right-sizing from what the broker saw.
+    let report = serde_json::to_string(&broker.usage())?;
+    let report = crate::egress::suggest::parse_report("the broker's /usage", &report)?;
+    let suggestion = crate::egress::suggest::suggest(
+        &[report],
+        Some((format!("{ns}/{name}"), p.spec.permissions.clone())),
+    );
+    t.say(format!(
+        "permissions suggest from the broker's /usage: {} (the policy grants {})",
+        suggestion.suggested.join(", "),
+        p.spec.permissions.join(", ")
+    ));
+    if suggestion.suggested.len() >= p.spec.permissions.len() {
+        bail!("permissions suggest found no smaller set");
+    }
+    for line in crate::egress::suggest::render_text(&suggestion).lines() {
+        println!("        {line}");
+    }
+    broker.shutdown().await;
     Ok(())
 }
 
