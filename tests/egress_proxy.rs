@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
@@ -29,9 +29,12 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::api::Api;
 use operator::*;
 use serde_json::{Value, json};
+use stripe_key_operator::egress::anomaly::{
+    AnomalyAction, AnomalyPolicy, RecordedAction, RecordingSink,
+};
 use stripe_key_operator::egress::proxy::{
-    DEFAULT_KEY_ENTRY, DEFAULT_PERMISSIONS_ENTRY, DEFAULT_PLACEHOLDER_ENTRY, EgressConfig,
-    EgressHandle, EgressProxy, PLACEHOLDER_PREFIX, placeholder_for,
+    AnomalySetup, DEFAULT_KEY_ENTRY, DEFAULT_PERMISSIONS_ENTRY, DEFAULT_PLACEHOLDER_ENTRY,
+    EgressConfig, EgressHandle, EgressProxy, PLACEHOLDER_PREFIX, placeholder_for,
 };
 use stripe_key_operator::egress::routes::{ROUTES, ROUTES_VERSION};
 use stripe_key_operator::sandbox::env::EnvOptions;
@@ -1012,4 +1015,299 @@ async fn requests_beyond_the_concurrency_bound_get_a_retryable_503() {
         "stripe_key_operator_egress_requests_total{permission=\"event_read\",outcome=\"unavailable\"} 1"
     ));
     broker.shutdown().await;
+}
+
+/// A broker with anomaly detection on a manual clock, a key for refunds and charges, and the
+/// recording sink its actions go to.
+struct AnomalyRun {
+    sim: SimHandle,
+    broker: EgressHandle,
+    sink: Arc<RecordingSink>,
+    clock: Arc<AtomicU64>,
+    placeholder: String,
+    http: reqwest::Client,
+    _volume: Volume,
+}
+
+/// Simulated start: midnight UTC.
+const T0: u64 = 1_795_564_800;
+
+impl AnomalyRun {
+    async fn start(action: AnomalyAction) -> Self {
+        let sim = harness::start_sim(sim_config()).await;
+        let token = mint(&sim, "anomaly", &["refund_write", "charge_read"]).await;
+        let placeholder = placeholder_for("anomaly-policy");
+        let mut volume = Volume::new();
+        volume.write(&entries(&[
+            (DEFAULT_KEY_ENTRY, &token),
+            (DEFAULT_PERMISSIONS_ENTRY, "refund_write,charge_read"),
+            (DEFAULT_PLACEHOLDER_ENTRY, &placeholder),
+        ]));
+        let clock = Arc::new(AtomicU64::new(T0));
+        let sink = Arc::new(RecordingSink::default());
+        let mut config = broker_config(&sim.base_url(), volume.path());
+        let c = clock.clone();
+        let mut setup = AnomalySetup::new(
+            AnomalyPolicy {
+                action,
+                ..Default::default()
+            },
+            sink.clone(),
+        );
+        setup.clock = Arc::new(move || UNIX_EPOCH + Duration::from_secs(c.load(Ordering::SeqCst)));
+        setup.tick_interval = Duration::from_millis(20);
+        config.anomaly = Some(setup);
+        let broker = EgressProxy::start(config).await.unwrap();
+        Self {
+            sim,
+            broker,
+            sink,
+            clock,
+            placeholder,
+            http: reqwest::Client::new(),
+            _volume: volume,
+        }
+    }
+
+    fn set_time(&self, secs_since_t0: u64) {
+        self.clock.store(T0 + secs_since_t0, Ordering::SeqCst);
+    }
+
+    async fn send(&self, method: &str, path: &str) -> (u16, Value, reqwest::header::HeaderMap) {
+        let resp = self
+            .http
+            .request(
+                method.parse().unwrap(),
+                format!("{}{path}", self.broker.url()),
+            )
+            .bearer_auth(&self.placeholder)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let body = resp.json().await.unwrap_or(Value::Null);
+        (status, body, headers)
+    }
+
+    fn refunds_seen(&self) -> usize {
+        self.sim
+            .request_log()
+            .iter()
+            .filter(|e| e.method == "POST" && e.path == "/v1/refunds")
+            .count()
+    }
+
+    /// 2 refunds per simulated minute for 90 minutes: all forwarded, nothing flagged.
+    async fn warm_up(&self) {
+        for minute in 0..90 {
+            for second in [10, 40] {
+                self.set_time(minute * 60 + second);
+                let (status, body, _) = self.send("POST", "/v1/refunds").await;
+                assert_ne!(
+                    status, 429,
+                    "minute {minute}: steady traffic is not throttled: {body}"
+                );
+            }
+        }
+        assert_eq!(
+            self.refunds_seen(),
+            180,
+            "every steady refund reached the simulator"
+        );
+        assert!(
+            self.sink.actions().is_empty(),
+            "steady traffic raised no alarm"
+        );
+    }
+
+    /// Waits (bounded) until the sink recorded `n` actions.
+    async fn wait_actions(&self, n: usize) -> Vec<RecordedAction> {
+        for _ in 0..200 {
+            let actions = self.sink.actions();
+            if actions.len() >= n {
+                return actions;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.sink.actions()
+    }
+
+    async fn metrics(&self) -> String {
+        reqwest::get(format!(
+            "http://{}/metrics",
+            self.broker.admin_addr().unwrap()
+        ))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+    }
+}
+
+/// The value of the first sample of `name` whose labels contain every one of `labels`.
+fn sample(metrics: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .find(|l| labels.iter().all(|want| l.contains(want)))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test]
+async fn a_refund_burst_is_throttled_locally_while_other_permissions_pass() {
+    let run = AnomalyRun::start(AnomalyAction::Throttle).await;
+    run.warm_up().await;
+    // a 20x burst in one simulated minute: 40 refunds instead of 2
+    let mut forwarded = 0;
+    let mut first_throttled = None;
+    for i in 0..40u64 {
+        run.set_time(90 * 60 + 1 + i);
+        let before = run.refunds_seen();
+        let (status, body, headers) = run.send("POST", "/v1/refunds").await;
+        if status == 429 {
+            assert_eq!(body["error"]["type"], "invalid_request_error", "{body}");
+            assert_eq!(body["error"]["code"], "rate_limit", "{body}");
+            assert!(
+                body["error"]["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("refund_write"),
+                "{body}"
+            );
+            assert_eq!(headers["stripe-should-retry"], "true");
+            let retry_after: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
+            assert!((1..=300).contains(&retry_after), "{retry_after}");
+            assert_eq!(
+                run.refunds_seen(),
+                before,
+                "a throttled refund never left the pod"
+            );
+            first_throttled.get_or_insert(i);
+        } else {
+            assert!(
+                first_throttled.is_none(),
+                "request {i} passed after the burst was throttled ({status})"
+            );
+            assert_eq!(run.refunds_seen(), before + 1);
+            forwarded += 1;
+        }
+    }
+    let first = first_throttled.expect("the burst was flagged and throttled within its minute");
+    assert!(
+        (10..=30).contains(&first),
+        "flagged once the count crossed the limit (request {first})"
+    );
+    assert_eq!(forwarded, first);
+    // later in the cool-down: refunds still answered locally, charges still served
+    run.set_time(92 * 60);
+    let before = run.refunds_seen();
+    let (status, body, _) = run.send("POST", "/v1/refunds").await;
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(run.refunds_seen(), before);
+    let log_len = run.sim.request_log().len();
+    let (status, body, _) = run.send("GET", "/v1/charges/ch_1").await;
+    assert_ne!(status, 429, "charge_read is not throttled: {body}");
+    assert_eq!(
+        run.sim.request_log().len(),
+        log_len + 1,
+        "charges are forwarded"
+    );
+    // after the cool-down (5 minutes by default) refunds flow again
+    run.set_time(100 * 60);
+    let before = run.refunds_seen();
+    let (status, body, _) = run.send("POST", "/v1/refunds").await;
+    assert_ne!(status, 429, "{body}");
+    assert_eq!(run.refunds_seen(), before + 1);
+    // the Warning Event was recorded, once, naming the permission and the action
+    let actions = run.wait_actions(1).await;
+    assert_eq!(actions.len(), 1, "{actions:?}");
+    match &actions[0] {
+        RecordedAction::Event {
+            permission,
+            action,
+            note,
+        } => {
+            assert_eq!(permission, "refund_write");
+            assert_eq!(*action, AnomalyAction::Throttle);
+            assert!(note.contains("429"), "{note}");
+        }
+        other => panic!("expected a Warning Event, got {other:?}"),
+    }
+    // metrics: throttled requests, the anomaly, all on the proxy's /metrics
+    let throttled = 40 - first + 1;
+    assert_eq!(
+        sample(
+            &run.metrics().await,
+            "stripe_key_operator_egress_requests_total",
+            &["permission=\"refund_write\"", "outcome=\"throttled\""]
+        ),
+        Some(throttled as f64)
+    );
+    let text = run.metrics().await;
+    assert_eq!(
+        sample(
+            &text,
+            "stripe_key_operator_egress_throttled_requests_total",
+            &["permission=\"refund_write\""]
+        ),
+        Some(throttled as f64)
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "stripe_key_operator_egress_anomalies_total",
+            &["permission=\"refund_write\"", "action=\"throttle\""]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        run.broker.usage().permissions["refund_write"].count as usize,
+        run.refunds_seen(),
+        "/usage counts forwarded refunds only"
+    );
+    run.broker.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_refund_burst_requests_one_incident_rotation() {
+    let run = AnomalyRun::start(AnomalyAction::IncidentRotation).await;
+    run.warm_up().await;
+    for i in 0..40u64 {
+        run.set_time(90 * 60 + 1 + i);
+        let before = run.refunds_seen();
+        let (status, body, _) = run.send("POST", "/v1/refunds").await;
+        assert_ne!(status, 429, "IncidentRotation does not throttle: {body}");
+        assert_eq!(run.refunds_seen(), before + 1);
+    }
+    // the burst goes on in the next minute: still one incident
+    for i in 0..40u64 {
+        run.set_time(91 * 60 + 1 + i);
+        run.send("POST", "/v1/refunds").await;
+    }
+    let actions = run.wait_actions(3).await;
+    let incidents: Vec<_> = actions
+        .iter()
+        .filter(|a| matches!(a, RecordedAction::IncidentRotation { .. }))
+        .collect();
+    assert_eq!(
+        incidents,
+        [&RecordedAction::IncidentRotation {
+            permission: "refund_write".into()
+        }],
+        "{actions:?}"
+    );
+    assert!(
+        actions.iter().any(|a| matches!(
+            a,
+            RecordedAction::Event {
+                action: AnomalyAction::IncidentRotation,
+                ..
+            }
+        )),
+        "{actions:?}"
+    );
+    run.broker.shutdown().await;
 }

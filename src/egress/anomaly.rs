@@ -841,6 +841,18 @@ pub trait ActionSink: Send + Sync {
     async fn request_incident_rotation(&self, finding: &Finding) -> Result<(), ActionError>;
 }
 
+/// A shared sink is a sink (the proxy holds `Arc<dyn ActionSink>`, tests keep a handle on it).
+#[async_trait]
+impl<T: ActionSink + ?Sized> ActionSink for Arc<T> {
+    async fn warn(&self, finding: &Finding, action: AnomalyAction) -> Result<(), ActionError> {
+        (**self).warn(finding, action).await
+    }
+
+    async fn request_incident_rotation(&self, finding: &Finding) -> Result<(), ActionError> {
+        (**self).request_incident_rotation(finding).await
+    }
+}
+
 /// What [`Responder::respond`] did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ActionTaken {

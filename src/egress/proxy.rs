@@ -28,6 +28,13 @@
 //! key it started with, so requests in flight finish on the old key, which the operator keeps
 //! valid for the rotation's overlap. No rollout is needed.
 //!
+//! With `--anomaly-policy`, a permission the key may use is also checked by the anomaly
+//! detector ([`super::anomaly`]) after step 4: a burst far above the permission's learned rate
+//! is recorded (metric, Warning Event on `--policy`), and with the `Throttle` action further
+//! requests of that permission are answered locally with Stripe's `429 rate_limit` (outcome
+//! `throttled`; nothing is forwarded); with `IncidentRotation` an incident rotation of the policy
+//! is requested. The Kubernetes side effects run off the request path.
+//!
 //! Usage is counted per permission (`stripe_key_operator_egress_requests_total{permission,
 //! outcome}` and `GET /usage` on the admin address). Logs, metrics and `/usage` never carry the
 //! key, the placeholder or a body: only the key's fingerprint.
@@ -37,7 +44,7 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use axum::Router;
 use axum::body::{Body, Bytes};
@@ -57,6 +64,9 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 use url::Url;
 
+use super::anomaly::{
+    ActionSink, AnomalyMetrics, AnomalyPolicy, Detector, KubeActionSink, Responder,
+};
 use super::routes::{self, ROUTES_VERSION};
 use crate::secret::SecretString;
 use crate::telemetry::LogFormat;
@@ -116,17 +126,20 @@ pub enum Outcome {
     Unavailable,
     /// Forwarded, but the upstream did not answer.
     UpstreamError,
+    /// Answered locally with `429 rate_limit`: the permission is throttled after a burst.
+    Throttled,
 }
 
 impl Outcome {
     /// Every outcome.
-    pub const ALL: [Outcome; 6] = [
+    pub const ALL: [Outcome; 7] = [
         Outcome::Forwarded,
         Outcome::RefusedPermission,
         Outcome::RefusedLiteralKey,
         Outcome::RefusedUnauthenticated,
         Outcome::Unavailable,
         Outcome::UpstreamError,
+        Outcome::Throttled,
     ];
 
     /// The label value.
@@ -138,6 +151,7 @@ impl Outcome {
             Outcome::RefusedUnauthenticated => "refused_unauthenticated",
             Outcome::Unavailable => "unavailable",
             Outcome::UpstreamError => "upstream_error",
+            Outcome::Throttled => "throttled",
         }
     }
 }
@@ -178,6 +192,8 @@ pub struct EgressMetrics {
     pub connections_open: Gauge,
     /// Connections refused because `--max-connections` were open.
     pub connections_refused: Counter,
+    /// The anomaly detector's metrics, when detection is on (served on the same `/metrics`).
+    pub anomaly: Option<AnomalyMetrics>,
     registry: Arc<Registry>,
 }
 
@@ -188,8 +204,17 @@ impl Default for EgressMetrics {
 }
 
 impl EgressMetrics {
-    /// Creates and registers every metric.
+    /// Creates and registers every metric (without the anomaly metrics).
     pub fn new() -> Self {
+        Self::build(None)
+    }
+
+    /// Creates and registers every metric, and `anomaly`'s too.
+    pub fn with_anomaly(anomaly: AnomalyMetrics) -> Self {
+        Self::build(Some(anomaly))
+    }
+
+    fn build(anomaly: Option<AnomalyMetrics>) -> Self {
         let mut registry = Registry::with_prefix("stripe_key_operator_egress");
         let requests = Family::<RequestLabels, Counter>::default();
         registry.register(
@@ -235,6 +260,9 @@ impl EgressMetrics {
             "Connections refused because --max-connections were open",
             connections_refused.clone(),
         );
+        if let Some(a) = &anomaly {
+            a.register(&mut registry);
+        }
         Self {
             requests,
             upstream_duration,
@@ -243,6 +271,7 @@ impl EgressMetrics {
             requests_in_flight,
             connections_open,
             connections_refused,
+            anomaly,
             registry: Arc::new(registry),
         }
     }
@@ -362,9 +391,99 @@ pub struct EgressProxyArgs {
     /// for a whole request).
     #[arg(long, env = "EGRESS_UPSTREAM_TIMEOUT", default_value = "80s", value_parser = humantime::parse_duration)]
     pub upstream_timeout: Duration,
+    /// Anomaly detection: a YAML or JSON file holding an anomaly policy (`action`: Record,
+    /// Throttle or IncidentRotation; `sensitivePermissions`, `sigmas`, `minRequestsPerMinute`,
+    /// `minRatio`, `maxDailyGrowth`, `warmUp`, `throttleFor`). Needs `--policy`. Without this
+    /// flag there is no anomaly detection. A file that cannot be read or is invalid stops the
+    /// broker at start.
+    #[arg(
+        long,
+        env = "EGRESS_ANOMALY_POLICY",
+        requires = "policy",
+        value_name = "FILE"
+    )]
+    pub anomaly_policy: Option<PathBuf>,
+    /// The StripeKeyPolicy (`NAMESPACE/NAME`) that anomaly Warning Events and incident rotation
+    /// requests go to (the sidecar's ServiceAccount needs `get`/`patch` on it and `create`/`patch`
+    /// on `events.k8s.io` Events). Only used with `--anomaly-policy`.
+    #[arg(long, env = "EGRESS_POLICY", value_name = "NAMESPACE/NAME")]
+    pub policy: Option<String>,
     /// Log format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Auto)]
     pub log_format: LogFormat,
+}
+
+/// Reads an anomaly policy from a YAML or JSON file (JSON is YAML) and checks it.
+pub fn load_anomaly_policy(path: &Path) -> Result<AnomalyPolicy, EgressError> {
+    let bytes = read_bounded(path)?;
+    let policy: AnomalyPolicy = serde_yaml::from_slice(&bytes).map_err(|e| {
+        EgressError::InvalidConfig(format!(
+            "--anomaly-policy {}: not an anomaly policy: {e}",
+            path.display()
+        ))
+    })?;
+    policy.detector_config().map_err(|e| {
+        EgressError::InvalidConfig(format!("--anomaly-policy {}: {e}", path.display()))
+    })?;
+    Ok(policy)
+}
+
+/// Splits `--policy NAMESPACE/NAME`.
+pub fn parse_policy_ref(text: &str) -> Result<(String, String), EgressError> {
+    let bad = || {
+        EgressError::InvalidConfig(format!(
+            "--policy {text:?} must be NAMESPACE/NAME of the StripeKeyPolicy"
+        ))
+    };
+    let (ns, name) = text.split_once('/').ok_or_else(bad)?;
+    let ok = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 253
+            && s.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+    };
+    if !ok(ns) || !ok(name) {
+        return Err(bad());
+    }
+    Ok((ns.to_owned(), name.to_owned()))
+}
+
+/// The clock of the anomaly detector (tests drive simulated time with it).
+pub type Clock = Arc<dyn Fn() -> SystemTime + Send + Sync>;
+
+/// Anomaly detection of a broker: the policy, where its Events and incident rotation requests
+/// go, and the clock.
+#[derive(Clone)]
+pub struct AnomalySetup {
+    /// Thresholds and action.
+    pub policy: AnomalyPolicy,
+    /// Where Warning Events and incident rotation requests go.
+    pub sink: Arc<dyn ActionSink>,
+    /// The time of a request (default [`SystemTime::now`]).
+    pub clock: Clock,
+    /// How often quiet windows are closed (default 5 s).
+    pub tick_interval: Duration,
+}
+
+impl AnomalySetup {
+    /// `policy` acting through `sink`, on the system clock.
+    pub fn new(policy: AnomalyPolicy, sink: Arc<dyn ActionSink>) -> Self {
+        Self {
+            policy,
+            sink,
+            clock: Arc::new(SystemTime::now),
+            tick_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+impl std::fmt::Debug for AnomalySetup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AnomalySetup")
+            .field("policy", &self.policy)
+            .field("tick_interval", &self.tick_interval)
+            .finish_non_exhaustive()
+    }
 }
 
 impl EgressProxyArgs {
@@ -387,6 +506,7 @@ impl EgressProxyArgs {
             max_concurrent_requests: self.max_concurrent_requests,
             header_timeout: self.header_timeout,
             upstream_timeout: self.upstream_timeout,
+            anomaly: None,
         }
     }
 }
@@ -416,6 +536,8 @@ pub struct EgressConfig {
     pub header_timeout: Duration,
     /// Upstream silence allowed.
     pub upstream_timeout: Duration,
+    /// Anomaly detection; `None`: none.
+    pub anomaly: Option<AnomalySetup>,
 }
 
 impl EgressConfig {
@@ -435,6 +557,7 @@ impl EgressConfig {
             max_concurrent_requests: DEFAULT_MAX_CONCURRENT_REQUESTS,
             header_timeout: Duration::from_secs(10),
             upstream_timeout: Duration::from_secs(80),
+            anomaly: None,
         }
     }
 }
@@ -690,6 +813,15 @@ struct Shared {
     usage: Mutex<Usage>,
     metrics: EgressMetrics,
     http: reqwest::Client,
+    anomaly: Option<AnomalyState>,
+}
+
+/// The running detector of a broker.
+struct AnomalyState {
+    detector: Mutex<Detector>,
+    responder: Arc<Responder<Arc<dyn ActionSink>>>,
+    clock: Clock,
+    throttle_for: Duration,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -1061,6 +1193,11 @@ async fn handle(State(shared): State<Arc<Shared>>, request: Request) -> Response
                     false,
                 );
             }
+            if let Some(a) = &shared.anomaly
+                && let Some(response) = a.check(&shared.metrics, r.permission)
+            {
+                return response;
+            }
             Some(r.permission)
         }
         None if shared.allow_unlisted_routes => None,
@@ -1156,6 +1293,51 @@ async fn handle(State(shared): State<Arc<Shared>>, request: Request) -> Response
     }
 }
 
+impl AnomalyState {
+    /// Counts a request of `permission` (one the key may use); a finding is answered off the
+    /// request path; `Some` is the local 429 of a throttled permission.
+    fn check(&self, metrics: &EgressMetrics, permission: &'static str) -> Option<Response> {
+        let now = (self.clock)();
+        let (observation, left) = {
+            let mut detector = lock(&self.detector);
+            let o = detector.observe(permission, now);
+            let left = if o.throttled {
+                detector.throttle_remaining(permission, now)
+            } else {
+                None
+            };
+            (o, left)
+        };
+        if let Some(finding) = observation.finding {
+            let responder = self.responder.clone();
+            // Events and rotation requests go to the Kubernetes API: never on the request path.
+            tokio::spawn(async move {
+                let _ = responder.respond(&finding).await;
+            });
+        }
+        if !observation.throttled {
+            return None;
+        }
+        metrics.count(permission, Outcome::Throttled);
+        if let Some(a) = &metrics.anomaly {
+            a.throttled
+                .get_or_create(&super::anomaly::PermissionLabels {
+                    permission: permission.to_owned(),
+                })
+                .inc();
+        }
+        let (parts, body) =
+            super::anomaly::throttle_response(permission, left.unwrap_or(self.throttle_for))
+                .into_parts();
+        let mut response = Response::from_parts(parts, Body::from(body));
+        response.headers_mut().insert(
+            HeaderName::from_static("x-stripe-broker"),
+            HeaderValue::from_static("throttled"),
+        );
+        Some(response)
+    }
+}
+
 async fn usage_handler(State(shared): State<Arc<Shared>>) -> Response {
     axum::Json(shared.usage_report()).into_response()
 }
@@ -1202,7 +1384,40 @@ impl EgressProxy {
             .pool_max_idle_per_host(config.max_concurrent_requests)
             .build()
             .map_err(|e| EgressError::InvalidConfig(format!("upstream HTTP client: {e}")))?;
-        let metrics = EgressMetrics::new();
+        let anomaly = match &config.anomaly {
+            Some(setup) => {
+                let detector_config = setup
+                    .policy
+                    .detector_config()
+                    .map_err(|e| EgressError::InvalidConfig(format!("anomaly policy: {e}")))?;
+                let throttle_for = detector_config
+                    .throttle_for
+                    .unwrap_or(Duration::from_secs(300));
+                let detector = Detector::new(detector_config)
+                    .map_err(|e| EgressError::InvalidConfig(format!("anomaly policy: {e}")))?;
+                if setup.tick_interval.is_zero() {
+                    return Err(EgressError::InvalidConfig(
+                        "the anomaly tick interval must be positive".into(),
+                    ));
+                }
+                Some((setup, detector, throttle_for))
+            }
+            None => None,
+        };
+        let metrics = match &anomaly {
+            Some(_) => EgressMetrics::with_anomaly(AnomalyMetrics::default()),
+            None => EgressMetrics::new(),
+        };
+        let anomaly = anomaly.map(|(setup, detector, throttle_for)| AnomalyState {
+            detector: Mutex::new(detector),
+            responder: Arc::new(Responder::new(
+                setup.sink.clone(),
+                setup.policy.action,
+                metrics.anomaly.clone().unwrap_or_default(),
+            )),
+            clock: setup.clock.clone(),
+            throttle_for,
+        });
         // every series of the local outcomes exists from the start (zeros, not gaps)
         for outcome in Outcome::ALL {
             let _ = metrics.requests.get_or_create(&RequestLabels {
@@ -1223,6 +1438,7 @@ impl EgressProxy {
             }),
             metrics,
             http,
+            anomaly,
         });
         if let Err(e) = shared.reload() {
             tracing::error!(error = %e, "no key loaded; answering 503 until the mounted Secret is readable");
@@ -1313,6 +1529,29 @@ impl EgressProxy {
                 }
             }
         }));
+        if let Some(setup) = &config.anomaly {
+            let ticker = shared.clone();
+            let token = shutdown.clone();
+            let interval = setup.tick_interval;
+            tasks.push(tokio::spawn(async move {
+                let mut tick = tokio::time::interval(interval);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        _ = token.cancelled() => break,
+                        _ = tick.tick() => {}
+                    }
+                    if let Some(a) = &ticker.anomaly {
+                        let now = (a.clock)();
+                        lock(&a.detector).tick(now);
+                    }
+                }
+            }));
+            tracing::info!(
+                action = setup.policy.action.as_str(),
+                "egress anomaly detection on"
+            );
+        }
         tracing::info!(%addr, upstream = %shared.upstream_base, routes_version = ROUTES_VERSION, "egress-proxy listening");
         Ok(EgressHandle {
             addr,
@@ -1396,7 +1635,22 @@ impl Drop for EgressHandle {
 /// Runs the broker until SIGTERM or Ctrl-C (the `egress-proxy` subcommand).
 pub async fn run_cli(args: EgressProxyArgs) -> anyhow::Result<()> {
     crate::telemetry::init(args.log_format, "info");
-    let handle = EgressProxy::start(args.config()).await?;
+    let mut config = args.config();
+    if let Some(path) = &args.anomaly_policy {
+        let policy = load_anomaly_policy(path)?;
+        let Some(policy_ref) = &args.policy else {
+            anyhow::bail!("--anomaly-policy needs --policy NAMESPACE/NAME");
+        };
+        let (namespace, name) = parse_policy_ref(policy_ref)?;
+        let client = kube::Client::try_default().await.map_err(|e| {
+            anyhow::anyhow!(
+                "--anomaly-policy needs the Kubernetes API (the sidecar's ServiceAccount): {e}"
+            )
+        })?;
+        let sink: Arc<dyn ActionSink> = Arc::new(KubeActionSink::new(client, &namespace, &name));
+        config.anomaly = Some(AnomalySetup::new(policy, sink));
+    }
+    let handle = EgressProxy::start(config).await?;
     crate::webhook::proxy::shutdown_signal().await;
     tracing::info!("shutting down");
     handle.shutdown().await;
@@ -1601,6 +1855,77 @@ mod tests {
         assert_eq!(parsed.routes_version, ROUTES_VERSION);
         assert_eq!(parsed.permissions["charge_read"].count, 2);
         assert_eq!(parsed.refused["refund_write"].count, 1);
+    }
+
+    #[test]
+    fn anomaly_policy_files_are_yaml_or_json_and_bad_ones_are_refused_clearly() {
+        let dir = tempfile::tempdir().unwrap();
+        let yaml = dir.path().join("anomaly.yaml");
+        std::fs::write(&yaml, "action: Throttle\nthrottleFor: 10m\nsigmas: 8\n").unwrap();
+        let p = load_anomaly_policy(&yaml).unwrap();
+        assert_eq!(p.action, crate::egress::anomaly::AnomalyAction::Throttle);
+        assert_eq!(p.sigmas, Some(8));
+        let json = dir.path().join("anomaly.json");
+        std::fs::write(&json, r#"{"action": "IncidentRotation", "warmUp": "2h"}"#).unwrap();
+        assert_eq!(
+            load_anomaly_policy(&json).unwrap().action,
+            crate::egress::anomaly::AnomalyAction::IncidentRotation
+        );
+        let bad = dir.path().join("bad.yaml");
+        std::fs::write(&bad, "action: Explode\n").unwrap();
+        let err = load_anomaly_policy(&bad).unwrap_err().to_string();
+        assert!(
+            err.contains("--anomaly-policy") && err.contains("bad.yaml"),
+            "{err}"
+        );
+        std::fs::write(&bad, "sigmas: 1\n").unwrap();
+        let err = load_anomaly_policy(&bad).unwrap_err().to_string();
+        assert!(err.contains("sigmas"), "{err}");
+        let err = load_anomaly_policy(&dir.path().join("missing.yaml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("missing.yaml"), "{err}");
+    }
+
+    #[test]
+    fn the_policy_flag_is_namespace_slash_name() {
+        assert_eq!(
+            parse_policy_ref("payments/checkout").unwrap(),
+            ("payments".to_owned(), "checkout".to_owned())
+        );
+        for bad in ["checkout", "/checkout", "payments/", "Payments/x", "a/b/c"] {
+            assert!(parse_policy_ref(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_anomaly_flags_need_each_other_only_one_way() {
+        use clap::Parser as _;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: EgressProxyArgs,
+        }
+        assert!(Cli::try_parse_from(["x", "--key-dir", "/k"]).is_ok());
+        assert!(
+            Cli::try_parse_from(["x", "--key-dir", "/k", "--anomaly-policy", "/a.yaml"]).is_err(),
+            "--anomaly-policy without --policy is refused"
+        );
+        let cli = Cli::try_parse_from([
+            "x",
+            "--key-dir",
+            "/k",
+            "--anomaly-policy",
+            "/a.yaml",
+            "--policy",
+            "ns/p",
+        ])
+        .unwrap();
+        assert_eq!(cli.args.policy.as_deref(), Some("ns/p"));
+        assert!(
+            cli.args.config().anomaly.is_none(),
+            "the file is read by run_cli"
+        );
     }
 
     #[test]
