@@ -745,7 +745,10 @@ async fn broker_step(
     dir: &Path,
     timeout: Duration,
 ) -> anyhow::Result<()> {
-    use crate::egress::proxy::{DEFAULT_PLACEHOLDER_ENTRY, EgressConfig, EgressProxy};
+    use crate::egress::anomaly::{AnomalyAction, AnomalyPolicy, KubeActionSink};
+    use crate::egress::proxy::{
+        AnomalySetup, DEFAULT_PLACEHOLDER_ENTRY, EgressConfig, EgressProxy,
+    };
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     if !dir.is_dir() {
@@ -804,9 +807,35 @@ async fn broker_step(
         .cloned()
         .context("the brokered Secret holds no placeholder")?;
     let upstream = env.sim.base_url().parse()?;
+    // The anomaly detector runs on a simulated clock (whole minutes, moved by this step), so the
+    // learning period and a burst take seconds; its Events go to the policy.
+    let minutes = Arc::new(AtomicU64::new(0));
+    let start = std::time::UNIX_EPOCH
+        + Duration::from_secs(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_secs()
+                / 60
+                * 60,
+        );
+    let clock: crate::egress::proxy::Clock = {
+        let minutes = minutes.clone();
+        Arc::new(move || start + Duration::from_secs(60 * minutes.load(Ordering::Relaxed)))
+    };
+    let anomaly = AnomalyPolicy {
+        action: AnomalyAction::Throttle,
+        warm_up: Some("30m".into()),
+        ..Default::default()
+    };
+    let sink: Arc<dyn crate::egress::anomaly::ActionSink> =
+        Arc::new(KubeActionSink::new(env.client.clone(), &ns, &name));
     let broker = EgressProxy::start(EgressConfig {
         allow_loopback_upstream: true,
         reload_interval: Duration::from_millis(100),
+        anomaly: Some(AnomalySetup {
+            clock,
+            ..AnomalySetup::new(anomaly, sink)
+        }),
         ..EgressConfig::new(upstream, key_dir)
     })
     .await?;
@@ -939,6 +968,52 @@ async fn broker_step(
     for line in crate::egress::suggest::render_text(&suggestion).lines() {
         println!("        {line}");
     }
+
+    // A refund burst: one refund a minute for 35 (simulated) minutes teaches the detector what
+    // is normal; then 30 in one minute.
+    let refund =
+        || call(reqwest::Method::POST, "/v1/refunds").form(&[("payment_intent", "pi_sandbox")]);
+    for _ in 0..35 {
+        minutes.fetch_add(1, Ordering::Relaxed);
+        refund().send().await?;
+        // Under the test-mode rate limit.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    minutes.fetch_add(1, Ordering::Relaxed);
+    let (mut forwarded, mut throttled) = (0, 0);
+    for _ in 0..30 {
+        let r = refund().send().await?;
+        if r.status() == reqwest::StatusCode::TOO_MANY_REQUESTS
+            && r.headers()
+                .get("x-stripe-broker")
+                .is_some_and(|v| v == "throttled")
+        {
+            throttled += 1;
+        } else {
+            forwarded += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if throttled == 0 {
+        bail!("a burst of 30 refunds in one minute (normal: 1) was not caught");
+    }
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(env.client.clone(), &ns);
+    let note = wait("the broker reports the burst", timeout, || async {
+        Ok(events
+            .list(&Default::default())
+            .await?
+            .items
+            .into_iter()
+            .find(|e| {
+                e.reason.as_deref() == Some(crate::egress::anomaly::ANOMALY_EVENT_REASON)
+                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name.as_str())
+            })
+            .and_then(|e| e.note))
+    })
+    .await?;
+    t.say(format!(
+        "refund burst: 30 refund_write requests in one minute after 35 (simulated) minutes of one a minute: {forwarded} forwarded, then {throttled} answered 429 in the pod (action Throttle); Warning EgressAnomaly on StripeKeyPolicy {ns}/{name}: {note}"
+    ));
     broker.shutdown().await;
     Ok(())
 }
