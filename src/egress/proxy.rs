@@ -1492,15 +1492,12 @@ impl EgressProxy {
                 .route("/healthz", get(|| async { "ok" }))
                 .route("/readyz", get(readyz))
                 .with_state(shared.clone());
-            let token = shutdown.clone();
-            tasks.push(tokio::spawn(async move {
-                let result = axum::serve(listener, app)
-                    .with_graceful_shutdown(async move { token.cancelled().await })
-                    .await;
-                if let Err(e) = result {
-                    tracing::error!(error = %e, "egress-proxy admin server failed");
-                }
-            }));
+            tasks.push(crate::webhook::proxy::serve::spawn_admin(
+                listener,
+                app,
+                shutdown.clone(),
+                "egress-proxy",
+            ));
         }
         let reloader = shared.clone();
         let token = shutdown.clone();

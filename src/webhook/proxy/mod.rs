@@ -822,15 +822,12 @@ impl VerifyProxy {
                 .route("/healthz", get(|| async { "ok" }))
                 .route("/readyz", get(readyz))
                 .with_state(shared.clone());
-            let token = shutdown.clone();
-            tasks.push(tokio::spawn(async move {
-                let result = axum::serve(listener, app)
-                    .with_graceful_shutdown(async move { token.cancelled().await })
-                    .await;
-                if let Err(e) = result {
-                    tracing::error!(error = %e, "verify-proxy metrics server failed");
-                }
-            }));
+            tasks.push(serve::spawn_admin(
+                listener,
+                app,
+                shutdown.clone(),
+                "verify-proxy",
+            ));
         }
         let reloader = shared.clone();
         let token = shutdown.clone();

@@ -52,6 +52,24 @@ pub(crate) struct ServeLimits {
     pub drain: Duration,
 }
 
+/// Serves a sidecar's admin endpoints (`/metrics`, `/healthz`, ...: nothing secret) on
+/// `listener` until `shutdown`; a failure is logged as `what`'s.
+pub(crate) fn spawn_admin(
+    listener: TcpListener,
+    app: Router,
+    shutdown: CancellationToken,
+    what: &'static str,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let result = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await;
+        if let Err(e) = result {
+            tracing::error!(error = %e, "{what} admin server failed");
+        }
+    })
+}
+
 /// Serves `router` on `listener` until `shutdown`, then lets open requests finish (bounded by
 /// `limits.drain`).
 pub(crate) async fn serve(
