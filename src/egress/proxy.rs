@@ -1443,31 +1443,13 @@ impl EgressProxy {
         if let Err(e) = shared.reload() {
             tracing::error!(error = %e, "no key loaded; answering 503 until the mounted Secret is readable");
         }
-        let listener = tokio::net::TcpListener::bind(config.listen)
+        let bind_error = |(addr, source)| EgressError::Bind { addr, source };
+        let (listener, addr) = serve::bind(config.listen).await.map_err(bind_error)?;
+        let admin = serve::bind_optional(config.admin_addr)
             .await
-            .map_err(|source| EgressError::Bind {
-                addr: config.listen,
-                source,
-            })?;
-        let addr = listener.local_addr().map_err(|source| EgressError::Bind {
-            addr: config.listen,
-            source,
-        })?;
-        let admin_listener = match config.admin_addr {
-            Some(a) => Some(
-                tokio::net::TcpListener::bind(a)
-                    .await
-                    .map_err(|source| EgressError::Bind { addr: a, source })?,
-            ),
-            None => None,
-        };
-        let admin_addr = match &admin_listener {
-            Some(l) => Some(
-                l.local_addr()
-                    .map_err(|source| EgressError::Bind { addr, source })?,
-            ),
-            None => None,
-        };
+            .map_err(bind_error)?;
+        let admin_addr = admin.as_ref().map(|(_, a)| *a);
+        let admin_listener = admin.map(|(l, _)| l);
         let shutdown = CancellationToken::new();
         let mut tasks = Vec::new();
         let app = Router::new().fallback(handle).with_state(shared.clone());
@@ -1492,7 +1474,7 @@ impl EgressProxy {
                 .route("/healthz", get(|| async { "ok" }))
                 .route("/readyz", get(readyz))
                 .with_state(shared.clone());
-            tasks.push(crate::webhook::proxy::serve::spawn_admin(
+            tasks.push(serve::spawn_admin(
                 listener,
                 app,
                 shutdown.clone(),

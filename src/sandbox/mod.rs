@@ -194,16 +194,13 @@ pub async fn run(args: SandboxArgs) -> anyhow::Result<()> {
     let timeout = args.step_timeout;
 
     // 1. The first key.
-    let p = wait("the StripeKeyPolicy becomes Ready", timeout, || async {
-        let p = policies.get(&name).await?;
-        let s = p.status.clone().unwrap_or_default();
-        if let Some((status, message)) = ready_condition(&s.conditions)
-            && status == "False"
-        {
-            bail!("StripeKeyPolicy {ns}/{name} was refused: {message}");
-        }
-        Ok((conditions::is_true(&s.conditions, "Ready") && s.rotation.is_none()).then_some(p))
-    })
+    let p = wait_policy_ready(
+        &policies,
+        &ns,
+        &name,
+        "the StripeKeyPolicy becomes Ready",
+        timeout,
+    )
     .await?;
     let status = p.status.clone().unwrap_or_default();
     let first = status.current_key.clone().context("no current key")?;
@@ -553,17 +550,7 @@ async fn canary_step(
     timeout: Duration,
 ) -> anyhow::Result<()> {
     let canaries: Api<StripeKeyPolicy> = Api::namespaced(env.client.clone(), cns);
-    let c = wait("the canary is minted", timeout, || async {
-        let p = canaries.get(cname).await?;
-        let s = p.status.clone().unwrap_or_default();
-        if let Some((status, message)) = ready_condition(&s.conditions)
-            && status == "False"
-        {
-            bail!("the canary StripeKeyPolicy {cns}/{cname} was refused: {message}");
-        }
-        Ok((conditions::is_true(&s.conditions, "Ready") && s.rotation.is_none()).then_some(p))
-    })
-    .await?;
+    let c = wait_policy_ready(&canaries, cns, cname, "the canary is minted", timeout).await?;
     let decoy = c
         .status
         .clone()
@@ -779,16 +766,13 @@ async fn broker_step(
     }
     let (ns, name) = policy.context("examples/brokered holds no StripeKeyPolicy")?;
     let policies: Api<StripeKeyPolicy> = Api::namespaced(env.client.clone(), &ns);
-    let p = wait("the brokered policy becomes Ready", timeout, || async {
-        let p = policies.get(&name).await?;
-        let s = p.status.clone().unwrap_or_default();
-        if let Some((status, message)) = ready_condition(&s.conditions)
-            && status == "False"
-        {
-            bail!("the brokered StripeKeyPolicy {ns}/{name} was refused: {message}");
-        }
-        Ok((conditions::is_true(&s.conditions, "Ready") && s.rotation.is_none()).then_some(p))
-    })
+    let p = wait_policy_ready(
+        &policies,
+        &ns,
+        &name,
+        "the brokered policy becomes Ready",
+        timeout,
+    )
     .await?;
     let first = p
         .status
@@ -1016,6 +1000,28 @@ async fn broker_step(
     ));
     broker.shutdown().await;
     Ok(())
+}
+
+/// Waits until StripeKeyPolicy `ns/name` is Ready with no rotation under way; fails at once,
+/// with the refusal, when it is `Ready=False`.
+async fn wait_policy_ready(
+    policies: &Api<StripeKeyPolicy>,
+    ns: &str,
+    name: &str,
+    what: &str,
+    timeout: Duration,
+) -> anyhow::Result<StripeKeyPolicy> {
+    wait(what, timeout, || async {
+        let p = policies.get(name).await?;
+        let s = p.status.clone().unwrap_or_default();
+        if let Some((status, message)) = ready_condition(&s.conditions)
+            && status == "False"
+        {
+            bail!("StripeKeyPolicy {ns}/{name} was refused: {message}");
+        }
+        Ok((conditions::is_true(&s.conditions, "Ready") && s.rotation.is_none()).then_some(p))
+    })
+    .await
 }
 
 fn jiff_now_secs() -> i64 {

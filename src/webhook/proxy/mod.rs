@@ -774,31 +774,13 @@ impl VerifyProxy {
 
         let shutdown = CancellationToken::new();
         let mut tasks = Vec::new();
-        let listener = tokio::net::TcpListener::bind(config.listen)
+        let bind_error = |(addr, source)| ProxyError::Bind { addr, source };
+        let (listener, addr) = serve::bind(config.listen).await.map_err(bind_error)?;
+        let metrics = serve::bind_optional(config.metrics_addr)
             .await
-            .map_err(|source| ProxyError::Bind {
-                addr: config.listen,
-                source,
-            })?;
-        let addr = listener.local_addr().map_err(|source| ProxyError::Bind {
-            addr: config.listen,
-            source,
-        })?;
-        let metrics_listener = match config.metrics_addr {
-            Some(a) => Some(
-                tokio::net::TcpListener::bind(a)
-                    .await
-                    .map_err(|source| ProxyError::Bind { addr: a, source })?,
-            ),
-            None => None,
-        };
-        let metrics_addr = match &metrics_listener {
-            Some(l) => Some(l.local_addr().map_err(|source| ProxyError::Bind {
-                addr: config.metrics_addr.unwrap_or(addr),
-                source,
-            })?),
-            None => None,
-        };
+            .map_err(bind_error)?;
+        let metrics_addr = metrics.as_ref().map(|(_, a)| *a);
+        let metrics_listener = metrics.map(|(l, _)| l);
 
         let app = Router::new().fallback(handle).with_state(shared.clone());
         let limits = serve::ServeLimits {

@@ -52,6 +52,26 @@ pub(crate) struct ServeLimits {
     pub drain: Duration,
 }
 
+/// Binds `addr` and returns the listener with the address it got (port 0 picks one); a failure
+/// is `(addr, error)`, for the caller's `Bind` error.
+pub(crate) async fn bind(
+    addr: std::net::SocketAddr,
+) -> Result<(TcpListener, std::net::SocketAddr), (std::net::SocketAddr, std::io::Error)> {
+    let listener = TcpListener::bind(addr).await.map_err(|e| (addr, e))?;
+    let local = listener.local_addr().map_err(|e| (addr, e))?;
+    Ok((listener, local))
+}
+
+/// [`bind`] for an optional address.
+pub(crate) async fn bind_optional(
+    addr: Option<std::net::SocketAddr>,
+) -> Result<Option<(TcpListener, std::net::SocketAddr)>, (std::net::SocketAddr, std::io::Error)> {
+    match addr {
+        Some(a) => bind(a).await.map(Some),
+        None => Ok(None),
+    }
+}
+
 /// Serves a sidecar's admin endpoints (`/metrics`, `/healthz`, ...: nothing secret) on
 /// `listener` until `shutdown`; a failure is logged as `what`'s.
 pub(crate) fn spawn_admin(
