@@ -158,14 +158,6 @@ impl Sim {
             rollout_poll: Duration::from_millis(1),
             error_backoff: Duration::from_millis(1),
             stripe_timeout: Duration::from_millis(500),
-            // The circuit breaker runs on real time, the simulation on its manual clock: with no
-            // cooldown an open breaker lets the next call through as its probe at once, so the
-            // breaker still opens and closes under the injected faults, but never outlasts them.
-            breaker: stripe_key_operator::stripe::BreakerSettings {
-                cooldown: Duration::ZERO,
-                max_cooldown: Duration::ZERO,
-                ..Default::default()
-            },
             // Real backoffs would only make the run slow: the interleavings are the point.
             stripe_retry: Some(stripe_key_operator::stripe::RetryPolicy {
                 max_retries: 2,

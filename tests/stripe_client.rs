@@ -1511,6 +1511,75 @@ async fn expire_with_an_expired_app_key_is_an_error_not_an_expired_key() {
 }
 
 #[tokio::test]
+async fn a_replayed_saved_500_counts_as_stripe_answering_so_the_breaker_stays_closed() {
+    use std::sync::Arc;
+    use stripe_key_operator::stripe::{BreakerSettings, CircuitBreaker, CircuitState};
+    let sim = start_sim(sim_config()).await;
+    let mut config = fast_config(&sim, TEST_ACCT);
+    config.retry.max_retries = 0;
+    let breaker = Arc::new(CircuitBreaker::new(
+        BreakerSettings {
+            failure_threshold: 2,
+            cooldown: Duration::from_secs(3600),
+            max_cooldown: Duration::from_secs(3600),
+        },
+        None,
+    ));
+    let client = StripeClient::new(config)
+        .unwrap()
+        .with_breaker(breaker.clone());
+    sim.inject_fault(
+        FaultSpec::next(
+            1,
+            FaultKind::ServerError {
+                saved: true,
+                should_retry: None,
+            },
+        )
+        .for_method("POST"),
+    );
+    let key = idempotency_key(UID, 4, "mint");
+    let params = secret_key_params("replayed", &["charge_read"]);
+    // One real 500, then the saved one replayed twice: Stripe answered each replay.
+    for _ in 0..3 {
+        let err = client.create_api_key(&params, &key).await.unwrap_err();
+        assert_eq!(api_status(&err), 500);
+    }
+    assert_eq!(
+        sim.request_log()
+            .iter()
+            .map(|e| e.replayed)
+            .collect::<Vec<_>>(),
+        vec![false, true, true]
+    );
+    assert_eq!(
+        breaker.state(),
+        CircuitState::Closed,
+        "replays are answers, not an outage"
+    );
+    // So the fresh key the engine moves on to is sent, and mints.
+    client
+        .create_api_key(&params, &idempotency_key(UID, 4, "mint-fresh"))
+        .await
+        .expect("a fresh idempotency key is sent and executes");
+    // Two fresh 500s in a row still open it.
+    sim.inject_fault(
+        FaultSpec::next(
+            2,
+            FaultKind::ServerError {
+                saved: false,
+                should_retry: None,
+            },
+        )
+        .for_method("GET"),
+    );
+    for _ in 0..2 {
+        let _ = client.list_api_keys(&ListApiKeysParams::default()).await;
+    }
+    assert_eq!(breaker.state(), CircuitState::Open);
+}
+
+#[tokio::test]
 async fn a_saved_server_error_is_marked_as_a_replay_on_the_error() {
     let sim = start_sim(sim_config()).await;
     let mut config = fast_config(&sim, TEST_ACCT);

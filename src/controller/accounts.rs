@@ -129,6 +129,8 @@ pub struct StripeHealth {
     settings: BreakerSettings,
     metrics: Option<crate::metrics::Metrics>,
     listener: std::sync::OnceLock<HealthListener>,
+    /// The time breakers read: the controllers' clock.
+    clock: Arc<dyn crate::controller::clock::Clock>,
 }
 
 impl Default for StripeHealth {
@@ -147,7 +149,14 @@ impl StripeHealth {
             settings,
             metrics,
             listener: Default::default(),
+            clock: Arc::new(crate::controller::clock::SystemClock),
         }
+    }
+
+    /// Breakers read `clock` (the controllers' clock: a manual one in tests).
+    pub fn with_clock(mut self, clock: Arc<dyn crate::controller::clock::Clock>) -> Self {
+        self.clock = clock;
+        self
     }
 
     /// Sets who hears about breaker transitions and rate-limit pauses (once).
@@ -171,7 +180,7 @@ impl StripeHealth {
                         })
                         .set(0);
                 }
-                Arc::new(CircuitBreaker::new(
+                Arc::new(CircuitBreaker::with_clock(
                     self.settings.clone(),
                     Some(Arc::new(move |to: CircuitState| {
                         tracing::warn!(account = %key.context, to = to.as_str(), "Stripe circuit breaker changed state");
@@ -192,6 +201,7 @@ impl StripeHealth {
                             l(&key);
                         }
                     })),
+                    self.clock.clone(),
                 ))
             })
             .clone()

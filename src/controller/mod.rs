@@ -591,10 +591,10 @@ impl Context {
         };
         let store: Arc<dyn SecretStore> =
             Arc::new(crate::vault::InstrumentedStore::new(store, metrics.clone()));
-        let health = Arc::new(accounts::StripeHealth::new(
-            config.breaker.clone(),
-            Some(metrics.clone()),
-        ));
+        let health = Arc::new(
+            accounts::StripeHealth::new(config.breaker.clone(), Some(metrics.clone()))
+                .with_clock(clock.clone()),
+        );
         let scheduler = scheduler::FairScheduler::new(
             usize::from(config.concurrency),
             usize::from(config.max_in_flight_per_account),

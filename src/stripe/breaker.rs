@@ -6,7 +6,8 @@
 //! (nothing is sent) until the cooldown has passed. Then the first attempt is let through as
 //! the **half-open** probe while every other one is still refused; the probe's success closes
 //! the breaker, its failure opens it again for twice the cooldown (capped). Any answer from
-//! Stripe that is not a 5xx (a 2xx, a 4xx, a 429) proves Stripe answers and counts as success.
+//! Stripe that is not a 5xx (a 2xx, a 4xx, a 429), and any saved answer Stripe replays under its
+//! idempotency key (even a 500), proves Stripe answers and counts as success.
 //!
 //! The state is a health estimate kept in memory: a restart starts closed, and the first
 //! attempts find out again.
@@ -15,6 +16,10 @@
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
+
+use k8s_openapi::jiff::Timestamp;
+
+use crate::controller::clock::{Clock, SystemClock};
 
 /// The breaker's settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -217,6 +222,10 @@ pub type TransitionListener = Arc<dyn Fn(CircuitState) + Send + Sync>;
 pub struct CircuitBreaker {
     core: Mutex<BreakerCore>,
     listener: Option<TransitionListener>,
+    /// The operator's clock (a manual one in tests and the seeded simulation), read through
+    /// `origin`: the core's instants are `origin.0` plus the clock's time since `origin.1`.
+    clock: Arc<dyn Clock>,
+    origin: (Instant, Timestamp),
 }
 
 impl std::fmt::Debug for CircuitBreaker {
@@ -250,10 +259,35 @@ fn wall(at: Instant, now: Instant, wall_now: SystemTime) -> SystemTime {
 impl CircuitBreaker {
     /// A closed breaker that tells `listener` about each state change.
     pub fn new(settings: BreakerSettings, listener: Option<TransitionListener>) -> Self {
+        Self::with_clock(settings, listener, Arc::new(SystemClock))
+    }
+
+    /// The same, reading the time from `clock`: cooldowns pass when `clock` says so.
+    pub fn with_clock(
+        settings: BreakerSettings,
+        listener: Option<TransitionListener>,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
+        let origin = (Instant::now(), clock.now());
         Self {
             core: Mutex::new(BreakerCore::new(settings)),
             listener,
+            clock,
+            origin,
         }
+    }
+
+    /// The clock's time now, as an instant for the core and as wall-clock time.
+    fn now(&self) -> (Instant, SystemTime) {
+        let ts = self.clock.now();
+        let since = ts.duration_since(self.origin.1);
+        let at = match Duration::try_from(since) {
+            Ok(ahead) => self.origin.0.checked_add(ahead),
+            // A clock set back before the breaker was made: the origin is as early as it gets.
+            Err(_) => None,
+        }
+        .unwrap_or(self.origin.0);
+        (at, SystemTime::from(ts))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BreakerCore> {
@@ -268,13 +302,15 @@ impl CircuitBreaker {
 
     /// Whether an attempt now would be let through (nothing changes).
     pub fn check(&self) -> Result<(), Refused> {
-        self.lock().check(Instant::now())
+        let (now, _) = self.now();
+        self.lock().check(now)
     }
 
     /// Lets one attempt through, or refuses it. Report its outcome on the returned
     /// [`Attempt`]; dropping it without an outcome abandons a probe.
     pub fn admit(self: &Arc<Self>) -> Result<Attempt, Refused> {
-        let (result, change) = self.lock().admit(Instant::now());
+        let (now, _) = self.now();
+        let (result, change) = self.lock().admit(now);
         self.notify(change);
         result.map(|probe| Attempt {
             breaker: self.clone(),
@@ -285,8 +321,8 @@ impl CircuitBreaker {
 
     /// The state now, with wall-clock times.
     pub fn snapshot(&self) -> BreakerSnapshot {
+        let (now, wall_now) = self.now();
         let core = self.lock();
-        let (now, wall_now) = (Instant::now(), SystemTime::now());
         BreakerSnapshot {
             state: core.state(),
             opened_at: core.opened_at().map(|t| wall(t, now, wall_now)),
@@ -305,8 +341,9 @@ impl CircuitBreaker {
 
     /// Whether an attempt would be the half-open probe now (open, and the cooldown is over).
     pub fn probe_due(&self) -> bool {
+        let (now, _) = self.now();
         let core = self.lock();
-        core.state() == CircuitState::Open && core.check(Instant::now()).is_ok()
+        core.state() == CircuitState::Open && core.check(now).is_ok()
     }
 
     /// The state now.
@@ -326,10 +363,8 @@ impl Attempt {
     /// Records the outcome: `true` when Stripe answered (anything but a 5xx).
     pub fn record(mut self, success: bool) {
         self.done = true;
-        let change = self
-            .breaker
-            .lock()
-            .record(Instant::now(), success, self.probe);
+        let (now, _) = self.breaker.now();
+        let change = self.breaker.lock().record(now, success, self.probe);
         self.breaker.notify(change);
     }
 
@@ -342,7 +377,8 @@ impl Attempt {
 impl Drop for Attempt {
     fn drop(&mut self) {
         if !self.done && self.probe {
-            let change = self.breaker.lock().abandon_probe(Instant::now());
+            let (now, _) = self.breaker.now();
+            let change = self.breaker.lock().abandon_probe(now);
             self.breaker.notify(change);
         }
     }
@@ -464,6 +500,44 @@ mod tests {
         again.record(true);
         assert_eq!(breaker.state(), CircuitState::Closed);
         let _ = t0;
+    }
+
+    #[test]
+    fn cooldowns_pass_on_the_injected_clock_not_on_real_time() {
+        let clock = crate::controller::clock::ManualClock::new();
+        let breaker = Arc::new(CircuitBreaker::with_clock(
+            BreakerSettings {
+                failure_threshold: 1,
+                cooldown: Duration::from_secs(30),
+                max_cooldown: Duration::from_secs(60),
+            },
+            None,
+            Arc::new(clock.clone()),
+        ));
+        breaker.admit().unwrap().record(false);
+        assert_eq!(breaker.state(), CircuitState::Open);
+        let refused = breaker.admit().err().expect("open: refused");
+        assert!(refused.retry_in > Duration::from_secs(29));
+        let snap = breaker.snapshot();
+        let wall_now = SystemTime::from(crate::controller::clock::Clock::now(&clock));
+        let next = snap.next_probe.expect("open: a next probe");
+        let ahead = next.duration_since(wall_now).expect("the probe is ahead");
+        assert!(ahead > Duration::from_secs(29) && ahead <= Duration::from_secs(30));
+        clock.advance(Duration::from_secs(29));
+        assert!(breaker.admit().is_err(), "29 s of the clock: still open");
+        assert!(!breaker.probe_due());
+        clock.advance(Duration::from_secs(2));
+        assert!(breaker.probe_due());
+        let probe = breaker.admit().expect("cooldown passed on the clock");
+        assert!(probe.is_probe());
+        probe.record(false);
+        // A failed probe doubles the cooldown, again on the clock.
+        clock.advance(Duration::from_secs(31));
+        assert!(breaker.admit().is_err(), "the second opening lasts 60 s");
+        clock.advance(Duration::from_secs(30));
+        let probe = breaker.admit().expect("60 s passed");
+        probe.record(true);
+        assert_eq!(breaker.state(), CircuitState::Closed);
     }
 
     #[test]

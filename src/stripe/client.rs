@@ -878,8 +878,12 @@ impl StripeClient {
             };
             record.duration = started.elapsed();
             if let Some(attempt) = admitted {
-                // Stripe answered (anything but a 5xx) or it did not.
-                let answered = matches!(&outcome, Ok((status, ..)) if *status < 500);
+                // Stripe answered (anything but a 5xx) or it did not. A saved answer replayed
+                // under its idempotency key is Stripe answering, whatever its status: counting a
+                // replayed 500 as a failure would open the breaker on the very call that moves
+                // on to a fresh key, and its probe would replay the same 500 forever.
+                let answered =
+                    matches!(&outcome, Ok((status, .., replayed)) if *status < 500 || *replayed);
                 attempt.record(answered);
             }
             match outcome {
