@@ -6,6 +6,8 @@
 
 #[path = "common/stripe_harness.rs"]
 mod harness;
+#[path = "common/kube_api.rs"]
+mod kube_api;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -13,11 +15,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::api::events::v1::Event;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, Patch, PatchParams, PostParams};
-use kube::runtime::wait::{await_condition, conditions};
+use kube::api::Api;
 use kube_test_api::TestApiServer;
 use serde_json::json;
 use stripe_key_operator::api::{
@@ -37,31 +36,8 @@ const NS: &str = "shop";
 const NAME: &str = "payments-hooks";
 
 async fn cluster() -> (TestApiServer, kube::Client) {
-    let server = TestApiServer::start().await.unwrap();
-    let client = kube::Client::try_from(kube::Config::new(server.url().parse().unwrap())).unwrap();
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let params = PatchParams::apply("verify-proxy-tests").force();
-    for crd in stripe_key_operator::api::crds() {
-        let name = crd.metadata.name.clone().unwrap();
-        crds.patch(&name, &params, &Patch::Apply(&crd))
-            .await
-            .unwrap();
-        tokio::time::timeout(
-            Duration::from_secs(30),
-            await_condition(crds.clone(), &name, conditions::is_crd_established()),
-        )
-        .await
-        .expect("CRD established in time")
-        .unwrap();
-    }
-    let namespaces: Api<Namespace> = Api::all(client.clone());
-    namespaces
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({"metadata": {"name": NS}})).unwrap(),
-        )
-        .await
-        .unwrap();
+    let (server, client) = kube_api::api_with_crds().await;
+    kube_api::create_namespace(&client, NS).await;
     let endpoint: StripeWebhookEndpoint = serde_json::from_value(json!({
         "apiVersion": "stripekeys.io/v1alpha1", "kind": "StripeWebhookEndpoint",
         "metadata": {"name": NAME, "namespace": NS},
@@ -73,18 +49,7 @@ async fn cluster() -> (TestApiServer, kube::Client) {
         }
     }))
     .unwrap();
-    let api: Api<StripeWebhookEndpoint> = Api::namespaced(client.clone(), NS);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match api.create(&PostParams::default(), &endpoint).await {
-            Ok(_) => break,
-            // the new kind may not be served for a moment after it is established
-            Err(kube::Error::Api(s)) if s.code == 404 && Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(e) => panic!("create endpoint: {e}"),
-        }
-    }
+    kube_api::create(&Api::namespaced(client.clone(), NS), &endpoint).await;
     (server, client)
 }
 
