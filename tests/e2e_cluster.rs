@@ -166,12 +166,26 @@ struct Cluster {
     suffix: String,
     created: Created,
     operator: Option<(CancellationToken, JoinHandle<()>)>,
+    /// Settings a scenario changes on top of the harness's [`ControllerConfig`] (short check
+    /// intervals and the like), applied at every [`Cluster::start_operator`].
+    tune: Tune,
 }
+
+/// Changes a scenario makes to the controllers' settings.
+type Tune = fn(&mut ControllerConfig);
+
+fn no_tuning(_: &mut ControllerConfig) {}
 
 impl Cluster {
     /// Sets up everything and starts the controllers.
     async fn start() -> Self {
+        Self::start_with(no_tuning).await
+    }
+
+    /// Sets up everything and starts the controllers with `tune` applied to their settings.
+    async fn start_with(tune: Tune) -> Self {
         let mut c = Self::start_without_operator().await;
+        c.tune = tune;
         c.start_operator();
         c
     }
@@ -215,6 +229,7 @@ impl Cluster {
             suffix: suffix.clone(),
             created: Created::default(),
             operator: None,
+            tune: no_tuning,
         };
         // Registered before creation: the guard cleans up whatever got created.
         c.created.namespaces.push(operator_ns.clone());
@@ -353,6 +368,7 @@ impl Cluster {
         config.crash_hook = Some(self.crash.clone());
         // The simulator listens on 127.0.0.1: allow loopback, as the sandbox does.
         config.api_hosts = stripe_key_operator::rules::ApiHosts::stripe_only().with_loopback();
+        (self.tune)(&mut config);
         let ctx = Arc::new(Context::new(
             self.client.clone(),
             self.store.clone(),
@@ -694,6 +710,98 @@ impl Cluster {
             .await
             .expect("StripeGuardrail");
         name
+    }
+
+    fn accounts(&self) -> Api<StripeAccount> {
+        Api::all(self.client.clone())
+    }
+
+    /// Waits until `pred` holds for the test's StripeAccount's status.
+    ///
+    /// Every test's controllers reconcile every StripeAccount of the cluster (the account
+    /// controller is cluster-scoped), so while other scenarios run in parallel their operators may
+    /// briefly write this account's status too: waits poll until the state shows.
+    async fn wait_account(
+        &self,
+        what: &str,
+        pred: impl Fn(&stripe_key_operator::api::StripeAccountStatus) -> bool,
+    ) -> StripeAccount {
+        let api = self.accounts();
+        let pred = &pred;
+        wait_for(what, || {
+            let api = api.clone();
+            let name = self.account.clone();
+            async move {
+                match api.get_opt(&name).await {
+                    Ok(Some(a)) if a.status.as_ref().is_some_and(pred) => Ok(a),
+                    Ok(Some(a)) => Err(format!("status: {:#?}", a.status)),
+                    Ok(None) => Err("the account is gone".into()),
+                    Err(e) => Err(e.to_string()),
+                }
+            }
+        })
+        .await
+    }
+
+    /// Moves the operator's and the simulator's clocks together (Stripe's `last_used` follows
+    /// the simulator's clock).
+    fn advance_both(&self, by: Duration) {
+        self.clock.advance(by);
+        self.sim.advance_clock(by);
+    }
+
+    /// A person acting in the (simulated) Stripe Dashboard, through the simulator's control API
+    /// (`POST /_sim/accounts/{acct}/dashboard`). Returns the simulator's answer.
+    async fn dashboard(&self, action: Value) -> Value {
+        let mut body = action;
+        body["email"] = json!(DASHBOARD_EMAIL);
+        let resp = reqwest::Client::new()
+            .post(format!(
+                "{}/_sim/accounts/{}/dashboard",
+                self.sim.base_url(),
+                self.account_id
+            ))
+            .json(&body)
+            .send()
+            .await
+            .expect("the simulator's control API answers");
+        assert!(
+            resp.status().is_success(),
+            "the Dashboard action {body} failed: {}",
+            resp.status()
+        );
+        resp.json().await.expect("a JSON answer")
+    }
+
+    /// Uses a key as a client would: one call on the simulator's scope-enforcing surface.
+    async fn use_key(&self, path: &str, token: &SecretString) {
+        let status = reqwest::Client::new()
+            .get(format!("{}{path}", self.sim.base_url()))
+            .bearer_auth(token.expose())
+            .send()
+            .await
+            .expect("the simulator answers")
+            .status();
+        assert_eq!(status.as_u16(), 200, "GET {path} with the key");
+    }
+
+    /// What `kubectl get` asks the API server for: the `Table` rendering of `path`.
+    async fn table(&self, path: &str) -> Value {
+        let request = http::Request::get(path)
+            .header(
+                http::header::ACCEPT,
+                "application/json;as=Table;v=v1;g=meta.k8s.io",
+            )
+            .body(Vec::new())
+            .expect("a request");
+        let text = self
+            .client
+            .request_text(request)
+            .await
+            .unwrap_or_else(|e| panic!("GET {path} as a Table: {e}"));
+        let table: Value = serde_json::from_str(&text).expect("a JSON Table");
+        assert_eq!(table["kind"], "Table", "{table:#}");
+        table
     }
 }
 
@@ -1636,4 +1744,641 @@ async fn webhook_drift_is_repaired_at_the_next_drift_check() {
         })
         .await;
     assert_eq!(e.status.unwrap().rotation_number, Some(1));
+}
+
+/// Who plays the person in the simulated Stripe Dashboard.
+const DASHBOARD_EMAIL: &str = "mallory@example.com";
+const CANARY: &str = "payments-live";
+const CANARY_SECRET: &str = "payments-live-stripe-key";
+/// The canary check's interval in these scenarios (`--canary-check-interval`).
+const CANARY_INTERVAL: Duration = Duration::from_secs(2);
+/// The activity-log reader's interval in these scenarios (`--activity-log-interval`).
+const ACTIVITY_INTERVAL: Duration = Duration::from_secs(2);
+/// Time a reaction may take beyond one interval on a real cluster (a reconcile, Stripe calls,
+/// status writes and an Event through the API server).
+const SLACK: Duration = Duration::from_secs(10);
+const MIN: u64 = 60;
+
+fn current_key(p: &StripeKeyPolicy) -> stripe_key_operator::api::KeyStatus {
+    p.status
+        .as_ref()
+        .and_then(|s| s.current_key.clone())
+        .expect("a current key")
+}
+
+/// The policy handled the rotation request `request` and has nothing left to retire.
+fn incident_done(request: &str) -> impl Fn(&StripeKeyPolicy) -> bool + '_ {
+    move |p| {
+        policy_ready(p)
+            && p.status.as_ref().is_some_and(|s| {
+                s.last_handled_rotate_request.as_deref() == Some(request)
+                    && s.previous_key.is_none()
+                    && s.retiring_keys.is_empty()
+            })
+    }
+}
+
+fn tripped(p: &StripeKeyPolicy) -> bool {
+    p.status
+        .as_ref()
+        .is_some_and(|s| conditions::is_true(&s.conditions, "Tripped"))
+}
+
+impl Cluster {
+    /// A canary (honeytoken) policy guarding the policies labelled `tier=payments`.
+    fn canary(&self, name: &str) -> Value {
+        json!({
+            "apiVersion": "stripekeys.io/v1alpha1", "kind": "StripeKeyPolicy",
+            "metadata": {"name": name, "namespace": self.ns},
+            "spec": {
+                "accountRef": {"name": self.account},
+                "permissions": ["balance_read"],
+                "delivery": {"secret": {"name": format!("{name}-stripe-key")}},
+                "canary": {"guards": {"matchLabels": {"tier": "payments"}},
+                           "onTrip": "IncidentRotation"}
+            }
+        })
+    }
+}
+
+/// Canary keys: a decoy used at Stripe trips within one check interval; the canary shows
+/// `Tripped=True, reason=CanaryUsed` and a Warning Event (read through events.k8s.io/v1), the
+/// policy it guards is rotated as an incident (its old key expired at once, not after the
+/// overlap) and rolled, and the canary itself is re-minted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs a real cluster"]
+async fn a_used_canary_trips_and_rotates_the_guarded_policy_as_an_incident() {
+    let c = Cluster::start_with(|config| config.canary_check_interval = CANARY_INTERVAL).await;
+    let mut guarded = c.policy(POLICY, &["charge_read"]);
+    guarded["metadata"]["labels"] = json!({"tier": "payments"});
+    c.apply_policy(&guarded).await;
+    c.apply_policy(&c.canary(CANARY)).await;
+    let first = current_key(&c.wait_policy(POLICY, "Ready", policy_ready).await);
+    c.wait_rolled(POLICY_ANNOTATION, &first.fingerprint).await;
+    let decoy = current_key(
+        &c.wait_policy(CANARY, "the canary Ready", policy_ready)
+            .await,
+    );
+    // Quiet rounds: an unused canary does not trip (the operator never uses it itself).
+    tokio::time::sleep(CANARY_INTERVAL * 3).await;
+    let p = c.policies().get(CANARY).await.unwrap();
+    assert!(!tripped(&p), "tripped while unused: {:#?}", p.status);
+
+    // An intruder reads the decoy from its Secret and tries it.
+    let secret = c.secret(CANARY_SECRET).await.expect("the decoy Secret");
+    let token = secret_value(&secret, "STRIPE_API_KEY").expect("the decoy key");
+    assert_eq!(fingerprint(&token), decoy.fingerprint);
+    c.use_key("/v1/balance", &token).await;
+    let used_at = Instant::now();
+    let p = c.wait_policy(CANARY, "Tripped=True", tripped).await;
+    let took = used_at.elapsed();
+    assert!(
+        took <= CANARY_INTERVAL + SLACK,
+        "tripped {took:?} after the use (interval {CANARY_INTERVAL:?})"
+    );
+    let (_, reason, message) = policy_condition(&p, "Tripped").unwrap();
+    assert_eq!(reason, "CanaryUsed");
+    assert!(message.contains(&decoy.id), "{message}");
+    assert!(!message.contains(token.expose()), "no material in status");
+    let request = p
+        .status
+        .as_ref()
+        .and_then(|s| s.canary.as_ref())
+        .and_then(|c| c.last_trip.as_ref())
+        .map(|t| t.request.clone())
+        .expect("the trip recorded in status");
+    c.wait_event("StripeKeyPolicy", CANARY, "Warning", "CanaryTripped")
+        .await;
+
+    // The guarded policy: an incident rotation, its old key revoked without an overlap (the
+    // operator's clock never moved, so only the incident path expires it), the new key rolled.
+    let p = c
+        .wait_policy(POLICY, "the incident rotation", incident_done(&request))
+        .await;
+    let second = current_key(&p);
+    assert_ne!(second.id, first.id);
+    assert_eq!(c.key_status(&first.id), "expired", "revoked at once");
+    c.wait_event("StripeKeyPolicy", POLICY, "Warning", "IncidentRotation")
+        .await;
+    let (cur, prev) = policy_secret_fingerprints(&c).await;
+    assert_eq!(cur, second.fingerprint);
+    assert!(prev.is_none(), "a compromised key is not published");
+    c.wait_rolled(POLICY_ANNOTATION, &second.fingerprint).await;
+
+    // The canary is re-minted and its used key expired.
+    let p = c
+        .wait_policy(CANARY, "the canary re-minted", incident_done(&request))
+        .await;
+    assert_ne!(current_key(&p).id, decoy.id);
+    assert_eq!(c.key_status(&decoy.id), "expired");
+    let active: Vec<String> = c.active_keys().into_iter().map(|k| k.id).collect();
+    assert_eq!(active.len(), 2, "one key per policy: {active:?}");
+}
+
+/// Stripe's activity log: a person reveals a managed key in the Dashboard; with
+/// `spec.rotation.onKeyViewed: IncidentRotation` the policy raises `KeyViewed` and is rotated as
+/// an incident (the viewed key expired at once). A key a person creates by hand is listed in the
+/// StripeAccount's `status.unmanagedKeys`, and the operator leaves it alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs a real cluster"]
+async fn a_key_viewed_in_the_dashboard_is_replaced_and_a_hand_made_key_is_listed_unmanaged() {
+    let c = Cluster::start_with(|config| config.activity_log_interval = ACTIVITY_INTERVAL).await;
+    // The first read only places the cursor (history is not replayed).
+    c.wait_account("the first activity-log read", |s| {
+        s.activity_log
+            .as_ref()
+            .is_some_and(|a| a.started_at.is_some())
+    })
+    .await;
+    let mut m = c.policy(POLICY, &["charge_read"]);
+    m["spec"]["rotation"]["onKeyViewed"] = json!("IncidentRotation");
+    c.apply_policy(&m).await;
+    let first = current_key(&c.wait_policy(POLICY, "Ready", policy_ready).await);
+    c.wait_rolled(POLICY_ANNOTATION, &first.fingerprint).await;
+
+    c.dashboard(json!({"action": "view", "key_id": first.id}))
+        .await;
+    c.wait_event("StripeKeyPolicy", POLICY, "Warning", "KeyViewed")
+        .await;
+    let p = c
+        .wait_policy(POLICY, "the viewed key replaced", |p| {
+            policy_settled(p)
+                && p.status
+                    .as_ref()
+                    .and_then(|s| s.current_key.as_ref())
+                    .is_some_and(|k| k.id != first.id)
+        })
+        .await;
+    assert_eq!(c.key_status(&first.id), "expired", "the viewed key revoked");
+    let status = p.status.clone().unwrap();
+    assert!(
+        status
+            .last_handled_rotate_request
+            .as_deref()
+            .is_some_and(|r| r.starts_with("activity-actlog_")),
+        "{:?}",
+        status.last_handled_rotate_request
+    );
+    let second = current_key(&p);
+    let (cur, prev) = policy_secret_fingerprints(&c).await;
+    assert_eq!(cur, second.fingerprint);
+    assert!(prev.is_none(), "a viewed key is not published");
+    c.wait_rolled(POLICY_ANNOTATION, &second.fingerprint).await;
+
+    // A person creates a key by hand: listed, never touched.
+    let created = c
+        .dashboard(json!({"action": "create", "name": "laptop script",
+                          "permissions": ["charge_write"]}))
+        .await;
+    let id = created["key_id"]
+        .as_str()
+        .expect("the new key's id")
+        .to_string();
+    let a = c
+        .wait_account("the hand-made key listed", |s| {
+            s.unmanaged_keys.iter().any(|k| k.id == id)
+        })
+        .await;
+    let status = a.status.unwrap();
+    let listed = status.unmanaged_keys.iter().find(|k| k.id == id).unwrap();
+    assert_eq!(listed.name.as_deref(), Some("laptop script"));
+    assert_eq!(listed.created_by, format!("user {DASHBOARD_EMAIL}"));
+    assert_eq!(status.unmanaged_key_count, Some(1));
+    assert_eq!(c.key_status(&id), "active", "not the operator's to touch");
+    assert_eq!(
+        c.event_reasons("StripeKeyPolicy", POLICY)
+            .await
+            .iter()
+            .filter(|(_, r)| r == "KeyTampered")
+            .count(),
+        0
+    );
+}
+
+/// Usage-aware expiry: after an annotation rotation, a client outside the rollout targets keeps
+/// using the old key. When the overlap ends the key is held (`Degraded=True,
+/// reason=OldKeyStillInUse`, phase `Expiring`, a Warning Event), still published, and expired
+/// only once Stripe has shown it quiet for `quietPeriod` plus the `last_used` lag (Normal Event
+/// `OldKeyQuiet`). Both clocks (operator and simulator) are manual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs a real cluster"]
+async fn an_old_key_still_in_use_after_a_rotation_is_held_until_it_is_quiet() {
+    let c = Cluster::start_with(|config| {
+        config.last_used_lag = Duration::from_secs(10 * MIN);
+        config.key_usage_check_interval = Duration::from_secs(15 * MIN);
+    })
+    .await;
+    let mut m = c.policy(POLICY, &["charge_read"]);
+    m["spec"]["rotation"]["usageAwareExpiry"] =
+        json!({"quietPeriod": "30m", "maxHold": "6h", "unusedAfter": "1h"});
+    c.apply_policy(&m).await;
+    let first = current_key(&c.wait_policy(POLICY, "Ready", policy_ready).await);
+    c.wait_rolled(POLICY_ANNOTATION, &first.fingerprint).await;
+    c.annotate_policy(POLICY, json!({"stripekeys.io/rotate": "usage-1"}))
+        .await;
+    let p = c
+        .wait_policy(
+            POLICY,
+            "Overlapping",
+            policy_in_phase(RotationPhase::Overlapping),
+        )
+        .await;
+    let second = current_key(&p);
+    assert_eq!(
+        p.status
+            .as_ref()
+            .and_then(|s| s.previous_key.as_ref())
+            .unwrap()
+            .id,
+        first.id
+    );
+    let secret = c.secret(POLICY_SECRET).await.expect("Secret synced");
+    let old_token = secret_value(&secret, "STRIPE_API_KEY_PREVIOUS").expect("old key published");
+    assert_eq!(fingerprint(&old_token), first.fingerprint);
+
+    // 40 minutes after the rollout something still calls with the old key; the overlap (1h)
+    // ends at +61m.
+    c.advance_both(Duration::from_secs(40 * MIN));
+    c.use_key("/v1/charges", &old_token).await;
+    c.advance_both(Duration::from_secs(21 * MIN));
+    c.nudge_policy(POLICY).await;
+    let held = |p: &StripeKeyPolicy| {
+        p.status
+            .as_ref()
+            .and_then(|s| s.rotation.as_ref())
+            .is_some_and(|r| r.usage_hold.is_some())
+    };
+    let p = c.wait_policy(POLICY, "the old key held", held).await;
+    assert_eq!(c.key_status(&first.id), "active", "held, not expired");
+    assert!(
+        policy_in_phase(RotationPhase::Expiring)(&p),
+        "{:#?}",
+        p.status
+    );
+    let (status, reason, message) = policy_condition(&p, "Degraded").unwrap();
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("True", "OldKeyStillInUse")
+    );
+    assert!(
+        message.contains(&first.id) && message.contains("last used at"),
+        "{message}"
+    );
+    assert!(
+        !message.contains(old_token.expose()),
+        "no material in status"
+    );
+    c.wait_event("StripeKeyPolicy", POLICY, "Warning", "OldKeyStillInUse")
+        .await;
+    let (cur, prev) = policy_secret_fingerprints(&c).await;
+    assert_eq!(cur, second.fingerprint);
+    assert_eq!(
+        prev.as_deref(),
+        Some(first.fingerprint.as_str()),
+        "still published while held"
+    );
+
+    // Last use + 30m: quiet by Stripe's report, but uses of the last 10m may not show yet.
+    c.advance_both(Duration::from_secs(9 * MIN));
+    for _ in 0..3 {
+        c.nudge_policy(POLICY).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    assert_eq!(c.key_status(&first.id), "active", "the lag is waited out");
+    assert!(held(&c.policies().get(POLICY).await.unwrap()));
+    // Last use + 41m: quiet period plus lag passed.
+    c.advance_both(Duration::from_secs(11 * MIN));
+    c.nudge_policy(POLICY).await;
+    let p = c
+        .wait_policy(POLICY, "the rotation finished", policy_settled)
+        .await;
+    assert_eq!(c.key_status(&first.id), "expired");
+    assert_eq!(c.key_status(&second.id), "active");
+    assert_eq!(policy_condition(&p, "Degraded").unwrap().0, "False");
+    c.wait_event("StripeKeyPolicy", POLICY, "Normal", "OldKeyQuiet")
+        .await;
+    let (cur, prev) = policy_secret_fingerprints(&c).await;
+    assert_eq!(cur, second.fingerprint);
+    assert!(prev.is_none());
+}
+
+const BROKERED: &str = "brokered";
+const BROKERED_SECRET: &str = "brokered-stripe-key";
+const BROKER_PORT: u16 = 12111;
+
+/// Brokered delivery (`spec.delivery.broker`): the published Secret gives the application the
+/// placeholder and `STRIPE_API_BASE`, and only the sidecar's entries hold the real key; the
+/// sidecar (run here in-process on a copy of those entries, as the kubelet mounts them) calls
+/// Stripe with it. A rotation changes the sidecar's entry only and rolls nothing: the
+/// Deployment's generation and pod template annotations stay as they were. A brokered policy
+/// with `rolloutTargets` is refused by the API server (the CRD's CEL rule).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs a real cluster"]
+async fn brokered_delivery_hides_the_key_from_the_app_and_rotates_without_a_rollout() {
+    use stripe_key_operator::egress::proxy::{
+        API_BASE_ENTRY, DEFAULT_KEY_ENTRY, DEFAULT_PERMISSIONS_ENTRY, DEFAULT_PLACEHOLDER_ENTRY,
+        EgressConfig, EgressProxy, PLACEHOLDER_PREFIX,
+    };
+    let c = Cluster::start().await;
+    let before = c.deployments().get(DEPLOYMENT).await.unwrap();
+    let brokered = |name: &str| {
+        json!({
+            "apiVersion": "stripekeys.io/v1alpha1", "kind": "StripeKeyPolicy",
+            "metadata": {"name": name, "namespace": c.ns},
+            "spec": {
+                "accountRef": {"name": c.account},
+                "permissions": ["charge_read"],
+                "delivery": {"secret": {"name": BROKERED_SECRET},
+                             "broker": {"port": BROKER_PORT}},
+                "rotation": {"every": "720h", "overlap": "1h"}
+            }
+        })
+    };
+    c.apply_policy(&brokered(BROKERED)).await;
+    let first = current_key(&c.wait_policy(BROKERED, "Ready", policy_ready).await);
+
+    let secret = c.secret(BROKERED_SECRET).await.expect("Secret synced");
+    let placeholder = secret_value(&secret, DEFAULT_PLACEHOLDER_ENTRY).expect("STRIPE_API_KEY");
+    let app_base = secret_value(&secret, API_BASE_ENTRY).expect("STRIPE_API_BASE");
+    let real = secret_value(&secret, DEFAULT_KEY_ENTRY).expect("STRIPE_BROKER_API_KEY");
+    assert!(
+        placeholder.expose().starts_with(PLACEHOLDER_PREFIX),
+        "the app's entry holds a placeholder"
+    );
+    assert!(
+        !placeholder.expose().starts_with("rk_test_")
+            && !placeholder.expose().starts_with("rk_live_"),
+        "the placeholder is no key"
+    );
+    assert_eq!(
+        app_base.expose(),
+        format!("http://127.0.0.1:{BROKER_PORT}"),
+        "the app calls the sidecar"
+    );
+    assert!(real.expose().starts_with("rk_test_"));
+    assert_eq!(fingerprint(&real), first.fingerprint, "the sidecar's entry");
+    assert_eq!(
+        secret_value(&secret, DEFAULT_PERMISSIONS_ENTRY).map(|v| v.expose().to_string()),
+        Some("charge_read".to_string())
+    );
+    assert!(secret_value(&secret, "STRIPE_API_KEY_PREVIOUS").is_none());
+
+    // The sidecar on the entries it mounts: the app's placeholder works through it.
+    let volume = tempfile::tempdir().unwrap();
+    let mount = |secret: &Secret| {
+        for entry in [
+            DEFAULT_KEY_ENTRY,
+            DEFAULT_PERMISSIONS_ENTRY,
+            DEFAULT_PLACEHOLDER_ENTRY,
+        ] {
+            let v = secret_value(secret, entry).expect("a sidecar entry");
+            std::fs::write(volume.path().join(entry), v.expose()).unwrap();
+        }
+    };
+    mount(&secret);
+    let mut config = EgressConfig::new(c.sim.base_url().parse().unwrap(), volume.path());
+    config.allow_loopback_upstream = true;
+    config.reload_interval = Duration::from_millis(100);
+    let broker = EgressProxy::start(config)
+        .await
+        .expect("the sidecar starts");
+    assert_eq!(
+        broker.key_fingerprint().as_deref(),
+        Some(first.fingerprint.as_str())
+    );
+    let through_broker = || async {
+        reqwest::Client::new()
+            .get(format!("{}/v1/charges", broker.url()))
+            .bearer_auth(placeholder.expose())
+            .send()
+            .await
+            .expect("the sidecar answers")
+            .status()
+            .as_u16()
+    };
+    assert_eq!(through_broker().await, 200, "the real key went on the wire");
+
+    c.annotate_policy(BROKERED, json!({"stripekeys.io/rotate": "broker-1"}))
+        .await;
+    let p = c
+        .wait_policy(
+            BROKERED,
+            "the new key published, the old one overlapping",
+            policy_in_phase(RotationPhase::Overlapping),
+        )
+        .await;
+    let second = current_key(&p);
+    assert_ne!(second.id, first.id);
+    let secret = c.secret(BROKERED_SECRET).await.unwrap();
+    assert_eq!(
+        fingerprint(&secret_value(&secret, DEFAULT_KEY_ENTRY).unwrap()),
+        second.fingerprint,
+        "the sidecar's entry holds the new key"
+    );
+    assert_eq!(
+        secret_value(&secret, DEFAULT_PLACEHOLDER_ENTRY).unwrap(),
+        placeholder,
+        "the app's entries do not change"
+    );
+    assert_eq!(secret_value(&secret, API_BASE_ENTRY).unwrap(), app_base);
+    mount(&secret);
+    wait_for("the sidecar switched keys", || async {
+        match broker.key_fingerprint() {
+            Some(f) if f == second.fingerprint => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    assert_eq!(through_broker().await, 200);
+    assert_eq!(
+        c.key_status(&first.id),
+        "active",
+        "the overlap holds the old key"
+    );
+    broker.shutdown().await;
+
+    // Nothing was rolled: give a (wrong) rollout time to show, then compare.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = c.deployments().get(DEPLOYMENT).await.unwrap();
+    assert_eq!(after.metadata.generation, before.metadata.generation);
+    let annotations = |d: &Deployment| {
+        d.spec
+            .as_ref()
+            .and_then(|s| s.template.metadata.as_ref())
+            .and_then(|m| m.annotations.clone())
+    };
+    assert_eq!(annotations(&after), annotations(&before), "no rollout");
+
+    // With rollout targets: refused by the API server before the operator sees it.
+    let mut rolled = brokered("brokered-rolled");
+    rolled["spec"]["delivery"]["rolloutTargets"] =
+        json!([{"kind": "Deployment", "name": DEPLOYMENT}]);
+    let err = c
+        .policies()
+        .patch("brokered-rolled", &apply_params(), &Patch::Apply(&rolled))
+        .await
+        .expect_err("a brokered policy with rolloutTargets is refused");
+    match err {
+        kube::Error::Api(status) => {
+            assert_eq!(status.code, 422, "{status:?}");
+            assert!(
+                status.message.contains("a brokered key needs no rollout"),
+                "{}",
+                status.message
+            );
+        }
+        other => panic!("not an API refusal: {other}"),
+    }
+    assert!(
+        c.policies()
+            .get_opt("brokered-rolled")
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
+
+/// Column names of a Table.
+fn column_names(table: &Value) -> Vec<String> {
+    table["columnDefinitions"]
+        .as_array()
+        .expect("columnDefinitions")
+        .iter()
+        .map(|c| c["name"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+/// The cell of column `name` in the Table's row of the object `object`.
+fn cell(table: &Value, object: &str, name: &str) -> Option<Value> {
+    let i = column_names(table).iter().position(|c| c == name)?;
+    table["rows"]
+        .as_array()?
+        .iter()
+        .find(|r| r["cells"][0] == object)
+        .map(|r| r["cells"][i].clone())
+}
+
+fn column<'a>(table: &'a Value, name: &str) -> &'a Value {
+    table["columnDefinitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no column {name}: {table:#}"))
+}
+
+/// What a person sees with `kubectl get`: the API server's Table rendering (the printer columns
+/// of the CRDs) of a StripeKeyPolicy and of the StripeAccount. The next rotation is a `string`
+/// column holding the RFC 3339 time (a `date` column renders a future time as `<invalid>`); the
+/// StripeAccount shows its health, the keys under management and the rate-limit column.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs a real cluster"]
+async fn kubectl_get_shows_the_columns_a_person_reads() {
+    let c = Cluster::start().await;
+    c.apply_policy(&c.policy(POLICY, &["charge_read"])).await;
+    let p = c.wait_policy(POLICY, "Ready", policy_ready).await;
+    let status = p.status.clone().unwrap();
+    let key = current_key(&p);
+
+    let path = format!(
+        "/apis/stripekeys.io/v1alpha1/namespaces/{}/stripekeypolicies",
+        c.ns
+    );
+    let table = c.table(&path).await;
+    assert_eq!(
+        column_names(&table),
+        [
+            "Name",
+            "Ready",
+            "Key",
+            "Last Rotated",
+            "Next Rotation",
+            "Age"
+        ]
+    );
+    assert_eq!(column(&table, "Next Rotation")["type"], "string");
+    assert_eq!(column(&table, "Last Rotated")["type"], "date");
+    assert_eq!(cell(&table, POLICY, "Ready"), Some(json!("True")));
+    assert_eq!(cell(&table, POLICY, "Key"), Some(json!(key.id)));
+    let next = cell(&table, POLICY, "Next Rotation").expect("the policy's row");
+    let next = next
+        .as_str()
+        .unwrap_or_else(|| panic!("a text cell: {next}"));
+    let at: k8s_openapi::jiff::Timestamp = next
+        .parse()
+        .unwrap_or_else(|e| panic!("Next Rotation {next:?} is no RFC 3339 time: {e}"));
+    assert_eq!(at, status.next_rotation_at.clone().unwrap().0);
+    assert!(
+        at > k8s_openapi::jiff::Timestamp::now(),
+        "the next rotation lies ahead: {next}"
+    );
+    // Past times in `date` columns read as ages ("12s"), never `<invalid>`.
+    for past in ["Last Rotated", "Age"] {
+        let v = cell(&table, POLICY, past).unwrap();
+        let v = v.as_str().unwrap_or_else(|| panic!("{past}: {v}"));
+        assert!(!v.is_empty() && !v.starts_with('<'), "{past}: {v:?}");
+    }
+
+    // The account: health, keys under management (this test's policy), the rate-limit column.
+    let path = format!("/apis/stripekeys.io/v1alpha1/stripeaccounts/{}", c.account);
+    let table = wait_for("the account's row: Ready, Closed, one key", || {
+        let path = path.clone();
+        let c = &c;
+        async move {
+            let t = c.table(&path).await;
+            let want = [
+                ("Ready", json!("True")),
+                ("Reason", json!("Ready")),
+                ("Circuit", json!("Closed")),
+                ("Keys", json!(1)),
+            ];
+            if want
+                .iter()
+                .all(|(col, v)| cell(&t, &c.account, col).as_ref() == Some(v))
+            {
+                Ok(t)
+            } else {
+                Err(format!("{:#}", t["rows"]))
+            }
+        }
+    })
+    .await;
+    assert_eq!(
+        column_names(&table),
+        [
+            "Name",
+            "Mode",
+            "Context",
+            "Ready",
+            "Reason",
+            "Circuit",
+            "Rate Limited Until",
+            "Keys",
+            "Unmanaged",
+            "Last Checked",
+            "Encryption Key",
+            "Age"
+        ]
+    );
+    assert_eq!(cell(&table, &c.account, "Mode"), Some(json!("test")));
+    assert_eq!(
+        cell(&table, &c.account, "Context"),
+        Some(json!(c.account_id))
+    );
+    let rate = column(&table, "Rate Limited Until");
+    assert_eq!(rate["type"], "string", "a future time stays readable");
+    assert_eq!(rate["priority"], 0, "shown without -o wide");
+    assert_eq!(
+        cell(&table, &c.account, "Rate Limited Until"),
+        Some(Value::Null),
+        "not rate limited"
+    );
+    assert_eq!(column(&table, "Keys")["type"], "integer");
+    for wide in ["Last Checked", "Encryption Key"] {
+        assert_eq!(
+            column(&table, wide)["priority"],
+            1,
+            "{wide} only with -o wide"
+        );
+    }
 }
