@@ -13,6 +13,12 @@
 //! process (scoped to the test's namespaces, so tests run in parallel without seeing one
 //! another's objects). Everything a test created is deleted at the end, also when it fails.
 //!
+//! StripeAccounts are cluster-scoped and every test's in-process operator runs the account
+//! controller, which reconciles every account of the cluster judging only its own namespaces:
+//! a test whose assertions depend on an account's status or deletion (held by its policies, its
+//! activity-log cursor, the `kubectl get` columns) runs alone (`Cluster::start_exclusive_with`);
+//! the others run in parallel.
+//!
 //! Assumptions about the cluster: nodes can pull `registry.k8s.io/pause:3.10`; no other
 //! stripe-key-operator (or its admission webhook) is installed; the kubeconfig user may manage
 //! CRDs, namespaces, Secrets, Deployments, Events and the stripekeys.io kinds. The simulator
@@ -169,6 +175,17 @@ struct Cluster {
     /// Settings a scenario changes on top of the harness's [`ControllerConfig`] (short check
     /// intervals and the like), applied at every [`Cluster::start_operator`].
     tune: Tune,
+    /// Held until the test's cleanup is done (the last field: dropped after [`Drop::drop`]).
+    _turn: Turn,
+}
+
+/// Whether a test runs alongside others or alone (see the module documentation).
+static TURNS: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
+#[allow(dead_code)] // held for its drop only
+enum Turn {
+    Shared(tokio::sync::RwLockReadGuard<'static, ()>),
+    Alone(tokio::sync::RwLockWriteGuard<'static, ()>),
 }
 
 /// Changes a scenario makes to the controllers' settings.
@@ -190,8 +207,21 @@ impl Cluster {
         c
     }
 
+    /// Sets up everything and starts the controllers with `tune` applied to their settings,
+    /// once no other test's operator runs (and none starts until this test is done).
+    async fn start_exclusive_with(tune: Tune) -> Self {
+        let mut c = Self::setup(Turn::Alone(TURNS.write().await)).await;
+        c.tune = tune;
+        c.start_operator();
+        c
+    }
+
     /// Sets up everything except the controllers.
     async fn start_without_operator() -> Self {
+        Self::setup(Turn::Shared(TURNS.read().await)).await
+    }
+
+    async fn setup(turn: Turn) -> Self {
         install_crypto_provider();
         let _ = tracing_subscriber::fmt()
             .with_env_filter(
@@ -230,6 +260,7 @@ impl Cluster {
             created: Created::default(),
             operator: None,
             tune: no_tuning,
+            _turn: turn,
         };
         // Registered before creation: the guard cleans up whatever got created.
         c.created.namespaces.push(operator_ns.clone());
@@ -718,9 +749,7 @@ impl Cluster {
 
     /// Waits until `pred` holds for the test's StripeAccount's status.
     ///
-    /// Every test's controllers reconcile every StripeAccount of the cluster (the account
-    /// controller is cluster-scoped), so while other scenarios run in parallel their operators may
-    /// briefly write this account's status too: waits poll until the state shows.
+    /// Scenarios that assert an account's status run alone (see the module documentation).
     async fn wait_account(
         &self,
         what: &str,
@@ -1444,7 +1473,9 @@ async fn deletion_expires_the_keys_and_the_secret_is_collected() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "needs a real cluster"]
 async fn an_account_in_use_is_deleted_only_after_its_policy_retired_its_key() {
-    let c = Cluster::start().await;
+    // Alone: another test's operator, which sees none of this test's policies, would let the
+    // account go.
+    let c = Cluster::start_exclusive_with(no_tuning).await;
     c.apply_policy(&c.policy(POLICY, &["charge_read"])).await;
     let key = c
         .wait_policy(POLICY, "Ready", policy_ready)
@@ -1882,7 +1913,10 @@ async fn a_used_canary_trips_and_rotates_the_guarded_policy_as_an_incident() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "needs a real cluster"]
 async fn a_key_viewed_in_the_dashboard_is_replaced_and_a_hand_made_key_is_listed_unmanaged() {
-    let c = Cluster::start_with(|config| config.activity_log_interval = ACTIVITY_INTERVAL).await;
+    // Alone: the activity-log cursor and the unmanaged keys live in the account's status.
+    let c =
+        Cluster::start_exclusive_with(|config| config.activity_log_interval = ACTIVITY_INTERVAL)
+            .await;
     // The first read only places the cursor (history is not replayed).
     c.wait_account("the first activity-log read", |s| {
         s.activity_log
@@ -2274,7 +2308,8 @@ fn column<'a>(table: &'a Value, name: &str) -> &'a Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "needs a real cluster"]
 async fn kubectl_get_shows_the_columns_a_person_reads() {
-    let c = Cluster::start().await;
+    // Alone: the account's columns are its status.
+    let c = Cluster::start_exclusive_with(no_tuning).await;
     c.apply_policy(&c.policy(POLICY, &["charge_read"])).await;
     let p = c.wait_policy(POLICY, "Ready", policy_ready).await;
     let status = p.status.clone().unwrap();
@@ -2284,7 +2319,31 @@ async fn kubectl_get_shows_the_columns_a_person_reads() {
         "/apis/stripekeys.io/v1alpha1/namespaces/{}/stripekeypolicies",
         c.ns
     );
-    let table = c.table(&path).await;
+    // `Last Rotated` is the operator's time (this process), rendered as an age by the server: a
+    // runner clock slightly ahead of the cluster's reads `<invalid>` until the server catches up,
+    // so the row is polled until past times read as ages ("12s"), never `<invalid>`.
+    let table = wait_for("past times shown as ages", || {
+        let path = path.clone();
+        let c = &c;
+        async move {
+            let t = c.table(&path).await;
+            let ages: Vec<Option<Value>> = ["Last Rotated", "Age"]
+                .iter()
+                .map(|col| cell(&t, POLICY, col))
+                .collect();
+            let readable = ages.iter().all(|v| {
+                v.as_ref()
+                    .and_then(Value::as_str)
+                    .is_some_and(|v| !v.is_empty() && !v.starts_with('<'))
+            });
+            if readable {
+                Ok(t)
+            } else {
+                Err(format!("{ages:?}"))
+            }
+        }
+    })
+    .await;
     assert_eq!(
         column_names(&table),
         [
@@ -2312,13 +2371,6 @@ async fn kubectl_get_shows_the_columns_a_person_reads() {
         at > k8s_openapi::jiff::Timestamp::now(),
         "the next rotation lies ahead: {next}"
     );
-    // Past times in `date` columns read as ages ("12s"), never `<invalid>`.
-    for past in ["Last Rotated", "Age"] {
-        let v = cell(&table, POLICY, past).unwrap();
-        let v = v.as_str().unwrap_or_else(|| panic!("{past}: {v}"));
-        assert!(!v.is_empty() && !v.starts_with('<'), "{past}: {v:?}");
-    }
-
     // The account: health, keys under management (this test's policy), the rate-limit column.
     let path = format!("/apis/stripekeys.io/v1alpha1/stripeaccounts/{}", c.account);
     let table = wait_for("the account's row: Ready, Closed, one key", || {
@@ -2381,4 +2433,344 @@ async fn kubectl_get_shows_the_columns_a_person_reads() {
             "{wide} only with -o wide"
         );
     }
+}
+
+/// Usage-aware expiry's ceiling: an old key that stays in use is held, but no longer than
+/// `maxHold` after the rollout; then it is expired anyway (Warning Event `OldKeyHoldCeiling`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs a real cluster"]
+async fn an_old_key_that_stays_in_use_is_expired_at_the_hold_ceiling() {
+    let c = Cluster::start_with(|config| {
+        config.last_used_lag = Duration::from_secs(10 * MIN);
+        config.key_usage_check_interval = Duration::from_secs(15 * MIN);
+    })
+    .await;
+    let mut m = c.policy(POLICY, &["charge_read"]);
+    m["spec"]["rotation"]["usageAwareExpiry"] =
+        json!({"quietPeriod": "30m", "maxHold": "2h", "unusedAfter": "1h"});
+    c.apply_policy(&m).await;
+    let first = current_key(&c.wait_policy(POLICY, "Ready", policy_ready).await);
+    c.wait_rolled(POLICY_ANNOTATION, &first.fingerprint).await;
+    c.annotate_policy(POLICY, json!({"stripekeys.io/rotate": "usage-ceiling"}))
+        .await;
+    c.wait_policy(
+        POLICY,
+        "Overlapping",
+        policy_in_phase(RotationPhase::Overlapping),
+    )
+    .await;
+    let secret = c.secret(POLICY_SECRET).await.expect("Secret synced");
+    let old_token = secret_value(&secret, "STRIPE_API_KEY_PREVIOUS").expect("old key published");
+    c.advance_both(Duration::from_secs(40 * MIN));
+    c.use_key("/v1/charges", &old_token).await;
+    c.advance_both(Duration::from_secs(21 * MIN)); // rollout + 61m: the overlap has ended
+    c.nudge_policy(POLICY).await;
+    c.wait_policy(POLICY, "the old key held", |p| {
+        policy_condition(p, "Degraded").is_some_and(|d| d.1 == "OldKeyStillInUse")
+    })
+    .await;
+    // It stays in use...
+    for _ in 0..3 {
+        c.advance_both(Duration::from_secs(19 * MIN));
+        c.use_key("/v1/charges", &old_token).await;
+        for _ in 0..2 {
+            c.nudge_policy(POLICY).await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        assert_eq!(c.key_status(&first.id), "active", "held while in use");
+    }
+    // ...past the ceiling, 2h after the rollout (+122m).
+    c.advance_both(Duration::from_secs(4 * MIN));
+    c.nudge_policy(POLICY).await;
+    let p = c
+        .wait_policy(POLICY, "the rotation finished", policy_settled)
+        .await;
+    assert_eq!(c.key_status(&first.id), "expired", "expired at the ceiling");
+    assert_eq!(c.active_keys().len(), 1);
+    assert_eq!(c.active_keys()[0].id, current_key(&p).id);
+    c.wait_event("StripeKeyPolicy", POLICY, "Warning", "OldKeyHoldCeiling")
+        .await;
+}
+
+/// Shards of the sharded scenario, and the lease timing of its replicas.
+const SHARDS: u32 = 4;
+const SHARD_LEASE: Duration = Duration::from_secs(10);
+const SHARD_PREFIX: &str = "sko-e2e";
+
+/// Records the idempotency keys of the key creations one replica sent to Stripe
+/// (`sko:<policy uid>:<rotation>:mint`): which replica minted which policy's key.
+#[derive(Default)]
+struct MintRecorder(std::sync::Mutex<Vec<String>>);
+
+impl stripe_key_operator::stripe::client::CallObserver for MintRecorder {
+    fn on_call(&self, record: &stripe_key_operator::stripe::client::CallRecord) {
+        if record.method == "POST" && record.path == "/v2/iam/api_keys" {
+            if let Some(key) = &record.idempotency_key {
+                self.0.lock().unwrap().push(key.clone());
+            }
+        }
+    }
+}
+
+impl MintRecorder {
+    /// Whether this replica sent a key creation for the policy `uid`.
+    fn minted(&self, uid: &str) -> bool {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|k| k.split(':').nth(1) == Some(uid))
+    }
+}
+
+/// One in-process replica of a sharded operator.
+struct Replica {
+    identity: String,
+    shards: Arc<stripe_key_operator::shard::Shards>,
+    mints: Arc<MintRecorder>,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl Cluster {
+    /// A further tenant namespace served by the account and watched (call before starting the
+    /// controllers).
+    async fn add_served_namespace(&mut self, name: &str) {
+        self.created.namespaces.push(name.to_string());
+        self.apply_namespace(
+            name,
+            json!({TEST_LABEL: self.suffix, ACCOUNT_LABEL: self.account}),
+        )
+        .await;
+        self.watched.push(name.to_string());
+    }
+
+    /// Starts a replica of a sharded operator: its own context (cold caches, its own identity)
+    /// and its shard lease manager in one task. Cancelling `stop` shuts it down gracefully (its
+    /// shards are given up); aborting the task is a crash (its leases are left to expire).
+    fn start_replica(&self, identity: &str) -> Replica {
+        let mut config = ControllerConfig::new(
+            self.operator_ns.clone(),
+            StorePrefix::new(STORE_PREFIX).expect("valid prefix"),
+        );
+        config.rollout_ceiling = Duration::from_secs(120);
+        config.rollout_poll = Duration::from_millis(500);
+        config.error_backoff = Duration::from_secs(1);
+        config.resync = Duration::from_secs(60);
+        config.stripe_timeout = Some(Duration::from_secs(5));
+        config.api_hosts = stripe_key_operator::rules::ApiHosts::stripe_only().with_loopback();
+        let shards = Arc::new(stripe_key_operator::shard::Shards::new(SHARDS, identity));
+        let mints = Arc::new(MintRecorder::default());
+        let ctx = Arc::new(
+            Context::new(
+                self.client.clone(),
+                self.store.clone(),
+                Metrics::new(),
+                Arc::new(self.clock.clone()),
+                config,
+                Some(mints.clone()),
+            )
+            .with_shards(shards.clone()),
+        );
+        let manager = stripe_key_operator::shard::ShardManager::new(
+            self.client.clone(),
+            stripe_key_operator::shard::ShardConfig {
+                namespace: self.operator_ns.clone(),
+                prefix: SHARD_PREFIX.to_string(),
+                identity: identity.to_string(),
+                shards: SHARDS,
+                lease_duration: SHARD_LEASE,
+                renew_deadline: Duration::from_secs(6),
+                retry_period: Duration::from_secs(1),
+            },
+            shards.clone(),
+        );
+        let stop = CancellationToken::new();
+        let namespaces = self.watched.clone();
+        let task = tokio::spawn({
+            let stop = stop.clone();
+            async move {
+                // One task: aborting it drops the controllers and the lease manager together,
+                // as a killed process would (nothing is given up).
+                let controllers = async {
+                    run_controllers(ctx, &namespaces, stop.clone()).await;
+                };
+                tokio::join!(controllers, manager.run(stop.clone()));
+            }
+        });
+        Replica {
+            identity: identity.to_string(),
+            shards,
+            mints,
+            stop,
+            task,
+        }
+    }
+
+    /// The holder each shard Lease names (`None`: free or given up).
+    async fn shard_holders(&self) -> Vec<Option<String>> {
+        let api: Api<k8s_openapi::api::coordination::v1::Lease> =
+            Api::namespaced(self.client.clone(), &self.operator_ns);
+        let mut out = Vec::new();
+        for i in 0..SHARDS {
+            out.push(
+                api.get_opt(&format!("{SHARD_PREFIX}-shard-{i}"))
+                    .await
+                    .expect("reading a shard Lease")
+                    .and_then(|l| l.spec?.holder_identity)
+                    .filter(|h| !h.is_empty()),
+            );
+        }
+        out
+    }
+}
+
+/// Sharding through real Leases: two replicas (in-process, each with its own context and shard
+/// lease manager) split four shards two and two; 20 policies in four namespaces (one per shard)
+/// all become Ready, each minted once, by the replica holding its namespace's shard. One replica
+/// is killed: its Leases expire and the other takes its shards within the lease duration plus
+/// a few retry periods, and an incident rotation of a policy in a moved shard completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs a real cluster"]
+async fn sharded_replicas_split_the_policies_and_take_over_a_killed_replicas_shards() {
+    use stripe_key_operator::shard::shard_of;
+    let mut c = Cluster::start_without_operator().await;
+    // One namespace per shard, so that both replicas have work and a kill moves some.
+    let mut tenants: Vec<Option<String>> = vec![None; SHARDS as usize];
+    for i in 0.. {
+        let name = format!("sko-e2e-{}-t{i}", c.suffix);
+        let slot = &mut tenants[shard_of(&name, SHARDS) as usize];
+        if slot.is_none() {
+            *slot = Some(name);
+        }
+        if tenants.iter().all(Option::is_some) {
+            break;
+        }
+    }
+    let tenants: Vec<String> = tenants.into_iter().map(Option::unwrap).collect();
+    for ns in &tenants {
+        c.add_served_namespace(ns).await;
+    }
+    let a = c.start_replica("replica-a");
+    let b = c.start_replica("replica-b");
+    let identities = [a.identity.clone(), b.identity.clone()];
+    wait_for("the shards split two and two", || async {
+        let h = c.shard_holders().await;
+        let count = |who: &str| h.iter().filter(|x| x.as_deref() == Some(who)).count();
+        if count(&identities[0]) == 2 && count(&identities[1]) == 2 {
+            Ok(())
+        } else {
+            Err(format!("{h:?}"))
+        }
+    })
+    .await;
+
+    let per_namespace = 20 / tenants.len();
+    for ns in &tenants {
+        for i in 0..per_namespace {
+            let mut m = c.policy(&format!("p{i}"), &["charge_read"]);
+            m["metadata"]["namespace"] = json!(ns);
+            m["spec"]["delivery"]["rolloutTargets"] = json!([]);
+            c.apply_policy(&m).await;
+        }
+    }
+    let mut policies = Vec::new();
+    for ns in &tenants {
+        for i in 0..per_namespace {
+            policies.push(
+                c.wait_policy_in(ns, &format!("p{i}"), "Ready", policy_ready)
+                    .await,
+            );
+        }
+    }
+    assert_eq!(policies.len(), 20);
+    let holders = c.shard_holders().await;
+    for p in &policies {
+        let ns = p.metadata.namespace.clone().unwrap();
+        let uid = p.metadata.uid.clone().unwrap();
+        let shard = shard_of(&ns, SHARDS) as usize;
+        let holder = holders[shard].clone().expect("the shard is held");
+        let minted_by: Vec<&str> = [&a, &b]
+            .iter()
+            .filter(|r| r.mints.minted(&uid))
+            .map(|r| r.identity.as_str())
+            .collect();
+        assert_eq!(
+            minted_by,
+            [holder.as_str()],
+            "{ns}/{}: minted by the holder of shard {shard} only",
+            p.name_any()
+        );
+        let r = if holder == a.identity { &a } else { &b };
+        assert!(
+            r.shards.holds(shard as u32),
+            "{holder} acts on shard {shard}"
+        );
+    }
+    let keys: std::collections::BTreeSet<String> =
+        policies.iter().map(|p| current_key(p).id).collect();
+    assert_eq!(keys.len(), 20, "one key per policy");
+    assert_eq!(
+        c.active_keys().len(),
+        20,
+        "none minted twice: {:#?}",
+        c.sim_keys()
+    );
+
+    // Replica a dies without giving anything up: its Leases expire, b takes its shards.
+    let moved: Vec<usize> = holders
+        .iter()
+        .enumerate()
+        .filter(|(_, h)| h.as_deref() == Some(a.identity.as_str()))
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(moved.len(), 2);
+    a.task.abort();
+    let _ = a.task.await;
+    let killed = Instant::now();
+    wait_for("a's shards taken over by b", || async {
+        let h = c.shard_holders().await;
+        if h.iter().all(|x| x.as_deref() == Some(b.identity.as_str())) && b.shards.held().len() == 4
+        {
+            Ok(())
+        } else {
+            Err(format!("{h:?}, b acts on {:?}", b.shards.held()))
+        }
+    })
+    .await;
+    let took = killed.elapsed();
+    assert!(
+        took < SHARD_LEASE * 2,
+        "the shards moved within the lease duration plus a few retry periods ({took:?})"
+    );
+
+    // An incident rotation of a policy in a moved shard is carried out by b.
+    let ns = &tenants[moved[0]];
+    let before = current_key(&c.wait_policy_in(ns, "p0", "Ready", policy_ready).await);
+    Api::<StripeKeyPolicy>::namespaced(c.client.clone(), ns)
+        .patch(
+            "p0",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {
+                "stripekeys.io/rotate": "after-kill",
+                "stripekeys.io/rotate-reason": "incident"}}})),
+        )
+        .await
+        .unwrap();
+    let p = c
+        .wait_policy_in(
+            ns,
+            "p0",
+            "the incident handled",
+            incident_done("after-kill"),
+        )
+        .await;
+    assert_ne!(current_key(&p).id, before.id);
+    assert_eq!(c.key_status(&before.id), "expired");
+    assert!(
+        b.mints.minted(&p.metadata.uid.clone().unwrap()),
+        "b minted the new key"
+    );
+    // b stays as the operator: the cleanup deletes the policies while it runs.
+    c.operator = Some((b.stop, b.task));
 }
