@@ -2504,10 +2504,11 @@ struct MintRecorder(std::sync::Mutex<Vec<String>>);
 
 impl stripe_key_operator::stripe::client::CallObserver for MintRecorder {
     fn on_call(&self, record: &stripe_key_operator::stripe::client::CallRecord) {
-        if record.method == "POST" && record.path == "/v2/iam/api_keys" {
-            if let Some(key) = &record.idempotency_key {
-                self.0.lock().unwrap().push(key.clone());
-            }
+        if record.method == "POST"
+            && record.path == "/v2/iam/api_keys"
+            && let Some(key) = &record.idempotency_key
+        {
+            self.0.lock().unwrap().push(key.clone());
         }
     }
 }
