@@ -46,7 +46,9 @@ use stripe_key_operator::controller::{
 use stripe_key_operator::inject::{Rollout, rollout_state};
 use stripe_key_operator::metrics::Metrics;
 use stripe_key_operator::secret::SecretString;
-use stripe_key_operator::sim::{EndpointState, KeyState, SimConfig, SimHandle, Simulator};
+use stripe_key_operator::sim::{
+    EndpointState, FaultKind, FaultSpec, KeyState, SimConfig, SimHandle, Simulator,
+};
 use stripe_key_operator::stripe::{Mode, StripeClient, UpdateWebhookEndpointParams};
 use stripe_key_operator::vault::{MemoryStore, SecretStore, StorePath, StorePrefix};
 use tokio::task::JoinHandle;
@@ -2433,6 +2435,47 @@ async fn kubectl_get_shows_the_columns_a_person_reads() {
             "{wide} only with -o wide"
         );
     }
+
+    // Stripe answers 429 with Retry-After: while the pause lasts, the column holds the time it
+    // ends, ahead of now, as text a person reads (a `date` column would print `<invalid>`).
+    c.sim.inject_fault(FaultSpec::next(
+        1,
+        FaultKind::RateLimited {
+            retry_after_secs: Some(30),
+        },
+    ));
+    c.annotate_policy(POLICY, json!({"stripekeys.io/rotate": "rate-limited"}))
+        .await;
+    let until = wait_for("the Rate Limited Until column filled", || async {
+        let t = c.table(&path).await;
+        match cell(&t, &c.account, "Rate Limited Until") {
+            Some(Value::String(until)) => Ok(until),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    let until_at: k8s_openapi::jiff::Timestamp = until
+        .parse()
+        .unwrap_or_else(|e| panic!("Rate Limited Until {until:?} is no RFC 3339 time: {e}"));
+    assert!(
+        until_at > k8s_openapi::jiff::Timestamp::now(),
+        "the pause lies ahead: {until}"
+    );
+    // Once the pause is over the column is cleared and the rotation goes through.
+    wait_for("the Rate Limited Until column cleared", || async {
+        let t = c.table(&path).await;
+        match cell(&t, &c.account, "Rate Limited Until") {
+            Some(Value::Null) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    c.wait_policy(
+        POLICY,
+        "the key minted after the pause (overlapping)",
+        policy_in_phase(RotationPhase::Overlapping),
+    )
+    .await;
 }
 
 /// Usage-aware expiry's ceiling: an old key that stays in use is held, but no longer than
