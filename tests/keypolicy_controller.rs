@@ -169,6 +169,18 @@ async fn annotation_rotation_keeps_the_old_key_until_rollout_and_overlap() {
             .is_some_and(|r| r.phase == RotationPhase::Overlapping)
     })
     .await;
+    let ready_message = p
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+        .map(|c| (c.status.clone(), c.message.clone()))
+        .unwrap();
+    assert_eq!(ready_message.0, "True");
+    assert!(
+        ready_message.1.contains(&second.id) && !ready_message.1.contains(&first.id),
+        "Ready names the key the Secret publishes during the overlap: {}",
+        ready_message.1
+    );
     let expires = p.status.unwrap().previous_key.clone().unwrap().expires_at;
     assert!(expires.is_some(), "status shows when the old key expires");
     assert_eq!(active_keys(&env).len(), 2, "the overlap holds the old key");

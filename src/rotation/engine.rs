@@ -1700,6 +1700,15 @@ async fn sync_step<C: Credential>(run: &mut Run<'_, C>) -> Result<StepOutcome, R
     rotation.rollout_started_at = Some(time(now));
     status.rotation = Some(rotation);
     let fp = current_fingerprint(&status);
+    // The Secret holds the new credential now: a Ready condition that named the previous one
+    // says which is published (the rollout and overlap can take hours).
+    if let Some(ready) = crate::api::conditions::find(&status.conditions, condition_types::READY)
+        .filter(|c| c.status == "True")
+    {
+        let reason = ready.reason.clone();
+        let message = published_message::<C>(&status, &fp);
+        run.set(&mut status, condition_types::READY, true, &reason, message);
+    }
     if C::declared(&run.obj).targets.is_empty() {
         // Nothing to roll: the rollout step has no side effect to record the phase before.
         run.stage(status);
@@ -2306,6 +2315,16 @@ async fn sweep_orphans<C: Credential>(
     Ok(())
 }
 
+/// Ready's message: which credential the Secret publishes.
+fn published_message<C: Credential>(status: &C::Status, fp: &str) -> String {
+    let id = status
+        .current_key
+        .as_ref()
+        .map(|k| k.id.as_str())
+        .unwrap_or_default();
+    format!("{} {id} (fingerprint {fp}) is published", C::NAMES.noun)
+}
+
 enum IdleOutcome {
     Settled(Action),
     Rotate(RotationTrigger),
@@ -2341,17 +2360,13 @@ async fn idle<C: Credential>(
     let next = next_rotation_at::<C>(&run.obj, spec);
     status.next_rotation_at = next.map(time);
     status.observed_generation = run.generation();
-    let id = status
-        .current_key
-        .as_ref()
-        .map(|k| k.id.clone())
-        .unwrap_or_default();
+    let message = published_message::<C>(&status, &fp);
     run.set(
         &mut status,
         condition_types::READY,
         true,
         &C::NAMES.ready_reason(),
-        format!("{} {id} (fingerprint {fp}) is published", C::NAMES.noun),
+        message,
     );
     if status.rotation.is_none()
         && crate::api::conditions::find(&status.conditions, condition_types::ROTATING).is_none()
