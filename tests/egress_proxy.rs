@@ -1680,3 +1680,76 @@ async fn the_sidecar_follows_its_mounted_anomaly_entry_and_keeps_what_it_learned
     assert_eq!(broker.anomaly_action(), None);
     broker.shutdown().await;
 }
+
+/// `stripe-egress-proxy`, the slim sidecar binary, is the same broker with the same flags: it
+/// serves through the placeholder, refuses outside the permissions and, without the Kubernetes
+/// API at hand, still starts with a mounted anomaly entry (its client is made on the first
+/// anomaly only).
+#[tokio::test]
+async fn the_slim_sidecar_binary_is_the_same_broker() {
+    let sim = harness::start_sim(sim_config()).await;
+    let key = mint(&sim, "slim", &["charge_read"]).await;
+    let placeholder = placeholder_for("uid-slim");
+    let mut volume = Volume::new();
+    volume.write(&entries(&[
+        (DEFAULT_KEY_ENTRY, &key),
+        (DEFAULT_PERMISSIONS_ENTRY, "charge_read"),
+        (DEFAULT_PLACEHOLDER_ENTRY, &placeholder),
+        (DEFAULT_ANOMALY_ENTRY, "policy: shop/slim\naction: Record\n"),
+    ]));
+    let (port, admin) = (free_port(), free_port());
+    let log_dir = tempfile::tempdir().unwrap();
+    let log = log_dir.path().join("stderr");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_stripe-egress-proxy"))
+        .arg("--key-dir")
+        .arg(volume.path())
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--admin-addr",
+            &format!("127.0.0.1:{admin}"),
+            "--upstream",
+            &sim.base_url(),
+            "--allow-loopback-upstream",
+        ])
+        .args(["--log-format", "json"])
+        .env("RUST_LOG", "info")
+        .env_remove("KUBECONFIG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let ready = reqwest::get(format!("http://127.0.0.1:{admin}/readyz")).await;
+        if ready.is_ok_and(|r| r.status().is_success()) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the slim sidecar never became ready"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let base = format!("http://127.0.0.1:{port}");
+    let (status, body, _) = call(&base, "GET", "/v1/charges", &placeholder).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body, _) = call(&base, "POST", "/v1/refunds", &placeholder).await;
+    assert_eq!(status, 403);
+    assert_eq!(body["error"]["code"], "broker_permission_missing");
+    let _ = child.kill();
+    let _ = child.wait();
+    let lines = std::fs::read_to_string(&log).unwrap();
+    let on = lines
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|l| {
+            l["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("follows the mounted anomaly policy"))
+        });
+    let on = on.unwrap_or_else(|| panic!("anomaly detection on from the mounted entry: {lines}"));
+    assert_eq!(on["action"], "record", "{on}");
+    assert_eq!(on["policy"], "shop/slim", "{on}");
+    assert!(!lines.contains(&key) && !lines.contains(&placeholder));
+}
