@@ -1,7 +1,8 @@
 # syntax=docker/dockerfile:1.7
 #
-# The stripe-key-operator image: a release build of the one binary, on distroless (glibc, CA
-# certificates, no shell, no package manager), running as the non-root UID 65532.
+# The stripe-key-operator image: a release build of the operator's binary (and of the egress
+# broker sidecar's), on distroless (glibc, CA certificates, no shell, no package manager),
+# running as the non-root UID 65532.
 #
 #   docker build -t stripe-key-operator:dev .
 #   docker build --build-arg VERSION=0.1.0 --build-arg REVISION=$(git rev-parse HEAD) \
@@ -21,8 +22,9 @@ COPY . .
 # Cargo.lock is committed: --locked builds exactly the audited dependency versions.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked --bin stripe-key-operator \
- && install -D -m 0755 target/release/stripe-key-operator /out/stripe-key-operator
+    cargo build --release --locked --bin stripe-key-operator --bin stripe-egress-proxy \
+ && install -D -m 0755 target/release/stripe-key-operator /out/stripe-key-operator \
+ && install -D -m 0755 target/release/stripe-egress-proxy /out/stripe-egress-proxy
 
 # --- runtime ----------------------------------------------------------------------------------
 FROM gcr.io/distroless/cc-debian12:nonroot
@@ -41,6 +43,9 @@ LABEL org.opencontainers.image.title="stripe-key-operator" \
       org.opencontainers.image.base.name="gcr.io/distroless/cc-debian12:nonroot"
 # Owned by root and not writable by the process.
 COPY --from=build /out/stripe-key-operator /stripe-key-operator
+# The egress broker sidecar alone (brokered workloads: command ["/stripe-egress-proxy"]); the
+# same broker as `stripe-key-operator egress-proxy`, with half the RSS.
+COPY --from=build /out/stripe-egress-proxy /stripe-egress-proxy
 USER 65532:65532
 # /metrics, /healthz, /readyz
 EXPOSE 8080

@@ -4,7 +4,9 @@
 //! (`stripe-key-operator egress-proxy`), so its RSS and CPU time are its own; the upstream (a
 //! minimal HTTP server answering a small Stripe-like JSON list) and the clients run here.
 //!
-//! `cargo bench --bench egress` (release). Sizes: `BENCH_EGRESS_REQUESTS` (20000 sequential
+//! `cargo bench --bench egress` (release). The broker is the slim sidecar binary
+//! `stripe-egress-proxy`; `BENCH_EGRESS_BINARY=operator` runs `stripe-key-operator egress-proxy`
+//! instead (same code, in the operator's binary). Sizes: `BENCH_EGRESS_REQUESTS` (20000 sequential
 //! requests per latency run), `BENCH_EGRESS_SECONDS` (5, the throughput run),
 //! `BENCH_EGRESS_CONCURRENCY` (32 client connections). A quick functional check in debug:
 //! `BENCH_EGRESS_REQUESTS=200 BENCH_EGRESS_SECONDS=1 cargo bench --profile dev --bench egress`.
@@ -126,8 +128,15 @@ async fn run(requests: usize, seconds: usize, concurrency: usize) {
         std::fs::write(key_dir.path().join(name), value).unwrap();
     }
     let (port, admin) = (free_port(), free_port());
-    let mut child = Command::new(env!("CARGO_BIN_EXE_stripe-key-operator"))
-        .arg("egress-proxy")
+    let operator = std::env::var("BENCH_EGRESS_BINARY").is_ok_and(|b| b == "operator");
+    let mut command = if operator {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_stripe-key-operator"));
+        c.arg("egress-proxy");
+        c
+    } else {
+        Command::new(env!("CARGO_BIN_EXE_stripe-egress-proxy"))
+    };
+    let mut child = command
         .arg("--key-dir")
         .arg(key_dir.path())
         .args([
@@ -158,6 +167,7 @@ async fn run(requests: usize, seconds: usize, concurrency: usize) {
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     let idle_rss = proc_status_kib(pid, "VmRSS:").unwrap_or(0);
+    let idle_split = rss_split(pid);
 
     let client = reqwest::Client::builder().no_proxy().build().unwrap();
     let direct_url = format!("http://{upstream}/v1/charges");
@@ -195,6 +205,7 @@ async fn run(requests: usize, seconds: usize, concurrency: usize) {
     }
     tokio::time::sleep(Duration::from_secs(seconds as u64)).await;
     let load_rss = proc_status_kib(pid, "VmRSS:").unwrap_or(0);
+    let load_split = rss_split(pid);
     stop.store(true, Ordering::Relaxed);
     for t in tasks {
         let _ = t.await;
@@ -209,7 +220,15 @@ async fn run(requests: usize, seconds: usize, concurrency: usize) {
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     let added = |p: f64| ms(percentile(&brokered, p)) - ms(percentile(&direct, p));
     let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "egress broker, loopback, local upstream");
+    let _ = writeln!(
+        out,
+        "egress broker ({}), loopback, local upstream",
+        if operator {
+            "stripe-key-operator egress-proxy"
+        } else {
+            "stripe-egress-proxy"
+        }
+    );
     let _ = writeln!(
         out,
         "latency ({requests} sequential requests): direct p50 {:.3} ms p99 {:.3} ms; brokered p50 {:.3} ms p99 {:.3} ms",
@@ -238,4 +257,18 @@ async fn run(requests: usize, seconds: usize, concurrency: usize) {
         load_rss as f64 / 1024.0,
         peak_rss as f64 / 1024.0,
     );
+    let _ = writeln!(out, "broker RSS idle: {idle_split}");
+    let _ = writeln!(out, "broker RSS under load: {load_split}");
+}
+
+/// Where the RSS is: anonymous memory (heap, stacks) and mapped files (the binary's code and
+/// read-only data, shared libraries), and the thread count.
+fn rss_split(pid: u32) -> String {
+    let mib = |field| proc_status_kib(pid, field).unwrap_or(0) as f64 / 1024.0;
+    format!(
+        "anonymous {:.1} MiB, file-backed {:.1} MiB (the binary's pages), {} threads",
+        mib("RssAnon:"),
+        mib("RssFile:"),
+        proc_status_kib(pid, "Threads:").unwrap_or(0)
+    )
 }

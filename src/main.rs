@@ -52,35 +52,57 @@ static ALLOC: dhat::Alloc = dhat::Alloc;
 /// 64-core node must not start 64 of them.
 const DEFAULT_WORKER_THREADS: usize = 2;
 
+/// `stripe-key-operator egress-proxy ...` on its own: the sidecar parses only its own flags
+/// (building the whole command tree touches the code of every subcommand, which a sidecar
+/// would then carry in its RSS) and runs on its own single-threaded runtime
+/// (`egress::proxy::main`, chosen before any runtime is built).
+#[derive(Parser, Debug)]
+#[command(
+    name = "stripe-key-operator egress-proxy",
+    version,
+    about = "Run the egress key broker: a sidecar on loopback that holds the real Stripe key"
+)]
+struct EgressProxyCli {
+    #[command(flatten)]
+    args: stripe_key_operator::egress::proxy::EgressProxyArgs,
+}
+
 fn main() -> std::process::ExitCode {
     #[cfg(feature = "heap-profile")]
     let _profiler = dhat::Profiler::new_heap();
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == "egress-proxy")
+    {
+        let cli = EgressProxyCli::parse_from(
+            std::iter::once(std::ffi::OsString::from("stripe-key-operator egress-proxy"))
+                .chain(std::env::args_os().skip(2)),
+        );
+        return stripe_key_operator::egress::proxy::main(cli.args);
+    }
+    let cli = Cli::parse();
+    // Commands with their own exit statuses and runtimes.
+    match cli.command {
+        Command::Audit(ref args) => return stripe_key_operator::audit::run_cli(args),
+        Command::Scan(ref args) => return stripe_key_operator::scan::run_cli(args),
+        Command::EgressProxy(args) => return stripe_key_operator::egress::proxy::main(*args),
+        _ => {}
+    }
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     runtime.enable_all();
     if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
         runtime.worker_threads(DEFAULT_WORKER_THREADS);
     }
     match runtime.build() {
-        Ok(rt) => rt.block_on(run()),
+        Ok(rt) => match rt.block_on(dispatch(cli)) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                std::process::ExitCode::FAILURE
+            }
+        },
         Err(e) => {
             eprintln!("error: starting the async runtime: {e}");
-            std::process::ExitCode::FAILURE
-        }
-    }
-}
-
-async fn run() -> std::process::ExitCode {
-    let cli = Cli::parse();
-    // Commands with their own exit statuses.
-    match &cli.command {
-        Command::Audit(args) => return stripe_key_operator::audit::run_cli(args),
-        Command::Scan(args) => return stripe_key_operator::scan::run_cli(args),
-        _ => {}
-    }
-    match dispatch(cli).await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
             std::process::ExitCode::FAILURE
         }
     }
@@ -97,8 +119,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Sandbox(args) => stripe_key_operator::sandbox::run(args).await,
         Command::Rotate(args) => stripe_key_operator::rotate_cli::run(args).await,
         Command::VerifyProxy(args) => stripe_key_operator::webhook::proxy::run_cli(*args).await,
-        Command::EgressProxy(args) => stripe_key_operator::egress::proxy::run_cli(*args).await,
         Command::Permissions(args) => stripe_key_operator::egress::suggest::run_cli(args).await,
-        Command::Audit(_) | Command::Scan(_) => unreachable!("handled in main"),
+        Command::Audit(_) | Command::Scan(_) | Command::EgressProxy(_) => {
+            unreachable!("handled in main")
+        }
     }
 }

@@ -33,8 +33,9 @@ use stripe_key_operator::egress::anomaly::{
     AnomalyAction, AnomalyPolicy, RecordedAction, RecordingSink,
 };
 use stripe_key_operator::egress::proxy::{
-    AnomalySetup, DEFAULT_KEY_ENTRY, DEFAULT_PERMISSIONS_ENTRY, DEFAULT_PLACEHOLDER_ENTRY,
-    EgressConfig, EgressHandle, EgressProxy, PLACEHOLDER_PREFIX, placeholder_for,
+    AnomalySetup, DEFAULT_ANOMALY_ENTRY, DEFAULT_KEY_ENTRY, DEFAULT_PERMISSIONS_ENTRY,
+    DEFAULT_PLACEHOLDER_ENTRY, EgressConfig, EgressHandle, EgressProxy, PLACEHOLDER_PREFIX,
+    SinkFactory, parse_anomaly_file, placeholder_for,
 };
 use stripe_key_operator::egress::routes::{ROUTES, ROUTES_VERSION};
 use stripe_key_operator::sandbox::env::EnvOptions;
@@ -105,6 +106,7 @@ fn sidecar_items(secret: &Secret) -> BTreeMap<String, String> {
         DEFAULT_KEY_ENTRY,
         DEFAULT_PERMISSIONS_ENTRY,
         DEFAULT_PLACEHOLDER_ENTRY,
+        DEFAULT_ANOMALY_ENTRY,
     ]
     .iter()
     .filter_map(|k| secret_value(secret, k).map(|v| ((*k).to_owned(), v)))
@@ -1321,4 +1323,433 @@ async fn a_refund_burst_requests_one_incident_rotation() {
         "{actions:?}"
     );
     run.broker.shutdown().await;
+}
+
+/// Merges `spec` into the policy's spec (a person's `kubectl patch --type merge`).
+async fn patch_spec(env: &stripe_key_operator::sandbox::env::LocalEnv, name: &str, spec: Value) {
+    Api::<stripe_key_operator::api::StripeKeyPolicy>::namespaced(env.client.clone(), NS)
+        .patch(
+            name,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({ "spec": spec })),
+        )
+        .await
+        .unwrap();
+}
+
+/// Waits (bounded) until the policy's Secret satisfies `pred`.
+async fn wait_secret(
+    secrets: &Api<Secret>,
+    name: &str,
+    what: &str,
+    pred: impl Fn(&Secret) -> bool,
+) -> Secret {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(s) = secrets.get(name).await
+            && pred(&s)
+        {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `spec.delivery.broker.anomaly` end to end: the operator publishes it (with the policy's
+/// name) in the Secret entry mounted into the sidecar, only while the field is set and anew
+/// when it changes, without touching the key; the sidecar follows that entry with no flag: a
+/// 20x refund burst is throttled locally and reported to this policy, and detection stops when
+/// the field goes.
+#[tokio::test]
+async fn the_anomaly_field_reaches_the_sidecar_through_its_secret_volume() {
+    let env = env_with(EnvOptions {
+        sim_rate_limit_test: 100_000,
+        ..EnvOptions::default()
+    })
+    .await;
+    let port = free_port();
+    env.apply_json(&json!({
+        "apiVersion": "stripekeys.io/v1alpha1", "kind": "StripeKeyPolicy",
+        "metadata": {"name": "refunds", "namespace": NS},
+        "spec": {
+            "accountRef": {"name": ACCOUNT},
+            "permissions": ["charge_read", "refund_write"],
+            "delivery": {"secret": {"name": "refunds-stripe-key"}, "broker": {"port": port}},
+            "rotation": {"every": "720h", "overlap": "1h"}
+        }
+    }))
+    .await
+    .unwrap();
+    let p = wait_policy(&env, "refunds", "the first key", ready).await;
+    let key = p.status.as_ref().unwrap().current_key.clone().unwrap();
+    let secrets: Api<Secret> = Api::namespaced(env.client.clone(), NS);
+    let secret = secrets.get("refunds-stripe-key").await.unwrap();
+    assert_eq!(
+        secret_value(&secret, DEFAULT_ANOMALY_ENTRY),
+        None,
+        "no entry without the field"
+    );
+
+    // the field appears: the entry follows, with the policy's name for the sidecar's Events
+    patch_spec(
+        &env,
+        "refunds",
+        json!({"delivery": {"broker": {"port": port, "anomaly": {
+            "action": "Throttle", "sigmas": 8, "warmUp": "30m", "throttleFor": "10m"}}}}),
+    )
+    .await;
+    let secret = wait_secret(&secrets, "refunds-stripe-key", "the anomaly entry", |s| {
+        secret_value(s, DEFAULT_ANOMALY_ENTRY).is_some()
+    })
+    .await;
+    let text = secret_value(&secret, DEFAULT_ANOMALY_ENTRY).unwrap();
+    let published = parse_anomaly_file("the entry", text.as_bytes()).unwrap();
+    assert_eq!(published.policy.as_deref(), Some("shop/refunds"));
+    assert_eq!(published.anomaly.action, AnomalyAction::Throttle);
+    assert_eq!(published.anomaly.sigmas, Some(8));
+    assert_eq!(published.anomaly.warm_up.as_deref(), Some("30m"));
+    assert_eq!(published.anomaly.throttle_for.as_deref(), Some("10m"));
+    let real = secret_value(&secret, DEFAULT_KEY_ENTRY).unwrap();
+    assert!(!text.contains(&real), "the entry holds no key");
+
+    // a change of the field changes the entry, and nothing else: same key, no rotation
+    patch_spec(
+        &env,
+        "refunds",
+        json!({"delivery": {"broker": {"anomaly": {"sigmas": 9}}}}),
+    )
+    .await;
+    let secret = wait_secret(&secrets, "refunds-stripe-key", "the changed entry", |s| {
+        secret_value(s, DEFAULT_ANOMALY_ENTRY).is_some_and(|t| t != text)
+    })
+    .await;
+    let changed = parse_anomaly_file(
+        "the entry",
+        secret_value(&secret, DEFAULT_ANOMALY_ENTRY)
+            .unwrap()
+            .as_bytes(),
+    )
+    .unwrap();
+    assert_eq!(changed.anomaly.sigmas, Some(9));
+    assert_eq!(changed.anomaly.action, AnomalyAction::Throttle);
+    assert_eq!(secret_value(&secret, DEFAULT_KEY_ENTRY).unwrap(), real);
+    let p = get_policy(&env, "refunds").await;
+    assert_eq!(
+        p.status.as_ref().unwrap().current_key.as_ref().unwrap().id,
+        key.id,
+        "the anomaly policy is not part of the key: no rotation"
+    );
+
+    // the sidecar, with no anomaly flag: its policy comes from the mounted entry
+    let mut volume = Volume::new();
+    volume.write(&sidecar_items(&secret));
+    let sink = Arc::new(RecordingSink::default());
+    let targets = Arc::new(Mutex::new(Vec::<String>::new()));
+    let sinks: SinkFactory = {
+        let (sink, targets) = (sink.clone(), targets.clone());
+        Arc::new(move |ns: &str, name: &str| {
+            targets.lock().unwrap().push(format!("{ns}/{name}"));
+            sink.clone() as Arc<dyn stripe_key_operator::egress::anomaly::ActionSink>
+        })
+    };
+    let clock = Arc::new(AtomicU64::new(T0));
+    let mut setup = AnomalySetup::mounted(sinks);
+    let c = clock.clone();
+    setup.clock = Arc::new(move || UNIX_EPOCH + Duration::from_secs(c.load(Ordering::SeqCst)));
+    setup.tick_interval = Duration::from_millis(20);
+    let mut config = broker_config(&env.sim.base_url(), volume.path());
+    config.anomaly = Some(setup);
+    let broker = EgressProxy::start(config).await.unwrap();
+    assert_eq!(broker.anomaly_action(), Some(AnomalyAction::Throttle));
+    assert_eq!(*targets.lock().unwrap(), ["shop/refunds"]);
+
+    let app_key = secret_value(&secret, DEFAULT_PLACEHOLDER_ENTRY).unwrap();
+    let refunds_seen = || {
+        env.sim
+            .request_log()
+            .iter()
+            .filter(|e| e.method == "POST" && e.path == "/v1/refunds")
+            .count()
+    };
+    let url = broker.url();
+    let refund = |at: u64| {
+        clock.store(T0 + at, Ordering::SeqCst);
+        call(&url, "POST", "/v1/refunds", &app_key)
+    };
+    // 2 refunds a minute for 40 minutes: learned, never flagged
+    for minute in 0..40 {
+        for second in [10, 40] {
+            let (status, body, _) = refund(minute * 60 + second).await;
+            assert_ne!(
+                status, 429,
+                "minute {minute}: steady traffic passes: {body}"
+            );
+        }
+    }
+    assert_eq!(refunds_seen(), 80);
+    assert!(sink.actions().is_empty(), "steady traffic raised no alarm");
+    // a 20x burst: 40 refunds in one minute
+    let mut throttled = 0;
+    for i in 0..40 {
+        let before = refunds_seen();
+        let (status, body, headers) = refund(40 * 60 + 1 + i).await;
+        if status == 429 {
+            assert_eq!(body["error"]["code"], "rate_limit", "{body}");
+            assert_eq!(headers["x-stripe-broker"], "throttled");
+            assert_eq!(
+                refunds_seen(),
+                before,
+                "a throttled refund never left the pod"
+            );
+            throttled += 1;
+        }
+    }
+    assert!(
+        (10..40).contains(&throttled),
+        "the burst was caught within the minute and the rest throttled: {throttled} of 40"
+    );
+    let mut actions = sink.actions();
+    for _ in 0..200 {
+        if !actions.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        actions = sink.actions();
+    }
+    assert!(
+        matches!(
+            actions.first(),
+            Some(RecordedAction::Event { permission, action: AnomalyAction::Throttle, .. })
+                if permission == "refund_write"
+        ),
+        "{actions:?}"
+    );
+
+    // the field goes: so does the entry, and the sidecar stops detecting (and throttling)
+    Api::<stripe_key_operator::api::StripeKeyPolicy>::namespaced(env.client.clone(), NS)
+        .patch(
+            "refunds",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Json::<()>(
+                serde_json::from_value(json!([
+                    {"op": "remove", "path": "/spec/delivery/broker/anomaly"}
+                ]))
+                .unwrap(),
+            ),
+        )
+        .await
+        .unwrap();
+    let secret = wait_secret(&secrets, "refunds-stripe-key", "the entry to go", |s| {
+        secret_value(s, DEFAULT_ANOMALY_ENTRY).is_none()
+    })
+    .await;
+    volume.write(&sidecar_items(&secret));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while broker.anomaly_action().is_some() {
+        assert!(Instant::now() < deadline, "the sidecar kept detecting");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let before = refunds_seen();
+    let (status, body, _) = refund(40 * 60 + 50).await;
+    assert_eq!(status, 200, "no throttle without detection: {body}");
+    assert_eq!(refunds_seen(), before + 1);
+    broker.shutdown().await;
+}
+
+/// The sidecar alone, driven by the mounted anomaly entry (what the operator publishes), with
+/// no flag: the entry's action is carried out on a refund burst and reported to the policy the
+/// entry names; an invalid entry keeps the policy in use; a changed entry is taken without a
+/// restart and keeps the learned baseline (the next burst is throttled at once, no new warm-up).
+#[tokio::test]
+async fn the_sidecar_follows_its_mounted_anomaly_entry_and_keeps_what_it_learned() {
+    let sim = harness::start_sim(sim_config()).await;
+    let token = mint(&sim, "mounted", &["refund_write", "charge_read"]).await;
+    let placeholder = placeholder_for("mounted-policy");
+    let items = |anomaly: &str| {
+        entries(&[
+            (DEFAULT_KEY_ENTRY, &token),
+            (DEFAULT_PERMISSIONS_ENTRY, "refund_write,charge_read"),
+            (DEFAULT_PLACEHOLDER_ENTRY, &placeholder),
+            (DEFAULT_ANOMALY_ENTRY, anomaly),
+        ])
+    };
+    let mut volume = Volume::new();
+    volume.write(&items(
+        "policy: shop/refunds\naction: IncidentRotation\nwarmUp: 30m\n",
+    ));
+    let sink = Arc::new(RecordingSink::default());
+    let targets = Arc::new(Mutex::new(Vec::<String>::new()));
+    let sinks: SinkFactory = {
+        let (sink, targets) = (sink.clone(), targets.clone());
+        Arc::new(move |ns: &str, name: &str| {
+            targets.lock().unwrap().push(format!("{ns}/{name}"));
+            sink.clone() as Arc<dyn stripe_key_operator::egress::anomaly::ActionSink>
+        })
+    };
+    let clock = Arc::new(AtomicU64::new(T0));
+    let mut setup = AnomalySetup::mounted(sinks);
+    let c = clock.clone();
+    setup.clock = Arc::new(move || UNIX_EPOCH + Duration::from_secs(c.load(Ordering::SeqCst)));
+    setup.tick_interval = Duration::from_millis(20);
+    let mut config = broker_config(&sim.base_url(), volume.path());
+    config.reload_interval = Duration::from_secs(3600); // reloads below are explicit
+    config.anomaly = Some(setup);
+    let broker = EgressProxy::start(config).await.unwrap();
+    assert_eq!(
+        broker.anomaly_action(),
+        Some(AnomalyAction::IncidentRotation)
+    );
+    assert_eq!(*targets.lock().unwrap(), ["shop/refunds"]);
+
+    // an invalid entry is refused and the policy in use stays
+    volume.write(&items("policy: shop/refunds\naction: Explode\n"));
+    let err = broker.reload_anomaly_now().unwrap_err().to_string();
+    assert!(err.contains("STRIPE_BROKER_ANOMALY_POLICY"), "{err}");
+    assert!(!err.contains(&token), "{err}");
+    assert_eq!(
+        broker.anomaly_action(),
+        Some(AnomalyAction::IncidentRotation)
+    );
+    volume.write(&items(
+        "policy: shop/refunds\naction: IncidentRotation\nwarmUp: 30m\n",
+    ));
+    assert!(
+        !broker.reload_anomaly_now().unwrap(),
+        "the entry in use is back: nothing to change"
+    );
+    assert_eq!(
+        broker.anomaly_action(),
+        Some(AnomalyAction::IncidentRotation)
+    );
+
+    let url = broker.url();
+    let refund = |at: u64| {
+        clock.store(T0 + at, Ordering::SeqCst);
+        call(&url, "POST", "/v1/refunds", &placeholder)
+    };
+    for minute in 0..40 {
+        for second in [10, 40] {
+            let (status, body, _) = refund(minute * 60 + second).await;
+            assert_eq!(status, 200, "minute {minute}: {body}");
+        }
+    }
+    assert!(sink.actions().is_empty(), "steady traffic raised no alarm");
+    // a 20x burst under IncidentRotation: forwarded, and one incident rotation requested
+    for i in 0..40 {
+        let (status, body, _) = refund(40 * 60 + 1 + i).await;
+        assert_eq!(status, 200, "IncidentRotation does not throttle: {body}");
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !sink
+        .actions()
+        .iter()
+        .any(|a| matches!(a, RecordedAction::IncidentRotation { .. }))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no incident rotation: {:?}",
+            sink.actions()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // the operator publishes a changed policy: Throttle, taken without a restart; the baseline
+    // learned so far is kept, so the next minute's burst is throttled right away
+    volume.write(&items(
+        "policy: shop/refunds\naction: Throttle\nwarmUp: 30m\nthrottleFor: 2m\n",
+    ));
+    assert!(broker.reload_anomaly_now().unwrap());
+    assert_eq!(broker.anomaly_action(), Some(AnomalyAction::Throttle));
+    let mut throttled = 0;
+    for i in 0..40 {
+        let (status, _, _) = refund(41 * 60 + 1 + i).await;
+        if status == 429 {
+            throttled += 1;
+        }
+    }
+    assert!(
+        throttled >= 10,
+        "the changed policy throttled the burst with the kept baseline: {throttled} of 40"
+    );
+    // the entry goes: detection stops
+    let mut gone = items("");
+    gone.remove(DEFAULT_ANOMALY_ENTRY);
+    volume.write(&gone);
+    assert!(broker.reload_anomaly_now().unwrap());
+    assert_eq!(broker.anomaly_action(), None);
+    broker.shutdown().await;
+}
+
+/// `stripe-egress-proxy`, the slim sidecar binary, is the same broker with the same flags: it
+/// serves through the placeholder, refuses outside the permissions and, without the Kubernetes
+/// API at hand, still starts with a mounted anomaly entry (its client is made on the first
+/// anomaly only).
+#[tokio::test]
+async fn the_slim_sidecar_binary_is_the_same_broker() {
+    let sim = harness::start_sim(sim_config()).await;
+    let key = mint(&sim, "slim", &["charge_read"]).await;
+    let placeholder = placeholder_for("uid-slim");
+    let mut volume = Volume::new();
+    volume.write(&entries(&[
+        (DEFAULT_KEY_ENTRY, &key),
+        (DEFAULT_PERMISSIONS_ENTRY, "charge_read"),
+        (DEFAULT_PLACEHOLDER_ENTRY, &placeholder),
+        (DEFAULT_ANOMALY_ENTRY, "policy: shop/slim\naction: Record\n"),
+    ]));
+    let (port, admin) = (free_port(), free_port());
+    let log_dir = tempfile::tempdir().unwrap();
+    let log = log_dir.path().join("stderr");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_stripe-egress-proxy"))
+        .arg("--key-dir")
+        .arg(volume.path())
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--admin-addr",
+            &format!("127.0.0.1:{admin}"),
+            "--upstream",
+            &sim.base_url(),
+            "--allow-loopback-upstream",
+        ])
+        .args(["--log-format", "json"])
+        .env("RUST_LOG", "info")
+        .env_remove("KUBECONFIG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let ready = reqwest::get(format!("http://127.0.0.1:{admin}/readyz")).await;
+        if ready.is_ok_and(|r| r.status().is_success()) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the slim sidecar never became ready"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let base = format!("http://127.0.0.1:{port}");
+    let (status, body, _) = call(&base, "GET", "/v1/charges", &placeholder).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body, _) = call(&base, "POST", "/v1/refunds", &placeholder).await;
+    assert_eq!(status, 403);
+    assert_eq!(body["error"]["code"], "broker_permission_missing");
+    let _ = child.kill();
+    let _ = child.wait();
+    let lines = std::fs::read_to_string(&log).unwrap();
+    let on = lines
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|l| {
+            l["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("follows the mounted anomaly policy"))
+        });
+    let on = on.unwrap_or_else(|| panic!("anomaly detection on from the mounted entry: {lines}"));
+    assert_eq!(on["action"], "record", "{on}");
+    assert_eq!(on["policy"], "shop/slim", "{on}");
+    assert!(!lines.contains(&key) && !lines.contains(&placeholder));
 }

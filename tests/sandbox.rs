@@ -51,7 +51,7 @@ fn sandbox_shows_the_whole_timeline_and_leaks_no_secret() {
         "between requests;",
         ", 0 failed; no rollout",
         "permissions suggest from the broker's /usage:",
-        "answered 429 in the pod (action Throttle); Warning EgressAnomaly",
+        "answered 429 in the pod (action Throttle, from spec.delivery.broker.anomaly); Warning EgressAnomaly",
         "hash chain intact",
         "sandbox complete: every step happened",
     ] {

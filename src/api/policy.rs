@@ -229,6 +229,16 @@ pub struct BrokerDelivery {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1024, max = 65535))]
     pub port: Option<u16>,
+    /// Anomaly detection in the sidecar: a burst of sensitive writes (refunds, payouts,
+    /// transfers, customer writes) far above what the sidecar learned is normal for that time
+    /// of day is recorded (metric and Warning Event `EgressAnomaly` on this policy), and with
+    /// `action: Throttle` answered locally with Stripe's 429, or with `IncidentRotation` ends in
+    /// an incident rotation. Published to the sidecar in the Secret's
+    /// `STRIPE_BROKER_ANOMALY_POLICY` entry (mount it next to the key); the sidecar follows
+    /// changes without a restart and keeps what it learned. Absent: no detection. The sidecar's
+    /// ServiceAccount needs `get`/`patch` on this policy and `create`/`patch` on Events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anomaly: Option<crate::egress::anomaly::AnomalyPolicy>,
 }
 
 impl BrokerDelivery {

@@ -140,8 +140,13 @@ pub fn validate(
 /// Brokered delivery: no rollout targets (the sidecar switches keys itself) and no Secret key
 /// name of the application's entries that is also one of the broker's. Pure.
 pub fn validate_broker(delivery: &crate::api::KeyDelivery) -> Result<(), String> {
-    if delivery.broker.is_none() {
+    let Some(broker) = &delivery.broker else {
         return Ok(());
+    };
+    if let Some(anomaly) = &broker.anomaly {
+        anomaly
+            .detector_config()
+            .map_err(|e| format!("delivery.broker.anomaly: {e}"))?;
     }
     if !delivery.rollout_targets.is_empty() {
         return Err(
@@ -153,6 +158,7 @@ pub fn validate_broker(delivery: &crate::api::KeyDelivery) -> Result<(), String>
     let reserved = [
         crate::egress::proxy::DEFAULT_KEY_ENTRY,
         crate::egress::proxy::DEFAULT_PERMISSIONS_ENTRY,
+        crate::egress::proxy::DEFAULT_ANOMALY_ENTRY,
         crate::egress::proxy::API_BASE_ENTRY,
     ];
     let key = delivery.secret.key_name();
@@ -167,19 +173,36 @@ pub fn validate_broker(delivery: &crate::api::KeyDelivery) -> Result<(), String>
 
 /// The Secret entries of brokered delivery: the placeholder under the application's key name
 /// and the broker's address for the application; the real key and its permissions under the
-/// broker's entries (mounted only into the sidecar). The previous key is not published: the
-/// sidecar always uses the current key, and requests in flight finish on the key they started
-/// with, which Stripe keeps valid for the overlap. Pure.
+/// broker's entries (mounted only into the sidecar), and with `broker.anomaly` the anomaly
+/// policy and the policy's `NAMESPACE/NAME` (the sidecar's Events and incident rotation requests
+/// go there). The previous key is not published: the sidecar always uses the current key, and
+/// requests in flight finish on the key they started with, which Stripe keeps valid for the
+/// overlap. Pure.
 pub fn brokered_entries(
     obj: &StripeKeyPolicy,
     broker: &crate::api::BrokerDelivery,
     current: &SecretString,
 ) -> Vec<(String, SecretString)> {
     use crate::egress::proxy::{
-        API_BASE_ENTRY, DEFAULT_KEY_ENTRY, DEFAULT_PERMISSIONS_ENTRY, placeholder_for,
+        API_BASE_ENTRY, DEFAULT_ANOMALY_ENTRY, DEFAULT_KEY_ENTRY, DEFAULT_PERMISSIONS_ENTRY,
+        placeholder_for,
     };
     let uid = obj.metadata.uid.as_deref().unwrap_or_default();
-    vec![
+    let anomaly = broker.anomaly.as_ref().map(|anomaly| {
+        let file = crate::egress::anomaly::AnomalyPolicyFile {
+            policy: Some(format!(
+                "{}/{}",
+                obj.metadata.namespace.as_deref().unwrap_or_default(),
+                obj.metadata.name.as_deref().unwrap_or_default()
+            )),
+            anomaly: anomaly.clone(),
+        };
+        (
+            DEFAULT_ANOMALY_ENTRY.to_string(),
+            SecretString::new(file.to_yaml()),
+        )
+    });
+    let mut entries = vec![
         (
             obj.spec.delivery.secret.key_name().to_string(),
             SecretString::new(placeholder_for(uid)),
@@ -193,7 +216,9 @@ pub fn brokered_entries(
             DEFAULT_PERMISSIONS_ENTRY.to_string(),
             SecretString::new(permissions::normalized(&obj.spec.permissions).join(",")),
         ),
-    ]
+    ];
+    entries.extend(anomaly);
+    entries
 }
 
 /// The usage-aware expiry settings of a policy, with their defaults: `maxHold` defaults to the
@@ -627,6 +652,62 @@ mod tests {
         let plain = KeyPolicy::publish(&policy(spec(), None), &key, Some(&old));
         assert_eq!(plain.len(), 2);
         assert_eq!(plain[0].1.expose(), key.expose());
+    }
+
+    #[test]
+    fn the_broker_anomaly_field_is_published_for_the_sidecar_only_while_set() {
+        use crate::egress::proxy::{DEFAULT_ANOMALY_ENTRY, parse_anomaly_file};
+        let open = account(json!({}), "test");
+        let key = SecretString::new("rk_test_realkey0001");
+        let entry = |spec: serde_json::Value| {
+            let p = policy(spec, None);
+            KeyPolicy::publish(&p, &key, None)
+                .into_iter()
+                .find(|(k, _)| k == DEFAULT_ANOMALY_ENTRY)
+                .map(|(_, v)| v.expose().to_owned())
+        };
+        let mut brokered = spec();
+        brokered["delivery"]["broker"] = json!({});
+        assert_eq!(entry(brokered.clone()), None, "absent without the field");
+        brokered["delivery"]["broker"]["anomaly"] = json!({"action": "Throttle", "sigmas": 8});
+        fixtures::validate::<KeyPolicy>(&policy(brokered.clone(), None), Some(&open), &[]).unwrap();
+        let text = entry(brokered.clone()).unwrap();
+        let file = parse_anomaly_file("entry", text.as_bytes()).unwrap();
+        let p = policy(brokered.clone(), None);
+        assert_eq!(
+            file.policy.unwrap(),
+            format!(
+                "{}/{}",
+                p.metadata.namespace.as_deref().unwrap(),
+                p.metadata.name.as_deref().unwrap()
+            )
+        );
+        assert_eq!(
+            file.anomaly.action,
+            crate::egress::anomaly::AnomalyAction::Throttle
+        );
+        assert_eq!(file.anomaly.sigmas, Some(8));
+        assert!(!text.contains(key.expose()));
+        // a spec change is a new entry
+        brokered["delivery"]["broker"]["anomaly"]["sigmas"] = json!(9);
+        assert_ne!(entry(brokered.clone()).unwrap(), text);
+        // values the schema would refuse are refused here too (one check for both)
+        let mut bad = brokered.clone();
+        bad["delivery"]["broker"]["anomaly"] = json!({"action": "Record", "throttleFor": "5m"});
+        let refusal =
+            fixtures::validate::<KeyPolicy>(&policy(bad, None), Some(&open), &[]).unwrap_err();
+        assert_eq!(refusal.reason, "InvalidSpec");
+        assert!(
+            refusal.message.contains("throttleFor"),
+            "{}",
+            refusal.message
+        );
+        let mut clash = brokered;
+        clash["delivery"]["secret"]["key"] = json!(DEFAULT_ANOMALY_ENTRY);
+        assert!(
+            fixtures::validate::<KeyPolicy>(&policy(clash, None), Some(&open), &[]).is_err(),
+            "the entry name is reserved"
+        );
     }
 
     #[test]

@@ -47,12 +47,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
+use kube::KubeSchema;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+
+use crate::api::{GO_DURATION_PATTERN, duration_rule};
 
 use super::suggest::valid_permission;
 
@@ -132,10 +135,12 @@ impl std::str::FromStr for AnomalyAction {
 }
 
 /// Anomaly detection of a brokered key: which permissions are watched, how far above normal is
-/// a burst, and what happens then. Read by the egress proxy from its flags or a mounted file (and
-/// meant for `spec.delivery.broker.anomaly` of a StripeKeyPolicy).
-#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Default)]
+/// a burst, and what happens then. `spec.delivery.broker.anomaly` of a StripeKeyPolicy (the
+/// operator publishes it to the egress-proxy sidecar), or the file of the sidecar's
+/// `--anomaly-policy` flag. [`AnomalyPolicy::detector_config`] checks it the same way for both.
+#[derive(Serialize, Deserialize, KubeSchema, Clone, Debug, PartialEq, Eq, Default)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.throttleFor) || (has(self.action) && self.action == 'Throttle')").message("throttleFor applies only to action Throttle"))]
 pub struct AnomalyPolicy {
     /// What happens on a burst: `Record` (metric and Warning Event, the default), `Throttle`
     /// (also answer that permission's requests locally with Stripe's 429 `rate_limit` error for
@@ -154,7 +159,8 @@ pub struct AnomalyPolicy {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 3, max = 50))]
     pub sigmas: Option<u32>,
-    /// The fewest requests in one minute that can be a burst (tiny baselines). Default 20.
+    /// The fewest requests in one minute that can be a burst (tiny baselines). Default 20;
+    /// 1 to 1000000.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 1000000))]
     pub min_requests_per_minute: Option<u32>,
@@ -170,19 +176,42 @@ pub struct AnomalyPolicy {
     /// How long after the proxy starts nothing is flagged (the baseline is being learned), as a
     /// Go duration. Default `1h`; at least `30m`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(
-        regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"),
-        length(max = 32)
-    )]
+    #[schemars(regex(pattern = GO_DURATION_PATTERN), length(max = 32))]
+    #[x_kube(validation = duration_rule("30m", None, "warmUp must be at least 30m"))]
     pub warm_up: Option<String>,
     /// With `Throttle`: how long requests of the permission are answered with 429 after the last
-    /// request of a burst, as a Go duration. Default `5m`.
+    /// request of a burst, as a Go duration. Default `5m`; at least `1s`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(
-        regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"),
-        length(max = 32)
-    )]
+    #[schemars(regex(pattern = GO_DURATION_PATTERN), length(max = 32))]
+    #[x_kube(validation = duration_rule("1s", None, "throttleFor must be at least 1s"))]
     pub throttle_for: Option<String>,
+}
+
+/// The anomaly policy as the egress proxy reads it from a file: the policy's fields, and the
+/// StripeKeyPolicy (`NAMESPACE/NAME`) its Warning Events and incident rotation requests go to.
+/// The operator publishes one (YAML) in the brokered Secret's `STRIPE_BROKER_ANOMALY_POLICY`
+/// entry; `--anomaly-policy FILE` reads the same format (`policy` may be left out there and
+/// given with `--policy`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct AnomalyPolicyFile {
+    /// `NAMESPACE/NAME` of the StripeKeyPolicy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
+    /// The thresholds and the action.
+    #[serde(flatten)]
+    pub anomaly: AnomalyPolicy,
+}
+
+impl AnomalyPolicyFile {
+    /// The published text: YAML, stable for equal input (so an unchanged policy never rewrites
+    /// the Secret).
+    pub fn to_yaml(&self) -> String {
+        let body = serde_yaml::to_string(self).unwrap_or_default();
+        format!(
+            "# written by stripe-key-operator from spec.delivery.broker.anomaly; read by the egress-proxy sidecar\n{body}"
+        )
+    }
 }
 
 /// A refused anomaly configuration.
@@ -215,6 +244,9 @@ pub enum AnomalyConfigError {
         /// The shortest allowed.
         min: &'static str,
     },
+    /// `throttleFor` without the `Throttle` action (it would be ignored).
+    #[error("throttleFor applies only to action Throttle")]
+    ThrottleForWithoutThrottle,
     /// A window that does not divide a day into equal time-of-day buckets.
     #[error(
         "the window ({0:?}) must be whole seconds that divide a day, and a day must split into the buckets evenly"
@@ -262,6 +294,9 @@ fn duration(
 impl AnomalyPolicy {
     /// The detector this policy describes, or what is wrong with it.
     pub fn detector_config(&self) -> Result<DetectorConfig, AnomalyConfigError> {
+        if self.throttle_for.is_some() && self.action != AnomalyAction::Throttle {
+            return Err(AnomalyConfigError::ThrottleForWithoutThrottle);
+        }
         let mut sensitive: Vec<String> = DEFAULT_SENSITIVE_PERMISSIONS
             .iter()
             .map(|p| p.to_string())
@@ -505,6 +540,51 @@ impl Detector {
     /// The configuration.
     pub fn config(&self) -> &DetectorConfig {
         &self.config
+    }
+
+    /// This detector under a new `config` (a changed policy), keeping what it learned: the
+    /// warm-up origin and the baselines of the permissions still watched, whose open window
+    /// gets the new limit. A newly watched permission starts learning at `now` (it is never
+    /// flagged before it has a baseline). Throttling ends when the new policy does not
+    /// throttle. A config with another window or bucket count starts afresh.
+    pub fn reconfigure(
+        self,
+        config: DetectorConfig,
+        now: SystemTime,
+    ) -> Result<Detector, AnomalyConfigError> {
+        let mut next = Detector::new(config)?;
+        if next.window_secs != self.window_secs || next.config.buckets != self.config.buckets {
+            return Ok(next);
+        }
+        next.origin = self.origin;
+        let throttles = next.config.throttle_for.is_some();
+        let mut kept = vec![false; next.slots.len()];
+        for mut slot in self.slots {
+            let Some(SlotId(i)) = next.slot(&slot.permission) else {
+                continue;
+            };
+            if !throttles {
+                slot.throttled_until = f64::MIN;
+            }
+            let window = slot.window;
+            let (count, flagged) = (slot.count, slot.flagged);
+            next.slots[i] = slot;
+            kept[i] = true;
+            if let Some(w) = window {
+                next.open(i, w);
+                next.slots[i].count = count;
+                next.slots[i].flagged = flagged;
+            }
+        }
+        if next.origin.is_some() {
+            let w = next.window_of(now);
+            for (i, kept) in kept.into_iter().enumerate() {
+                if !kept {
+                    next.open(i, w);
+                }
+            }
+        }
+        Ok(next)
     }
 
     /// The slot of a watched permission (resolve once per route; `None`: not watched).
@@ -910,6 +990,11 @@ impl<S: ActionSink> Responder<S> {
         &self.sink
     }
 
+    /// The configured action.
+    pub fn action(&self) -> AnomalyAction {
+        self.action
+    }
+
     /// Counts `finding` and carries out the action. A failed side effect is counted in
     /// `anomaly_action_failures_total`, logged (names only) and returned; the rest still runs.
     pub async fn respond(&self, finding: &Finding) -> Result<ActionTaken, ActionError> {
@@ -1059,10 +1144,11 @@ impl ActionSink for RecordingSink {
 /// `stripekeypolicies.stripekeys.io` restricted by `resourceNames: [<policy>]`, and `create`,
 /// `patch` on `events.k8s.io` `events` (patch: repeated Events are counted in a series).
 pub struct KubeActionSink {
-    client: kube::Client,
     namespace: String,
     name: String,
-    recorder: kube::runtime::events::Recorder,
+    reporter: kube::runtime::events::Reporter,
+    /// The client and the Event recorder, made on first use by [`KubeActionSink::connect_lazily`].
+    conn: tokio::sync::OnceCell<(kube::Client, kube::runtime::events::Recorder)>,
 }
 
 impl fmt::Debug for KubeActionSink {
@@ -1077,20 +1163,50 @@ impl fmt::Debug for KubeActionSink {
 impl KubeActionSink {
     /// A sink for the StripeKeyPolicy `namespace/name`.
     pub fn new(client: kube::Client, namespace: &str, name: &str) -> Self {
-        let reporter = kube::runtime::events::Reporter {
-            controller: EGRESS_FIELD_MANAGER.into(),
-            instance: std::env::var("POD_NAME").ok(),
-        };
+        let sink = Self::connect_lazily(namespace, name);
+        let recorder = kube::runtime::events::Recorder::new(client.clone(), sink.reporter.clone());
         Self {
-            recorder: kube::runtime::events::Recorder::new(client.clone(), reporter),
-            client,
-            namespace: namespace.to_string(),
-            name: name.to_string(),
+            conn: tokio::sync::OnceCell::new_with(Some((client, recorder))),
+            ..sink
         }
     }
 
-    fn api(&self) -> kube::Api<crate::api::StripeKeyPolicy> {
-        kube::Api::namespaced(self.client.clone(), &self.namespace)
+    /// A sink for the StripeKeyPolicy `namespace/name` that connects to the Kubernetes API
+    /// (in the cluster, or `KUBECONFIG`) when it first has something to record, and again on
+    /// the next anomaly when that failed: a broker that never sees an anomaly never builds a
+    /// client.
+    pub fn connect_lazily(namespace: &str, name: &str) -> Self {
+        Self {
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+            reporter: kube::runtime::events::Reporter {
+                controller: EGRESS_FIELD_MANAGER.into(),
+                instance: std::env::var("POD_NAME").ok(),
+            },
+            conn: tokio::sync::OnceCell::new(),
+        }
+    }
+
+    async fn conn(&self) -> Result<&(kube::Client, kube::runtime::events::Recorder), ActionError> {
+        self.conn
+            .get_or_try_init(|| async {
+                let client = kube::Client::try_default().await.map_err(|e| {
+                    ActionError(format!(
+                        "connecting to the Kubernetes API for stripekeypolicy {:?} in namespace \
+                         {:?} (the sidecar's ServiceAccount token): {e}",
+                        self.name, self.namespace
+                    ))
+                })?;
+                let recorder =
+                    kube::runtime::events::Recorder::new(client.clone(), self.reporter.clone());
+                Ok((client, recorder))
+            })
+            .await
+    }
+
+    async fn api(&self) -> Result<kube::Api<crate::api::StripeKeyPolicy>, ActionError> {
+        let (client, _) = self.conn().await?;
+        Ok(kube::Api::namespaced(client.clone(), &self.namespace))
     }
 
     fn error(&self, what: &str, e: &kube::Error) -> ActionError {
@@ -1113,6 +1229,7 @@ impl ActionSink for KubeActionSink {
         use kube::runtime::events::{Event, EventType};
         let policy = self
             .api()
+            .await?
             .get(&self.name)
             .await
             .map_err(|e| self.error("reading the policy for its Event", &e))?;
@@ -1127,7 +1244,8 @@ impl ActionSink for KubeActionSink {
             },
             secondary: None,
         };
-        self.recorder
+        let (_, recorder) = self.conn().await?;
+        recorder
             .publish(&event, &policy.object_ref(&()))
             .await
             .map_err(|e| self.error("recording the anomaly Event", &e))
@@ -1144,6 +1262,7 @@ impl ActionSink for KubeActionSink {
             ROTATE_NOTE_ANNOTATION: format!("egress anomaly: {finding}"),
         }}});
         self.api()
+            .await?
             .patch(
                 &self.name,
                 &kube::api::PatchParams {
@@ -1294,6 +1413,82 @@ mod tests {
             })
             .is_err()
         );
+    }
+
+    #[test]
+    fn a_changed_policy_keeps_the_learned_baselines_and_never_flags_a_newly_watched_permission() {
+        let mut det = Detector::new(DetectorConfig {
+            throttle_for: Some(Duration::from_secs(60)),
+            ..Default::default()
+        })
+        .unwrap();
+        steady(&mut det, DAY10, 120, 10);
+        let start = DAY10 + 120 * 60;
+        for r in 0..100 {
+            det.observe("refund_write", t(start) + Duration::from_millis(r * 250));
+        }
+        assert!(det.is_throttled("refund_write", t(start + 30)));
+        let learned = det.baseline("refund_write", t(start)).unwrap();
+        // stricter sigmas, a new watched permission, and no throttling any more
+        let config = AnomalyPolicy {
+            sigmas: Some(3),
+            sensitive_permissions: vec!["invoice_write".into()],
+            ..Default::default()
+        }
+        .detector_config()
+        .unwrap();
+        let mut det = det.reconfigure(config, t(start + 31)).unwrap();
+        assert_eq!(det.baseline("refund_write", t(start)).unwrap(), learned);
+        assert!(
+            !det.is_throttled("refund_write", t(start + 31)),
+            "Record does not throttle"
+        );
+        let limit = det.current_limit("refund_write").unwrap();
+        assert!(limit < u64::MAX, "no new warm-up: {limit}");
+        // the open window keeps its count: one more request is still over the (new) limit, but
+        // that window was already reported
+        assert!(det.observe("refund_write", t(start + 32)).finding.is_none());
+        // the newly watched permission learns from now on and is not flagged on its first burst
+        for r in 0..200 {
+            assert!(
+                det.observe(
+                    "invoice_write",
+                    t(start + 40) + Duration::from_millis(r * 100)
+                )
+                .finding
+                .is_none()
+            );
+        }
+        assert_eq!(det.current_limit("invoice_write"), Some(u64::MAX));
+    }
+
+    #[test]
+    fn throttle_for_needs_the_throttle_action_and_files_name_their_policy() {
+        let p = AnomalyPolicy {
+            throttle_for: Some("10m".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            p.detector_config().unwrap_err(),
+            AnomalyConfigError::ThrottleForWithoutThrottle
+        );
+        let file = AnomalyPolicyFile {
+            policy: Some("shop/checkout".into()),
+            anomaly: AnomalyPolicy {
+                action: AnomalyAction::Throttle,
+                sigmas: Some(8),
+                throttle_for: Some("10m".into()),
+                ..Default::default()
+            },
+        };
+        let text = file.to_yaml();
+        assert_eq!(text, file.to_yaml(), "stable");
+        assert!(text.contains("policy: shop/checkout"), "{text}");
+        let back: AnomalyPolicyFile = serde_yaml::from_str(&text).unwrap();
+        assert_eq!(back, file);
+        // the flag's file format is the same, policy optional
+        let bare: AnomalyPolicyFile = serde_yaml::from_str("action: Record\n").unwrap();
+        assert_eq!(bare.policy, None);
     }
 
     #[test]

@@ -65,7 +65,8 @@ use tokio_util::sync::CancellationToken;
 use url::Url;
 
 use super::anomaly::{
-    ActionSink, AnomalyMetrics, AnomalyPolicy, Detector, KubeActionSink, Responder,
+    ActionSink, AnomalyMetrics, AnomalyPolicy, AnomalyPolicyFile, Detector, KubeActionSink,
+    Responder,
 };
 use super::routes::{self, ROUTES_VERSION};
 use crate::secret::SecretString;
@@ -83,6 +84,9 @@ pub const DEFAULT_KEY_ENTRY: &str = "STRIPE_BROKER_API_KEY";
 pub const DEFAULT_PERMISSIONS_ENTRY: &str = "STRIPE_BROKER_PERMISSIONS";
 /// Secret key of the placeholder (the application's `STRIPE_API_KEY`).
 pub const DEFAULT_PLACEHOLDER_ENTRY: &str = "STRIPE_API_KEY";
+/// Secret key of the anomaly policy of `spec.delivery.broker.anomaly` (YAML, with the policy's
+/// `NAMESPACE/NAME`; mounted into the sidecar; absent without the field).
+pub const DEFAULT_ANOMALY_ENTRY: &str = "STRIPE_BROKER_ANOMALY_POLICY";
 /// Secret key of the API base the application uses (`http://127.0.0.1:<port>`).
 pub const API_BASE_ENTRY: &str = "STRIPE_API_BASE";
 /// Default port of the broker on loopback.
@@ -391,11 +395,17 @@ pub struct EgressProxyArgs {
     /// for a whole request).
     #[arg(long, env = "EGRESS_UPSTREAM_TIMEOUT", default_value = "80s", value_parser = humantime::parse_duration)]
     pub upstream_timeout: Duration,
-    /// Anomaly detection: a YAML or JSON file holding an anomaly policy (`action`: Record,
-    /// Throttle or IncidentRotation; `sensitivePermissions`, `sigmas`, `minRequestsPerMinute`,
-    /// `minRatio`, `maxDailyGrowth`, `warmUp`, `throttleFor`). Needs `--policy`. Without this
-    /// flag there is no anomaly detection. A file that cannot be read or is invalid stops the
-    /// broker at start.
+    /// The file of the anomaly policy in `--key-dir` (what the operator publishes from
+    /// `spec.delivery.broker.anomaly`). Re-read with the key: detection follows it (on while the
+    /// file is there, off without it; a change keeps what was learned). An invalid file is
+    /// logged and the previous policy kept. Ignored with `--anomaly-policy`.
+    #[arg(long, env = "EGRESS_ANOMALY_ENTRY", default_value = DEFAULT_ANOMALY_ENTRY)]
+    pub anomaly_entry: String,
+    /// Anomaly detection from a YAML or JSON file of your own instead of the mounted entry
+    /// (`action`: Record, Throttle or IncidentRotation; `sensitivePermissions`, `sigmas`,
+    /// `minRequestsPerMinute`, `minRatio`, `maxDailyGrowth`, `warmUp`, `throttleFor`). Needs
+    /// `--policy`. Read once; a file that cannot be read or is invalid stops the broker at
+    /// start.
     #[arg(
         long,
         env = "EGRESS_ANOMALY_POLICY",
@@ -405,7 +415,8 @@ pub struct EgressProxyArgs {
     pub anomaly_policy: Option<PathBuf>,
     /// The StripeKeyPolicy (`NAMESPACE/NAME`) that anomaly Warning Events and incident rotation
     /// requests go to (the sidecar's ServiceAccount needs `get`/`patch` on it and `create`/`patch`
-    /// on `events.k8s.io` Events). Only used with `--anomaly-policy`.
+    /// on `events.k8s.io` Events). Needed with `--anomaly-policy`; otherwise it overrides the
+    /// policy named in the mounted entry.
     #[arg(long, env = "EGRESS_POLICY", value_name = "NAMESPACE/NAME")]
     pub policy: Option<String>,
     /// Log format.
@@ -416,16 +427,21 @@ pub struct EgressProxyArgs {
 /// Reads an anomaly policy from a YAML or JSON file (JSON is YAML) and checks it.
 pub fn load_anomaly_policy(path: &Path) -> Result<AnomalyPolicy, EgressError> {
     let bytes = read_bounded(path)?;
-    let policy: AnomalyPolicy = serde_yaml::from_slice(&bytes).map_err(|e| {
-        EgressError::InvalidConfig(format!(
-            "--anomaly-policy {}: not an anomaly policy: {e}",
-            path.display()
-        ))
-    })?;
-    policy.detector_config().map_err(|e| {
-        EgressError::InvalidConfig(format!("--anomaly-policy {}: {e}", path.display()))
-    })?;
-    Ok(policy)
+    parse_anomaly_file(&format!("--anomaly-policy {}", path.display()), &bytes).map(|f| f.anomaly)
+}
+
+/// Parses and checks the text of an anomaly policy file (`what` names it in errors). The
+/// `policy`, when given, must be `NAMESPACE/NAME`.
+pub fn parse_anomaly_file(what: &str, bytes: &[u8]) -> Result<AnomalyPolicyFile, EgressError> {
+    let file: AnomalyPolicyFile = serde_yaml::from_slice(bytes)
+        .map_err(|e| EgressError::InvalidConfig(format!("{what}: not an anomaly policy: {e}")))?;
+    file.anomaly
+        .detector_config()
+        .map_err(|e| EgressError::InvalidConfig(format!("{what}: {e}")))?;
+    if let Some(p) = &file.policy {
+        parse_policy_ref(p)?;
+    }
+    Ok(file)
 }
 
 /// Splits `--policy NAMESPACE/NAME`.
@@ -451,14 +467,22 @@ pub fn parse_policy_ref(text: &str) -> Result<(String, String), EgressError> {
 /// The clock of the anomaly detector (tests drive simulated time with it).
 pub type Clock = Arc<dyn Fn() -> SystemTime + Send + Sync>;
 
-/// Anomaly detection of a broker: the policy, where its Events and incident rotation requests
-/// go, and the clock.
+/// Makes the sink of StripeKeyPolicy `(namespace, name)`: where the Warning Events and incident
+/// rotation requests of that policy go.
+pub type SinkFactory = Arc<dyn Fn(&str, &str) -> Arc<dyn ActionSink> + Send + Sync>;
+
+/// Anomaly detection of a broker: the policy (fixed, or the one mounted next to the key), where
+/// its Events and incident rotation requests go, and the clock.
 #[derive(Clone)]
 pub struct AnomalySetup {
-    /// Thresholds and action.
-    pub policy: AnomalyPolicy,
-    /// Where Warning Events and incident rotation requests go.
-    pub sink: Arc<dyn ActionSink>,
+    /// `Some`: this policy for the broker's life (`--anomaly-policy`). `None`: the policy the
+    /// operator publishes in the key volume's anomaly entry ([`DEFAULT_ANOMALY_ENTRY`]),
+    /// re-read with the key; no detection while there is none.
+    pub policy: Option<AnomalyPolicy>,
+    /// The StripeKeyPolicy `(namespace, name)` (`--policy`); overrides the mounted entry's.
+    pub policy_ref: Option<(String, String)>,
+    /// The sink of a StripeKeyPolicy.
+    pub sinks: SinkFactory,
     /// The time of a request (default [`SystemTime::now`]).
     pub clock: Clock,
     /// How often quiet windows are closed (default 5 s).
@@ -469,8 +493,18 @@ impl AnomalySetup {
     /// `policy` acting through `sink`, on the system clock.
     pub fn new(policy: AnomalyPolicy, sink: Arc<dyn ActionSink>) -> Self {
         Self {
-            policy,
-            sink,
+            policy: Some(policy),
+            ..Self::mounted(Arc::new(move |_: &str, _: &str| sink.clone()))
+        }
+    }
+
+    /// The policy of the mounted anomaly entry, acting through the sinks `sinks` makes for the
+    /// StripeKeyPolicy it names, on the system clock.
+    pub fn mounted(sinks: SinkFactory) -> Self {
+        Self {
+            policy: None,
+            policy_ref: None,
+            sinks,
             clock: Arc::new(SystemTime::now),
             tick_interval: Duration::from_secs(5),
         }
@@ -481,6 +515,7 @@ impl std::fmt::Debug for AnomalySetup {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AnomalySetup")
             .field("policy", &self.policy)
+            .field("policy_ref", &self.policy_ref)
             .field("tick_interval", &self.tick_interval)
             .finish_non_exhaustive()
     }
@@ -499,6 +534,7 @@ impl EgressProxyArgs {
                 key_entry: self.key_entry.clone(),
                 permissions_entry: self.permissions_entry.clone(),
                 placeholder_entry: self.placeholder_entry.clone(),
+                anomaly_entry: self.anomaly_entry.clone(),
             },
             reload_interval: self.reload_interval,
             allow_unlisted_routes: self.allow_unlisted_routes,
@@ -600,6 +636,8 @@ pub struct KeySource {
     pub permissions_entry: String,
     /// File of the placeholder.
     pub placeholder_entry: String,
+    /// File of the anomaly policy (read only when detection follows the mounted entry).
+    pub anomaly_entry: String,
 }
 
 impl KeySource {
@@ -610,6 +648,23 @@ impl KeySource {
             key_entry: DEFAULT_KEY_ENTRY.into(),
             permissions_entry: DEFAULT_PERMISSIONS_ENTRY.into(),
             placeholder_entry: DEFAULT_PLACEHOLDER_ENTRY.into(),
+            anomaly_entry: DEFAULT_ANOMALY_ENTRY.into(),
+        }
+    }
+
+    /// The anomaly entry's bytes (`None` when the volume holds none), read below `..data`
+    /// like the key, and the path it was read from.
+    pub fn read_anomaly(&self) -> Result<(PathBuf, Option<Vec<u8>>), EgressError> {
+        let base = std::fs::canonicalize(self.dir.join("..data")).unwrap_or(self.dir.clone());
+        let path = base.join(&self.anomaly_entry);
+        match read_bounded(&path) {
+            Ok(bytes) => Ok((path, Some(bytes))),
+            Err(EgressError::Read { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                Ok((path, None))
+            }
+            Err(e) => Err(e),
         }
     }
 
@@ -813,7 +868,10 @@ struct Shared {
     usage: Mutex<Usage>,
     metrics: EgressMetrics,
     http: reqwest::Client,
-    anomaly: Option<AnomalyState>,
+    /// The detector in use (`None`: no detection now).
+    anomaly: RwLock<Option<Arc<AnomalyState>>>,
+    /// Set when detection follows the mounted anomaly entry.
+    mount: Option<AnomalyMount>,
 }
 
 /// The running detector of a broker.
@@ -822,6 +880,50 @@ struct AnomalyState {
     responder: Arc<Responder<Arc<dyn ActionSink>>>,
     clock: Clock,
     throttle_for: Duration,
+}
+
+/// Detection that follows the mounted anomaly entry: how to build it, and the entry's bytes
+/// that are in use (`None`: there was none).
+struct AnomalyMount {
+    setup: AnomalySetup,
+    applied: Mutex<Option<Vec<u8>>>,
+}
+
+impl AnomalyState {
+    /// The detector of `policy` acting through `sink`; it keeps what `previous` learned.
+    fn build(
+        policy: &AnomalyPolicy,
+        sink: Arc<dyn ActionSink>,
+        setup: &AnomalySetup,
+        metrics: &EgressMetrics,
+        previous: Option<&AnomalyState>,
+    ) -> Result<Self, EgressError> {
+        let bad = |e: super::anomaly::AnomalyConfigError| {
+            EgressError::InvalidConfig(format!("anomaly policy: {e}"))
+        };
+        let config = policy.detector_config().map_err(bad)?;
+        let throttle_for = config.throttle_for.unwrap_or(Duration::from_secs(300));
+        let detector = match previous {
+            Some(p) => {
+                let mut learned = lock(&p.detector);
+                let fresh = Detector::new(config.clone()).map_err(bad)?;
+                std::mem::replace(&mut *learned, fresh)
+                    .reconfigure(config, (setup.clock)())
+                    .map_err(bad)?
+            }
+            None => Detector::new(config).map_err(bad)?,
+        };
+        Ok(Self {
+            detector: Mutex::new(detector),
+            responder: Arc::new(Responder::new(
+                sink,
+                policy.action,
+                metrics.anomaly.clone().unwrap_or_default(),
+            )),
+            clock: setup.clock.clone(),
+            throttle_for,
+        })
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -874,6 +976,64 @@ impl Shared {
         Ok(true)
     }
 
+    fn current_anomaly(&self) -> Option<Arc<AnomalyState>> {
+        self.anomaly
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Re-reads the mounted anomaly entry when detection follows it; true when detection was
+    /// switched on, changed or switched off. An invalid entry keeps the previous policy.
+    fn reload_anomaly(&self) -> Result<bool, EgressError> {
+        let Some(mount) = &self.mount else {
+            return Ok(false);
+        };
+        let (path, bytes) = self.source.read_anomaly()?;
+        let mut applied = lock(&mount.applied);
+        if *applied == bytes {
+            return Ok(false);
+        }
+        let Some(text) = &bytes else {
+            *self.anomaly.write().unwrap_or_else(PoisonError::into_inner) = None;
+            *applied = None;
+            tracing::info!(
+                entry = %mount_entry(&path),
+                "egress anomaly detection off: the mounted anomaly policy is gone"
+            );
+            return Ok(true);
+        };
+        let file = parse_anomaly_file(&path.display().to_string(), text)?;
+        let (namespace, name) = match (&mount.setup.policy_ref, &file.policy) {
+            (Some(r), _) => r.clone(),
+            (None, Some(p)) => parse_policy_ref(p)?,
+            (None, None) => {
+                return Err(EgressError::InvalidConfig(format!(
+                    "{}: names no policy (NAMESPACE/NAME) for its Events; give --policy",
+                    path.display()
+                )));
+            }
+        };
+        let sink = (mount.setup.sinks)(&namespace, &name);
+        let previous = self.current_anomaly();
+        let state = AnomalyState::build(
+            &file.anomaly,
+            sink,
+            &mount.setup,
+            &self.metrics,
+            previous.as_deref(),
+        )?;
+        *self.anomaly.write().unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(state));
+        *applied = bytes;
+        tracing::info!(
+            action = file.anomaly.action.as_str(),
+            policy = %format!("{namespace}/{name}"),
+            kept_baselines = previous.is_some(),
+            "egress anomaly detection follows the mounted anomaly policy"
+        );
+        Ok(true)
+    }
+
     fn usage_report(&self) -> UsageReport {
         let fingerprint = self
             .current_key()
@@ -907,6 +1067,13 @@ impl Usage {
             refused: convert(&self.refused),
         }
     }
+}
+
+/// The file name of a mounted entry, for logs.
+fn mount_entry(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 /// A Stripe-shaped error answered by the broker itself (`Stripe-Should-Retry` tells SDKs whether
@@ -1193,7 +1360,7 @@ async fn handle(State(shared): State<Arc<Shared>>, request: Request) -> Response
                     false,
                 );
             }
-            if let Some(a) = &shared.anomaly
+            if let Some(a) = shared.current_anomaly()
                 && let Some(response) = a.check(&shared.metrics, r.permission)
             {
                 return response;
@@ -1384,40 +1551,39 @@ impl EgressProxy {
             .pool_max_idle_per_host(config.max_concurrent_requests)
             .build()
             .map_err(|e| EgressError::InvalidConfig(format!("upstream HTTP client: {e}")))?;
-        let anomaly = match &config.anomaly {
-            Some(setup) => {
-                let detector_config = setup
-                    .policy
-                    .detector_config()
-                    .map_err(|e| EgressError::InvalidConfig(format!("anomaly policy: {e}")))?;
-                let throttle_for = detector_config
-                    .throttle_for
-                    .unwrap_or(Duration::from_secs(300));
-                let detector = Detector::new(detector_config)
-                    .map_err(|e| EgressError::InvalidConfig(format!("anomaly policy: {e}")))?;
-                if setup.tick_interval.is_zero() {
-                    return Err(EgressError::InvalidConfig(
-                        "the anomaly tick interval must be positive".into(),
-                    ));
-                }
-                Some((setup, detector, throttle_for))
-            }
-            None => None,
-        };
-        let metrics = match &anomaly {
+        if config
+            .anomaly
+            .as_ref()
+            .is_some_and(|a| a.tick_interval.is_zero())
+        {
+            return Err(EgressError::InvalidConfig(
+                "the anomaly tick interval must be positive".into(),
+            ));
+        }
+        let metrics = match &config.anomaly {
             Some(_) => EgressMetrics::with_anomaly(AnomalyMetrics::default()),
             None => EgressMetrics::new(),
         };
-        let anomaly = anomaly.map(|(setup, detector, throttle_for)| AnomalyState {
-            detector: Mutex::new(detector),
-            responder: Arc::new(Responder::new(
-                setup.sink.clone(),
-                setup.policy.action,
-                metrics.anomaly.clone().unwrap_or_default(),
-            )),
-            clock: setup.clock.clone(),
-            throttle_for,
-        });
+        // A fixed policy (`--anomaly-policy`) is built now, and refused now when invalid; a
+        // mounted one follows the key volume.
+        let (anomaly, mount) = match &config.anomaly {
+            Some(setup) => match &setup.policy {
+                Some(policy) => {
+                    let (namespace, name) = setup.policy_ref.clone().unwrap_or_default();
+                    let sink = (setup.sinks)(&namespace, &name);
+                    let state = AnomalyState::build(policy, sink, setup, &metrics, None)?;
+                    (Some(Arc::new(state)), None)
+                }
+                None => (
+                    None,
+                    Some(AnomalyMount {
+                        setup: setup.clone(),
+                        applied: Mutex::new(None),
+                    }),
+                ),
+            },
+            None => (None, None),
+        };
         // every series of the local outcomes exists from the start (zeros, not gaps)
         for outcome in Outcome::ALL {
             let _ = metrics.requests.get_or_create(&RequestLabels {
@@ -1438,10 +1604,14 @@ impl EgressProxy {
             }),
             metrics,
             http,
-            anomaly,
+            anomaly: RwLock::new(anomaly),
+            mount,
         });
         if let Err(e) = shared.reload() {
             tracing::error!(error = %e, "no key loaded; answering 503 until the mounted Secret is readable");
+        }
+        if let Err(e) = shared.reload_anomaly() {
+            tracing::error!(error = %e, "no anomaly detection until the mounted anomaly policy is valid");
         }
         let bind_error = |(addr, source)| EgressError::Bind { addr, source };
         let (listener, addr) = serve::bind(config.listen).await.map_err(bind_error)?;
@@ -1488,6 +1658,7 @@ impl EgressProxy {
             let mut tick = tokio::time::interval(interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut last_error: Option<String> = None;
+            let mut last_anomaly_error: Option<String> = None;
             loop {
                 tokio::select! {
                     _ = token.cancelled() => break,
@@ -1495,14 +1666,14 @@ impl EgressProxy {
                 }
                 let r = reloader.clone();
                 // file I/O off the async workers
-                match tokio::task::spawn_blocking(move || r.reload()).await {
-                    Ok(Ok(_)) => last_error = None,
-                    Ok(Err(e)) => {
-                        let text = e.to_string();
-                        if last_error.as_deref() != Some(text.as_str()) {
-                            tracing::warn!(error = %text, "keeping the previous key");
-                            last_error = Some(text);
-                        }
+                match tokio::task::spawn_blocking(move || (r.reload(), r.reload_anomaly())).await {
+                    Ok((key, anomaly)) => {
+                        note_reload(key, &mut last_error, "keeping the previous key");
+                        note_reload(
+                            anomaly,
+                            &mut last_anomaly_error,
+                            "keeping the previous anomaly policy",
+                        );
                     }
                     Err(e) => tracing::error!(error = %e, "key reload task failed"),
                 }
@@ -1520,16 +1691,18 @@ impl EgressProxy {
                         _ = token.cancelled() => break,
                         _ = tick.tick() => {}
                     }
-                    if let Some(a) = &ticker.anomaly {
+                    if let Some(a) = ticker.current_anomaly() {
                         let now = (a.clock)();
                         lock(&a.detector).tick(now);
                     }
                 }
             }));
-            tracing::info!(
-                action = setup.policy.action.as_str(),
-                "egress anomaly detection on"
-            );
+            if let Some(policy) = &setup.policy {
+                tracing::info!(
+                    action = policy.action.as_str(),
+                    "egress anomaly detection on (--anomaly-policy)"
+                );
+            }
         }
         tracing::info!(%addr, upstream = %shared.upstream_base, routes_version = ROUTES_VERSION, "egress-proxy listening");
         Ok(EgressHandle {
@@ -1539,6 +1712,20 @@ impl EgressProxy {
             shutdown,
             tasks,
         })
+    }
+}
+
+/// Logs a failed reload once per distinct error (every reload interval would flood the log).
+fn note_reload(result: Result<bool, EgressError>, last: &mut Option<String>, what: &str) {
+    match result {
+        Ok(_) => *last = None,
+        Err(e) => {
+            let text = e.to_string();
+            if last.as_deref() != Some(text.as_str()) {
+                tracing::warn!(error = %text, "{what}");
+                *last = Some(text);
+            }
+        }
     }
 }
 
@@ -1596,6 +1783,17 @@ impl EgressHandle {
         self.shared.reload()
     }
 
+    /// Re-reads the mounted anomaly policy now (when detection follows it); true when
+    /// detection was switched on, changed or switched off.
+    pub fn reload_anomaly_now(&self) -> Result<bool, EgressError> {
+        self.shared.reload_anomaly()
+    }
+
+    /// The action of the anomaly detection in use (`None`: no detection now).
+    pub fn anomaly_action(&self) -> Option<super::anomaly::AnomalyAction> {
+        self.shared.current_anomaly().map(|a| a.responder.action())
+    }
+
     /// Stops serving and waits for the servers to finish.
     pub async fn shutdown(mut self) {
         self.shutdown.cancel();
@@ -1611,24 +1809,62 @@ impl Drop for EgressHandle {
     }
 }
 
+/// The whole `egress-proxy` process: its own single-threaded runtime (a sidecar on loopback for
+/// one pod needs no worker threads, each of which would cost a stack and a malloc arena; see the
+/// README's "Sidecar memory"; `TOKIO_WORKER_THREADS` set: that many workers instead),
+/// [`run_cli`] on it, and the exit status. Both
+/// `stripe-key-operator egress-proxy` and the slim `stripe-egress-proxy` binary run this.
+pub fn main(args: EgressProxyArgs) -> std::process::ExitCode {
+    // `TOKIO_WORKER_THREADS=N` asks for N worker threads instead (tokio reads the variable).
+    let mut builder = match std::env::var_os("TOKIO_WORKER_THREADS") {
+        Some(_) => tokio::runtime::Builder::new_multi_thread(),
+        None => tokio::runtime::Builder::new_current_thread(),
+    };
+    let runtime = match builder.enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run_cli(args)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// Runs the broker until SIGTERM or Ctrl-C (the `egress-proxy` subcommand).
 pub async fn run_cli(args: EgressProxyArgs) -> anyhow::Result<()> {
     crate::telemetry::init(args.log_format, "info");
     let mut config = args.config();
-    if let Some(path) = &args.anomaly_policy {
-        let policy = load_anomaly_policy(path)?;
-        let Some(policy_ref) = &args.policy else {
-            anyhow::bail!("--anomaly-policy needs --policy NAMESPACE/NAME");
-        };
-        let (namespace, name) = parse_policy_ref(policy_ref)?;
-        let client = kube::Client::try_default().await.map_err(|e| {
-            anyhow::anyhow!(
-                "--anomaly-policy needs the Kubernetes API (the sidecar's ServiceAccount): {e}"
-            )
-        })?;
-        let sink: Arc<dyn ActionSink> = Arc::new(KubeActionSink::new(client, &namespace, &name));
-        config.anomaly = Some(AnomalySetup::new(policy, sink));
-    }
+    let policy_ref = args.policy.as_deref().map(parse_policy_ref).transpose()?;
+    let setup = match &args.anomaly_policy {
+        Some(path) => {
+            let policy = load_anomaly_policy(path)?;
+            let Some((namespace, name)) = &policy_ref else {
+                anyhow::bail!("--anomaly-policy needs --policy NAMESPACE/NAME");
+            };
+            let client = kube::Client::try_default().await.map_err(|e| {
+                anyhow::anyhow!(
+                    "--anomaly-policy needs the Kubernetes API (the sidecar's ServiceAccount): {e}"
+                )
+            })?;
+            let sink: Arc<dyn ActionSink> = Arc::new(KubeActionSink::new(client, namespace, name));
+            AnomalySetup::new(policy, sink)
+        }
+        // The mounted entry: the Kubernetes client is made when the first anomaly needs it, so
+        // a sidecar without anomaly detection never builds one.
+        None => AnomalySetup::mounted(Arc::new(|namespace: &str, name: &str| {
+            Arc::new(KubeActionSink::connect_lazily(namespace, name)) as Arc<dyn ActionSink>
+        })),
+    };
+    config.anomaly = Some(AnomalySetup {
+        policy_ref,
+        ..setup
+    });
     let handle = EgressProxy::start(config).await?;
     crate::webhook::proxy::shutdown_signal().await;
     tracing::info!("shutting down");
