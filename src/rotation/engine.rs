@@ -2348,7 +2348,7 @@ async fn idle<C: Credential>(
             EventType::Normal,
             "SecretRepaired",
             format!(
-                "Secret {} was missing or changed and was written again",
+                "Secret {} did not hold what the spec publishes (missing, edited, or a delivery setting changed) and was written again",
                 C::declared(&run.obj).secret
             ),
         )
