@@ -324,16 +324,25 @@ impl AccountContext {
         interval
     }
 
-    fn cached_holders(&self, account: &str) -> Vec<String> {
-        let policies: Vec<Arc<StripeKeyPolicy>> =
-            self.policies.iter().flat_map(|s| s.state()).collect();
-        let endpoints: Vec<Arc<StripeWebhookEndpoint>> =
-            self.endpoints.iter().flat_map(|s| s.state()).collect();
-        holders(
-            account,
-            policies.iter().map(|p| &**p),
-            endpoints.iter().map(|e| &**e),
-        )
+    /// How many cached resources name `account` and hold a credential: one pass over the
+    /// caches, nothing formatted or sorted (the count runs at most once per
+    /// [`RECOUNT_WINDOW`] of policy changes, see [`throttled`]).
+    fn cached_holder_count(&self, account: &str) -> usize {
+        let policies = self
+            .policies
+            .iter()
+            .flat_map(|s| s.state())
+            .filter(|p| p.spec.account_ref.name == account)
+            .filter(|p| p.status.as_ref().is_some_and(|s| holds_credentials(s)))
+            .count();
+        let endpoints = self
+            .endpoints
+            .iter()
+            .flat_map(|s| s.state())
+            .filter(|e| e.spec.account_ref.name == account)
+            .filter(|e| e.status.as_ref().is_some_and(|s| holds_credentials(s)))
+            .count();
+        policies + endpoints
     }
 
     /// The holders read fresh from the API server (deletion decides on this, not on a cache).
@@ -478,7 +487,7 @@ async fn apply(
         });
     }
     let name = account.name_any();
-    let keys = actx.cached_holders(&name).len() as i64;
+    let keys = actx.cached_holder_count(&name) as i64;
     let now = ctx.clock.now();
     let mut status = account.status.clone().unwrap_or_default();
     status.keys_under_management = Some(keys);
@@ -677,6 +686,88 @@ fn health_changes(
     })
 }
 
+/// At most one recount of an account per this long, however many of its resources change.
+pub const RECOUNT_WINDOW: Duration = Duration::from_secs(2);
+
+/// Turns the accounts named by changed resources into reconciles of those accounts, at most
+/// one per account per `window`: the first change of a quiet account reconciles it at once;
+/// changes within the window after that reconcile it once more at the window's end, so the
+/// last change is always counted, at most `window` late.
+pub fn throttled(
+    changes: impl futures::Stream<Item = String> + Send + 'static,
+    window: Duration,
+) -> impl futures::Stream<Item = ObjectRef<StripeAccount>> + Send + 'static {
+    use std::collections::{HashMap, VecDeque};
+    use tokio::time::Instant;
+    struct Throttle {
+        changes: futures::stream::BoxStream<'static, String>,
+        done: bool,
+        /// When each account was last let through.
+        last: HashMap<String, Instant>,
+        /// Accounts changed since, and when they are let through again.
+        pending: HashMap<String, Instant>,
+        ready: VecDeque<String>,
+    }
+    let state = Throttle {
+        changes: changes.boxed(),
+        done: false,
+        last: HashMap::new(),
+        pending: HashMap::new(),
+        ready: VecDeque::new(),
+    };
+    futures::stream::unfold(state, move |mut st| async move {
+        loop {
+            if let Some(account) = st.ready.pop_front() {
+                return Some((ObjectRef::new(&account), st));
+            }
+            if st.done && st.pending.is_empty() {
+                return None;
+            }
+            let next_due = st.pending.values().min().copied();
+            let Throttle {
+                changes,
+                done,
+                last,
+                pending,
+                ready,
+            } = &mut st;
+            tokio::select! {
+                change = changes.next(), if !*done => match change {
+                    Some(account) => {
+                        let now = Instant::now();
+                        match last.get(&account) {
+                            Some(t) if now < *t + window => {
+                                pending.entry(account).or_insert(*t + window);
+                            }
+                            _ => {
+                                if last.len() > 1024 {
+                                    last.retain(|_, t| now < *t + window);
+                                }
+                                last.insert(account.clone(), now);
+                                ready.push_back(account);
+                            }
+                        }
+                    }
+                    None => *done = true,
+                },
+                _ = tokio::time::sleep_until(next_due.unwrap_or_else(Instant::now)), if next_due.is_some() => {
+                    let now = Instant::now();
+                    let due: Vec<String> = pending
+                        .iter()
+                        .filter(|(_, t)| **t <= now)
+                        .map(|(a, _)| a.clone())
+                        .collect();
+                    for account in due {
+                        pending.remove(&account);
+                        last.insert(account.clone(), now);
+                        ready.push_back(account);
+                    }
+                }
+            }
+        }
+    })
+}
+
 type Reflected<K> =
     std::pin::Pin<Box<dyn futures::Stream<Item = Result<K, watcher::Error>> + Send>>;
 
@@ -767,12 +858,18 @@ pub async fn run(ctx: Arc<Context>, namespaces: Vec<Option<String>>, shutdown: C
                     .collect::<Vec<_>>(),
             )
         }))
-        .watches_stream(futures::stream::select_all(policy_streams), |p| {
-            Some(ObjectRef::<StripeAccount>::new(&p.spec.account_ref.name))
-        })
-        .watches_stream(futures::stream::select_all(endpoint_streams), |e| {
-            Some(ObjectRef::<StripeAccount>::new(&e.spec.account_ref.name))
-        })
+        // A changed policy or endpoint recounts its account, at most once per window (the
+        // count is a pass over every cached resource: once per change made a bulk mint of n
+        // policies cost O(n²), and a fresh read of the account per change).
+        .reconcile_on(throttled(
+            futures::stream::select(
+                futures::stream::select_all(policy_streams)
+                    .filter_map(|p| futures::future::ready(p.ok().map(|p| p.spec.account_ref.name))),
+                futures::stream::select_all(endpoint_streams)
+                    .filter_map(|e| futures::future::ready(e.ok().map(|e| e.spec.account_ref.name))),
+            ),
+            RECOUNT_WINDOW,
+        ))
         .graceful_shutdown_on(async move { shutdown.cancelled().await })
         .run(reconcile, error_policy, actx)
         .for_each(|_| futures::future::ready(()))
@@ -931,5 +1028,33 @@ mod tests {
         });
         assert_eq!(failure_reason(&e), "StripeUnavailable");
         assert_eq!(e.reason(), "StripeUnavailable");
+    }
+
+    #[tokio::test]
+    async fn a_burst_of_changes_recounts_an_account_once_at_once_and_once_at_the_window_end() {
+        let window = Duration::from_millis(300);
+        let (tx, rx) = futures::channel::mpsc::unbounded::<String>();
+        let mut out = Box::pin(throttled(rx, window));
+        let start = tokio::time::Instant::now();
+        // The first change of a quiet account: at once.
+        tx.unbounded_send("a".into()).unwrap();
+        let first = out.next().await.unwrap();
+        assert_eq!(first.name, "a");
+        assert!(start.elapsed() < window, "{:?}", start.elapsed());
+        // 100 more changes of `a` and one of `b` within the window: `b` at once (another
+        // account is not held back), `a` once more, at the window's end, not 100 times.
+        for _ in 0..100 {
+            tx.unbounded_send("a".into()).unwrap();
+        }
+        tx.unbounded_send("b".into()).unwrap();
+        let second = out.next().await.unwrap();
+        assert_eq!(second.name, "b");
+        assert!(start.elapsed() < window, "{:?}", start.elapsed());
+        let third = out.next().await.unwrap();
+        assert_eq!(third.name, "a");
+        assert!(start.elapsed() >= window, "{:?}", start.elapsed());
+        // Nothing more is owed: the stream ends with its input, without a fourth recount.
+        drop(tx);
+        assert!(out.next().await.is_none());
     }
 }
