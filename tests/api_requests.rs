@@ -308,5 +308,8 @@ async fn a_restart_over_settled_policies_writes_nothing() {
         .iter()
         .map(|r| format!("{} {}?{}", r.method, r.path, r.query))
         .collect();
-    assert!(after.is_empty(), "Stripe calls after the restart: {after:?}");
+    assert!(
+        after.is_empty(),
+        "Stripe calls after the restart: {after:?}"
+    );
 }

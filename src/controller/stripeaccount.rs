@@ -65,6 +65,9 @@ pub struct AccountContext {
     /// first reconcile reads at once, and the cursor in status says where to resume).
     activity_reads:
         std::sync::Mutex<std::collections::HashMap<String, k8s_openapi::jiff::Timestamp>>,
+    /// When each account's keys were last counted (by UID; in memory: after a restart the
+    /// first reconcile counts at once).
+    recounts: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
 }
 
 /// A resource holds credentials of its account: something is still to be retired at Stripe.
@@ -324,6 +327,29 @@ impl AccountContext {
         interval
     }
 
+    /// The `keysUnderManagement` to show: counted afresh at most once per [`RECOUNT_WINDOW`]
+    /// per account, else the count `shown` now, with how soon the recount is due. The account's
+    /// own status write wakes it again, and during a bulk mint the count differs every time:
+    /// recounting on each wake-up made a write, a wake-up and a pass over every policy, back to
+    /// back.
+    fn keys_under_management(
+        &self,
+        uid: &str,
+        account: &str,
+        shown: Option<i64>,
+    ) -> (i64, Option<Duration>) {
+        let now = std::time::Instant::now();
+        let mut recounts = self.recounts.lock().unwrap_or_else(|e| e.into_inner());
+        if let (Some(shown), Some(at)) = (shown, recounts.get(uid)) {
+            let since = now.duration_since(*at);
+            if since < RECOUNT_WINDOW {
+                return (shown, Some(RECOUNT_WINDOW - since));
+            }
+        }
+        recounts.insert(uid.to_string(), now);
+        (self.cached_holder_count(account) as i64, None)
+    }
+
     /// How many cached resources name `account` and hold a credential: one pass over the
     /// caches, nothing formatted or sorted (the count runs at most once per
     /// [`RECOUNT_WINDOW`] of policy changes, see [`throttled`]).
@@ -487,10 +513,16 @@ async fn apply(
         });
     }
     let name = account.name_any();
-    let keys = actx.cached_holder_count(&name) as i64;
     let now = ctx.clock.now();
     let mut status = account.status.clone().unwrap_or_default();
+    let (keys, recount_wait) = actx.keys_under_management(
+        account.uid().as_deref().unwrap_or_default(),
+        &name,
+        status.keys_under_management,
+    );
     status.keys_under_management = Some(keys);
+    // A held-back recount is due then (shown as CHECK_INTERVAL when none is).
+    let recount_wait = recount_wait.unwrap_or(CHECK_INTERVAL);
     let key = ContextKey::new(&account.spec.api_base, &account.spec.context);
     let health = ctx.accounts.health.snapshot(&key);
     let shown = call_health(&health, std::time::SystemTime::now());
@@ -532,7 +564,7 @@ async fn apply(
             now,
         );
         write_status(api, account, status).await?;
-        return Ok(Action::requeue(wait.min(pause_end)));
+        return Ok(Action::requeue(wait.min(pause_end).min(recount_wait)));
     }
     // A breaker that closed again since the status was written (or whose probe is due) makes
     // the check due now: it confirms Stripe answers (or is the probe).
@@ -546,7 +578,9 @@ async fn apply(
         // have changed.
         let activity_wait = actx.read_activity(api, account, &mut status).await;
         write_status(api, account, status).await?;
-        return Ok(Action::requeue(wait.min(pause_end).min(activity_wait)));
+        return Ok(Action::requeue(
+            wait.min(pause_end).min(activity_wait).min(recount_wait),
+        ));
     }
     let (ready, reason, message, wait) = match check(ctx, account).await {
         Ok(fingerprint) => {
@@ -615,7 +649,9 @@ async fn apply(
     // After the check: a new account's first Stripe call stays its health check.
     let activity_wait = actx.read_activity(api, account, &mut status).await;
     write_status(api, account, status).await?;
-    Ok(Action::requeue(wait.min(pause_end).min(activity_wait)))
+    Ok(Action::requeue(
+        wait.min(pause_end).min(activity_wait).min(recount_wait),
+    ))
 }
 
 async fn cleanup(
@@ -834,6 +870,7 @@ pub async fn run(ctx: Arc<Context>, namespaces: Vec<Option<String>>, shutdown: C
         endpoints,
         namespaces,
         activity_reads: Default::default(),
+        recounts: Default::default(),
     });
     let controller = Controller::new(
         Api::<StripeAccount>::all(client),
@@ -863,10 +900,12 @@ pub async fn run(ctx: Arc<Context>, namespaces: Vec<Option<String>>, shutdown: C
         // policies cost O(n²), and a fresh read of the account per change).
         .reconcile_on(throttled(
             futures::stream::select(
-                futures::stream::select_all(policy_streams)
-                    .filter_map(|p| futures::future::ready(p.ok().map(|p| p.spec.account_ref.name))),
-                futures::stream::select_all(endpoint_streams)
-                    .filter_map(|e| futures::future::ready(e.ok().map(|e| e.spec.account_ref.name))),
+                futures::stream::select_all(policy_streams).filter_map(|p| {
+                    futures::future::ready(p.ok().map(|p| p.spec.account_ref.name))
+                }),
+                futures::stream::select_all(endpoint_streams).filter_map(|e| {
+                    futures::future::ready(e.ok().map(|e| e.spec.account_ref.name))
+                }),
             ),
             RECOUNT_WINDOW,
         ))
