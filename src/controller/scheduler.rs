@@ -559,20 +559,20 @@ mod tests {
         // Another account is not held back.
         assert!(!o.arrive("b", 9, 0));
         assert!(
-            rx.try_next().is_err(),
+            rx.try_recv().is_err(),
             "nothing released while the queue is full"
         );
         // One finished, one still waiting: one parked comes back, the oldest first.
         o.left("a", 1);
-        assert_eq!(rx.try_next().unwrap(), Some(3));
-        assert!(rx.try_next().is_err());
+        assert_eq!(rx.try_recv().unwrap(), 3);
+        assert!(rx.try_recv().is_err());
         // It arrives (and queues); the last finishes with nothing waiting: the next comes back.
         assert!(!o.arrive("a", 3, 1));
         o.left("a", 0);
-        assert_eq!(rx.try_next().unwrap(), Some(4));
+        assert_eq!(rx.try_recv().unwrap(), 4);
         assert!(!o.arrive("a", 4, 0));
         assert_eq!(o.parked("a"), 0);
-        assert!(rx.try_next().is_err());
+        assert!(rx.try_recv().is_err());
     }
 
     /// A gate the test sets per account.

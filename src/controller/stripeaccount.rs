@@ -5,7 +5,9 @@
 //!   listing). The check runs when the spec changes and otherwise at most every
 //!   [`CHECK_INTERVAL`] (sooner, [`LOCAL_RECHECK`], when it failed before reaching Stripe: a
 //!   missing Secret costs no Stripe call); reconciles in between (a policy changed) only recount
-//!   `keysUnderManagement` from the watch caches. Policies never pay for the check.
+//!   `keysUnderManagement` from the watch caches, at most once per account per
+//!   [`RECOUNT_WINDOW`] however many policies change (a recount is a pass over every cached
+//!   policy). Policies never pay for the check.
 //! - **Deletion.** The finalizer [`FINALIZER`] keeps the account while any StripeKeyPolicy or
 //!   StripeWebhookEndpoint that names it still holds a credential (current, previous, retiring,
 //!   or a rotation under way): their own finalizers need the account to retire those at Stripe.
