@@ -204,3 +204,112 @@ async fn a_mint_costs_at_most_ten_api_requests_and_a_quiet_reconcile_only_its_fr
         "a quiet reconcile asks for more than the fresh read of its object: {beyond:?}"
     );
 }
+
+fn reconciles(env: &LocalEnv, controller: &str) -> u64 {
+    env.metrics
+        .reconciliations
+        .get_or_create(&stripe_key_operator::metrics::ControllerLabels {
+            controller: controller.into(),
+        })
+        .get()
+}
+
+const RESTART_POLICIES: usize = 20;
+
+/// The writes among the counted requests.
+fn writes(counts: &Counts) -> Counts {
+    counts
+        .iter()
+        .filter(|((verb, _), n)| {
+            **n > 0
+                && matches!(
+                    verb.as_str(),
+                    "create" | "update" | "patch" | "delete" | "deletecollection"
+                )
+        })
+        .map(|(k, n)| (k.clone(), *n))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_over_settled_policies_writes_nothing() {
+    let mut env = env_without_operator(EnvOptions {
+        sim_rate_limit_test: 1000,
+        ..EnvOptions::default()
+    })
+    .await;
+    env.start_operator();
+    wait_account_checked(&env).await;
+    for i in 0..RESTART_POLICIES {
+        env.api.put(policy(i)).expect("the policy is created");
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while ready_count(&env) < RESTART_POLICIES {
+        assert!(
+            Instant::now() < deadline,
+            "only {}/{RESTART_POLICIES} policies became Ready",
+            ready_count(&env)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    settle(&env, Duration::from_secs(1), Duration::from_secs(20)).await;
+    // Settled: the account shows every key it manages.
+    let account = env
+        .api
+        .get("stripekeys.io/v1alpha1", "StripeAccount", None, ACCOUNT)
+        .expect("the account");
+    assert_eq!(
+        account["status"]["keysUnderManagement"],
+        json!(RESTART_POLICIES),
+        "{:#}",
+        account["status"]
+    );
+
+    // A restart (cold caches, a new process's memory) over this settled state.
+    env.stop_operator().await;
+    let stripe_calls = env.sim.request_log().len();
+    env.api.reset_counts();
+    let before = reconciles(&env, "stripekeypolicy");
+    let accounts_before = reconciles(&env, "stripeaccount");
+    env.start_operator();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while reconciles(&env, "stripekeypolicy") < before + RESTART_POLICIES as u64
+        || reconciles(&env, "stripeaccount") == accounts_before
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the restarted operator reconciled {} of {RESTART_POLICIES} policies and the account {} times",
+            reconciles(&env, "stripekeypolicy") - before,
+            reconciles(&env, "stripeaccount") - accounts_before
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    settle(&env, Duration::from_secs(2), Duration::from_secs(20)).await;
+    let counts = env.api.request_counts();
+    print_table(
+        &format!("Kubernetes API requests of a restart over {RESTART_POLICIES} settled policies"),
+        &counts,
+        RESTART_POLICIES,
+    );
+    assert!(
+        writes(&counts).is_empty(),
+        "a restart over a settled state writes: {:?}",
+        writes(&counts)
+    );
+    // The account was looked at again (its fresh read), only not written.
+    assert!(
+        counts
+            .get(&("get".to_string(), "stripeaccounts".to_string()))
+            .is_some_and(|n| *n >= 1),
+        "{counts:?}"
+    );
+    // Nor is Stripe called: the account's health check is not due within its interval.
+    let after: Vec<String> = env.sim.request_log()[stripe_calls..]
+        .iter()
+        .map(|r| format!("{} {}?{}", r.method, r.path, r.query))
+        .collect();
+    assert!(
+        after.is_empty(),
+        "Stripe calls after the restart: {after:?}"
+    );
+}

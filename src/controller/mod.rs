@@ -1124,6 +1124,11 @@ pub async fn run_credential_controller<C: crate::rotation::engine::Credential>(
     // crowd out the others', so it has none.
     let controller = Controller::for_stream(main_stream, reader)
         .with_config(controller_config(&ctx.config).concurrency(0));
+    // Beyond a bound of waiting reconciles per account, the rest are parked and triggered
+    // again as the account's queue drains (kube-runtime polls every reconcile in progress on
+    // each wake-up: 10,000 waiting made that O(n) per event).
+    let (overflow, released) = scheduler::Overflow::new(scheduler::MAX_WAITING_PER_ACCOUNT);
+    let controller = controller.reconcile_on(released);
     let store = controller.store();
     // A shard taken over: reconcile each of its objects at once.
     let controller = match ctx.shards.clone() {
@@ -1206,10 +1211,16 @@ pub async fn run_credential_controller<C: crate::rotation::engine::Credential>(
         .run(
             // A reconcile of a shard another replica holds is skipped before it queues for a
             // worker; one that waits for a worker is dropped if its shard goes meanwhile.
-            sharded(scheduler::fair(
+            sharded(scheduler::admit(
                 ctx.scheduler.clone(),
+                overflow,
                 account_of::<C>,
-                tracked(progress.clone(), engine::reconcile::<C>),
+                |o: &C::Resource| ObjectRef::from_obj(o),
+                scheduler::fair(
+                    ctx.scheduler.clone(),
+                    account_of::<C>,
+                    tracked(progress.clone(), engine::reconcile::<C>),
+                ),
             )),
             engine::error_policy::<C>,
             ctx,

@@ -235,10 +235,14 @@ impl FairScheduler {
                 let Some(q) = st.queues.get_mut(&account) else {
                     continue;
                 };
-                // Waiters that went away (their reconcile was dropped) leave the queue.
-                let before = q.waiting.len();
-                q.waiting.retain(|tx| !tx.is_closed());
-                let gone = before - q.waiting.len();
+                // Waiters that went away (their reconcile was dropped) leave the queue when
+                // they reach its front: scanning the whole queue here cost O(waiting) per
+                // dispatch, O(n²) for a bulk of n reconciles of one account.
+                let mut gone = 0;
+                while q.waiting.front().is_some_and(|tx| tx.is_closed()) {
+                    q.waiting.pop_front();
+                    gone += 1;
+                }
                 if q.waiting.is_empty() {
                     q.in_ring = false;
                     if q.in_flight == 0 {
@@ -370,10 +374,206 @@ where
     }
 }
 
+/// How many reconciles of one account may wait for a worker; more are parked in an
+/// [`Overflow`] (see [`admit`]).
+pub const MAX_WAITING_PER_ACCOUNT: usize = 256;
+/// A parked reconcile comes back after this long even if nothing released it (a safety net).
+pub const PARKED_RECHECK: Duration = Duration::from_secs(60);
+
+#[derive(Debug)]
+struct Parked<R> {
+    order: VecDeque<R>,
+    set: std::collections::HashSet<R>,
+    /// Released, not yet back at [`admit`].
+    in_transit: usize,
+}
+
+impl<R> Default for Parked<R> {
+    fn default() -> Self {
+        Self {
+            order: VecDeque::new(),
+            set: Default::default(),
+            in_transit: 0,
+        }
+    }
+}
+
+/// The reconciles of one controller parked because their account had
+/// [`MAX_WAITING_PER_ACCOUNT`] waiting already, in arrival order per account, each once. They
+/// go back to the controller (through the stream of [`Overflow::new`], as triggers) as the
+/// account's queue drains.
+///
+/// Why: kube-runtime keeps one future per reconcile in progress and polls all of them on
+/// every wake-up; a reconcile waiting here for a worker is in progress to it. With every
+/// policy of a bulk mint waiting, each wake-up cost O(n) — 10,000 policies spent most of
+/// the operator's CPU there. Parked reconciles have returned: they cost kube-runtime nothing.
+pub struct Overflow<R> {
+    limit: usize,
+    parked: Mutex<HashMap<String, Parked<R>>>,
+    tx: futures::channel::mpsc::UnboundedSender<R>,
+}
+
+impl<R> std::fmt::Debug for Overflow<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Overflow")
+            .field("limit", &self.limit)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<R: Clone + Eq + std::hash::Hash + Send + 'static> Overflow<R> {
+    /// Parks beyond `limit` waiting reconciles per account; the stream gives the parked ones
+    /// back, to be triggered again.
+    pub fn new(limit: usize) -> (Arc<Self>, futures::channel::mpsc::UnboundedReceiver<R>) {
+        let (tx, rx) = futures::channel::mpsc::unbounded();
+        (
+            Arc::new(Self {
+                limit: limit.max(1),
+                parked: Mutex::new(HashMap::new()),
+                tx,
+            }),
+            rx,
+        )
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Parked<R>>> {
+        self.parked.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A reconcile of `account` arrived with `waiting` queued: whether it must park (it is then
+    /// parked); otherwise it may queue, and parked ones are released into the room left.
+    fn arrive(&self, account: &str, item: R, waiting: usize) -> bool {
+        let mut parked = self.lock();
+        let p = parked.entry(account.to_string()).or_default();
+        p.in_transit = p.in_transit.saturating_sub(1);
+        if waiting >= self.limit {
+            if p.set.insert(item.clone()) {
+                p.order.push_back(item);
+            }
+            return true;
+        }
+        // A parked copy of this one is served now (its place in `order` is skipped later).
+        p.set.remove(&item);
+        self.release(&mut parked, account, waiting + 1);
+        false
+    }
+
+    /// A reconcile of `account` finished with `waiting` queued: parked ones fill the room.
+    fn left(&self, account: &str, waiting: usize) {
+        let mut parked = self.lock();
+        self.release(&mut parked, account, waiting);
+    }
+
+    fn release(&self, parked: &mut HashMap<String, Parked<R>>, account: &str, waiting: usize) {
+        let Some(p) = parked.get_mut(account) else {
+            return;
+        };
+        let mut room = self.limit.saturating_sub(waiting + p.in_transit);
+        while room > 0 {
+            let Some(item) = p.order.pop_front() else {
+                break;
+            };
+            if !p.set.remove(&item) {
+                continue;
+            }
+            room -= 1;
+            p.in_transit += 1;
+            let _ = self.tx.unbounded_send(item);
+        }
+        if p.set.is_empty() && p.in_transit == 0 {
+            parked.remove(account);
+        }
+    }
+
+    /// Reconciles parked now for `account`.
+    pub fn parked(&self, account: &str) -> usize {
+        self.lock().get(account).map_or(0, |p| p.set.len())
+    }
+}
+
+/// Wraps a [`fair`] reconcile so that no more than the overflow's limit of one account's
+/// reconciles wait for a worker: a reconcile beyond it is parked in `overflow` and returns at
+/// once (requeued after [`PARKED_RECHECK`] as a safety net); it is triggered again, in arrival
+/// order, as the account's queue drains.
+pub fn admit<K, R, E, F>(
+    scheduler: Arc<FairScheduler>,
+    overflow: Arc<Overflow<R>>,
+    account_of: fn(&K) -> String,
+    ref_of: fn(&K) -> R,
+    reconcile: F,
+) -> impl Fn(
+    Arc<K>,
+    Arc<super::Context>,
+) -> futures::future::BoxFuture<'static, Result<kube::runtime::controller::Action, E>>
++ Clone
++ Send
++ Sync
++ 'static
+where
+    K: Send + Sync + 'static,
+    R: Clone + Eq + std::hash::Hash + Send + Sync + 'static,
+    E: Send + 'static,
+    F: Fn(
+            Arc<K>,
+            Arc<super::Context>,
+        )
+            -> futures::future::BoxFuture<'static, Result<kube::runtime::controller::Action, E>>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+{
+    move |obj, ctx| {
+        let account = account_of(&obj);
+        let waiting = scheduler.stats(&account).waiting;
+        if overflow.arrive(&account, ref_of(&obj), waiting) {
+            return Box::pin(futures::future::ready(Ok(
+                kube::runtime::controller::Action::requeue(PARKED_RECHECK),
+            )));
+        }
+        let (scheduler, overflow, reconcile) =
+            (scheduler.clone(), overflow.clone(), reconcile.clone());
+        Box::pin(async move {
+            let out = reconcile(obj, ctx).await;
+            overflow.left(&account, scheduler.stats(&account).waiting);
+            out
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicU64, Ordering};
+
+    #[test]
+    fn reconciles_beyond_the_limit_park_in_order_and_come_back_as_the_queue_drains() {
+        let (o, mut rx) = Overflow::<u32>::new(2);
+        // Two may queue; the third and fourth park (the fourth twice: once).
+        assert!(!o.arrive("a", 1, 0));
+        assert!(!o.arrive("a", 2, 1));
+        assert!(o.arrive("a", 3, 2));
+        assert!(o.arrive("a", 4, 2));
+        assert!(o.arrive("a", 4, 2));
+        assert_eq!(o.parked("a"), 2);
+        // Another account is not held back.
+        assert!(!o.arrive("b", 9, 0));
+        assert!(
+            rx.try_recv().is_err(),
+            "nothing released while the queue is full"
+        );
+        // One finished, one still waiting: one parked comes back, the oldest first.
+        o.left("a", 1);
+        assert_eq!(rx.try_recv().unwrap(), 3);
+        assert!(rx.try_recv().is_err());
+        // It arrives (and queues); the last finishes with nothing waiting: the next comes back.
+        assert!(!o.arrive("a", 3, 1));
+        o.left("a", 0);
+        assert_eq!(rx.try_recv().unwrap(), 4);
+        assert!(!o.arrive("a", 4, 0));
+        assert_eq!(o.parked("a"), 0);
+        assert!(rx.try_recv().is_err());
+    }
 
     /// A gate the test sets per account.
     #[derive(Default)]

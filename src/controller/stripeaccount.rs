@@ -5,7 +5,9 @@
 //!   listing). The check runs when the spec changes and otherwise at most every
 //!   [`CHECK_INTERVAL`] (sooner, [`LOCAL_RECHECK`], when it failed before reaching Stripe: a
 //!   missing Secret costs no Stripe call); reconciles in between (a policy changed) only recount
-//!   `keysUnderManagement` from the watch caches. Policies never pay for the check.
+//!   `keysUnderManagement` from the watch caches, at most once per account per
+//!   [`RECOUNT_WINDOW`] however many policies change (a recount is a pass over every cached
+//!   policy). Policies never pay for the check.
 //! - **Deletion.** The finalizer [`FINALIZER`] keeps the account while any StripeKeyPolicy or
 //!   StripeWebhookEndpoint that names it still holds a credential (current, previous, retiring,
 //!   or a rotation under way): their own finalizers need the account to retire those at Stripe.
@@ -65,6 +67,9 @@ pub struct AccountContext {
     /// first reconcile reads at once, and the cursor in status says where to resume).
     activity_reads:
         std::sync::Mutex<std::collections::HashMap<String, k8s_openapi::jiff::Timestamp>>,
+    /// When each account's keys were last counted (by UID; in memory: after a restart the
+    /// first reconcile counts at once).
+    recounts: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
 }
 
 /// A resource holds credentials of its account: something is still to be retired at Stripe.
@@ -324,16 +329,48 @@ impl AccountContext {
         interval
     }
 
-    fn cached_holders(&self, account: &str) -> Vec<String> {
-        let policies: Vec<Arc<StripeKeyPolicy>> =
-            self.policies.iter().flat_map(|s| s.state()).collect();
-        let endpoints: Vec<Arc<StripeWebhookEndpoint>> =
-            self.endpoints.iter().flat_map(|s| s.state()).collect();
-        holders(
-            account,
-            policies.iter().map(|p| &**p),
-            endpoints.iter().map(|e| &**e),
-        )
+    /// The `keysUnderManagement` to show: counted afresh at most once per [`RECOUNT_WINDOW`]
+    /// per account, else the count `shown` now, with how soon the recount is due. The account's
+    /// own status write wakes it again, and during a bulk mint the count differs every time:
+    /// recounting on each wake-up made a write, a wake-up and a pass over every policy, back to
+    /// back.
+    fn keys_under_management(
+        &self,
+        uid: &str,
+        account: &str,
+        shown: Option<i64>,
+    ) -> (i64, Option<Duration>) {
+        let now = std::time::Instant::now();
+        let mut recounts = self.recounts.lock().unwrap_or_else(|e| e.into_inner());
+        if let (Some(shown), Some(at)) = (shown, recounts.get(uid)) {
+            let since = now.duration_since(*at);
+            if since < RECOUNT_WINDOW {
+                return (shown, Some(RECOUNT_WINDOW - since));
+            }
+        }
+        recounts.insert(uid.to_string(), now);
+        (self.cached_holder_count(account) as i64, None)
+    }
+
+    /// How many cached resources name `account` and hold a credential: one pass over the
+    /// caches, nothing formatted or sorted (the count runs at most once per
+    /// [`RECOUNT_WINDOW`] of policy changes, see [`throttled`]).
+    fn cached_holder_count(&self, account: &str) -> usize {
+        let policies = self
+            .policies
+            .iter()
+            .flat_map(|s| s.state())
+            .filter(|p| p.spec.account_ref.name == account)
+            .filter(|p| p.status.as_ref().is_some_and(|s| holds_credentials(s)))
+            .count();
+        let endpoints = self
+            .endpoints
+            .iter()
+            .flat_map(|s| s.state())
+            .filter(|e| e.spec.account_ref.name == account)
+            .filter(|e| e.status.as_ref().is_some_and(|s| holds_credentials(s)))
+            .count();
+        policies + endpoints
     }
 
     /// The holders read fresh from the API server (deletion decides on this, not on a cache).
@@ -478,10 +515,16 @@ async fn apply(
         });
     }
     let name = account.name_any();
-    let keys = actx.cached_holders(&name).len() as i64;
     let now = ctx.clock.now();
     let mut status = account.status.clone().unwrap_or_default();
+    let (keys, recount_wait) = actx.keys_under_management(
+        account.uid().as_deref().unwrap_or_default(),
+        &name,
+        status.keys_under_management,
+    );
     status.keys_under_management = Some(keys);
+    // A held-back recount is due then (shown as CHECK_INTERVAL when none is).
+    let recount_wait = recount_wait.unwrap_or(CHECK_INTERVAL);
     let key = ContextKey::new(&account.spec.api_base, &account.spec.context);
     let health = ctx.accounts.health.snapshot(&key);
     let shown = call_health(&health, std::time::SystemTime::now());
@@ -523,7 +566,7 @@ async fn apply(
             now,
         );
         write_status(api, account, status).await?;
-        return Ok(Action::requeue(wait.min(pause_end)));
+        return Ok(Action::requeue(wait.min(pause_end).min(recount_wait)));
     }
     // A breaker that closed again since the status was written (or whose probe is due) makes
     // the check due now: it confirms Stripe answers (or is the probe).
@@ -537,7 +580,9 @@ async fn apply(
         // have changed.
         let activity_wait = actx.read_activity(api, account, &mut status).await;
         write_status(api, account, status).await?;
-        return Ok(Action::requeue(wait.min(pause_end).min(activity_wait)));
+        return Ok(Action::requeue(
+            wait.min(pause_end).min(activity_wait).min(recount_wait),
+        ));
     }
     let (ready, reason, message, wait) = match check(ctx, account).await {
         Ok(fingerprint) => {
@@ -606,7 +651,9 @@ async fn apply(
     // After the check: a new account's first Stripe call stays its health check.
     let activity_wait = actx.read_activity(api, account, &mut status).await;
     write_status(api, account, status).await?;
-    Ok(Action::requeue(wait.min(pause_end).min(activity_wait)))
+    Ok(Action::requeue(
+        wait.min(pause_end).min(activity_wait).min(recount_wait),
+    ))
 }
 
 async fn cleanup(
@@ -677,6 +724,88 @@ fn health_changes(
     })
 }
 
+/// At most one recount of an account per this long, however many of its resources change.
+pub const RECOUNT_WINDOW: Duration = Duration::from_secs(2);
+
+/// Turns the accounts named by changed resources into reconciles of those accounts, at most
+/// one per account per `window`: the first change of a quiet account reconciles it at once;
+/// changes within the window after that reconcile it once more at the window's end, so the
+/// last change is always counted, at most `window` late.
+pub fn throttled(
+    changes: impl futures::Stream<Item = String> + Send + 'static,
+    window: Duration,
+) -> impl futures::Stream<Item = ObjectRef<StripeAccount>> + Send + 'static {
+    use std::collections::{HashMap, VecDeque};
+    use tokio::time::Instant;
+    struct Throttle {
+        changes: futures::stream::BoxStream<'static, String>,
+        done: bool,
+        /// When each account was last let through.
+        last: HashMap<String, Instant>,
+        /// Accounts changed since, and when they are let through again.
+        pending: HashMap<String, Instant>,
+        ready: VecDeque<String>,
+    }
+    let state = Throttle {
+        changes: changes.boxed(),
+        done: false,
+        last: HashMap::new(),
+        pending: HashMap::new(),
+        ready: VecDeque::new(),
+    };
+    futures::stream::unfold(state, move |mut st| async move {
+        loop {
+            if let Some(account) = st.ready.pop_front() {
+                return Some((ObjectRef::new(&account), st));
+            }
+            if st.done && st.pending.is_empty() {
+                return None;
+            }
+            let next_due = st.pending.values().min().copied();
+            let Throttle {
+                changes,
+                done,
+                last,
+                pending,
+                ready,
+            } = &mut st;
+            tokio::select! {
+                change = changes.next(), if !*done => match change {
+                    Some(account) => {
+                        let now = Instant::now();
+                        match last.get(&account) {
+                            Some(t) if now < *t + window => {
+                                pending.entry(account).or_insert(*t + window);
+                            }
+                            _ => {
+                                if last.len() > 1024 {
+                                    last.retain(|_, t| now < *t + window);
+                                }
+                                last.insert(account.clone(), now);
+                                ready.push_back(account);
+                            }
+                        }
+                    }
+                    None => *done = true,
+                },
+                _ = tokio::time::sleep_until(next_due.unwrap_or_else(Instant::now)), if next_due.is_some() => {
+                    let now = Instant::now();
+                    let due: Vec<String> = pending
+                        .iter()
+                        .filter(|(_, t)| **t <= now)
+                        .map(|(a, _)| a.clone())
+                        .collect();
+                    for account in due {
+                        pending.remove(&account);
+                        last.insert(account.clone(), now);
+                        ready.push_back(account);
+                    }
+                }
+            }
+        }
+    })
+}
+
 type Reflected<K> =
     std::pin::Pin<Box<dyn futures::Stream<Item = Result<K, watcher::Error>> + Send>>;
 
@@ -743,6 +872,7 @@ pub async fn run(ctx: Arc<Context>, namespaces: Vec<Option<String>>, shutdown: C
         endpoints,
         namespaces,
         activity_reads: Default::default(),
+        recounts: Default::default(),
     });
     let controller = Controller::new(
         Api::<StripeAccount>::all(client),
@@ -767,12 +897,20 @@ pub async fn run(ctx: Arc<Context>, namespaces: Vec<Option<String>>, shutdown: C
                     .collect::<Vec<_>>(),
             )
         }))
-        .watches_stream(futures::stream::select_all(policy_streams), |p| {
-            Some(ObjectRef::<StripeAccount>::new(&p.spec.account_ref.name))
-        })
-        .watches_stream(futures::stream::select_all(endpoint_streams), |e| {
-            Some(ObjectRef::<StripeAccount>::new(&e.spec.account_ref.name))
-        })
+        // A changed policy or endpoint recounts its account, at most once per window (the
+        // count is a pass over every cached resource: once per change made a bulk mint of n
+        // policies cost O(n²), and a fresh read of the account per change).
+        .reconcile_on(throttled(
+            futures::stream::select(
+                futures::stream::select_all(policy_streams).filter_map(|p| {
+                    futures::future::ready(p.ok().map(|p| p.spec.account_ref.name))
+                }),
+                futures::stream::select_all(endpoint_streams).filter_map(|e| {
+                    futures::future::ready(e.ok().map(|e| e.spec.account_ref.name))
+                }),
+            ),
+            RECOUNT_WINDOW,
+        ))
         .graceful_shutdown_on(async move { shutdown.cancelled().await })
         .run(reconcile, error_policy, actx)
         .for_each(|_| futures::future::ready(()))
@@ -931,5 +1069,33 @@ mod tests {
         });
         assert_eq!(failure_reason(&e), "StripeUnavailable");
         assert_eq!(e.reason(), "StripeUnavailable");
+    }
+
+    #[tokio::test]
+    async fn a_burst_of_changes_recounts_an_account_once_at_once_and_once_at_the_window_end() {
+        let window = Duration::from_millis(300);
+        let (tx, rx) = futures::channel::mpsc::unbounded::<String>();
+        let mut out = Box::pin(throttled(rx, window));
+        let start = tokio::time::Instant::now();
+        // The first change of a quiet account: at once.
+        tx.unbounded_send("a".into()).unwrap();
+        let first = out.next().await.unwrap();
+        assert_eq!(first.name, "a");
+        assert!(start.elapsed() < window, "{:?}", start.elapsed());
+        // 100 more changes of `a` and one of `b` within the window: `b` at once (another
+        // account is not held back), `a` once more, at the window's end, not 100 times.
+        for _ in 0..100 {
+            tx.unbounded_send("a".into()).unwrap();
+        }
+        tx.unbounded_send("b".into()).unwrap();
+        let second = out.next().await.unwrap();
+        assert_eq!(second.name, "b");
+        assert!(start.elapsed() < window, "{:?}", start.elapsed());
+        let third = out.next().await.unwrap();
+        assert_eq!(third.name, "a");
+        assert!(start.elapsed() >= window, "{:?}", start.elapsed());
+        // Nothing more is owed: the stream ends with its input, without a fourth recount.
+        drop(tx);
+        assert!(out.next().await.is_none());
     }
 }

@@ -249,6 +249,34 @@ impl TestApiServer {
             .unwrap_or_default()
     }
 
+    /// Counts the objects of a kind (in one namespace or, with `None`, all) for which `pred`
+    /// holds, without copying them out as [`TestApiServer::list`] does: for polling a large
+    /// store (the server is locked meanwhile, so keep `pred` cheap).
+    pub fn count(
+        &self,
+        api_version: &str,
+        kind: &str,
+        namespace: Option<&str>,
+        pred: impl Fn(&Value) -> bool,
+    ) -> usize {
+        if events::is_events_v1(api_version, kind) {
+            return self
+                .list(api_version, kind, namespace)
+                .iter()
+                .filter(|o| pred(o))
+                .count();
+        }
+        let Ok(rt) = self.resolve(api_version, kind) else {
+            return 0;
+        };
+        let st = self.shared.lock();
+        st.objects.get(&rt.key()).map_or(0, |m| {
+            m.iter()
+                .filter(|((ns, _), o)| namespace.is_none_or(|n| n == ns) && pred(o))
+                .count()
+        })
+    }
+
     /// Creates or replaces an object (identified by its apiVersion, kind, namespace and name),
     /// status included, as the server itself would: no request is counted, no conflict check,
     /// validation and watch events as for any write. Returns the stored object.

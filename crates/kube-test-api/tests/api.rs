@@ -596,6 +596,50 @@ async fn deleting_an_owner_garbage_collects_dependents_unless_orphaned() {
 }
 
 #[tokio::test]
+async fn a_dependent_created_with_a_missing_or_different_owner_is_collected_and_one_with_a_live_owner_stays()
+ {
+    let (_server, client) = setup().await;
+    let api: Api<ConfigMap> = Api::namespaced(client, "default");
+    let owner = api
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "owner"}})).unwrap(),
+        )
+        .await
+        .unwrap();
+    // The owner's name with another uid (a deleted and recreated owner): not its owner.
+    let mut impostor = owner.clone();
+    impostor.metadata.uid = Some("00000000-0000-4000-8000-000000000000".into());
+    let mut gone = owner.clone();
+    gone.metadata.name = Some("never-existed".into());
+    gone.metadata.uid = Some("00000000-0000-4000-8000-000000000001".into());
+    for (name, by) in [
+        ("live", &owner),
+        ("wrong-uid", &impostor),
+        ("no-owner", &gone),
+    ] {
+        api.create(&PostParams::default(), &owned_by(name, by))
+            .await
+            .unwrap();
+    }
+    eventually(
+        5,
+        "the dependents without a live owner are collected",
+        || async {
+            (api.get_opt("wrong-uid").await.unwrap().is_none()
+                && api.get_opt("no-owner").await.unwrap().is_none())
+            .then_some(())
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        api.get_opt("live").await.unwrap().is_some(),
+        "a dependent of a live owner stays"
+    );
+}
+
+#[tokio::test]
 async fn deleting_a_namespace_removes_its_contents() {
     let (_server, client) = setup().await;
     let nss: Api<Namespace> = Api::all(client.clone());
