@@ -1115,7 +1115,7 @@ pub async fn run_credential_controller<C: crate::rotation::engine::Credential>(
         use kube::runtime::WatchStreamExt;
         kube::runtime::reflector::reflector(
             writer,
-            watcher(resources, watcher::Config::default())
+            watcher(resources, caches::watch_config())
                 .default_backoff()
                 .modify(|o| caches::strip(kube::Resource::meta_mut(o))),
         )
