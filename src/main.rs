@@ -54,7 +54,9 @@ const DEFAULT_WORKER_THREADS: usize = 2;
 
 fn main() -> std::process::ExitCode {
     #[cfg(feature = "heap-profile")]
-    let _profiler = dhat::Profiler::new_heap();
+    // Deep enough stacks to tell whose hash table or buffer an allocation is (dhat keeps 12
+    // frames by default: mostly the allocator's and the collection's own).
+    let _profiler = dhat::Profiler::builder().trim_backtraces(Some(40)).build();
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     runtime.enable_all();
     if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
