@@ -20,7 +20,11 @@
 //! Kubernetes API for tests; and a restart with every policy existing: time until each was
 //! reconciled once, and the writes it made (goal: none), taken once the operator has read its
 //! Stripe activity log past the mints. After printing every figure it asserts that every policy
-//! became Ready and that the restart and the quiet reconciles wrote nothing.
+//! became Ready and that the restart and the quiet reconciles wrote nothing. Memory: the
+//! operator's peak RSS idle (`BENCH_POLICIES=0` for the idle figure alone), after the mints and
+//! after the restart, where it is (binary code and data, glibc's heaps and arenas, thread stacks,
+//! libraries: from `/proc/<pid>/smaps`), and its RSS per policy: the growth between a restart
+//! with every policy and one with half of them, divided by the difference.
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -44,6 +48,94 @@ fn peak_rss_kib(pid: u32) -> Option<u64> {
         .nth(1)?
         .parse()
         .ok()
+}
+
+/// The resident set of `pid` now (`VmRSS`), in KiB.
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// Where the resident memory of `pid` is, from `/proc/<pid>/smaps`, in KiB per kind of mapping:
+/// the operator binary's code and its read-only data (file pages, plus the relocated
+/// `.data.rel.ro`), glibc's main heap, the per-thread malloc arenas (anonymous mappings aligned
+/// to their 64 MiB reservation), thread stacks (anonymous mappings right after a guard page),
+/// other anonymous mappings (large allocations), and shared libraries.
+fn rss_breakdown(pid: u32) -> Vec<(&'static str, u64)> {
+    const ARENA: u64 = 64 << 20;
+    let Ok(smaps) = std::fs::read_to_string(format!("/proc/{pid}/smaps")) else {
+        return Vec::new();
+    };
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
+    let mut sums: Vec<(&'static str, u64)> = [
+        "binary code",
+        "binary data",
+        "main heap",
+        "thread arenas",
+        "thread stacks",
+        "other anonymous",
+        "libraries",
+    ]
+    .iter()
+    .map(|k| (*k, 0))
+    .collect();
+    // (kind of the current mapping, end of the previous mapping if it was a guard page)
+    let mut current = "";
+    let mut guard_end: Option<u64> = None;
+    for line in smaps.lines() {
+        let mut fields = line.split_whitespace();
+        let first = fields.next().unwrap_or_default();
+        if let Some((start, end)) = first.split_once('-')
+            && let (Ok(start), Ok(end)) =
+                (u64::from_str_radix(start, 16), u64::from_str_radix(end, 16))
+        {
+            let perms = fields.next().unwrap_or_default();
+            let path = fields.nth(3).unwrap_or_default();
+            current = if !path.is_empty() && std::path::Path::new(path) == exe {
+                if perms.contains('x') {
+                    "binary code"
+                } else {
+                    "binary data"
+                }
+            } else if path == "[heap]" {
+                "main heap"
+            } else if path.starts_with('/') {
+                "libraries"
+            } else if path.is_empty() && start % ARENA == 0 {
+                "thread arenas"
+            } else if path.is_empty() && guard_end == Some(start) {
+                "thread stacks"
+            } else if path.is_empty() {
+                "other anonymous"
+            } else {
+                ""
+            };
+            guard_end = perms.starts_with("---").then_some(end);
+            continue;
+        }
+        if first == "Rss:"
+            && let Some(kib) = fields.next().and_then(|v| v.parse::<u64>().ok())
+            && let Some(sum) = sums.iter_mut().find(|(k, _)| *k == current)
+        {
+            sum.1 += kib;
+        }
+    }
+    sums
+}
+
+/// [`rss_breakdown`] as one line, in MiB.
+fn breakdown_line(pid: u32) -> String {
+    rss_breakdown(pid)
+        .into_iter()
+        .map(|(k, v)| format!("{k} {:.1}", v as f64 / 1024.0))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// CPU seconds (user + system) the process `pid` used so far.
@@ -219,6 +311,7 @@ fn main() {
         tokio::time::sleep(Duration::from_secs(1)).await;
         settle(&env, Duration::from_secs(1), Duration::from_secs(30)).await;
         let idle_rss = peak_rss_kib(operator.id());
+        let idle_breakdown = breakdown_line(operator.id());
         env.api.reset_counts();
         let cpu_before = cpu_seconds(operator.id()).unwrap_or(0.0);
         let reconciles_before = reconciles(port).await.unwrap_or(0);
@@ -264,6 +357,7 @@ fn main() {
         // The reconciles the last status writes trigger belong to the mints too.
         settle(&env, Duration::from_secs(2), Duration::from_secs(60)).await;
         let rss = peak_rss_kib(operator.id());
+        let mint_breakdown = breakdown_line(operator.id());
         let cpu_mint = cpu_seconds(operator.id()).unwrap_or(0.0) - cpu_before;
         let reconciles_mint = reconciles(port).await.unwrap_or(0).saturating_sub(reconciles_before);
         let mint_counts = env.api.request_counts();
@@ -335,6 +429,31 @@ fn main() {
         let restart_counts = env.api.request_counts();
         let (restart_requests, restart_writes) = charged(&restart_counts);
         let restart_rss = peak_rss_kib(operator.id());
+        let restart_now = rss_kib(operator.id());
+        let restart_breakdown = breakdown_line(operator.id());
+        stop(&mut operator);
+
+        // Memory per policy: a second restart with half the policies (the others removed while
+        // no operator runs, their finalizers dropped first), so the growth between the two sizes
+        // is what each policy costs the operator, without the start-up and bulk-mint transients.
+        let half = policies / 2;
+        for i in half..policies {
+            let (name, namespace) = (format!("svc-{i}"), format!("team-{}", i % namespaces));
+            if let Some(mut p) = env.api.get("stripekeys.io/v1alpha1", "StripeKeyPolicy", Some(&namespace), &name) {
+                p["metadata"]["finalizers"] = json!([]);
+                env.api.put(p).unwrap();
+                let _ = env.api.delete("stripekeys.io/v1alpha1", "StripeKeyPolicy", Some(&namespace), &name);
+            }
+        }
+        settle(&env, Duration::from_secs(1), Duration::from_secs(30)).await;
+        let mut operator = spawn_operator(&kubeconfig, port);
+        let half_deadline = Instant::now() + Duration::from_secs(300 + policies as u64 / 10);
+        while Instant::now() < half_deadline && reconciles(port).await.unwrap_or(0) < half as u64 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        settle(&env, Duration::from_secs(2), Duration::from_secs(60)).await;
+        let half_rss = peak_rss_kib(operator.id());
+        let half_now = rss_kib(operator.id());
         stop(&mut operator);
 
         let log = env.sim.request_log();
@@ -417,6 +536,24 @@ fn main() {
         let mib = |k: Option<u64>| k.map(|k| format!("{:.1} MiB", k as f64 / 1024.0)).unwrap_or_else(|| "unavailable".into());
         println!("operator peak RSS: idle {}, after the mints {}, after the quiet reconciles {}", mib(idle_rss), mib(rss), mib(rss_after_quiet));
         println!("operator peak RSS after the restart: {}", mib(restart_rss));
+        println!("operator RSS idle (MiB): {idle_breakdown}");
+        println!("operator RSS after the mints (MiB): {mint_breakdown}");
+        println!("operator RSS after the restart (MiB): {restart_breakdown}");
+        let per_policy = |a: Option<u64>, b: Option<u64>| match (a, b) {
+            (Some(a), Some(b)) if policies > half => {
+                format!("{:.1} KiB", (a as f64 - b as f64) / (policies - half) as f64)
+            }
+            _ => "unavailable".into(),
+        };
+        println!(
+            "operator RSS per policy (restarts with {policies} and {half} policies): peak {} ({} and {}), resident {} ({} and {})",
+            per_policy(restart_rss, half_rss),
+            mib(restart_rss),
+            mib(half_rss),
+            per_policy(restart_now, half_now),
+            mib(restart_now),
+            mib(half_now),
+        );
         // The goals this bench holds the operator to (after printing every figure).
         assert_eq!(ready, policies, "not every policy became Ready");
         assert_eq!(restart_writes, 0, "a restart over settled policies wrote (goal: nothing)");

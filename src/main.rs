@@ -69,7 +69,9 @@ struct EgressProxyCli {
 
 fn main() -> std::process::ExitCode {
     #[cfg(feature = "heap-profile")]
-    let _profiler = dhat::Profiler::new_heap();
+    // Deep enough stacks to tell whose hash table or buffer an allocation is (dhat keeps 12
+    // frames by default: mostly the allocator's and the collection's own).
+    let _profiler = dhat::Profiler::builder().trim_backtraces(Some(40)).build();
     if std::env::args_os()
         .nth(1)
         .is_some_and(|a| a == "egress-proxy")

@@ -108,11 +108,28 @@ fn version_schema(crd: &CustomResourceDefinition, version: &str) -> Option<Value
     serde_json::to_value(schema).ok()
 }
 
+/// The schema of `version` in an installed CRD read as JSON.
+fn served_schema(crd: &Value, version: &str) -> Option<Value> {
+    crd.pointer("/spec/versions")?
+        .as_array()?
+        .iter()
+        .find(|v| v.get("name").and_then(Value::as_str) == Some(version))?
+        .pointer("/schema/openAPIV3Schema")
+        .cloned()
+}
+
 /// Compares every installed CRD of the API with what this binary generates. A CRD that cannot
 /// be read for lack of permission (or is absent: the served-kind check reports that) is
 /// skipped with a warning; a stale one is an error that says what to run.
+///
+/// The installed CRDs are read as plain JSON, not decoded into `CustomResourceDefinition`: the
+/// typed schema (`JSONSchemaProps`, a large struct per node) set the operator's peak heap at
+/// start for a comparison of field paths.
 pub async fn check_crd_schemas(client: &kube::Client) -> Result<(), CrdSchemaError> {
-    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let api: Api<kube::api::DynamicObject> = Api::all_with(
+        client.clone(),
+        &kube::api::ApiResource::erase::<CustomResourceDefinition>(&()),
+    );
     for ours in crate::api::crds() {
         let crd = ours.metadata.name.clone().unwrap_or_default();
         let installed = match api.get_opt(&crd).await {
@@ -131,7 +148,7 @@ pub async fn check_crd_schemas(client: &kube::Client) -> Result<(), CrdSchemaErr
             let Some(generated) = version_schema(&ours, &v.name) else {
                 continue;
             };
-            let Some(served) = version_schema(&installed, &v.name) else {
+            let Some(served) = served_schema(&installed.data, &v.name) else {
                 return Err(CrdSchemaError::VersionMissing {
                     crd,
                     version: v.name.clone(),
@@ -193,6 +210,25 @@ mod tests {
         // Seen from the other side only the changed type differs: fields the served schema has
         // beyond ours are not counted as missing.
         assert_eq!(missing_fields(&served, &schema()), ["spec.every (integer)"]);
+    }
+
+    #[test]
+    fn the_served_schema_is_read_from_the_installed_crd_json_by_version() {
+        let installed = json!({"spec": {"versions": [
+            {"name": "v1alpha0", "schema": {"openAPIV3Schema": {"type": "string"}}},
+            {"name": "v1alpha1", "schema": {"openAPIV3Schema": schema()}}]}});
+        assert_eq!(served_schema(&installed, "v1alpha1"), Some(schema()));
+        assert_eq!(served_schema(&installed, "v1"), None);
+        // The generated CRDs read back as JSON give the same schema as the typed ones.
+        for ours in crate::api::crds() {
+            let as_json = serde_json::to_value(&ours).unwrap();
+            for v in &ours.spec.versions {
+                assert_eq!(
+                    served_schema(&as_json, &v.name),
+                    version_schema(&ours, &v.name)
+                );
+            }
+        }
     }
 
     #[test]

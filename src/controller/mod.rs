@@ -8,6 +8,7 @@ pub mod canary;
 pub mod clock;
 pub mod crd_check;
 pub mod error;
+pub mod events;
 pub mod keypolicy;
 pub mod scheduler;
 pub mod shared;
@@ -23,7 +24,7 @@ use k8s_openapi::api::core::v1::{ObjectReference, Secret};
 use kube::ResourceExt;
 use kube::api::{Api, ListParams};
 use kube::runtime::controller::Controller;
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{Event, EventType, Reporter};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher::{self, watcher};
 use tokio_util::sync::CancellationToken;
@@ -490,7 +491,8 @@ pub struct Context {
     pub stripe_observer: Option<Arc<dyn CallObserver>>,
     /// The tamper-evident audit log (disabled unless set with [`Context::with_audit`]).
     pub audit: crate::audit::AuditLog,
-    recorder: Recorder,
+    /// Publishes Events (with a compact memory of recent ones: see [`events`]).
+    recorder: events::EventRecorder,
     /// Stripe accounts (contexts) whose scope catalogue was proven by live probes since start.
     probed_accounts: std::sync::Mutex<std::collections::HashSet<String>>,
     /// Consecutive failed reconciles per object (UID): the error requeue backs off on them.
@@ -613,7 +615,7 @@ impl Context {
             })
         });
         Self {
-            recorder: Recorder::new(client.clone(), reporter),
+            recorder: events::EventRecorder::new(client.clone(), reporter),
             client,
             store,
             accounts: accounts::Accounts::new(health),
@@ -1113,7 +1115,7 @@ pub async fn run_credential_controller<C: crate::rotation::engine::Credential>(
         use kube::runtime::WatchStreamExt;
         kube::runtime::reflector::reflector(
             writer,
-            watcher(resources, watcher::Config::default())
+            watcher(resources, caches::watch_config())
                 .default_backoff()
                 .modify(|o| caches::strip(kube::Resource::meta_mut(o))),
         )

@@ -823,7 +823,7 @@ where
     let store = writer.as_reader();
     let stream = reflector::reflector(
         writer,
-        watcher::watcher(api, watcher::Config::default())
+        watcher::watcher(api, super::caches::watch_config())
             .default_backoff()
             .modify(slim),
     )
