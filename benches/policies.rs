@@ -431,6 +431,8 @@ fn main() {
         let restart_rss = peak_rss_kib(operator.id());
         let restart_now = rss_kib(operator.id());
         let restart_breakdown = breakdown_line(operator.id());
+        // Read before the half-size restart below changes the account (its keys under management).
+        let account_after = env.api.get("stripekeys.io/v1alpha1", "StripeAccount", None, "bench");
         stop(&mut operator);
 
         // Memory per policy: a second restart with half the policies (the others removed while
@@ -519,7 +521,6 @@ fn main() {
             restart_elapsed.as_secs_f64()
         );
         println!("activity log read past the mints before the restart: {activity_caught_up}");
-        let account_after = env.api.get("stripekeys.io/v1alpha1", "StripeAccount", None, "bench");
         let status_of = |a: &Option<serde_json::Value>| {
             a.as_ref()
                 .and_then(|a| a["status"].as_object().cloned())
