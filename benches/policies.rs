@@ -244,6 +244,12 @@ fn spawn_operator(kubeconfig: &std::path::Path, port: u16) -> std::process::Chil
         .args(["--allow-loopback-api", "true"])
         .env("KUBECONFIG", kubeconfig)
         .env("POD_NAMESPACE", OPERATOR_NAMESPACE)
+        // As the image and the chart run it (one glibc malloc arena); `MALLOC_ARENA_MAX=0` in
+        // the bench's environment measures glibc's default instead.
+        .env(
+            "MALLOC_ARENA_MAX",
+            std::env::var("MALLOC_ARENA_MAX").unwrap_or_else(|_| "1".into()),
+        )
         .env(
             "RUST_LOG",
             std::env::var("BENCH_OPERATOR_RUST_LOG").unwrap_or_else(|_| "error".into()),
