@@ -206,23 +206,6 @@ fn print_counts(counts: &Counts) {
     }
 }
 
-/// Waits until the request counts stop changing for `quiet` (bounded by `limit`).
-async fn settle(env: &LocalEnv, quiet: Duration, limit: Duration) {
-    let deadline = Instant::now() + limit;
-    let mut last = env.api.request_counts();
-    let mut since = Instant::now();
-    while Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let now = env.api.request_counts();
-        if now != last {
-            last = now;
-            since = Instant::now();
-        } else if since.elapsed() >= quiet {
-            return;
-        }
-    }
-}
-
 fn spawn_operator(kubeconfig: &std::path::Path, port: u16) -> std::process::Child {
     Command::new(env!("CARGO_BIN_EXE_stripe-key-operator"))
         .args([
@@ -315,7 +298,7 @@ fn main() {
         let mut operator = spawn_operator(&kubeconfig, port);
         // Startup (CRD checks, the caches' first listings) is not the mints' cost.
         tokio::time::sleep(Duration::from_secs(1)).await;
-        settle(&env, Duration::from_secs(1), Duration::from_secs(30)).await;
+        env.api.settle(Duration::from_secs(1), Duration::from_secs(30)).await;
         let idle_rss = peak_rss_kib(operator.id());
         let idle_breakdown = breakdown_line(operator.id());
         env.api.reset_counts();
@@ -361,7 +344,7 @@ fn main() {
         };
         let elapsed = start.elapsed();
         // The reconciles the last status writes trigger belong to the mints too.
-        settle(&env, Duration::from_secs(2), Duration::from_secs(60)).await;
+        env.api.settle(Duration::from_secs(3), Duration::from_secs(60)).await;
         let rss = peak_rss_kib(operator.id());
         let mint_breakdown = breakdown_line(operator.id());
         let cpu_mint = cpu_seconds(operator.id()).unwrap_or(0.0) - cpu_before;
@@ -385,7 +368,7 @@ fn main() {
         {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        settle(&env, Duration::from_secs(2), Duration::from_secs(60)).await;
+        env.api.settle(Duration::from_secs(3), Duration::from_secs(60)).await;
         let quiet_reconciles = reconciles(port).await.unwrap_or(0).saturating_sub(reconciles_before);
         let cpu_quiet = cpu_seconds(operator.id()).unwrap_or(0.0) - cpu_before;
         let quiet_counts = env.api.request_counts();
@@ -411,7 +394,7 @@ fn main() {
         while newest.is_some() && !caught_up(&env) && Instant::now() < read_deadline {
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
-        settle(&env, Duration::from_secs(2), Duration::from_secs(60)).await;
+        env.api.settle(Duration::from_secs(3), Duration::from_secs(60)).await;
         let activity_caught_up = newest.is_none() || caught_up(&env);
 
         let account_before = env.api.get("stripekeys.io/v1alpha1", "StripeAccount", None, "bench");
@@ -431,7 +414,7 @@ fn main() {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         let restart_elapsed = restart.elapsed();
-        settle(&env, Duration::from_secs(2), Duration::from_secs(60)).await;
+        env.api.settle(Duration::from_secs(3), Duration::from_secs(60)).await;
         let restart_counts = env.api.request_counts();
         let (restart_requests, restart_writes) = charged(&restart_counts);
         let restart_rss = peak_rss_kib(operator.id());
@@ -453,13 +436,13 @@ fn main() {
                 let _ = env.api.delete("stripekeys.io/v1alpha1", "StripeKeyPolicy", Some(&namespace), &name);
             }
         }
-        settle(&env, Duration::from_secs(1), Duration::from_secs(30)).await;
+        env.api.settle(Duration::from_secs(1), Duration::from_secs(30)).await;
         let mut operator = spawn_operator(&kubeconfig, port);
         let half_deadline = Instant::now() + Duration::from_secs(300 + policies as u64 / 10);
         while Instant::now() < half_deadline && reconciles(port).await.unwrap_or(0) < half as u64 {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        settle(&env, Duration::from_secs(2), Duration::from_secs(60)).await;
+        env.api.settle(Duration::from_secs(3), Duration::from_secs(60)).await;
         let half_rss = peak_rss_kib(operator.id());
         let half_now = rss_kib(operator.id());
         stop(&mut operator);

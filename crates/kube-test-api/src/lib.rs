@@ -462,6 +462,24 @@ impl TestApiServer {
         self.shared.lock().counts.clone()
     }
 
+    /// Waits until no request has been counted for `quiet` (polling every 100 ms), or `limit`
+    /// has passed: the clients have settled.
+    pub async fn settle(&self, quiet: Duration, limit: Duration) {
+        let deadline = std::time::Instant::now() + limit;
+        let mut last = self.request_counts();
+        let mut since = std::time::Instant::now();
+        while std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let now = self.request_counts();
+            if now != last {
+                last = now;
+                since = std::time::Instant::now();
+            } else if since.elapsed() >= quiet {
+                return;
+            }
+        }
+    }
+
     /// Sets every request count back to zero.
     pub fn reset_counts(&self) {
         self.shared.lock().counts.clear();
