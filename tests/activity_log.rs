@@ -443,6 +443,16 @@ async fn the_cursor_survives_a_restart_no_entry_handled_twice_none_skipped() {
         },
     );
     wait_events(&s.env, "KeyViewed", 1, INTERVAL + SLACK).await;
+    // The cursor is written after the entry's action (a crash between the two handles the
+    // entry again: at least once, never skipped): the crash comes once it passed the view.
+    let log = s.env.sim.activity_log(&s.env.account_id);
+    wait_account("the cursor past the view", &s.env, |st| {
+        st.activity_log
+            .as_ref()
+            .and_then(|a| a.last_entry_id.as_deref())
+            == log.last().map(|e| e.id.as_str())
+    })
+    .await;
     // A crash, and two views while the operator is down.
     s.env.kill_operator().await;
     dashboard(
