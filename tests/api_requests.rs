@@ -306,3 +306,39 @@ async fn a_restart_over_settled_policies_writes_nothing() {
         "Stripe calls after the restart: {after:?}"
     );
 }
+
+/// A fresh listing of every policy (the canary check each interval, the activity-log reader,
+/// the account's deletion guard) is read a page at a time: at 10,000 policies one response
+/// holding them all was the operator's largest transient.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fresh_listings_of_every_policy_are_read_a_page_at_a_time() {
+    use stripe_key_operator::controller::caches::{LIST_PAGE_SIZE, for_each_listed};
+    let env = env_without_operator(EnvOptions::default()).await;
+    let n = LIST_PAGE_SIZE as usize * 2 + 50;
+    for i in 0..n {
+        env.api.put(policy(i)).expect("the policy is created");
+    }
+    env.api.reset_counts();
+    let api: kube::Api<StripeKeyPolicy> = kube::Api::all(env.client.clone());
+    let mut seen = std::collections::BTreeSet::new();
+    for_each_listed(&api, &kube::api::ListParams::default(), |p| {
+        assert!(
+            seen.insert(p.metadata.name.clone().unwrap()),
+            "listed twice"
+        );
+    })
+    .await
+    .expect("the listing");
+    assert_eq!(seen.len(), n, "every policy listed once");
+    let lists = env
+        .api
+        .request_counts()
+        .get(&("list".to_string(), "stripekeypolicies".to_string()))
+        .copied()
+        .unwrap_or(0);
+    assert_eq!(
+        lists,
+        n.div_ceil(LIST_PAGE_SIZE as usize) as u64,
+        "one request per page of {LIST_PAGE_SIZE}"
+    );
+}

@@ -91,53 +91,58 @@ pub struct ManagedKey {
 /// Every key the policies of `account` hold, by id. Pure.
 pub fn managed_keys(account: &str, policies: &[StripeKeyPolicy]) -> HashMap<String, ManagedKey> {
     let mut out = HashMap::new();
-    for p in policies
-        .iter()
-        .filter(|p| p.spec.account_ref.name == account)
-    {
-        let Some(status) = &p.status else { continue };
-        let c = &status.credential;
-        let base = ManagedKey {
-            namespace: p.namespace().unwrap_or_default(),
-            name: p.name_any(),
-            uid: p.uid().unwrap_or_default(),
-            role: Role::Current,
-            on_key_viewed: p
-                .spec
-                .rotation
-                .as_ref()
-                .and_then(|r| r.on_key_viewed)
-                .unwrap_or_default(),
-            expiring: c
-                .rotation
-                .as_ref()
-                .is_some_and(|r| r.phase == RotationPhase::Expiring),
-            rotation_number: c.rotation_number.unwrap_or(1),
-            permissions: status.current_permissions.clone(),
-            connect_permissions: status.current_connect_permissions.clone(),
-        };
-        let roles = c
-            .current_key
-            .iter()
-            .map(|k| (k, Role::Current))
-            .chain(c.previous_key.iter().map(|k| (k, Role::Previous)))
-            .chain(
-                c.rotation
-                    .iter()
-                    .filter_map(|r| r.new_key.as_ref())
-                    .map(|k| (k, Role::Minting)),
-            )
-            .chain(c.retiring_keys.iter().map(|k| (k, Role::Retiring)));
-        for (k, role) in roles {
-            // A key in two places (retiring and current during an escalation): the stronger
-            // role wins (current before retiring).
-            out.entry(k.id.clone()).or_insert_with(|| ManagedKey {
-                role,
-                ..base.clone()
-            });
-        }
+    for p in policies {
+        add_managed_keys(&mut out, account, p);
     }
     out
+}
+
+/// Adds the keys `p` holds to `out` when it names `account`. Pure.
+pub fn add_managed_keys(out: &mut HashMap<String, ManagedKey>, account: &str, p: &StripeKeyPolicy) {
+    if p.spec.account_ref.name != account {
+        return;
+    }
+    let Some(status) = &p.status else { return };
+    let c = &status.credential;
+    let base = ManagedKey {
+        namespace: p.namespace().unwrap_or_default(),
+        name: p.name_any(),
+        uid: p.uid().unwrap_or_default(),
+        role: Role::Current,
+        on_key_viewed: p
+            .spec
+            .rotation
+            .as_ref()
+            .and_then(|r| r.on_key_viewed)
+            .unwrap_or_default(),
+        expiring: c
+            .rotation
+            .as_ref()
+            .is_some_and(|r| r.phase == RotationPhase::Expiring),
+        rotation_number: c.rotation_number.unwrap_or(1),
+        permissions: status.current_permissions.clone(),
+        connect_permissions: status.current_connect_permissions.clone(),
+    };
+    let roles = c
+        .current_key
+        .iter()
+        .map(|k| (k, Role::Current))
+        .chain(c.previous_key.iter().map(|k| (k, Role::Previous)))
+        .chain(
+            c.rotation
+                .iter()
+                .filter_map(|r| r.new_key.as_ref())
+                .map(|k| (k, Role::Minting)),
+        )
+        .chain(c.retiring_keys.iter().map(|k| (k, Role::Retiring)));
+    for (k, role) in roles {
+        // A key in two places (retiring and current during an escalation): the stronger
+        // role wins (current before retiring).
+        out.entry(k.id.clone()).or_insert_with(|| ManagedKey {
+            role,
+            ..base.clone()
+        });
+    }
 }
 
 /// How a tampered key is repaired.
@@ -331,15 +336,22 @@ pub struct Reader<'a> {
 }
 
 impl Reader<'_> {
-    async fn policies(&self) -> Result<Vec<StripeKeyPolicy>, ReconcileError> {
+    /// The keys of the account's policies, read fresh (a page at a time).
+    async fn managed_keys(
+        &self,
+        account: &str,
+    ) -> Result<HashMap<String, ManagedKey>, ReconcileError> {
         let client = &self.ctx.client;
-        let mut out = Vec::new();
+        let mut out = HashMap::new();
         for ns in self.namespaces {
             let api: Api<StripeKeyPolicy> = match ns {
                 Some(ns) => Api::namespaced(client.clone(), ns),
                 None => Api::all(client.clone()),
             };
-            out.extend(api.list(&ListParams::default()).await?.items);
+            super::caches::for_each_listed(&api, &ListParams::default(), |p| {
+                add_managed_keys(&mut out, account, &p)
+            })
+            .await?;
         }
         Ok(out)
     }
@@ -432,7 +444,7 @@ pub async fn read(r: &Reader<'_>, status: &mut StripeAccountStatus) -> Result<()
     if entries.is_empty() {
         return Ok(());
     }
-    let keys = managed_keys(&account_name, &r.policies().await?);
+    let keys = r.managed_keys(&account_name).await?;
     for entry in &entries {
         let decision = decide(entry, &keys, &cursor);
         ctx.metrics

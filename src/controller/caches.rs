@@ -43,6 +43,31 @@ pub fn watch_config() -> watcher::Config {
     watcher::Config::default().page_size(LIST_PAGE_SIZE)
 }
 
+/// Lists `api` in pages of [`LIST_PAGE_SIZE`] and hands each object to `f`, one page at a
+/// time: a fresh listing of every policy (the canary check each interval, the activity-log
+/// reader, the deletion guard) holds one page, not all of them at once. A listing of 10,000
+/// policies in one response was read whole and decoded next to itself (tens of MiB, with every
+/// object's `managedFields`), the largest transient of the operator at that scale.
+pub async fn for_each_listed<K>(
+    api: &Api<K>,
+    params: &kube::api::ListParams,
+    mut f: impl FnMut(K),
+) -> Result<(), kube::Error>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let mut params = params.clone().limit(LIST_PAGE_SIZE);
+    loop {
+        let page = api.list(&params).await?;
+        let next = page.metadata.continue_.filter(|c| !c.is_empty());
+        page.items.into_iter().for_each(&mut f);
+        match next {
+            Some(token) => params = params.continue_token(&token),
+            None => return Ok(()),
+        }
+    }
+}
+
 /// `kubectl apply`'s copy of the whole object: never read, often the largest annotation.
 const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 

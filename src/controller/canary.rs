@@ -202,13 +202,13 @@ pub async fn check_once(ctx: &Context, scopes: &[Option<String>]) -> Result<(), 
             Some(ns) => Api::namespaced(ctx.client.clone(), ns),
             None => Api::all(ctx.client.clone()),
         };
-        canaries.extend(
-            api.list(&ListParams::default())
-                .await?
-                .items
-                .into_iter()
-                .filter(|p| p.spec.canary.is_some() && p.meta().deletion_timestamp.is_none()),
-        );
+        // A page at a time: only the canaries are kept.
+        super::caches::for_each_listed(&api, &ListParams::default(), |p| {
+            if p.spec.canary.is_some() && p.meta().deletion_timestamp.is_none() {
+                canaries.push(p);
+            }
+        })
+        .await?;
     }
     // Group by StripeAccount object, then by Stripe account (API base and context): two objects
     // naming one context share its listing.
@@ -415,7 +415,7 @@ async fn guarded(
         );
         Api::namespaced_with(ctx.client.clone(), &ns, &ar)
     };
-    for p in policies.list(&ListParams::default()).await?.items {
+    super::caches::for_each_listed(&policies, &ListParams::default(), |p| {
         if p.spec.canary.is_none() && crate::rules::selects(selector, p.labels()) {
             out.push((
                 format!("StripeKeyPolicy/{}", p.name_any()),
@@ -423,9 +423,10 @@ async fn guarded(
                 p.name_any(),
             ));
         }
-    }
+    })
+    .await?;
     let endpoints: Api<StripeWebhookEndpoint> = Api::namespaced(ctx.client.clone(), &ns);
-    for e in endpoints.list(&ListParams::default()).await?.items {
+    super::caches::for_each_listed(&endpoints, &ListParams::default(), |e| {
         if crate::rules::selects(selector, e.labels()) {
             out.push((
                 format!("StripeWebhookEndpoint/{}", e.name_any()),
@@ -433,7 +434,8 @@ async fn guarded(
                 e.name_any(),
             ));
         }
-    }
+    })
+    .await?;
     Ok(out)
 }
 

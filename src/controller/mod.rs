@@ -9,6 +9,7 @@ pub mod clock;
 pub mod crd_check;
 pub mod error;
 pub mod events;
+pub mod holdings;
 pub mod keypolicy;
 pub mod scheduler;
 pub mod shared;

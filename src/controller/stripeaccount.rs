@@ -22,16 +22,17 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::EventType;
-use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
-use kube::runtime::{WatchStreamExt, reflector::store::Writer};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use super::Context;
 use super::accounts::{ContextKey, HealthSnapshot};
+use super::caches::for_each_listed;
 use super::error::ReconcileError;
+use super::holdings::{self, Holdings};
 use crate::api::{
     CircuitState, CredentialStatus, FIELD_MANAGER, StripeAccount, StripeAccountStatus,
     StripeCallHealth, StripeKeyPolicy, StripeWebhookEndpoint, conditions,
@@ -60,8 +61,9 @@ const LOCAL_REASONS: &[&str] = &["CredentialsMissing", "Untrusted", "Credentials
 /// resources that name accounts (one per watched namespace, or one for all).
 pub struct AccountContext {
     pub ctx: Arc<Context>,
-    policies: Vec<Store<StripeKeyPolicy>>,
-    endpoints: Vec<Store<StripeWebhookEndpoint>>,
+    /// What each watched policy and endpoint names and holds (one per watched namespace).
+    policies: Vec<Arc<Holdings>>,
+    endpoints: Vec<Arc<Holdings>>,
     namespaces: Vec<Option<String>>,
     /// When each account's activity log was last read (by UID; in memory: after a restart the
     /// first reconcile reads at once, and the cursor in status says where to resume).
@@ -356,28 +358,18 @@ impl AccountContext {
     /// caches, nothing formatted or sorted (the count runs at most once per
     /// [`RECOUNT_WINDOW`] of policy changes, see [`throttled`]).
     fn cached_holder_count(&self, account: &str) -> usize {
-        let policies = self
-            .policies
+        self.policies
             .iter()
-            .flat_map(|s| s.state())
-            .filter(|p| p.spec.account_ref.name == account)
-            .filter(|p| p.status.as_ref().is_some_and(|s| holds_credentials(s)))
-            .count();
-        let endpoints = self
-            .endpoints
-            .iter()
-            .flat_map(|s| s.state())
-            .filter(|e| e.spec.account_ref.name == account)
-            .filter(|e| e.status.as_ref().is_some_and(|s| holds_credentials(s)))
-            .count();
-        policies + endpoints
+            .chain(&self.endpoints)
+            .map(|h| h.count(account))
+            .sum()
     }
 
     /// The holders read fresh from the API server (deletion decides on this, not on a cache).
     async fn fresh_holders(&self, account: &str) -> Result<Vec<String>, ReconcileError> {
         let client = &self.ctx.client;
-        let mut policies = Vec::new();
-        let mut endpoints = Vec::new();
+        let mut out = Vec::new();
+        let all = ListParams::default();
         for ns in &self.namespaces {
             let (p, e): (Api<StripeKeyPolicy>, Api<StripeWebhookEndpoint>) = match ns {
                 Some(ns) => (
@@ -386,10 +378,14 @@ impl AccountContext {
                 ),
                 None => (Api::all(client.clone()), Api::all(client.clone())),
             };
-            policies.extend(p.list(&ListParams::default()).await?.items);
-            endpoints.extend(e.list(&ListParams::default()).await?.items);
+            // A page at a time: only the holders' names are kept.
+            let none: [StripeWebhookEndpoint; 0] = [];
+            for_each_listed(&p, &all, |p| out.extend(holders(account, [&p], &none))).await?;
+            let none: [StripeKeyPolicy; 0] = [];
+            for_each_listed(&e, &all, |e| out.extend(holders(account, &none, [&e]))).await?;
         }
-        Ok(holders(account, &policies, &endpoints))
+        out.sort();
+        Ok(out)
     }
 }
 
@@ -498,11 +494,8 @@ async fn apply(
     // The count needs the first listing of the caches; bounded, so that a watch that cannot
     // start (RBAC) does not hold a worker for ever.
     let ready = tokio::time::timeout(CACHE_WAIT, async {
-        for s in &actx.policies {
-            let _ = s.wait_until_ready().await;
-        }
-        for s in &actx.endpoints {
-            let _ = s.wait_until_ready().await;
+        for h in actx.policies.iter().chain(&actx.endpoints) {
+            h.wait_until_ready().await;
         }
     })
     .await;
@@ -806,32 +799,6 @@ pub fn throttled(
     })
 }
 
-type Reflected<K> =
-    std::pin::Pin<Box<dyn futures::Stream<Item = Result<K, watcher::Error>> + Send>>;
-
-fn reflect<K>(api: Api<K>, slim: fn(&mut K)) -> (Store<K>, Reflected<K>)
-where
-    K: Resource<DynamicType = ()>
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
-{
-    let writer: Writer<K> = Writer::default();
-    let store = writer.as_reader();
-    let stream = reflector::reflector(
-        writer,
-        watcher::watcher(api, super::caches::watch_config())
-            .default_backoff()
-            .modify(slim),
-    )
-    .touched_objects()
-    .boxed();
-    (store, stream)
-}
-
 /// The StripeAccount controller: watches every account, and the policies and endpoints of the
 /// watched namespaces (`[None]`: all) to count and guard their credentials.
 pub async fn run(ctx: Arc<Context>, namespaces: Vec<Option<String>>, shutdown: CancellationToken) {
@@ -848,22 +815,22 @@ pub async fn run(ctx: Arc<Context>, namespaces: Vec<Option<String>>, shutdown: C
             ),
             None => (Api::all(client.clone()), Api::all(client.clone())),
         };
-        let (store, stream) = reflect(p, |p| {
-            super::caches::strip(&mut p.metadata);
-            // Only the account reference and the credentials held are read here.
-            if let Some(s) = p.status.as_mut() {
-                s.conditions.clear();
-            }
+        // Only the account named and whether a credential is held are kept.
+        let (held, stream) = holdings::track(p, |p| {
+            (
+                p.spec.account_ref.name.as_str(),
+                p.status.as_ref().is_some_and(|s| holds_credentials(s)),
+            )
         });
-        policies.push(store);
+        policies.push(held);
         policy_streams.push(stream);
-        let (store, stream) = reflect(e, |e| {
-            super::caches::strip(&mut e.metadata);
-            if let Some(s) = e.status.as_mut() {
-                s.conditions.clear();
-            }
+        let (held, stream) = holdings::track(e, |e| {
+            (
+                e.spec.account_ref.name.as_str(),
+                e.status.as_ref().is_some_and(|s| holds_credentials(s)),
+            )
         });
-        endpoints.push(store);
+        endpoints.push(held);
         endpoint_streams.push(stream);
     }
     let actx = Arc::new(AccountContext {
@@ -902,12 +869,8 @@ pub async fn run(ctx: Arc<Context>, namespaces: Vec<Option<String>>, shutdown: C
         // policies cost O(n²), and a fresh read of the account per change).
         .reconcile_on(throttled(
             futures::stream::select(
-                futures::stream::select_all(policy_streams).filter_map(|p| {
-                    futures::future::ready(p.ok().map(|p| p.spec.account_ref.name))
-                }),
-                futures::stream::select_all(endpoint_streams).filter_map(|e| {
-                    futures::future::ready(e.ok().map(|e| e.spec.account_ref.name))
-                }),
+                futures::stream::select_all(policy_streams),
+                futures::stream::select_all(endpoint_streams),
             ),
             RECOUNT_WINDOW,
         ))
