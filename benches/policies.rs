@@ -206,17 +206,98 @@ fn print_counts(counts: &Counts) {
     }
 }
 
-fn spawn_operator(kubeconfig: &std::path::Path, port: u16) -> std::process::Child {
-    Command::new(env!("CARGO_BIN_EXE_stripe-key-operator"))
-        .args([
-            "run",
-            "--store",
-            "memory",
-            "--audit-log",
-            "off",
-            "--leader-elect",
-            "false",
-        ])
+/// Where the operator keeps its bundles during the bench: a real OpenBao dev server (a child
+/// process, in memory, killed on drop) when `bao` is found (`$BAO_BIN`, or on `PATH`: `make
+/// tools` links it into .ci/cache/bin), else the operator's in-process `--store memory`, whose
+/// copies of every bundle then count in the operator's RSS (about 2.5 KiB per policy) and are
+/// lost at each restart, unlike production's Vault.
+enum Store {
+    Memory,
+    OpenBao {
+        child: std::process::Child,
+        addr: String,
+        token: String,
+    },
+}
+
+impl Store {
+    fn start() -> Self {
+        let bin = std::env::var_os("BAO_BIN")
+            .map(std::path::PathBuf::from)
+            .or_else(|| {
+                std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+                    .map(|d| d.join("bao"))
+                    .find(|c| c.is_file())
+            });
+        let Some(bin) = bin.filter(|b| b.is_file()) else {
+            println!("store: the operator's in-memory store (no `bao` found: `make tools`)");
+            return Self::Memory;
+        };
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let token = format!("root-bench-{}", std::process::id());
+        let child = Command::new(&bin)
+            .args([
+                "server",
+                "-dev",
+                &format!("-dev-listen-address=127.0.0.1:{port}"),
+                &format!("-dev-root-token-id={token}"),
+                "-dev-no-store-token",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("bao starts");
+        let addr = format!("http://127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "OpenBao did not listen within 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        println!("store: OpenBao dev server ({})", bin.display());
+        Self::OpenBao { child, addr, token }
+    }
+
+    fn args(&self, cmd: &mut Command) {
+        match self {
+            Self::Memory => {
+                cmd.args(["--store", "memory"]);
+            }
+            Self::OpenBao { addr, token, .. } => {
+                cmd.args([
+                    "--store",
+                    "vault",
+                    "--vault-auth",
+                    "token",
+                    "--vault-addr",
+                    addr,
+                ])
+                .env("VAULT_TOKEN", token);
+            }
+        }
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        if let Self::OpenBao { child, .. } = self {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn spawn_operator(kubeconfig: &std::path::Path, port: u16, store: &Store) -> std::process::Child {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_stripe-key-operator"));
+    cmd.arg("run");
+    store.args(&mut cmd);
+    cmd.args(["--audit-log", "off", "--leader-elect", "false"])
         .args([
             "--http-addr",
             &format!("127.0.0.1:{port}"),
@@ -295,7 +376,8 @@ fn main() {
         let kubeconfig = dir.path().join("kubeconfig");
         std::fs::write(&kubeconfig, env.api.kubeconfig_yaml()).unwrap();
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let mut operator = spawn_operator(&kubeconfig, port);
+        let store = Store::start();
+        let mut operator = spawn_operator(&kubeconfig, port, &store);
         // Startup (CRD checks, the caches' first listings) is not the mints' cost.
         tokio::time::sleep(Duration::from_secs(1)).await;
         env.api.settle(Duration::from_secs(1), Duration::from_secs(30)).await;
@@ -403,7 +485,7 @@ fn main() {
         stop(&mut operator);
         env.api.reset_counts();
         let restart = Instant::now();
-        let mut operator = spawn_operator(&kubeconfig, port);
+        let mut operator = spawn_operator(&kubeconfig, port, &store);
         let restart_deadline = Instant::now() + Duration::from_secs(300 + policies as u64 / 10);
         let mut restarted = 0;
         while Instant::now() < restart_deadline {
@@ -437,7 +519,7 @@ fn main() {
             }
         }
         env.api.settle(Duration::from_secs(1), Duration::from_secs(30)).await;
-        let mut operator = spawn_operator(&kubeconfig, port);
+        let mut operator = spawn_operator(&kubeconfig, port, &store);
         let half_deadline = Instant::now() + Duration::from_secs(300 + policies as u64 / 10);
         while Instant::now() < half_deadline && reconciles(port).await.unwrap_or(0) < half as u64 {
             tokio::time::sleep(Duration::from_millis(200)).await;
