@@ -9,7 +9,8 @@
 //! listing ([`Caches::wait_until_ready`]): a missing object then really is missing.
 //!
 //! Caches keep only what reconciles read: `managedFields` and `kubectl`'s last-applied annotation
-//! are dropped from every object, Namespaces and Secrets are metadata only.
+//! are dropped from every object, Namespaces and Secrets are metadata only, and a Secret's
+//! metadata only its identity, version and owners ([`strip_secret`]).
 //!
 //! Without caches (a [`super::Context`] whose controllers do not run: tests that call the
 //! reconcile functions themselves, the CLI) every read goes to the API server as before.
@@ -80,6 +81,22 @@ pub fn strip(meta: &mut kube::api::ObjectMeta) {
             meta.annotations = None;
         }
     }
+}
+
+/// What a synced Secret's cached metadata keeps: its name, namespace, uid, resourceVersion
+/// and owner references, all that [`Caches::secret_meta`]'s readers and the owner wake-ups
+/// look at. Its labels and annotations (two small maps, over 1 KiB per Secret) are dropped:
+/// the label selector already chose the Secret, and a reconcile that needs more reads it.
+pub fn strip_secret(meta: &mut kube::api::ObjectMeta) {
+    *meta = kube::api::ObjectMeta {
+        name: meta.name.take(),
+        namespace: meta.namespace.take(),
+        uid: meta.uid.take(),
+        resource_version: meta.resource_version.take(),
+        owner_references: meta.owner_references.take(),
+        deletion_timestamp: meta.deletion_timestamp.take(),
+        ..Default::default()
+    };
 }
 
 /// The caches of one watched namespace (`scope: None`: every namespace).
@@ -223,7 +240,7 @@ impl Caches {
             let (secrets, secret_feeds, task) = reflect(
                 watcher(secrets_api, watch_config().labels(secret_selector))
                     .default_backoff()
-                    .modify(|s| strip(&mut s.metadata)),
+                    .modify(|s| strip_secret(&mut s.metadata)),
                 controllers_per_scope,
             );
             reflectors.push(task);
