@@ -37,6 +37,195 @@ pub struct ObjectLabels {
     pub name: String,
 }
 
+/// The per-object gauges, as columns of one table with a row per object.
+///
+/// Five gauges per policy or endpoint as prometheus-client families held five copies of the
+/// object's labels, each with its own gauge allocation and hash-table slot (about 1.1 KiB per
+/// object, 11 MiB at 10,000); one row holds the labels once and the five values inline (about
+/// 0.2 KiB). The table is exposed by a [`Collector`] as five gauge families, each with the
+/// series of the rows that have that value (absent values are NaN in the row and not
+/// exposed), so the exposition is the same as before.
+#[derive(Clone, Debug, Default)]
+pub struct ObjectGauges {
+    rows: Arc<std::sync::RwLock<std::collections::HashMap<ObjectLabels, [f64; COLUMNS]>>>,
+}
+
+const COLUMNS: usize = 5;
+
+/// The columns of [`ObjectGauges`]: name, help, and whether the value is an integer.
+const COLUMN_DESCRIPTORS: [(&str, &str, bool); COLUMNS] = [
+    ("key_age_seconds", "Age of the current key", false),
+    (
+        "next_rotation_seconds",
+        "Seconds until the next scheduled rotation",
+        false,
+    ),
+    (
+        "key_created_timestamp_seconds",
+        "Unix time the current key was minted",
+        false,
+    ),
+    (
+        "next_rotation_timestamp_seconds",
+        "Unix time the schedule next rotates the current key",
+        false,
+    ),
+    (
+        "rollout_stuck",
+        "1 while a rollout target did not finish within the rollout ceiling (Degraded=True, reason=RolloutStuck)",
+        true,
+    ),
+];
+
+/// A column of [`ObjectGauges`].
+#[derive(Clone, Copy, Debug)]
+enum Column {
+    KeyAge = 0,
+    NextRotation = 1,
+    KeyCreated = 2,
+    NextRotationAt = 3,
+    RolloutStuck = 4,
+}
+
+impl ObjectGauges {
+    fn column(&self, column: Column) -> ObjectGauge {
+        ObjectGauge {
+            rows: self.clone(),
+            column: column as usize,
+        }
+    }
+
+    fn read(
+        &self,
+    ) -> std::sync::RwLockReadGuard<'_, std::collections::HashMap<ObjectLabels, [f64; COLUMNS]>>
+    {
+        self.rows.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(
+        &self,
+    ) -> std::sync::RwLockWriteGuard<'_, std::collections::HashMap<ObjectLabels, [f64; COLUMNS]>>
+    {
+        self.rows.write().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl prometheus_client::collector::Collector for ObjectGauges {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        use prometheus_client::metrics::gauge::ConstGauge;
+        let rows = self.read();
+        for (column, (name, help, integer)) in COLUMN_DESCRIPTORS.iter().enumerate() {
+            // Like an empty family: no series, no descriptor.
+            if rows.values().all(|r| r[column].is_nan()) {
+                continue;
+            }
+            let mut family = encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            for (labels, row) in rows.iter().filter(|(_, r)| !r[column].is_nan()) {
+                let series = family.encode_family(labels)?;
+                if *integer {
+                    ConstGauge::new(row[column] as i64).encode(series)?;
+                } else {
+                    ConstGauge::new(row[column]).encode(series)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One per-object gauge (a column of [`ObjectGauges`]), used like a prometheus-client family:
+/// `get_or_create(&labels).set(v)`, `remove(&labels)`.
+#[derive(Clone, Debug)]
+pub struct ObjectGauge {
+    rows: ObjectGauges,
+    column: usize,
+}
+
+/// A value an [`ObjectGauge`] takes.
+pub trait GaugeValue {
+    fn into_f64(self) -> f64;
+}
+
+impl GaugeValue for f64 {
+    fn into_f64(self) -> f64 {
+        self
+    }
+}
+
+impl GaugeValue for i64 {
+    fn into_f64(self) -> f64 {
+        self as f64
+    }
+}
+
+impl GaugeValue for i32 {
+    fn into_f64(self) -> f64 {
+        f64::from(self)
+    }
+}
+
+/// The series of one object in an [`ObjectGauge`].
+pub struct ObjectSeries<'a> {
+    gauge: &'a ObjectGauge,
+    labels: &'a ObjectLabels,
+}
+
+impl ObjectSeries<'_> {
+    /// Sets the value (the series is exposed from now on).
+    pub fn set(&self, value: impl GaugeValue) {
+        let mut rows = self.gauge.rows.write();
+        let row = match rows.get_mut(self.labels) {
+            Some(row) => row,
+            None => rows
+                .entry(self.labels.clone())
+                .or_insert([f64::NAN; COLUMNS]),
+        };
+        row[self.gauge.column] = value.into_f64();
+    }
+
+    /// The value (NaN while unset).
+    pub fn get(&self) -> f64 {
+        self.gauge
+            .rows
+            .read()
+            .get(self.labels)
+            .map_or(f64::NAN, |r| r[self.gauge.column])
+    }
+}
+
+impl ObjectGauge {
+    /// The object's series (created by its first [`ObjectSeries::set`]).
+    pub fn get_or_create<'a>(&'a self, labels: &'a ObjectLabels) -> ObjectSeries<'a> {
+        ObjectSeries {
+            gauge: self,
+            labels,
+        }
+    }
+
+    /// Removes the object's series; the row goes with its last value. Whether it was set.
+    pub fn remove(&self, labels: &ObjectLabels) -> bool {
+        let mut rows = self.rows.write();
+        let Some(row) = rows.get_mut(labels) else {
+            return false;
+        };
+        let was = !row[self.column].is_nan();
+        row[self.column] = f64::NAN;
+        if row.iter().all(|v| v.is_nan()) {
+            rows.remove(labels);
+        }
+        was
+    }
+}
+
 /// Labels of Stripe API calls.
 /// A resource by namespace and name (the usage gauges: only key policies have a usage signal).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -103,20 +292,18 @@ pub struct Metrics {
     pub keys_minted: Family<ControllerLabels, Counter>,
     pub rotations: Family<RotationLabels, Counter>,
     pub rotation_failures: Family<ErrorLabels, Counter>,
-    pub key_age_seconds: Family<ObjectLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
-    pub next_rotation_seconds: Family<ObjectLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    pub key_age_seconds: ObjectGauge,
+    pub next_rotation_seconds: ObjectGauge,
     /// Unix time the current key was minted (`status.lastRotationAt`). A timestamp, not an age:
     /// `time() - x` keeps growing in Prometheus even when the operator stops reconciling, which
     /// is exactly when an age alert matters.
-    pub key_created_timestamp_seconds:
-        Family<ObjectLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    pub key_created_timestamp_seconds: ObjectGauge,
     /// Unix time the schedule next rotates the current key (`status.nextRotationAt`, jitter
     /// included); absent without a schedule.
-    pub next_rotation_timestamp_seconds:
-        Family<ObjectLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    pub next_rotation_timestamp_seconds: ObjectGauge,
     /// 1 while `Degraded=True, reason=RolloutStuck` (a rollout target did not finish within
     /// the rollout ceiling), else 0.
-    pub rollout_stuck: Family<ObjectLabels, Gauge>,
+    pub rollout_stuck: ObjectGauge,
     pub stripe_requests: Family<StripeCallLabels, Counter>,
     pub store_requests: Family<StoreCallLabels, Counter>,
     pub store_request_duration: Family<StoreCallLabels, Histogram>,
@@ -210,40 +397,14 @@ impl Metrics {
             "Rotation steps that failed, by reason",
             rotation_failures.clone(),
         );
-        let key_age_seconds =
-            Family::<ObjectLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
-        registry.register(
-            "key_age_seconds",
-            "Age of the current key",
-            key_age_seconds.clone(),
-        );
-        let next_rotation_seconds =
-            Family::<ObjectLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
-        registry.register(
-            "next_rotation_seconds",
-            "Seconds until the next scheduled rotation",
-            next_rotation_seconds.clone(),
-        );
-        let key_created_timestamp_seconds =
-            Family::<ObjectLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
-        registry.register(
-            "key_created_timestamp_seconds",
-            "Unix time the current key was minted",
-            key_created_timestamp_seconds.clone(),
-        );
-        let next_rotation_timestamp_seconds =
-            Family::<ObjectLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
-        registry.register(
-            "next_rotation_timestamp_seconds",
-            "Unix time the schedule next rotates the current key",
-            next_rotation_timestamp_seconds.clone(),
-        );
-        let rollout_stuck = Family::<ObjectLabels, Gauge>::default();
-        registry.register(
-            "rollout_stuck",
-            "1 while a rollout target did not finish within the rollout ceiling (Degraded=True, reason=RolloutStuck)",
-            rollout_stuck.clone(),
-        );
+        // The per-object gauges share one row per object (see [`ObjectGauges`]).
+        let objects = ObjectGauges::default();
+        registry.register_collector(Box::new(objects.clone()));
+        let key_age_seconds = objects.column(Column::KeyAge);
+        let next_rotation_seconds = objects.column(Column::NextRotation);
+        let key_created_timestamp_seconds = objects.column(Column::KeyCreated);
+        let next_rotation_timestamp_seconds = objects.column(Column::NextRotationAt);
+        let rollout_stuck = objects.column(Column::RolloutStuck);
         let stripe_requests = Family::<StripeCallLabels, Counter>::default();
         registry.register(
             "stripe_requests",
@@ -598,6 +759,44 @@ pub fn openmetrics_to_prometheus_text(openmetrics: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn per_object_gauges_share_one_row_and_expose_only_what_is_set() {
+        let m = Metrics::new();
+        let a = ObjectLabels {
+            kind: "StripeKeyPolicy".into(),
+            namespace: "shop".into(),
+            name: "a".into(),
+        };
+        m.key_age_seconds.get_or_create(&a).set(1.5);
+        m.rollout_stuck.get_or_create(&a).set(1i64);
+        let text = m.encode();
+        assert!(
+            text.contains(
+                "stripe_key_operator_key_age_seconds{kind=\"StripeKeyPolicy\",namespace=\"shop\",name=\"a\"} 1.5"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("stripe_key_operator_rollout_stuck{kind=\"StripeKeyPolicy\",namespace=\"shop\",name=\"a\"} 1\n"), "{text}");
+        assert!(text.contains("# TYPE stripe_key_operator_key_age_seconds gauge"));
+        // Unset columns expose nothing, not even a descriptor.
+        assert!(!text.contains("next_rotation_seconds"), "{text}");
+        assert_eq!(m.key_age_seconds.get_or_create(&a).get(), 1.5);
+        assert!(m.key_age_seconds.remove(&a));
+        assert!(!m.key_age_seconds.remove(&a));
+        assert!(!m.encode().contains("key_age_seconds"));
+        assert_eq!(
+            m.key_age_seconds.rows.read().len(),
+            1,
+            "rollout_stuck keeps the row"
+        );
+        m.forget_object(&a);
+        assert!(
+            m.key_age_seconds.rows.read().is_empty(),
+            "the last value takes the row"
+        );
+        assert!(!m.encode().contains("rollout_stuck{"));
+    }
 
     #[test]
     fn the_streamed_prometheus_text_is_the_converted_openmetrics_text() {

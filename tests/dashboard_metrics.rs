@@ -269,10 +269,24 @@ fn every_family_gets_a_sample_and_suffixes_follow_the_type() {
     let src =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/src/metrics.rs")).unwrap();
     let registered = regex::Regex::new(r#"registry\.register\(\s*"([a-z0-9_]+)""#).unwrap();
-    let declared: BTreeSet<String> = registered
+    let mut declared: BTreeSet<String> = registered
         .captures_iter(&src)
         .map(|c| format!("{PREFIX}{}", &c[1]))
         .collect();
+    // The per-object gauges are the columns of one table, exposed by a collector.
+    let columns = src
+        .split_once("const COLUMN_DESCRIPTORS")
+        .and_then(|(_, rest)| rest.split_once("];"))
+        .expect("COLUMN_DESCRIPTORS in src/metrics.rs")
+        .0;
+    let column = regex::Regex::new(r#"\(\s*"([a-z0-9_]+)","#).unwrap();
+    let before = declared.len();
+    declared.extend(
+        column
+            .captures_iter(columns)
+            .map(|c| format!("{PREFIX}{}", &c[1])),
+    );
+    assert_eq!(declared.len(), before + 5, "{declared:?}");
     assert!(declared.len() >= 15, "{declared:?}");
     assert_eq!(
         families(&operator_metrics().encode()),
