@@ -210,8 +210,10 @@ pub struct CredentialStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rotation_number: Option<i64>,
     /// The rotation in progress, if any.
+    // Boxed: a rotation is in progress for few objects at a time, and inline it made every
+    // cached object ~470 bytes larger.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rotation: Option<super::RotationState>,
+    pub rotation: Option<Box<super::RotationState>>,
     /// The last `stripekeys.io/rotate` value fully handled: the same value never rotates twice.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_handled_rotate_request: Option<String>,

@@ -98,7 +98,7 @@ pub struct StripeKeyPolicySpec {
     pub delivery: KeyDelivery,
     /// When the key is replaced. Absent: only on request and on permission changes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rotation: Option<KeyRotation>,
+    pub rotation: Option<Box<KeyRotation>>,
     /// Makes this policy a canary (honeytoken): a key nothing legitimate ever uses, published
     /// in its Secret as a decoy. Any use Stripe reports trips it: a Warning Event
     /// `CanaryTripped`, `Tripped=True`, metrics, an audit record and (by default) incident
@@ -217,7 +217,7 @@ pub struct KeyDelivery {
     /// refuses routes the permissions cannot serve. A rotation needs no rollout (the sidecar
     /// re-reads its Secret volume), so `rolloutTargets` must be empty.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub broker: Option<BrokerDelivery>,
+    pub broker: Option<Box<BrokerDelivery>>,
 }
 
 /// Settings of brokered delivery.
@@ -501,7 +501,7 @@ pub struct StripeKeyPolicyStatus {
     pub current_connect_permissions: Vec<String>,
     /// Canary bookkeeping (canaries only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub canary: Option<CanaryStatus>,
+    pub canary: Option<Box<CanaryStatus>>,
 }
 
 super::common::credential_status_deref!(StripeKeyPolicyStatus);

@@ -474,7 +474,7 @@ impl RotatingResource for crate::api::StripeKeyPolicy {
         self.status.as_ref()
     }
     fn rotation(status: &Self::Status) -> Option<&crate::api::RotationState> {
-        status.rotation.as_ref()
+        status.rotation.as_deref()
     }
     fn current_key(status: &Self::Status) -> Option<&crate::api::KeyStatus> {
         status.current_key.as_ref()
@@ -490,7 +490,7 @@ impl RotatingResource for crate::api::StripeWebhookEndpoint {
         self.status.as_ref()
     }
     fn rotation(status: &Self::Status) -> Option<&crate::api::RotationState> {
-        status.rotation.as_ref()
+        status.rotation.as_deref()
     }
     fn current_key(status: &Self::Status) -> Option<&crate::api::KeyStatus> {
         status.current_key.as_ref()

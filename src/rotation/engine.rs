@@ -566,7 +566,7 @@ impl<'a, C: Credential> Run<'a, C> {
             C::NAMES.kind,
             &self.ns,
             &self.name,
-            status.and_then(|s| s.rotation.as_ref()),
+            status.and_then(|s| s.rotation.as_deref()),
         )
     }
 
@@ -751,7 +751,7 @@ pub fn escalate(
 /// Moves every credential handed out (current, previous, the one a rotation minted) to the
 /// retirement list, once each, and takes the rotation out of status. Returns that rotation.
 fn retire_everything(status: &mut CredentialStatus) -> Option<RotationState> {
-    let rotation = status.rotation.take();
+    let rotation = status.rotation.take().map(|r| *r);
     let handed_out = [
         status.current_key.take(),
         status.previous_key.take(),
@@ -1091,7 +1091,7 @@ async fn start<C: Credential>(
         usage_hold: None,
     };
     C::prepare(&run.obj, spec, &mut status, &mut rotation);
-    status.rotation = Some(rotation);
+    status.rotation = Some(Box::new(rotation));
     run.set(
         &mut status,
         condition_types::ROTATING,
@@ -1137,7 +1137,7 @@ async fn prepare_rotation<C: Credential>(
     let mut rotation = rotation_of::<C>(&status);
     C::prepare(&run.obj, spec, &mut status, &mut rotation);
     rotation.unprepared = false;
-    status.rotation = Some(rotation);
+    status.rotation = Some(Box::new(rotation));
     run.stage(status);
     Ok(())
 }
@@ -1151,7 +1151,7 @@ async fn escalate_now<C: Credential>(
     let interrupted = status.rotation.as_ref().map(|r| (r.number, r.phase));
     let rotation = escalate(&mut status, value, &run.uid, now);
     let number = rotation.number;
-    status.rotation = Some(rotation);
+    status.rotation = Some(Box::new(rotation));
     run.set(
         &mut status,
         condition_types::ROTATING,
@@ -1377,7 +1377,7 @@ async fn step<C: Credential>(
 }
 
 fn rotation_of<C: Credential>(status: &C::Status) -> RotationState {
-    status
+    *status
         .rotation
         .clone()
         .expect("called only while a rotation is recorded")
@@ -1508,7 +1508,7 @@ async fn mint<C: Credential>(
     let mut rotation = rotation_of::<C>(&status);
     rotation.new_key = Some(run.key_status(&minted));
     rotation.phase = RotationPhase::Storing;
-    status.rotation = Some(rotation);
+    status.rotation = Some(Box::new(rotation));
     run.write_status(status).await?;
     run.event(
         EventType::Normal,
@@ -1607,7 +1607,7 @@ async fn store<C: Credential>(
     status.rotation_number = Some(rotation.number);
     C::on_stored(&mut status, &rotation);
     rotation.phase = RotationPhase::Syncing;
-    status.rotation = Some(rotation);
+    status.rotation = Some(Box::new(rotation));
     // The sync that follows is redone from `Storing` after a crash (the bundle is found
     // stored): staged, written with the next step's record.
     run.stage(status);
@@ -1698,7 +1698,7 @@ async fn sync_step<C: Credential>(run: &mut Run<'_, C>) -> Result<StepOutcome, R
     let mut rotation = rotation_of::<C>(&status);
     rotation.phase = RotationPhase::RollingOut;
     rotation.rollout_started_at = Some(time(now));
-    status.rotation = Some(rotation);
+    status.rotation = Some(Box::new(rotation));
     let fp = current_fingerprint(&status);
     // The Secret holds the new credential now: a Ready condition that named the previous one
     // says which is published (the rollout and overlap can take hours).
@@ -1865,7 +1865,7 @@ async fn roll_out<C: Credential>(
         if let Some(prev) = status.previous_key.as_mut() {
             prev.expires_at = Some(time(now.checked_add(overlap).unwrap_or(now)));
         }
-        status.rotation = Some(rotation);
+        status.rotation = Some(Box::new(rotation));
         run.write_status(status).await?;
     } else {
         finish(run, handle, status, rotation).await?;
@@ -1894,7 +1894,7 @@ async fn overlap<C: Credential>(run: &mut Run<'_, C>) -> Result<StepOutcome, Rec
     }
     let mut rotation = rotation_of::<C>(&status);
     rotation.phase = RotationPhase::Expiring;
-    status.rotation = Some(rotation);
+    status.rotation = Some(Box::new(rotation));
     run.write_status(status).await?;
     Ok(StepOutcome::Continue)
 }
@@ -1971,7 +1971,7 @@ async fn hold_if_in_use<C: Credential>(
                 next_check_at: time(next_check),
                 checks: checks as i64 + 1,
             });
-            status.rotation = Some(rotation);
+            status.rotation = Some(Box::new(rotation));
             run.set(
                 &mut status,
                 condition_types::DEGRADED,
@@ -2013,7 +2013,7 @@ async fn hold_if_in_use<C: Credential>(
                     ),
                 };
                 rotation.usage_hold = None;
-                status.rotation = Some(rotation);
+                status.rotation = Some(Box::new(rotation));
                 run.set(
                     &mut status,
                     condition_types::DEGRADED,
@@ -2695,7 +2695,7 @@ mod tests {
                 current_key: Some(key("k2")),
                 previous_key: Some(key("k1")),
                 rotation_number: Some(2),
-                rotation: Some(rotation(phase, 3, minted.then_some("k3"))),
+                rotation: Some(Box::new(rotation(phase, 3, minted.then_some("k3")))),
                 ..CredentialStatus::default()
             };
             assert_eq!(
@@ -2718,7 +2718,7 @@ mod tests {
             assert_eq!(r.number, 4, "never reuses an abandoned rotation's number");
             assert_eq!(r.request.as_deref(), Some("r2"));
             // Once the incident rotation runs, the request is not pending; retiring comes first.
-            status.rotation = Some(r);
+            status.rotation = Some(Box::new(r));
             assert_eq!(decide(&incident("r2"), &status, false, false), Next::Retire);
         }
     }
@@ -2732,7 +2732,7 @@ mod tests {
         let mut r = escalate(&mut status, "r2".into(), "uid", now());
         r.new_key = Some(key("k5"));
         r.phase = RotationPhase::RollingOut;
-        status.rotation = Some(r);
+        status.rotation = Some(Box::new(r));
         status.current_key = Some(key("k5"));
         assert_eq!(
             decide(&incident("r3"), &status, false, false),
@@ -2755,7 +2755,7 @@ mod tests {
             decide(&annotations, &status, false, false),
             Next::Start(RotationTrigger::Annotation, Some("r1".into()))
         );
-        status.rotation = Some(rotation(RotationPhase::Storing, 2, Some("k2")));
+        status.rotation = Some(Box::new(rotation(RotationPhase::Storing, 2, Some("k2"))));
         assert_eq!(
             decide(&annotations, &status, false, false),
             Next::Continue(RotationPhase::Storing)
@@ -2770,7 +2770,7 @@ mod tests {
         let status = CredentialStatus {
             current_key: Some(key("k1")),
             retiring_keys: vec![key("k0")],
-            rotation: Some(rotation(RotationPhase::Minting, 2, None)),
+            rotation: Some(Box::new(rotation(RotationPhase::Minting, 2, None))),
             ..CredentialStatus::default()
         };
         assert_eq!(decide(&BTreeMap::new(), &status, true, true), Next::Retire);
