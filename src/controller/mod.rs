@@ -1142,7 +1142,7 @@ pub async fn run_credential_controller<C: crate::rotation::engine::Credential>(
                     .state()
                     .into_iter()
                     .filter(|o| shards.shard_for(o.namespace().as_deref()) == shard)
-                    .map(|o| ObjectRef::from_obj(&*o))
+                    .map(|o| light_ref(&*o))
                     .collect();
                 futures::stream::iter(refs)
             }))
@@ -1159,7 +1159,7 @@ pub async fn run_credential_controller<C: crate::rotation::engine::Credential>(
                 .state()
                 .into_iter()
                 .filter(|o| o.namespace().as_deref() == Some(ns.as_str()))
-                .map(|o| ObjectRef::from_obj(&*o))
+                .map(|o| light_ref(&*o))
                 .collect::<Vec<_>>()
         };
     let account_mapper = move |account: StripeAccount| {
@@ -1167,13 +1167,13 @@ pub async fn run_credential_controller<C: crate::rotation::engine::Credential>(
             .state()
             .into_iter()
             .filter(|o| C::declared(o).account == account.name_any())
-            .map(|o| ObjectRef::from_obj(&*o))
+            .map(|o| light_ref(&*o))
             .collect::<Vec<_>>()
     };
     let guardrail_mapper = move |_: StripeGuardrail| {
         all.state()
             .into_iter()
-            .map(|o| ObjectRef::from_obj(&*o))
+            .map(|o| light_ref(&*o))
             .collect::<Vec<_>>()
     };
     let controller = match ctx.caches().and_then(|c| c.take_feeds(&namespace)) {
@@ -1218,7 +1218,7 @@ pub async fn run_credential_controller<C: crate::rotation::engine::Credential>(
                 ctx.scheduler.clone(),
                 overflow,
                 account_of::<C>,
-                |o: &C::Resource| ObjectRef::from_obj(o),
+                |o: &C::Resource| light_ref(o),
                 scheduler::fair(
                     ctx.scheduler.clone(),
                     account_of::<C>,
@@ -1230,6 +1230,20 @@ pub async fn run_credential_controller<C: crate::rotation::engine::Credential>(
         )
         .for_each(report_watch_errors(progress, thresholds))
         .await;
+}
+
+/// A reference to `o` by namespace and name only. kube-runtime compares and hashes references
+/// without their `extra` (resourceVersion, uid), so this is the same key to its scheduler and
+/// stores; a change that wakes every policy (a guardrail, a shard taken over) then holds
+/// 10,000 references in the mapper's list, the scheduler and the parked queue, each without
+/// two strings it never reads.
+fn light_ref<K: kube::Resource<DynamicType = ()>>(o: &K) -> ObjectRef<K> {
+    let meta = o.meta();
+    let r = ObjectRef::new(meta.name.as_deref().unwrap_or_default());
+    match meta.namespace.as_deref() {
+        Some(ns) => r.within(ns),
+        None => r,
+    }
 }
 
 /// The StripeAccount a credential resource names: the fair scheduler's key.
