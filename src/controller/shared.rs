@@ -166,9 +166,9 @@ pub(crate) async fn write_secret_if_changed(
     if let (Some(Some(cached)), Some(known)) = (
         ctx.caches().and_then(|c| c.secret_meta(ns, &name)),
         ctx.synced_secret(owner_uid),
-    ) && known.name == name
+    ) && *known.name == *name
         && known.digest == digest
-        && cached.metadata.resource_version.as_deref() == Some(known.resource_version.as_str())
+        && cached.metadata.resource_version.as_deref() == Some(&*known.resource_version)
         && cached
             .metadata
             .owner_references
@@ -193,13 +193,15 @@ pub(crate) async fn write_secret_if_changed(
         ctx.record_synced_secret(
             owner_uid,
             rv.map(|resource_version| super::SyncedSecret {
-                name: name.clone(),
-                resource_version,
+                name: name.as_str().into(),
+                resource_version: resource_version.into(),
                 digest,
             }),
         )
     };
-    let known = ctx.synced_secret(owner_uid).is_some_and(|k| k.name == name);
+    let known = ctx
+        .synced_secret(owner_uid)
+        .is_some_and(|k| *k.name == *name);
     if let (Some(None), false) = (ctx.caches().and_then(|c| c.secret_meta(ns, &name)), known) {
         // None of the operator's Secrets has this name (and this resource wrote none, which the
         // cache might not show yet): create it, which the API server refuses
