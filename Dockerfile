@@ -47,8 +47,11 @@ COPY --from=build /out/stripe-key-operator /stripe-key-operator
 # same broker as `stripe-key-operator egress-proxy`, with half the RSS.
 COPY --from=build /out/stripe-egress-proxy /stripe-egress-proxy
 # One glibc malloc arena: each thread that allocates otherwise gets its own, and what they keep
-# after a burst was most of the operator's memory (README, "Where the memory goes").
-ENV MALLOC_ARENA_MAX=1
+# after a burst was most of the operator's memory. Allocations of 128 KiB and more (list pages,
+# grown hash tables) always get their own mapping, returned when freed: glibc otherwise raises
+# that threshold after such a free and serves the next ones from the heap, which keeps the
+# pages (README, "Where the memory goes").
+ENV MALLOC_ARENA_MAX=1 MALLOC_MMAP_THRESHOLD_=131072
 USER 65532:65532
 # /metrics, /healthz, /readyz
 EXPOSE 8080

@@ -261,6 +261,7 @@ def test_deployment_runs_two_hardened_replicas_with_probes():
     assert env["CIRCUIT_BREAKER_MAX_COOLDOWN"]["value"] == "5m"
     assert env["ORPHAN_SWEEP_INTERVAL"]["value"] == "5m"
     assert env["MALLOC_ARENA_MAX"]["value"] == "1"
+    assert env["MALLOC_MMAP_THRESHOLD_"]["value"] == "131072"
 
 
 def test_image_tag_defaults_to_app_version_and_a_digest_wins():
