@@ -314,7 +314,7 @@ async fn a_restart_over_settled_policies_writes_nothing() {
 async fn fresh_listings_of_every_policy_are_read_a_page_at_a_time() {
     use stripe_key_operator::controller::caches::{LIST_PAGE_SIZE, for_each_listed};
     let env = env_without_operator(EnvOptions::default()).await;
-    let n = LIST_PAGE_SIZE as usize * 2 + 50;
+    let n = LIST_PAGE_SIZE as usize * 5 / 2;
     for i in 0..n {
         env.api.put(policy(i)).expect("the policy is created");
     }

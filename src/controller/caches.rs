@@ -32,12 +32,13 @@ use crate::api::{StripeAccount, StripeGuardrail};
 /// Changes a controller's feed buffers before the cache's reflector waits for it.
 const BUFFER: usize = 1024;
 
-/// Objects per page of a watch's initial listing (kube-runtime's default is 500). A page is read
-/// whole into memory and decoded at once, and the HTTP connection's read buffer grows to fit it
-/// and stays that size while the connection is pooled: at a start with 1,000 policies, pages of
-/// 500 made a transient of about 6 MiB. Smaller pages cost one more LIST request per hundred
-/// objects, at start and after a watch expires, nothing in the steady state.
-pub const LIST_PAGE_SIZE: u32 = 100;
+/// Objects per page of a watch's initial listing and of a fresh listing (kube-runtime's default
+/// is 500). A page is read whole into memory and decoded at once, and the HTTP connection's
+/// read buffer grows to fit it and stays that size while the connection is pooled: at a start
+/// with 1,000 policies, pages of 500 made a transient of about 6 MiB. Smaller pages cost one
+/// more LIST request per fifty objects, at start and after a watch expires, nothing in the
+/// steady state.
+pub const LIST_PAGE_SIZE: u32 = 50;
 
 /// The watcher settings of every cache and controller watch: [`LIST_PAGE_SIZE`].
 pub fn watch_config() -> watcher::Config {
@@ -83,15 +84,15 @@ pub fn strip(meta: &mut kube::api::ObjectMeta) {
     }
 }
 
-/// What a synced Secret's cached metadata keeps: its name, namespace, uid, resourceVersion
-/// and owner references, all that [`Caches::secret_meta`]'s readers and the owner wake-ups
-/// look at. Its labels and annotations (two small maps, over 1 KiB per Secret) are dropped:
-/// the label selector already chose the Secret, and a reconcile that needs more reads it.
+/// What a synced Secret's cached metadata keeps: its name, namespace, resourceVersion and owner
+/// references, all that [`Caches::secret_meta`]'s readers and the owner wake-ups look at. Its
+/// labels and annotations (two small maps, over 1 KiB per Secret) and its own uid (kept twice:
+/// in the object and in the store's key) are dropped: the label selector already chose the
+/// Secret, and a reconcile that needs more reads it.
 pub fn strip_secret(meta: &mut kube::api::ObjectMeta) {
     *meta = kube::api::ObjectMeta {
         name: meta.name.take(),
         namespace: meta.namespace.take(),
-        uid: meta.uid.take(),
         resource_version: meta.resource_version.take(),
         owner_references: meta.owner_references.take(),
         deletion_timestamp: meta.deletion_timestamp.take(),
