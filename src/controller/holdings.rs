@@ -208,26 +208,8 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::{KeyStatus, StripeKeyPolicy};
-
-    fn policy(name: &str, account: &str, holds: bool) -> StripeKeyPolicy {
-        let mut p: StripeKeyPolicy = serde_json::from_value(serde_json::json!({
-            "apiVersion": "stripekeys.io/v1alpha1", "kind": "StripeKeyPolicy",
-            "metadata": {"name": name, "namespace": "shop"},
-            "spec": {"accountRef": {"name": account}, "permissions": ["charge_read"],
-                     "delivery": {"secret": {"name": "s"}}}
-        }))
-        .unwrap();
-        let mut status = crate::api::StripeKeyPolicyStatus::default();
-        if holds {
-            status.credential.current_key = Some(KeyStatus {
-                id: "rk_id".into(),
-                ..KeyStatus::default()
-            });
-        }
-        p.status = Some(status);
-        p
-    }
+    use crate::api::StripeKeyPolicy;
+    use crate::controller::stripeaccount::tests::policy;
 
     fn project(p: &StripeKeyPolicy) -> (&str, bool) {
         (

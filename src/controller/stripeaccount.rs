@@ -82,7 +82,25 @@ pub fn holds_credentials(status: &CredentialStatus) -> bool {
         || status.rotation.is_some()
 }
 
+/// `Kind ns/name` of `obj` when it names `account` and holds a credential.
+fn holder<K: Resource<DynamicType = ()>>(
+    account: &str,
+    obj: &K,
+    named: &str,
+    status: Option<&CredentialStatus>,
+) -> Option<String> {
+    (named == account && status.is_some_and(holds_credentials)).then(|| {
+        format!(
+            "{} {}/{}",
+            K::kind(&()),
+            obj.namespace().unwrap_or_default(),
+            obj.name_any()
+        )
+    })
+}
+
 /// `Kind ns/name` of every resource in `found` that names `account` and holds a credential.
+#[cfg(test)]
 fn holders<'a>(
     account: &str,
     policies: impl IntoIterator<Item = &'a StripeKeyPolicy>,
@@ -90,27 +108,11 @@ fn holders<'a>(
 ) -> Vec<String> {
     let mut out: Vec<String> = policies
         .into_iter()
-        .filter(|p| p.spec.account_ref.name == account)
-        .filter(|p| p.status.as_ref().is_some_and(|s| holds_credentials(s)))
-        .map(|p| {
-            format!(
-                "StripeKeyPolicy {}/{}",
-                p.namespace().unwrap_or_default(),
-                p.name_any()
-            )
-        })
+        .filter_map(|p| holder(account, p, &p.spec.account_ref.name, p.status.as_deref()))
         .chain(
             endpoints
                 .into_iter()
-                .filter(|e| e.spec.account_ref.name == account)
-                .filter(|e| e.status.as_ref().is_some_and(|s| holds_credentials(s)))
-                .map(|e| {
-                    format!(
-                        "StripeWebhookEndpoint {}/{}",
-                        e.namespace().unwrap_or_default(),
-                        e.name_any()
-                    )
-                }),
+                .filter_map(|e| holder(account, e, &e.spec.account_ref.name, e.status.as_deref())),
         )
         .collect();
     out.sort();
@@ -379,10 +381,24 @@ impl AccountContext {
                 None => (Api::all(client.clone()), Api::all(client.clone())),
             };
             // A page at a time: only the holders' names are kept.
-            let none: [StripeWebhookEndpoint; 0] = [];
-            for_each_listed(&p, &all, |p| out.extend(holders(account, [&p], &none))).await?;
-            let none: [StripeKeyPolicy; 0] = [];
-            for_each_listed(&e, &all, |e| out.extend(holders(account, &none, [&e]))).await?;
+            for_each_listed(&p, &all, |p| {
+                out.extend(holder(
+                    account,
+                    &p,
+                    &p.spec.account_ref.name,
+                    p.status.as_deref(),
+                ))
+            })
+            .await?;
+            for_each_listed(&e, &all, |e| {
+                out.extend(holder(
+                    account,
+                    &e,
+                    &e.spec.account_ref.name,
+                    e.status.as_deref(),
+                ))
+            })
+            .await?;
         }
         out.sort();
         Ok(out)
@@ -881,11 +897,12 @@ pub async fn run(ctx: Arc<Context>, namespaces: Vec<Option<String>>, shutdown: C
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::api::KeyStatus;
 
-    fn policy(name: &str, account: &str, current: bool) -> StripeKeyPolicy {
+    /// A policy in `shop` naming `account`, holding a current key when `current`.
+    pub(crate) fn policy(name: &str, account: &str, current: bool) -> StripeKeyPolicy {
         let mut p: StripeKeyPolicy = serde_json::from_value(json!({
             "apiVersion": "stripekeys.io/v1alpha1", "kind": "StripeKeyPolicy",
             "metadata": {"name": name, "namespace": "shop"},
