@@ -248,15 +248,31 @@ async fn a_bulk_rotation_of_webhook_endpoints_lists_the_account_a_constant_numbe
         api.patch(n, &PatchParams::default(), &m).await.unwrap();
     }
     wait_all("the rotation ended", &settled_with(Some("bulk"))).await;
-    let listings = env
-        .sim
-        .request_log()
+    let log = env.sim.request_log();
+    let listings = log
         .iter()
         .filter(|r| r.method == "GET" && r.path == "/v1/webhook_endpoints")
         .count();
+    let trace: Vec<String> = log
+        .iter()
+        .map(|r| format!("{} {} {:?} {}ms", r.method, r.path, r.status, r.received_ms))
+        .collect();
+    // A delete whose answer was lost (the client's 5 s timeout, on a loaded machine) is sent
+    // again and answered 404; only a listing taken after that 404 may say the endpoint is gone
+    // (`retire_one`), so each such 404 may add one fresh listing. What the bound checks is that
+    // the rotations share the account's listing: a constant, not one per rotation.
+    let fresh_after_404 = log
+        .iter()
+        .filter(|r| {
+            r.method == "DELETE"
+                && r.path.starts_with("/v1/webhook_endpoints/")
+                && r.status == Some(404)
+        })
+        .count();
     assert!(
-        (1..=2).contains(&listings),
-        "{listings} listings of the account's endpoints for {ENDPOINTS} rotations"
+        (1..=2 + fresh_after_404).contains(&listings),
+        "{listings} listings of the account's endpoints for {ENDPOINTS} rotations \
+         ({fresh_after_404} deletes answered 404): {trace:#?}"
     );
     let endpoints = env
         .sim
