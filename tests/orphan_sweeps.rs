@@ -270,22 +270,26 @@ async fn a_bulk_rotation_of_webhook_endpoints_lists_the_account_a_constant_numbe
         .iter()
         .map(|r| format!("{} {} {:?} {}ms", r.method, r.path, r.status, r.received_ms))
         .collect();
-    // A call whose answer was lost (the client's 5 s timeout, on a loaded machine) costs a
-    // listing: a lost listing is simply taken again, and a lost delete is sent again, answered
-    // 404, and only a listing taken after that 404 may say the endpoint is gone
-    // (`retire_one`). What the bound checks is that the rotations share the account's listing:
-    // a constant, plus one per lost answer, not one per rotation.
-    assert!(
-        env.metrics
-            .encode()
-            .contains("stripe_key_operator_stripe_requests_total{"),
-        "the operator's Stripe calls are counted where lost_answers reads them"
-    );
+    // Each retire that Stripe answers 404 needs a listing taken after that 404 before the
+    // endpoint counts as gone (`retire_one`): a retire repeated because its status write lost
+    // a race with the test's own nudges (seen in CI: two endpoints deleted twice, the second
+    // time 404, three listings), or a delete retried after its answer was lost (`code="error"`
+    // in the operator's `stripe_requests_total`). What the bound checks is that the rotations
+    // share the account's listing: a constant, plus one per such 404 or lost answer, not one
+    // per rotation.
+    let answered_404 = log
+        .iter()
+        .filter(|r| {
+            r.method == "DELETE"
+                && r.path.starts_with("/v1/webhook_endpoints/")
+                && r.status == Some(404)
+        })
+        .count();
     let lost = lost_answers(&env) - lost_before;
     assert!(
-        (1..=2 + lost).contains(&listings),
+        (1..=2 + answered_404 + lost).contains(&listings),
         "{listings} listings of the account's endpoints for {ENDPOINTS} rotations \
-         ({lost} answers lost): {trace:#?}"
+         ({answered_404} deletes answered 404, {lost} answers lost): {trace:#?}"
     );
     let endpoints = env
         .sim
